@@ -1,0 +1,540 @@
+"""A key registry in one SQLite file: the embedded, single-node default.
+
+Contracts:
+
+- Every write runs in one ``BEGIN IMMEDIATE`` transaction, so writers in
+  different threads or processes serialize on the file. Inside it the
+  registry re-reads all versions, refuses to touch a state that already
+  breaks an invariant, applies the change, appends to ``history``, and runs
+  `check_invariants` on the result before committing. Any error rolls back.
+- Rows are never deleted. A version past its ``delete_after`` stays in the
+  table for audit (and so versions stay 1..n without gaps); triggers refuse
+  DELETE on ``versions`` and UPDATE or DELETE on ``history``.
+- The object holds only the file path and the clock and opens a fresh
+  connection per call, so it is safe across threads and pickles cleanly
+  (provided the clock does too; the default does).
+- ``versions()``, ``get()`` and ``history()`` return what is stored, so a
+  damaged registry can still be inspected. ``active()``, ``due_for_deletion()``
+  and ``check()`` drive decisions (which key to encrypt under, which keys to
+  destroy) and raise `RegistryInvariantError` on a damaged registry, as does
+  every write.
+- Timestamps are stored as fixed-width ISO-8601 UTC strings and returned as
+  timezone-aware UTC datetimes.
+- An `Inventory` is consulted inside the write transaction, so the version's
+  state cannot change between the check and the write; keep it fast (a count
+  from a manifest or index, not a lake scan), because other writers wait on
+  the lock for at most `busy_timeout` seconds.
+- `sqlite3` failures (a locked file past the timeout, a missing directory)
+  surface as `RegistryError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+from keyturn.errors import (
+    InvalidTransitionError,
+    RegistryError,
+    RegistryInvariantError,
+    UnknownVersionError,
+    VersionInUseError,
+)
+from keyturn.registry.base import ALLOWED_TRANSITIONS, Inventory, KeyState, KeyVersion, check_invariants
+
+__all__ = ["SqliteKeyRegistry", "SCHEMA_VERSION"]
+
+#: Stored in ``PRAGMA user_version``; a file with a newer schema is refused.
+SCHEMA_VERSION = 1
+
+_T = TypeVar("_T")
+
+_STATES_SQL = ", ".join(f"'{s.value}'" for s in KeyState)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS versions (
+    version          INTEGER PRIMARY KEY CHECK (version >= 1),
+    kek_id           TEXT NOT NULL CHECK (kek_id <> ''),
+    state            TEXT NOT NULL CHECK (state IN ({_STATES_SQL})),
+    created_at       TEXT NOT NULL,
+    actor            TEXT NOT NULL,
+    reason           TEXT NOT NULL,
+    state_changed_at TEXT NOT NULL,
+    delete_after     TEXT
+);
+CREATE TABLE IF NOT EXISTS history (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    version    INTEGER NOT NULL REFERENCES versions (version),
+    from_state TEXT CHECK (from_state IS NULL OR from_state IN ({_STATES_SQL})),
+    to_state   TEXT NOT NULL CHECK (to_state IN ({_STATES_SQL})),
+    at         TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_by_version ON history (version, id);
+CREATE TRIGGER IF NOT EXISTS versions_never_deleted BEFORE DELETE ON versions
+BEGIN
+    SELECT RAISE(ABORT, 'key versions are never deleted; they stay for audit');
+END;
+CREATE TRIGGER IF NOT EXISTS history_no_update BEFORE UPDATE ON history
+BEGIN
+    SELECT RAISE(ABORT, 'history is append-only');
+END;
+CREATE TRIGGER IF NOT EXISTS history_no_delete BEFORE DELETE ON history
+BEGIN
+    SELECT RAISE(ABORT, 'history is append-only');
+END;
+"""
+
+_VERSION_COLUMNS = "version, kek_id, state, created_at, actor, reason, state_changed_at, delete_after"
+
+# Which source states each public operation accepts. ALLOWED_TRANSITIONS is
+# checked as well; the active -> decrypt_only edge is reachable only by rotate.
+_SOURCES: dict[str, tuple[frozenset[KeyState], KeyState]] = {
+    "retire": (frozenset({KeyState.DECRYPT_ONLY}), KeyState.RETIRED),
+    "schedule_deletion": (frozenset({KeyState.RETIRED}), KeyState.PENDING_DELETION),
+    "reinstate": (frozenset({KeyState.RETIRED, KeyState.PENDING_DELETION}), KeyState.DECRYPT_ONLY),
+}
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC (the default clock)."""
+    return datetime.now(timezone.utc)
+
+
+def _to_text(dt: datetime) -> str:
+    """Fixed-width ISO-8601 UTC, so stored strings also sort by time."""
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"timestamps must be timezone-aware, got naive {dt!r}")
+    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _from_text(text: str, what: str) -> datetime:
+    try:
+        dt = datetime.fromisoformat(text)
+    except (TypeError, ValueError) as e:
+        raise RegistryInvariantError(f"stored {what} {text!r} is not an ISO-8601 timestamp") from e
+    if dt.tzinfo is None:
+        raise RegistryInvariantError(f"stored {what} {text!r} has no timezone")
+    return dt.astimezone(timezone.utc)
+
+
+def _state(text: str | None, what: str) -> KeyState:
+    try:
+        return KeyState(text)
+    except ValueError as e:
+        raise RegistryInvariantError(f"stored {what} {text!r} is not a key state") from e
+
+
+def _row_to_version(row: Sequence[Any]) -> KeyVersion:
+    version, kek_id, state, created_at, actor, reason, changed_at, delete_after = row
+    where = f"version {version}"
+    return KeyVersion(
+        version=version,
+        kek_id=kek_id,
+        state=_state(state, f"state of {where}"),
+        created_at=_from_text(created_at, f"created_at of {where}"),
+        actor=actor,
+        reason=reason,
+        state_changed_at=_from_text(changed_at, f"state_changed_at of {where}"),
+        delete_after=None if delete_after is None else _from_text(delete_after, f"delete_after of {where}"),
+    )
+
+
+def _require_text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
+def _require_version(version: object) -> int:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"version must be an int, got {type(version).__name__}")
+    return version
+
+
+class SqliteKeyRegistry:
+    """`KeyRegistry` backed by one SQLite file; see the module docstring for contracts."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        """Open (creating if absent) the registry at `path`; the directory must exist."""
+        self._path = os.fspath(path)
+        if not self._path or self._path == ":memory:" or self._path.startswith("file:"):
+            raise ValueError("SqliteKeyRegistry needs a file path (':memory:' and URIs are not supported)")
+        if not callable(clock):
+            raise TypeError("clock must be callable")
+        if busy_timeout <= 0:
+            raise ValueError("busy_timeout must be positive")
+        self._clock = clock
+        self._busy_timeout = float(busy_timeout)
+        self._create_schema()
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._path!r})"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _now(self) -> datetime:
+        now = self._clock()
+        if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError(f"clock must return a timezone-aware datetime, got {now!r}")
+        return now.astimezone(timezone.utc)
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """A fresh autocommit connection (transactions are explicit); sqlite errors become RegistryError."""
+        conn = None
+        try:
+            conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
+            conn.execute("PRAGMA foreign_keys = ON")
+            yield conn
+        except sqlite3.Error as e:
+            raise RegistryError(f"sqlite key registry {self._path!r}: {e}") from e
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _create_schema(self) -> None:
+        with self._connection() as conn:
+            # journal_mode is persistent in the file; switch only when needed,
+            # because the switch itself needs an exclusive lock.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                found = conn.execute("PRAGMA user_version").fetchone()[0]
+                if found > SCHEMA_VERSION:
+                    raise RegistryError(
+                        f"{self._path!r} has registry schema {found}; this keyturn supports up to {SCHEMA_VERSION}"
+                    )
+                for statement in _split_sql(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection) -> list[KeyVersion]:
+        rows = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions ORDER BY version").fetchall()
+        return [_row_to_version(r) for r in rows]
+
+    @staticmethod
+    def _load_history(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        rows = conn.execute(
+            "SELECT id, version, from_state, to_state, at, actor, reason FROM history ORDER BY id"
+        ).fetchall()
+        out = []
+        for id_, version, from_state, to_state, at, actor, reason in rows:
+            where = f"history row {id_}"
+            out.append(
+                {
+                    "id": id_,
+                    "version": version,
+                    "from_state": None if from_state is None else _state(from_state, f"from_state of {where}"),
+                    "to_state": _state(to_state, f"to_state of {where}"),
+                    "at": _from_text(at, f"time of {where}"),
+                    "actor": actor,
+                    "reason": reason,
+                }
+            )
+        return out
+
+    @classmethod
+    def _validate(cls, conn: sqlite3.Connection, versions: list[KeyVersion]) -> None:
+        """`check_invariants`, plus: replaying `history` reproduces every version's state."""
+        check_invariants(versions)
+        replayed: dict[int, KeyState] = {}
+        for h in cls._load_history(conn):
+            v, src, dst = h["version"], h["from_state"], h["to_state"]
+            if replayed.get(v) != src:
+                raise RegistryInvariantError(
+                    f"history row {h['id']} moves version {v} from {_name(src)}, "
+                    f"but its recorded state was {_name(replayed.get(v))}"
+                )
+            legal = dst is KeyState.ACTIVE if src is None else (src, dst) in ALLOWED_TRANSITIONS
+            if not legal:
+                raise RegistryInvariantError(
+                    f"history row {h['id']} records a forbidden transition {_name(src)} -> {_name(dst)}"
+                )
+            replayed[v] = dst
+        stored = {v.version: v.state for v in versions}
+        if replayed != stored:
+            diff = sorted(
+                f"v{n}: stored {_name(stored.get(n))}, history {_name(replayed.get(n))}"
+                for n in set(stored) | set(replayed)
+                if stored.get(n) != replayed.get(n)
+            )
+            raise RegistryInvariantError("stored states disagree with history: " + "; ".join(diff))
+
+    def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `fn` in one read transaction (one consistent snapshot)."""
+        with self._connection() as conn:
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("ROLLBACK")
+
+    def _write(self, fn: Callable[[sqlite3.Connection, list[KeyVersion], datetime], _T]) -> _T:
+        """Run `fn(conn, versions, now)` in one BEGIN IMMEDIATE transaction, validated before and after."""
+        with self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._load(conn)
+                self._validate(conn, before)
+                result = fn(conn, before, self._now())
+                self._validate(conn, self._load(conn))
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _find(versions: list[KeyVersion], version: int) -> KeyVersion:
+        if 1 <= version <= len(versions):
+            return versions[version - 1]  # validated 1..n, ascending
+        raise UnknownVersionError(f"no key version {version} (registry has {len(versions)})")
+
+    @staticmethod
+    def _set_state(
+        conn: sqlite3.Connection,
+        version: int,
+        src: KeyState | None,
+        dst: KeyState,
+        now: datetime,
+        actor: str,
+        reason: str,
+        delete_after: datetime | None = None,
+    ) -> None:
+        at = _to_text(now)
+        if src is not None:
+            cur = conn.execute(
+                "UPDATE versions SET state = ?, state_changed_at = ?, delete_after = ? WHERE version = ? AND state = ?",
+                (dst.value, at, None if delete_after is None else _to_text(delete_after), version, src.value),
+            )
+            if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; refuse rather than guess
+                raise RegistryError(f"version {version} changed underneath the write transaction")
+        conn.execute(
+            "INSERT INTO history (version, from_state, to_state, at, actor, reason) VALUES (?, ?, ?, ?, ?, ?)",
+            (version, None if src is None else src.value, dst.value, at, actor, reason),
+        )
+
+    @staticmethod
+    def _insert_active(conn: sqlite3.Connection, version: int, kek_id: str, now: datetime, actor: str, reason: str) -> None:
+        at = _to_text(now)
+        conn.execute(
+            f"INSERT INTO versions ({_VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+            (version, kek_id, KeyState.ACTIVE.value, at, actor, reason, at),
+        )
+        SqliteKeyRegistry._set_state(conn, version, None, KeyState.ACTIVE, now, actor, reason)
+
+    def _transition(
+        self,
+        op: str,
+        version: int,
+        actor: str,
+        reason: str,
+        inventory: Inventory | None = None,
+        pending_days: int | None = None,
+    ) -> KeyVersion:
+        sources, dst = _SOURCES[op]
+
+        def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> KeyVersion:
+            current = self._find(versions, version)
+            src = current.state
+            if src not in sources or (src, dst) not in ALLOWED_TRANSITIONS:
+                hint = (
+                    "the active version leaves that state only through rotate()"
+                    if src is KeyState.ACTIVE
+                    else f"{op} needs a version in state {' or '.join(sorted(s.value for s in sources))}"
+                )
+                raise InvalidTransitionError(
+                    f"cannot {op} version {version}: transition {src.value} -> {dst.value} is not allowed ({hint})"
+                )
+            if inventory is not None:
+                raw = inventory.references(version)
+                try:
+                    refs = operator.index(raw)
+                except TypeError:
+                    refs = -1
+                if isinstance(raw, bool) or refs < 0:
+                    raise ValueError(f"inventory.references({version}) must return an int >= 0, got {raw!r}")
+                if refs > 0:
+                    raise VersionInUseError(
+                        f"cannot {op} version {version}: the inventory still finds {refs} reference(s) under it"
+                    )
+            delete_after = None if pending_days is None else now + timedelta(days=pending_days)
+            self._set_state(conn, version, src, dst, now, actor, reason, delete_after)
+            return self._find(self._load(conn), version)
+
+        return self._write(apply)
+
+    # ------------------------------------------------------------------ reads
+
+    def versions(self) -> list[KeyVersion]:
+        """All versions, ascending, as stored (not validated)."""
+        return self._read(self._load)
+
+    def get(self, version: int) -> KeyVersion:
+        """One version as stored; `UnknownVersionError` if absent."""
+        _require_version(version)
+
+        def one(conn: sqlite3.Connection) -> KeyVersion:
+            row = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE version = ?", (version,)).fetchone()
+            if row is None:
+                raise UnknownVersionError(f"no key version {version}")
+            return _row_to_version(row)
+
+        return self._read(one)
+
+    def active(self) -> KeyVersion:
+        """The single active version; `RegistryError` if empty, `RegistryInvariantError` if damaged."""
+        versions = self.check()
+        if not versions:
+            raise RegistryError(f"key registry {self._path!r} is empty; call initialize() first")
+        return next(v for v in versions if v.state is KeyState.ACTIVE)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every recorded transition, oldest first, as stored.
+
+        Keys: ``id``, ``version``, ``from_state`` (None when the version was
+        created), ``to_state``, ``at`` (aware UTC), ``actor``, ``reason``.
+        """
+        return self._read(self._load_history)
+
+    def check(self) -> list[KeyVersion]:
+        """Load and validate everything; return the versions or raise `RegistryInvariantError`."""
+
+        def load_checked(conn: sqlite3.Connection) -> list[KeyVersion]:
+            versions = self._load(conn)
+            self._validate(conn, versions)
+            return versions
+
+        return self._read(load_checked)
+
+    def due_for_deletion(self, now: datetime | None = None) -> list[KeyVersion]:
+        """Validated pending_deletion versions with delete_after <= `now` (default: the clock).
+
+        The registry never deletes them; destroying the key material is the
+        caller's job, and the rows stay for audit.
+        """
+        when = self._now() if now is None else now
+        if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+            raise ValueError(f"now must be a timezone-aware datetime, got {when!r}")
+        return [
+            v
+            for v in self.check()
+            if v.state is KeyState.PENDING_DELETION and v.delete_after is not None and v.delete_after <= when
+        ]
+
+    # ------------------------------------------------------------------ writes
+
+    def initialize(self, kek_id: str, *, actor: str, reason: str) -> KeyVersion:
+        """Create version 1 as active if the registry is empty; else return the active version unchanged."""
+        _require_text("kek_id", kek_id)
+        _require_text("actor", actor)
+        _require_text("reason", reason)
+
+        def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> KeyVersion:
+            if versions:
+                return next(v for v in versions if v.state is KeyState.ACTIVE)
+            self._insert_active(conn, 1, kek_id, now, actor, reason)
+            return self._find(self._load(conn), 1)
+
+        return self._write(apply)
+
+    def rotate(self, kek_id: str, *, actor: str, reason: str) -> KeyVersion:
+        """Atomically add version max+1 as active and demote the old active to decrypt_only.
+
+        `RegistryError` if the registry is empty (call `initialize` first).
+        """
+        _require_text("kek_id", kek_id)
+        _require_text("actor", actor)
+        _require_text("reason", reason)
+
+        def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> KeyVersion:
+            if not versions:
+                raise RegistryError(f"key registry {self._path!r} is empty; call initialize() first")
+            old = next(v for v in versions if v.state is KeyState.ACTIVE)
+            self._set_state(conn, old.version, KeyState.ACTIVE, KeyState.DECRYPT_ONLY, now, actor, reason)
+            new = len(versions) + 1
+            self._insert_active(conn, new, kek_id, now, actor, reason)
+            return self._find(self._load(conn), new)
+
+        return self._write(apply)
+
+    def retire(self, version: int, *, actor: str, reason: str, inventory: Inventory | None = None) -> KeyVersion:
+        """decrypt_only -> retired; `VersionInUseError` while `inventory` finds data under it.
+
+        The active version can never be retired (`InvalidTransitionError`); rotate first.
+        """
+        _require_version(version)
+        _require_text("actor", actor)
+        _require_text("reason", reason)
+        return self._transition("retire", version, actor, reason, inventory=inventory)
+
+    def schedule_deletion(
+        self, version: int, *, actor: str, reason: str, inventory: Inventory, pending_days: int
+    ) -> KeyVersion:
+        """retired -> pending_deletion with delete_after = now + `pending_days`; refused while data remains."""
+        _require_version(version)
+        _require_text("actor", actor)
+        _require_text("reason", reason)
+        if inventory is None:
+            raise ValueError("schedule_deletion needs an inventory to prove nothing references the version")
+        if isinstance(pending_days, bool) or not isinstance(pending_days, int):
+            raise TypeError(f"pending_days must be an int, got {type(pending_days).__name__}")
+        if pending_days < 0:
+            raise ValueError(f"pending_days must be >= 0, got {pending_days}")
+        return self._transition(
+            "schedule_deletion", version, actor, reason, inventory=inventory, pending_days=pending_days
+        )
+
+    def reinstate(self, version: int, *, actor: str, reason: str) -> KeyVersion:
+        """retired or pending_deletion -> decrypt_only (rollback); clears delete_after."""
+        _require_version(version)
+        _require_text("actor", actor)
+        _require_text("reason", reason)
+        return self._transition("reinstate", version, actor, reason)
+
+
+def _name(state: KeyState | None) -> str:
+    return "(new)" if state is None else state.value
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split the schema script into statements (``executescript`` would commit our transaction)."""
+    statements: list[str] = []
+    buf: list[str] = []
+    for line in script.strip().splitlines():
+        buf.append(line)
+        text = "\n".join(buf)
+        if sqlite3.complete_statement(text):
+            statements.append(text.strip())
+            buf = []
+    if "".join(buf).strip():
+        raise AssertionError("incomplete schema statement")
+    return statements
