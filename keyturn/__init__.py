@@ -1,0 +1,1 @@
+"""keyturn: envelope encryption and lazy key rotation for Apache Beam (Beam-free core)."""

@@ -1,0 +1,177 @@
+"""Exact serialization of Arrow values to cell plaintext bytes, and back.
+
+Each non-null value becomes one byte string (see docs/FORMAT.md, "Cell
+plaintext"):
+
+- string types: UTF-8 bytes; binary types: the raw bytes;
+- boolean: one byte, 0x00 or 0x01;
+- fixed-width types (integers, floats, decimals, dates, times, timestamps,
+  durations): the value's Arrow buffer bytes, little-endian, full width
+  (decimal128 is a 16-byte two's-complement unscaled integer);
+- dictionary: the decoded value, serialized as its value type; decryption
+  dictionary-encodes the result again;
+- anything else (list, large_list, fixed_size_list, struct, map, ...): an
+  Arrow IPC record-batch message (no schema) of a one-row, one-column batch
+  whose single field is the plain field.
+
+Nulls are not serialized: they stay null. The plain field (name, type,
+nullability, metadata) travels in the encrypted field's metadata, under
+`keyturn.plain_field`, as a base64 Arrow IPC schema.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pyarrow as pa
+
+from keyturn.errors import DecryptionError
+
+__all__ = ["to_plaintexts", "from_plaintexts", "encode_plain_field", "decode_plain_field"]
+
+
+def _is_fixed_width(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_decimal(t)
+        or pa.types.is_temporal(t)
+    ) and not pa.types.is_interval(t)
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t):
+        return "utf8"
+    if (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+        or getattr(pa.types, "is_binary_view", lambda _: False)(t)
+    ):
+        return "binary"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_dictionary(t):
+        return "dictionary"
+    if _is_fixed_width(t):
+        return "fixed"
+    return "ipc"
+
+
+def encode_plain_field(field: pa.Field) -> bytes:
+    """The plain field as base64 Arrow IPC schema bytes, for field metadata."""
+    return base64.b64encode(pa.schema([field]).serialize().to_pybytes())
+
+
+def decode_plain_field(encoded: bytes) -> pa.Field:
+    """Inverse of `encode_plain_field`; `DecryptionError` if it is not one."""
+    try:
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(encoded, validate=True)))
+    except (ValueError, pa.ArrowException):
+        raise DecryptionError() from None
+    if len(schema) != 1:
+        raise DecryptionError()
+    return schema.field(0)
+
+
+def _valid_mask(arr: pa.Array) -> np.ndarray:
+    if arr.null_count == 0:
+        return np.ones(len(arr), dtype=bool)
+    return arr.is_valid().to_numpy(zero_copy_only=False)
+
+
+def to_plaintexts(arr: pa.Array | pa.ChunkedArray) -> list[bytes | None]:
+    """One plaintext per value, `None` for nulls."""
+    if isinstance(arr, pa.ChunkedArray):
+        out: list[bytes | None] = []
+        for chunk in arr.chunks:
+            out.extend(to_plaintexts(chunk))
+        return out
+    kind = _kind(arr.type)
+    if kind == "dictionary":
+        return to_plaintexts(arr.dictionary_decode())
+    if kind == "utf8":
+        return arr.cast(pa.large_binary()).to_pylist()
+    if kind == "binary":
+        return arr.to_pylist()
+    if kind == "null":
+        return [None] * len(arr)
+    if kind == "bool":
+        return [None if v is None else (b"\x01" if v else b"\x00") for v in arr.to_pylist()]
+    if kind == "fixed":
+        width = arr.type.bit_width // 8
+        data = arr.buffers()[1]
+        raw = memoryview(data)[arr.offset * width : (arr.offset + len(arr)) * width].tobytes()
+        values = [raw[i : i + width] for i in range(0, len(raw), width)]
+        if arr.null_count:
+            valid = _valid_mask(arr)
+            values = [v if ok else None for v, ok in zip(values, valid)]
+        return values
+    # nested: one IPC record-batch message per cell
+    schema = pa.schema([pa.field("v", arr.type)])
+    valid = _valid_mask(arr)
+    return [
+        pa.record_batch([arr.slice(i, 1)], schema=schema).serialize().to_pybytes() if valid[i] else None
+        for i in range(len(arr))
+    ]
+
+
+def from_plaintexts(values: list[bytes | None], field: pa.Field) -> pa.Array:
+    """Rebuild an array of `field.type` from plaintexts; `DecryptionError` on a mismatch."""
+    try:
+        return _from_plaintexts(values, field.type)
+    except (ValueError, TypeError, IndexError, pa.ArrowException):
+        raise DecryptionError() from None
+
+
+def _from_plaintexts(values: list[bytes | None], t: pa.DataType) -> pa.Array:
+    kind = _kind(t)
+    n = len(values)
+    if kind == "dictionary":
+        return _from_plaintexts(values, t.value_type).dictionary_encode().cast(t)
+    if kind == "utf8":
+        return pa.array(values, pa.large_binary()).cast(pa.large_string()).cast(t)
+    if kind == "binary":
+        return pa.array(values, t)
+    if kind == "null":
+        if any(v is not None for v in values):
+            raise ValueError("null column with values")
+        return pa.nulls(n)
+    if kind == "bool":
+        bools = []
+        for v in values:
+            if v is None:
+                bools.append(None)
+            elif v == b"\x01" or v == b"\x00":
+                bools.append(v == b"\x01")
+            else:
+                raise ValueError("bad boolean")
+        return pa.array(bools, pa.bool_())
+    if kind == "fixed":
+        width = t.bit_width // 8
+        zero = bytes(width)
+        if any(v is not None and len(v) != width for v in values):
+            raise ValueError("bad fixed-width value")
+        data = pa.py_buffer(b"".join(zero if v is None else v for v in values))
+        nulls = sum(1 for v in values if v is None)
+        validity = None
+        if nulls:
+            mask = np.fromiter((v is not None for v in values), dtype=bool, count=n)
+            validity = pa.py_buffer(np.packbits(mask, bitorder="little").tobytes())
+        return pa.Array.from_buffers(t, n, [validity, data], null_count=nulls)
+    schema = pa.schema([pa.field("v", t)])
+    pieces = []
+    for v in values:
+        if v is None:
+            pieces.append(pa.nulls(1, t))
+        else:
+            batch = pa.ipc.read_record_batch(pa.py_buffer(v), schema)
+            if batch.num_rows != 1:
+                raise ValueError("nested cell must hold one row")
+            pieces.append(batch.column(0))
+    if not pieces:
+        return pa.array([], t)
+    return pa.concat_arrays(pieces)

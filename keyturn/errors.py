@@ -1,0 +1,111 @@
+"""Every error keyturn raises on purpose, in one small tree.
+
+Failures of *data* (bad bytes, wrong key, tampering) all raise one opaque
+`DecryptionError`, so an attacker learns nothing about why. Mistakes by the
+*caller* raise the built-in `ValueError` or `TypeError` with a helpful
+message; the few classes below that subclass `ValueError` are caller-facing
+configuration problems.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KeyturnError",
+    "DecryptionError",
+    "ConfigError",
+    "KmsError",
+    "KmsUnavailableError",
+    "KmsThrottledError",
+    "KmsAccessDeniedError",
+    "KmsKeyNotFoundError",
+    "KeystoreError",
+    "RegistryError",
+    "RegistryInvariantError",
+    "UnknownVersionError",
+    "VersionInUseError",
+    "InvalidTransitionError",
+    "ConcurrentModificationError",
+    "ScopeClosedError",
+    "AuditChainError",
+]
+
+
+class KeyturnError(Exception):
+    """Base class of every error keyturn raises on purpose."""
+
+
+class DecryptionError(KeyturnError):
+    """Data failed to parse or authenticate; deliberately says no more."""
+
+    def __init__(self, message: str = "ciphertext could not be decrypted") -> None:
+        super().__init__(message)
+
+
+class ConfigError(KeyturnError, ValueError):
+    """A configuration file or value is invalid; `field` names the culprit."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"invalid config at {field!r}: {problem}")
+
+
+class KmsError(KeyturnError):
+    """A KMS operation failed."""
+
+
+class KmsUnavailableError(KmsError):
+    """The KMS could not be reached or kept failing; the call may succeed later."""
+
+
+class KmsThrottledError(KmsUnavailableError):
+    """The KMS throttled the request past the retry budget."""
+
+
+class KmsAccessDeniedError(KmsError):
+    """The KMS refused the key: disabled, pending deletion, or not permitted."""
+
+
+class KmsKeyNotFoundError(KmsError):
+    """The KMS has no key-encryption key with that id."""
+
+
+class KeystoreError(KmsError):
+    """The local keystore file cannot be opened: wrong secret, bad mode, or damage."""
+
+
+class RegistryError(KeyturnError):
+    """A key-registry operation failed."""
+
+
+class RegistryInvariantError(RegistryError):
+    """The registry's stored state breaks an invariant (for example two active versions)."""
+
+
+class UnknownVersionError(RegistryError):
+    """The registry has no such key version."""
+
+
+class VersionInUseError(RegistryError):
+    """A key version still protects data, so it cannot be retired or deleted."""
+
+
+class InvalidTransitionError(RegistryError, ValueError):
+    """The requested state change is not allowed from the version's current state."""
+
+
+class ConcurrentModificationError(RegistryError):
+    """Another writer changed the registry first; re-read and retry."""
+
+
+class ScopeClosedError(KeyturnError):
+    """A DEK scope was used after it was closed."""
+
+
+class AuditChainError(KeyturnError):
+    """A hash-chained audit log failed verification; `index` is the first bad entry."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        self.index = index
+        self.problem = problem
+        super().__init__(f"audit chain broken at entry {index}: {problem}")

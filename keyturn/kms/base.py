@@ -1,0 +1,121 @@
+"""The one small interface every KMS backend implements.
+
+A backend wraps and unwraps 32-byte DEKs under a key-encryption key (KEK)
+named by `kek_id`, always bound to an encryption `context` (a str->str map).
+It maps its own failures to `keyturn.errors`:
+
+- a wrapped DEK that fails authentication, or a context that does not
+  match: `DecryptionError` (the data is bad, never retry);
+- an unknown KEK: `KmsKeyNotFoundError`;
+- a disabled or forbidden KEK: `KmsAccessDeniedError`;
+- throttling or an unreachable service after retries: `KmsThrottledError`
+  / `KmsUnavailableError` (transient: never quarantine data for these).
+
+The shape follows AWS KMS (GenerateDataKey, Decrypt, ReEncrypt) so the AWS
+backend fits without adapters. Plaintext keys come back as `SecretKey`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from keyturn.secret import SecretKey
+
+__all__ = ["KmsBackend", "GeneratedDataKey", "UnwrappedDataKey", "RewrappedDataKey", "KmsCallLog", "CountingKms"]
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedDataKey:
+    """A fresh DEK: plaintext (for this scope only) and its wrapped form."""
+
+    plaintext: SecretKey
+    wrapped: bytes
+    kek_id: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnwrappedDataKey:
+    """A DEK recovered from its wrapped form."""
+
+    plaintext: SecretKey
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RewrappedDataKey:
+    """A DEK re-wrapped under another KEK, without the plaintext leaving the KMS."""
+
+    wrapped: bytes
+    kek_id: str
+    request_id: str
+
+
+@runtime_checkable
+class KmsBackend(Protocol):
+    """Generate, unwrap and rewrap data keys under KEKs."""
+
+    def generate_data_key(self, kek_id: str, context: Mapping[str, str]) -> GeneratedDataKey:
+        """Make a new random 32-byte DEK wrapped under `kek_id`, bound to `context`."""
+        ...
+
+    def decrypt(self, kek_id: str, wrapped: bytes, context: Mapping[str, str]) -> UnwrappedDataKey:
+        """Unwrap `wrapped`; `DecryptionError` if it or `context` does not authenticate."""
+        ...
+
+    def rewrap(
+        self,
+        wrapped: bytes,
+        *,
+        source_kek_id: str,
+        source_context: Mapping[str, str],
+        destination_kek_id: str,
+        destination_context: Mapping[str, str],
+    ) -> RewrappedDataKey:
+        """Re-wrap a DEK under `destination_kek_id` (AWS ReEncrypt)."""
+        ...
+
+
+@dataclass
+class KmsCallLog:
+    """Counts of KMS calls by operation, and their request ids."""
+
+    generate: int = 0
+    decrypt: int = 0
+    rewrap: int = 0
+    request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.generate + self.decrypt + self.rewrap
+
+
+class CountingKms:
+    """Wraps a backend and counts successful calls per operation (for tests, metrics, benchmarks)."""
+
+    def __init__(self, inner: KmsBackend) -> None:
+        self.inner = inner
+        self.calls = KmsCallLog()
+
+    def generate_data_key(self, kek_id: str, context: Mapping[str, str]) -> GeneratedDataKey:
+        result = self.inner.generate_data_key(kek_id, context)
+        self.calls.generate += 1
+        self.calls.request_ids.append(result.request_id)
+        return result
+
+    def decrypt(self, kek_id: str, wrapped: bytes, context: Mapping[str, str]) -> UnwrappedDataKey:
+        result = self.inner.decrypt(kek_id, wrapped, context)
+        self.calls.decrypt += 1
+        self.calls.request_ids.append(result.request_id)
+        return result
+
+    def rewrap(self, wrapped: bytes, **kwargs) -> RewrappedDataKey:  # type: ignore[no-untyped-def]
+        result = self.inner.rewrap(wrapped, **kwargs)
+        self.calls.rewrap += 1
+        self.calls.request_ids.append(result.request_id)
+        return result
+
+    def __repr__(self) -> str:
+        return f"CountingKms({self.inner!r}, calls={self.calls.total})"

@@ -1,0 +1,200 @@
+"""`DekReader`: opens DEK envelopes for reading, within one scope.
+
+A reader unwraps each distinct envelope once (one KMS Decrypt call), checks
+the key commitment before any cell is touched, and keeps the cell cipher only
+until `close()`. Opened DEKs can only decrypt: encryption needs a fresh DEK
+from a `DekScope`, so a nonce is never reused.
+
+`open_rows` is the read path shared by the Arrow and Avro codecs: it turns
+sealed cells back into plaintext, row by row, and reports rows that fail to
+authenticate instead of raising, so callers can quarantine them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyturn.context import encode_context
+from keyturn.errors import DecryptionError, ScopeClosedError
+from keyturn.format import (
+    CELL_HEADER_BYTES,
+    Envelope,
+    cell_aad,
+    commitment_matches,
+    derive_cell_key,
+    kms_context,
+    parse_cell_header,
+    parse_envelope,
+)
+from keyturn.kms.base import KmsBackend
+from keyturn.scope import Location
+
+__all__ = ["DekReader", "OpenedDek", "open_rows", "OpenedRows"]
+
+
+class OpenedDek:
+    """An unwrapped, commitment-checked DEK that can only decrypt cells."""
+
+    __slots__ = ("envelope", "_aead")
+
+    def __init__(self, envelope: Envelope, aead: AESGCM) -> None:
+        self.envelope = envelope
+        self._aead = aead
+
+    def open_cell(self, cell: bytes, aad: bytes) -> bytes:
+        """Decrypt one cell; `DecryptionError` if it is not exactly what this DEK sealed with `aad`."""
+        header = parse_cell_header(cell)
+        if header.dek_id != self.envelope.dek_id:
+            raise DecryptionError()
+        try:
+            return self._aead.decrypt(header.nonce, bytes(cell[CELL_HEADER_BYTES:]), aad)
+        except InvalidTag:
+            raise DecryptionError() from None
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("an opened DEK never leaves its scope")
+
+    def __repr__(self) -> str:
+        return f"OpenedDek({self.envelope!r})"
+
+
+@dataclass
+class ReaderStats:
+    """What a reader did. Holds no key material."""
+
+    unwraps: int = 0
+    kms_request_ids: list[str] = field(default_factory=list)
+
+
+class DekReader:
+    """Unwraps envelopes for one read scope (e.g. a bundle). Use as a context manager."""
+
+    def __init__(self, kms: KmsBackend) -> None:
+        self._kms = kms
+        self._opened: dict[tuple[bytes, str, str], OpenedDek] = {}
+        self._failed: set[tuple[bytes, str, str]] = set()
+        self._closed = False
+        self.stats = ReaderStats()
+
+    def __enter__(self) -> DekReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Forget every opened DEK. Idempotent."""
+        self._opened.clear()
+        self._failed.clear()
+        self._closed = True
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("DekReader refuses to be pickled: plaintext keys never leave their scope")
+
+    def __repr__(self) -> str:
+        return f"DekReader(opened={len(self._opened)}, unwraps={self.stats.unwraps}, closed={self._closed})"
+
+    def open(self, envelope_bytes: bytes, location: Location) -> OpenedDek:
+        """Unwrap and verify an envelope for data at `location`.
+
+        `DecryptionError` if the envelope is malformed, bound elsewhere, or
+        its commitment does not match. KMS outages raise `KmsError` subclasses
+        (never mistake an outage for bad data).
+        """
+        if self._closed:
+            raise ScopeClosedError("this reader is closed")
+        key = (bytes(envelope_bytes), location.dataset, location.partition)
+        opened = self._opened.get(key)
+        if opened is not None:
+            return opened
+        if key in self._failed:  # one KMS call per bad envelope, not one per row
+            raise DecryptionError()
+        try:
+            opened = self._opened[key] = self._unwrap(envelope_bytes, location)
+        except DecryptionError:
+            self._failed.add(key)
+            raise
+        return opened
+
+    def _unwrap(self, envelope_bytes: bytes, location: Location) -> OpenedDek:
+        envelope = parse_envelope(envelope_bytes)
+        context = kms_context(
+            dataset=location.dataset, partition=location.partition, dek_id=envelope.dek_id, key_version=envelope.key_version
+        )
+        unwrapped = self._kms.decrypt(envelope.kek_id, envelope.wrapped_dek, context)
+        self.stats.unwraps += 1
+        self.stats.kms_request_ids.append(unwrapped.request_id)
+        try:
+            material = unwrapped.plaintext.material
+            if not commitment_matches(material, envelope):
+                raise DecryptionError()
+            aead = AESGCM(derive_cell_key(material, envelope.dek_id))
+        finally:
+            unwrapped.plaintext.wipe()
+        del material
+        return OpenedDek(envelope, aead)
+
+
+@dataclass(slots=True)
+class OpenedRows:
+    """Plaintext per field (None for null or failed cells) and the rows that failed."""
+
+    values: list[list[bytes | None]]
+    failed: set[int]
+
+
+def open_rows(
+    reader: DekReader,
+    location: Location,
+    fields: Sequence[str],
+    cells: Sequence[Sequence[bytes | None]],
+    row_envelopes: Sequence[bytes | None],
+    rows: Sequence[int],
+    bindings: Sequence[Mapping[str, bytes]] | None = None,
+) -> OpenedRows:
+    """Decrypt `cells[j][i]` for each i in `rows`, using row i's envelope.
+
+    A row whose envelope or any cell fails to authenticate is listed in
+    `failed` and none of its values are returned. KMS errors propagate.
+    """
+    values: list[list[bytes | None]] = [[None] * len(col) for col in cells]
+    failed: set[int] = set()
+    aad_cache: dict[tuple[str, bytes], bytes] = {}
+    for i in rows:
+        envelope_bytes = row_envelopes[i]
+        try:
+            if envelope_bytes is None:
+                raise DecryptionError()
+            dek = reader.open(envelope_bytes, location)
+            dek_id = dek.envelope.dek_id
+            for j, name in enumerate(fields):
+                cell = cells[j][i]
+                if cell is None:
+                    continue
+                if bindings is None:
+                    aad = aad_cache.get((name, dek_id))
+                    if aad is None:
+                        aad = aad_cache[(name, dek_id)] = encode_context(
+                            cell_aad(dataset=location.dataset, partition=location.partition, field=name, dek_id=dek_id)
+                        )
+                else:
+                    aad = encode_context(
+                        cell_aad(
+                            dataset=location.dataset,
+                            partition=location.partition,
+                            field=name,
+                            dek_id=dek_id,
+                            bindings=dict(bindings[i]),
+                        )
+                    )
+                values[j][i] = dek.open_cell(cell, aad)
+        except DecryptionError:
+            failed.add(i)
+            for col in values:
+                col[i] = None
+    return OpenedRows(values, failed)

@@ -1,0 +1,133 @@
+"""Key versions, their states, and the registry interface.
+
+A registry holds the numbered versions of the key-encryption key. States:
+
+- ``active``: exactly one; new DEKs are wrapped under it;
+- ``decrypt_only``: readable, not used for new data (the transition window);
+- ``retired``: policy refuses to decrypt it;
+- ``pending_deletion``: retired and scheduled for deletion at `delete_after`.
+
+Allowed transitions: active -> decrypt_only (only through `rotate`),
+decrypt_only -> retired, retired -> pending_deletion, and
+retired/pending_deletion -> decrypt_only (a rollback, for emergencies).
+Retiring or scheduling deletion is refused (`VersionInUseError`) while an
+`Inventory` says the version still protects data.
+
+`check_invariants` is the one place the invariants live; every backend calls
+it inside its write transaction before committing.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from keyturn.errors import RegistryInvariantError
+
+__all__ = ["KeyState", "KeyVersion", "Inventory", "KeyRegistry", "check_invariants", "ALLOWED_TRANSITIONS"]
+
+
+class KeyState(str, enum.Enum):
+    ACTIVE = "active"
+    DECRYPT_ONLY = "decrypt_only"
+    RETIRED = "retired"
+    PENDING_DELETION = "pending_deletion"
+
+    @property
+    def readable(self) -> bool:
+        """May data under this version be decrypted?"""
+        return self in (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
+
+
+ALLOWED_TRANSITIONS: frozenset[tuple[KeyState, KeyState]] = frozenset(
+    {
+        (KeyState.ACTIVE, KeyState.DECRYPT_ONLY),
+        (KeyState.DECRYPT_ONLY, KeyState.RETIRED),
+        (KeyState.RETIRED, KeyState.PENDING_DELETION),
+        (KeyState.RETIRED, KeyState.DECRYPT_ONLY),
+        (KeyState.PENDING_DELETION, KeyState.DECRYPT_ONLY),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersion:
+    """One version of the KEK and its lifecycle state."""
+
+    version: int
+    kek_id: str
+    state: KeyState
+    created_at: datetime
+    actor: str
+    reason: str
+    state_changed_at: datetime
+    delete_after: datetime | None = None
+
+
+class Inventory(Protocol):
+    """Tells how much data each key version still protects."""
+
+    def references(self, version: int) -> int:
+        """Rows (or files) still under `version`; 0 means none."""
+        ...
+
+
+@runtime_checkable
+class KeyRegistry(Protocol):
+    """Versions of the KEK and their states, changed atomically."""
+
+    def versions(self) -> list[KeyVersion]:
+        """All versions, ascending."""
+        ...
+
+    def get(self, version: int) -> KeyVersion:
+        """One version; `UnknownVersionError` if absent."""
+        ...
+
+    def active(self) -> KeyVersion:
+        """The single active version; `RegistryError` if the registry is empty."""
+        ...
+
+    def initialize(self, kek_id: str, *, actor: str, reason: str) -> KeyVersion:
+        """Create version 1 as active if the registry is empty; else return the active version."""
+        ...
+
+    def rotate(self, kek_id: str, *, actor: str, reason: str) -> KeyVersion:
+        """Atomically add version max+1 as active and demote the old active to decrypt_only."""
+        ...
+
+    def retire(self, version: int, *, actor: str, reason: str, inventory: Inventory | None = None) -> KeyVersion:
+        """decrypt_only -> retired; refused while `inventory` finds data under it."""
+        ...
+
+    def schedule_deletion(self, version: int, *, actor: str, reason: str, inventory: Inventory, pending_days: int) -> KeyVersion:
+        """retired -> pending_deletion, delete_after = now + pending_days; refused while data remains."""
+        ...
+
+    def reinstate(self, version: int, *, actor: str, reason: str) -> KeyVersion:
+        """retired or pending_deletion -> decrypt_only (rollback)."""
+        ...
+
+
+def check_invariants(versions: Sequence[KeyVersion]) -> None:
+    """Raise `RegistryInvariantError` unless `versions` is a valid registry state.
+
+    Valid means: versions are exactly 1..n with no gaps or repeats; if any
+    exist, exactly one is active; every pending_deletion version has a
+    delete_after; kek ids are non-empty.
+    """
+    numbers = [v.version for v in versions]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise RegistryInvariantError(f"versions must be 1..n without gaps, found {numbers}")
+    if versions:
+        active = [v.version for v in versions if v.state is KeyState.ACTIVE]
+        if len(active) != 1:
+            raise RegistryInvariantError(f"exactly one active version required, found {active}")
+    for v in versions:
+        if not v.kek_id:
+            raise RegistryInvariantError(f"version {v.version} has no kek_id")
+        if v.state is KeyState.PENDING_DELETION and v.delete_after is None:
+            raise RegistryInvariantError(f"version {v.version} is pending deletion without delete_after")

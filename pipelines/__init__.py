@@ -1,0 +1,1 @@
+"""Runnable Beam pipelines and the keyturn CLI."""

@@ -1,0 +1,1 @@
+"""Beam PTransforms and DoFns: thin shells over the keyturn core."""
