@@ -1,0 +1,361 @@
+"""The DoFns: thin shells that hold configuration and call the keyturn core.
+
+Each DoFn builds its KMS client and registry in `setup()` (so a pickled
+DoFn holds neither a key nor a client), snapshots the key policy in
+`start_bundle()`, keeps DEK scopes per (partition, window) for the bundle
+only, and in `finish_bundle()` emits one audit event per scope and closes
+every scope. No plaintext key survives `finish_bundle()`.
+
+Elements are `(partition, payload)` pairs; a payload is one record batch or
+a list of Avro records (see `transforms.adapters`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.utils.windowed_value import WindowedValue
+
+from keyturn.audit.events import AuditAction, MismatchReason, build_event, build_mismatch, build_quarantine
+from keyturn.kms.base import CountingKms
+from keyturn.keysource import KeySource
+from keyturn.policy import KeyPolicy, ReadStatus
+from keyturn.reader import DekReader
+from keyturn.scope import DekScope, Location, ScopeLimits
+from transforms.adapters import PayloadAdapter
+from transforms.tags import AUDIT, QUARANTINE, VERSION_MISMATCH
+
+__all__ = ["EncryptFn", "DecryptFn", "ReencryptFn"]
+
+NAMESPACE = "keyturn"
+_MISMATCH_REASONS = {
+    ReadStatus.STALE: MismatchReason.STALE,
+    ReadStatus.RETIRED: MismatchReason.RETIRED,
+    ReadStatus.UNKNOWN: MismatchReason.UNKNOWN,
+    ReadStatus.MISSING: MismatchReason.MISSING,
+}
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class _ScopeLedger:
+    """What one (partition, window) scope did in this bundle; no key material."""
+
+    partition: str
+    window: Any
+    scope: DekScope | None = None
+    digests: list[bytes] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    versions_from: set[int] = field(default_factory=set)
+    kms_request_ids: list[str] = field(default_factory=list)
+
+    def add(self, **counts: int) -> None:
+        for name, n in counts.items():
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def scope_key(self) -> str:
+        """Deterministic for the same input: digests sorted, so element order does not matter."""
+        h = hashlib.sha256()
+        for digest in sorted(self.digests):
+            h.update(digest)
+        return h.hexdigest()
+
+
+class _KeyturnFn(beam.DoFn):
+    """Shared lifecycle: clients in setup, policy per bundle, one audit event per scope."""
+
+    action: AuditAction
+    limits: ScopeLimits = ScopeLimits()
+
+    def __init__(self, adapter: PayloadAdapter, keys: KeySource, dataset: str, *, actor: str, reason: str) -> None:
+        if not dataset:
+            raise ValueError("dataset must be non-empty")
+        self.adapter = adapter
+        self.keys = keys
+        self.dataset = dataset
+        self.actor = actor
+        self.reason = reason
+        self.clock: Callable[[], datetime] = _utc_now
+        self._kms: CountingKms | None = None
+        self._registry: Any = None
+        self._ledgers: dict[tuple[str, Any], _ScopeLedger] = {}
+        self._counters: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_kms=None, _registry=None, _ledgers={}, _counters={}, _policy=None, _reader=None)
+        return state
+
+    def _count(self, name: str, n: int) -> None:
+        if n:
+            counter = self._counters.get(name)
+            if counter is None:
+                counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
+            counter.inc(n)
+
+    def setup(self) -> None:
+        self._kms = CountingKms(self.keys.open_kms())
+        self._registry = self.keys.open_registry()
+
+    def start_bundle(self) -> None:
+        self._policy = KeyPolicy.from_registry(self._registry)
+        self._ledgers = {}
+
+    def _ledger(self, partition: str, window: Any) -> _ScopeLedger:
+        key = (partition, window)
+        ledger = self._ledgers.get(key)
+        if ledger is None:
+            ledger = self._ledgers[key] = _ScopeLedger(partition, window)
+        return ledger
+
+    def _open_scope(self, ledger: _ScopeLedger) -> DekScope:
+        if ledger.scope is None:
+            ledger.scope = DekScope(
+                self._kms, self._policy.active, Location(self.dataset, ledger.partition), limits=self.limits
+            )
+        return ledger.scope
+
+    def _close_ledger(self, ledger: _ScopeLedger) -> dict[str, Any]:
+        if ledger.scope is not None:
+            stats = ledger.scope.stats
+            ledger.add(deks=stats.deks_generated, cells=stats.cells, bytes=stats.bytes)
+            ledger.kms_request_ids.extend(stats.kms_request_ids)
+            self._count("deks_generated", stats.deks_generated)
+            self._count("kms_calls", stats.deks_generated)
+            ledger.scope.close()
+            ledger.scope = None
+        versions = sorted(ledger.versions_from)
+        return build_event(
+            self.action,
+            actor=self.actor,
+            reason=self.reason,
+            dataset=self.dataset,
+            partition=ledger.partition,
+            version_from=versions[0] if versions else None,
+            version_to=self._version_to(),
+            counts=ledger.counts,
+            kms_request_ids=ledger.kms_request_ids,
+            scope_key=ledger.scope_key(),
+            clock=self.clock,
+        ).to_dict()
+
+    def _version_to(self) -> int | None:
+        return self._policy.active.version
+
+    def finish_bundle(self) -> Iterator[Any]:
+        try:
+            for ledger in self._ledgers.values():
+                event = self._close_ledger(ledger)
+                window = ledger.window
+                yield TaggedOutput(AUDIT, WindowedValue(event, window.max_timestamp(), [window]))
+        finally:
+            for ledger in self._ledgers.values():
+                if ledger.scope is not None:
+                    ledger.scope.close()
+            self._ledgers = {}
+            self._close_bundle()
+
+    def _close_bundle(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        self._kms = None
+        self._registry = None
+
+    # -- side outputs for rows that are not current ------------------------
+    def _report(self, partition: str, payload: Any, status: list[ReadStatus], report_stale: bool) -> Iterator[Any]:
+        """Version-mismatch events (with rows) and quarantine records for non-current rows."""
+        versions = self.adapter.row_versions(payload)
+        groups: dict[tuple[ReadStatus, int | None], list[int]] = {}
+        for i, s in enumerate(status):
+            if s is ReadStatus.CURRENT or (s is ReadStatus.STALE and not report_stale):
+                continue
+            groups.setdefault((s, versions[i] if s is not ReadStatus.MISSING else None), []).append(i)
+        current = self._policy.active.version
+        for (s, version), rows in sorted(groups.items(), key=lambda kv: (kv[0][0].value, kv[0][1] or 0)):
+            self._count(f"rows_{s.value}", len(rows))
+            subset = self.adapter.take(payload, rows)
+            if s is ReadStatus.CORRUPT:
+                record = build_quarantine(
+                    "corrupt",
+                    dataset=self.dataset,
+                    partition=partition,
+                    detail="rows failed to parse or authenticate",
+                    payload=self.adapter.serialize(subset),
+                    payload_format=self.adapter.payload_format,
+                    rows=len(rows),
+                    clock=self.clock,
+                )
+                yield TaggedOutput(QUARANTINE, record.to_dict())
+                continue
+            scope_key = hashlib.sha256(self.adapter.fingerprint(subset, encrypted=True)).hexdigest()
+            event = build_mismatch(
+                _MISMATCH_REASONS[s],
+                dataset=self.dataset,
+                partition=partition,
+                found_version=version,
+                current_version=current,
+                rows=len(rows),
+                scope_key=scope_key,
+                clock=self.clock,
+            )
+            yield TaggedOutput(VERSION_MISMATCH, (event.to_dict(), subset))
+
+
+class EncryptFn(_KeyturnFn):
+    """Encrypts each payload under its (partition, window) scope's DEK."""
+
+    action = AuditAction.ENCRYPT
+
+    def __init__(self, adapter: PayloadAdapter, keys: KeySource, dataset: str, *, limits: ScopeLimits, actor: str, reason: str) -> None:
+        super().__init__(adapter, keys, dataset, actor=actor, reason=reason)
+        self.limits = limits
+
+    def process(self, element: tuple[str, Any], window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        partition, payload = element
+        ledger = self._ledger(partition, window)
+        scope = self._open_scope(ledger)
+        before = scope.stats.cells
+        sealed = self.adapter.encrypt(payload, scope)
+        ledger.digests.append(self.adapter.fingerprint(payload, encrypted=False))
+        rows = self.adapter.rows(payload)
+        ledger.add(rows=rows)
+        self._count("rows_encrypted", rows)
+        self._count("cells_encrypted", scope.stats.cells - before)
+        yield partition, sealed
+
+
+class DecryptFn(_KeyturnFn):
+    """Decrypts readable rows to the main output; reports the rest on side outputs.
+
+    With `stale_to_main` (the default) stale rows are decrypted into the main
+    output AND reported on `version_mismatch` (reason `stale`, with their
+    encrypted rows) so a consumer can re-encrypt them lazily; without it they
+    go only to `version_mismatch`.
+    """
+
+    action = AuditAction.DECRYPT
+
+    def __init__(self, adapter: PayloadAdapter, keys: KeySource, dataset: str, *, stale_to_main: bool, actor: str, reason: str) -> None:
+        super().__init__(adapter, keys, dataset, actor=actor, reason=reason)
+        self.stale_to_main = stale_to_main
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self._reader = DekReader(self._kms)
+
+    def _close_bundle(self) -> None:
+        self._reader.close()
+        self._reader = None
+
+    def _version_to(self) -> int | None:
+        return None
+
+    def process(self, element: tuple[str, Any], window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        partition, payload = element
+        ledger = self._ledger(partition, window)
+        unwraps_before = len(self._reader.stats.kms_request_ids)
+        result = self.adapter.decrypt(payload, self._reader, self._policy, Location(self.dataset, partition))
+        new_ids = self._reader.stats.kms_request_ids[unwraps_before:]
+        ledger.kms_request_ids.extend(new_ids)
+        self._count("kms_calls", len(new_ids))
+        ledger.digests.append(self.adapter.fingerprint(payload, encrypted=True))
+        versions = self.adapter.row_versions(payload)
+        readable = [i for i, s in enumerate(result.status) if s.readable]
+        ledger.versions_from.update(versions[i] for i in readable)
+        counts = {s.value: 0 for s in ReadStatus}
+        for s in result.status:
+            counts[s.value] += 1
+        ledger.add(rows=len(result.status), unwraps=len(new_ids), **counts)
+        self._count("rows_decrypted", len(readable))
+        self._count("cells_decrypted", self.adapter.sealed_cells(self.adapter.take(payload, readable)))
+        keep = {ReadStatus.CURRENT, ReadStatus.STALE} if self.stale_to_main else {ReadStatus.CURRENT}
+        plain = self.adapter.select_plain(result, keep)
+        if not self.adapter.empty(plain):
+            yield partition, plain
+        yield from self._report(partition, payload, result.status, report_stale=True)
+
+
+class ReencryptFn(_KeyturnFn):
+    """Brings stale rows onto the active version; every input row stays in the main output.
+
+    `mode`: `rewrap` (only DEK envelopes change; one KMS call per distinct
+    stale DEK), `reencrypt` (fresh DEK per scope, payload bytes change), or
+    `auto` (re-encrypt when a stale row's key version is older than
+    `dek_max_age`, else rewrap). Retired, unknown, missing and corrupt rows
+    are kept unchanged in the main output, so writing it back loses nothing,
+    and are reported on `version_mismatch` / `quarantine` (a copy).
+    """
+
+    def __init__(
+        self,
+        adapter: PayloadAdapter,
+        keys: KeySource,
+        dataset: str,
+        *,
+        mode: str,
+        dek_max_age: timedelta,
+        limits: ScopeLimits,
+        actor: str,
+        reason: str,
+    ) -> None:
+        super().__init__(adapter, keys, dataset, actor=actor, reason=reason)
+        if mode not in ("rewrap", "reencrypt", "auto"):
+            raise ValueError(f"mode must be rewrap, reencrypt or auto, not {mode!r}")
+        self.mode = mode
+        self.dek_max_age = dek_max_age
+        self.limits = limits
+        self.action = AuditAction.REWRAP if mode == "rewrap" else AuditAction.REENCRYPT
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self._reader = DekReader(self._kms)
+
+    def _close_bundle(self) -> None:
+        self._reader.close()
+        self._reader = None
+
+    def _too_old(self, versions: list[int | None], status: list[ReadStatus]) -> bool:
+        cutoff = self.clock() - self.dek_max_age
+        created = self._policy.created_at
+        return any(
+            s is ReadStatus.STALE and v in created and created[v] < cutoff for v, s in zip(versions, status)
+        )
+
+    def process(self, element: tuple[str, Any], window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        partition, payload = element
+        location = Location(self.dataset, partition)
+        ledger = self._ledger(partition, window)
+        versions = self.adapter.row_versions(payload)
+        status = [self._policy.classify(v) if v is not None else ReadStatus.MISSING for v in versions]
+        mode = self.mode
+        if mode == "auto":
+            mode = "reencrypt" if self._too_old(versions, status) else "rewrap"
+        if mode == "rewrap":
+            out = self.adapter.rewrap(payload, self._kms, self._policy, location)
+            ledger.add(rewrapped_deks=out.deks_rewrapped)
+        else:
+            unwraps_before = len(self._reader.stats.kms_request_ids)
+            out = self.adapter.reencrypt(payload, self._reader, self._open_scope(ledger), self._policy, location)
+            out.kms_request_ids.extend(self._reader.stats.kms_request_ids[unwraps_before:])
+        ledger.kms_request_ids.extend(out.kms_request_ids)
+        self._count("kms_calls", len(out.kms_request_ids))
+        ledger.digests.append(self.adapter.fingerprint(payload, encrypted=True))
+        moved = [v for v, s in zip(versions, out.status) if s is ReadStatus.STALE]
+        ledger.versions_from.update(v for v in moved if v is not None)
+        counts = {s.value: 0 for s in ReadStatus}
+        for s in out.status:
+            counts[s.value] += 1
+        ledger.add(rows=len(out.status), **counts)
+        yield partition, out.payload
+        yield from self._report(partition, payload, out.status, report_stale=False)
