@@ -55,7 +55,9 @@ class PayloadAdapter(Protocol):
 
     def row_versions(self, payload: Any) -> list[int | None]: ...
 
-    def sealed_cells(self, payload: Any) -> int: ...
+    def sealed_cells(self, payload: Any, rows: list[int]) -> int:
+        """Non-null encrypted cells among `rows` of an encrypted payload."""
+        ...
 
     def select_plain(self, result: Any, statuses: set[ReadStatus]) -> Any: ...
 
@@ -114,7 +116,9 @@ class ArrowAdapter:
             return [None] * payload.num_rows
         return payload.column(arrow_codec.VERSION_COLUMN).to_pylist()
 
-    def sealed_cells(self, payload: pa.RecordBatch) -> int:
+    def sealed_cells(self, payload: pa.RecordBatch, rows: list[int]) -> int:
+        if len(rows) != payload.num_rows:
+            payload = self.take(payload, rows)
         return sum(len(payload.column(c)) - payload.column(c).null_count for c in arrow_codec.encrypted_columns(payload.schema))
 
     def select_plain(self, result: arrow_codec.DecryptResult, statuses: set[ReadStatus]) -> pa.RecordBatch:
@@ -192,9 +196,9 @@ class AvroAdapter:
     def row_versions(self, payload: list[dict]) -> list[int | None]:
         return [r.get("_keyturn_version") for r in payload]
 
-    def sealed_cells(self, payload: list[dict]) -> int:
+    def sealed_cells(self, payload: list[dict], rows: list[int]) -> int:
         names = [f["name"] for f in self.encrypted_schema["fields"] if f.get("keyturn.format") == "1"]
-        return sum(1 for r in payload for n in names if r.get(n) is not None)
+        return sum(1 for i in rows for n in names if payload[i].get(n) is not None)
 
     def select_plain(self, result: Any, statuses: set[ReadStatus]) -> list[dict]:
         return [r for r, s in zip(result.plain, result.plain_status) if s in statuses]

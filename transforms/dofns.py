@@ -278,7 +278,7 @@ class DecryptFn(_KeyturnFn):
             counts[s.value] += 1
         ledger.add(rows=len(result.status), unwraps=len(new_ids), **counts)
         self._count("rows_decrypted", len(readable))
-        self._count("cells_decrypted", self.adapter.sealed_cells(self.adapter.take(payload, readable)))
+        self._count("cells_decrypted", self.adapter.sealed_cells(payload, readable))
         keep = {ReadStatus.CURRENT, ReadStatus.STALE} if self.stale_to_main else {ReadStatus.CURRENT}
         plain = self.adapter.select_plain(result, keep)
         if not self.adapter.empty(plain):
