@@ -12,7 +12,7 @@ plaintext"):
   dictionary-encodes the result again;
 - anything else (list, large_list, fixed_size_list, struct, map, ...): an
   Arrow IPC record-batch message (no schema) of a one-row, one-column batch
-  whose single field is the plain field.
+  whose single field is `pa.field("v", plain_type)` (nullable, no metadata).
 
 Nulls are not serialized: they stay null. The plain field (name, type,
 nullability, metadata) travels in the encrypted field's metadata, under

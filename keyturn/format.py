@@ -184,8 +184,9 @@ def parse_cell_header(cell: bytes) -> CellHeader:
     """Check version and length bounds of a cell; `DecryptionError` on any flaw."""
     if not isinstance(cell, (bytes, bytearray, memoryview)):
         raise DecryptionError()
-    n = len(cell)
-    if n < CELL_OVERHEAD or n > CELL_OVERHEAD + MAX_CELL_PLAINTEXT or cell[0] != FORMAT_VERSION:
+    if len(cell) < 1 or cell[0] != FORMAT_VERSION:
+        raise DecryptionError()
+    if not CELL_OVERHEAD <= len(cell) <= CELL_OVERHEAD + MAX_CELL_PLAINTEXT:
         raise DecryptionError()
     return CellHeader(bytes(cell[1:17]), bytes(cell[17:CELL_HEADER_BYTES]))
 

@@ -79,11 +79,13 @@ class KeyPolicy:
 def classify_rows(policy: KeyPolicy, versions: Sequence[int | None], envelopes: Sequence[bytes | None]) -> list[ReadStatus]:
     """Status of each row from its version metadata and DEK envelope.
 
-    Missing metadata gives `missing`; an envelope that does not parse, or
-    whose key version differs from the row's version field, gives `corrupt`;
-    otherwise the policy decides. Each distinct envelope is parsed once.
+    Missing metadata gives `missing`. An envelope that does not parse, whose
+    key version differs from the row's version field, or whose KEK id is not
+    the registry's KEK for that version, gives `corrupt` (so a tampered KEK
+    id never reaches the KMS). Otherwise the policy decides. Each distinct
+    envelope is parsed once.
     """
-    parsed: dict[bytes, int | None] = {}
+    parsed: dict[bytes, tuple[int, str] | None] = {}
     status: list[ReadStatus] = []
     for version, env in zip(versions, envelopes, strict=True):
         if version is None or env is None:
@@ -91,9 +93,16 @@ def classify_rows(policy: KeyPolicy, versions: Sequence[int | None], envelopes: 
             continue
         if env not in parsed:
             try:
-                parsed[env] = parse_envelope(env).key_version
+                envelope = parse_envelope(env)
+                parsed[env] = (envelope.key_version, envelope.kek_id)
             except DecryptionError:
                 parsed[env] = None
-        key_version = parsed[env]
-        status.append(ReadStatus.CORRUPT if key_version is None or key_version != version else policy.classify(version))
+        key = parsed[env]
+        if key is None or key[0] != version:
+            status.append(ReadStatus.CORRUPT)
+            continue
+        row_status = policy.classify(version)
+        if row_status.readable and policy.kek_ids.get(version) != key[1]:
+            row_status = ReadStatus.CORRUPT
+        status.append(row_status)
     return status

@@ -126,7 +126,10 @@ class DekReader:
         context = kms_context(
             dataset=location.dataset, partition=location.partition, dek_id=envelope.dek_id, key_version=envelope.key_version
         )
-        unwrapped = self._kms.decrypt(envelope.kek_id, envelope.wrapped_dek, context)
+        try:
+            unwrapped = self._kms.decrypt(envelope.kek_id, envelope.wrapped_dek, context)
+        except (ValueError, TypeError):  # the KMS refused an argument that came from the data
+            raise DecryptionError() from None
         self.stats.unwraps += 1
         self.stats.kms_request_ids.append(unwrapped.request_id)
         try:

@@ -8,6 +8,7 @@ the plaintext DEK never enters this process on this path.
 
 from __future__ import annotations
 
+from keyturn.errors import DecryptionError
 from keyturn.format import kms_context, parse_envelope
 from keyturn.kms.base import KmsBackend
 from keyturn.scope import KekRef, Location
@@ -24,12 +25,15 @@ def rewrap_envelope(kms: KmsBackend, envelope_bytes: bytes, location: Location, 
     destination = kms_context(
         dataset=location.dataset, partition=location.partition, dek_id=envelope.dek_id, key_version=target.version
     )
-    result = kms.rewrap(
-        envelope.wrapped_dek,
-        source_kek_id=envelope.kek_id,
-        source_context=source,
-        destination_kek_id=target.kek_id,
-        destination_context=destination,
-    )
+    try:
+        result = kms.rewrap(
+            envelope.wrapped_dek,
+            source_kek_id=envelope.kek_id,
+            source_context=source,
+            destination_kek_id=target.kek_id,
+            destination_context=destination,
+        )
+    except (ValueError, TypeError):  # the KMS refused an argument that came from the data
+        raise DecryptionError() from None
     new = envelope.with_wrapping(key_version=target.version, kek_id=target.kek_id, wrapped_dek=result.wrapped)
     return new.to_bytes(), result.request_id
