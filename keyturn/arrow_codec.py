@@ -82,6 +82,14 @@ def _bindings(batch: pa.RecordBatch, names: Sequence[str]) -> list[dict[str, byt
     return [{n: col[i] for n, col in zip(names, values) if col[i] is not None} for i in range(batch.num_rows)]
 
 
+def _column_names(value: Sequence[str], what: str) -> list[str]:
+    """`value` as a list of column names; `TypeError` for a bare string or non-str entries."""
+    names = None if isinstance(value, (str, bytes)) else list(value)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must be a sequence of column names (str), not {value!r}")
+    return names
+
+
 # -- encrypt ----------------------------------------------------------------
 
 
@@ -96,18 +104,20 @@ def encrypt_batch(
     if not isinstance(batch, pa.RecordBatch):
         raise TypeError(f"encrypt_batch needs a pyarrow.RecordBatch, not {type(batch).__name__}")
     names = batch.schema.names
-    columns = list(columns)
-    bind_columns = list(bind_columns)
+    columns = _column_names(columns, "columns")
+    bind_columns = _column_names(bind_columns, "bind_columns")
     if not columns:
         raise ValueError("name at least one column to encrypt")
     for reserved in _RESERVED:
         if reserved in names:
             raise ValueError(f"batch already has the reserved column {reserved!r}: is it encrypted already?")
     for name in columns + bind_columns:
-        if names.count(name) != 1:
+        if names.count(name) == 0:
             raise ValueError(f"column {name!r} is not in the batch (columns: {', '.join(names)})")
+        if names.count(name) > 1:
+            raise ValueError(f"column {name!r} appears {names.count(name)} times in the batch; names must be unique")
     if len(set(columns)) != len(columns):
-        raise ValueError("a column is named twice")
+        raise ValueError(f"a column is named twice: {sorted({c for c in columns if columns.count(c) > 1})}")
     overlap = set(columns) & set(bind_columns)
     if overlap:
         raise ValueError(f"bind columns must not be encrypted: {sorted(overlap)}")
@@ -209,7 +219,7 @@ def decrypt_batch(
     if not isinstance(batch, pa.RecordBatch):
         raise TypeError(f"decrypt_batch needs a pyarrow.RecordBatch, not {type(batch).__name__}")
     sensitive = encrypted_columns(batch.schema)
-    wanted = sensitive if columns is None else list(columns)
+    wanted = sensitive if columns is None else _column_names(columns, "columns")
     unknown = set(wanted) - set(sensitive)
     if unknown:
         raise ValueError(f"not encrypted columns of this batch: {sorted(unknown)} (encrypted: {sensitive})")
@@ -253,8 +263,8 @@ def decrypt_batch(
     for f in batch.schema:
         if f.name in _RESERVED or (f.name in sensitive and f.name not in rebuilt):
             continue
-        if f.name in rebuilt:
-            fields.append(plain_fields[f.name])
+        if f.name in rebuilt:  # a column whose plain field could not be read comes out empty and null-typed
+            fields.append(plain_fields.get(f.name, pa.field(f.name, pa.null())))
             arrays.append(rebuilt[f.name])
         else:
             fields.append(f)
