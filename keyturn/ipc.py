@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from keyturn.errors import DecryptionError
@@ -9,8 +10,27 @@ from keyturn.errors import DecryptionError
 __all__ = ["batch_to_ipc", "batch_from_ipc"]
 
 
+def _compact(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """`batch` with buffers holding only its own rows.
+
+    A slice (even one at offset 0) shares its parent's buffers, and the IPC
+    writer may copy whole buffers: the bytes would then depend on how the
+    batch was made, and carry rows outside it. `take` rebuilds compact
+    buffers with zeroed padding bits; batches that are already compact (no
+    unreferenced buffer bytes) are written as they are.
+    """
+    if batch.nbytes == batch.get_total_buffer_size():
+        return batch
+    return batch.take(pa.array(np.arange(batch.num_rows, dtype=np.int64)))
+
+
 def batch_to_ipc(batch: pa.RecordBatch) -> bytes:
-    """Serialize `batch` (schema included) as an Arrow IPC stream."""
+    """Serialize `batch` (schema included) as an Arrow IPC stream.
+
+    Equal batches give equal bytes, however they were built (fresh, sliced,
+    copied); a slice never carries bytes of the rows around it.
+    """
+    batch = _compact(batch)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
