@@ -13,7 +13,9 @@ every row is self-describing:
   Dictionary encoding stores each envelope once per row group.
 
 A batch belongs to one `Location` (dataset and partition), which is bound
-into every cell, so cells moved to another column, partition or dataset fail
+into every cell together with the column name and the plain type
+(`arrow_type_descriptor`), so cells moved to another column, partition or
+dataset, or read under an edited `keyturn.plain_field` type, fail
 authentication. Binding row-key columns also pins a cell to its row.
 
 Reads never raise for bad rows: every input row gets a `ReadStatus`, only
@@ -30,12 +32,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from keyturn.arrow_values import decode_plain_field, encode_plain_field, from_plaintexts, to_plaintexts
+from keyturn.arrow_values import (
+    arrow_type_descriptor,
+    decode_plain_field,
+    encode_plain_field,
+    from_plaintexts,
+    to_plaintexts,
+)
+from keyturn.context import MAX_VALUE_BYTES
 from keyturn.errors import DecryptionError
+from keyturn.format import DEK_FIELD, VERSION_FIELD
 from keyturn.kms.base import KmsBackend
-from keyturn.policy import KeyPolicy, ReadStatus, classify_rows
+from keyturn.policy import KeyPolicy, ReadStatus, classify_rows, count_statuses
 from keyturn.reader import DekReader, open_rows
-from keyturn.rewrap import rewrap_envelope
+from keyturn.rewrap import rewrap_rows
 from keyturn.scope import DekScope, Location
 
 __all__ = [
@@ -51,8 +61,8 @@ __all__ = [
     "ReencryptResult",
 ]
 
-VERSION_COLUMN = "_keyturn_version"
-DEK_COLUMN = "_keyturn_dek"
+VERSION_COLUMN = VERSION_FIELD  # aliases kept for compatibility; the names live in keyturn.format
+DEK_COLUMN = DEK_FIELD
 META_FORMAT = b"keyturn.format"
 META_PLAIN = b"keyturn.plain_field"
 META_BIND = b"keyturn.bind"
@@ -61,8 +71,31 @@ _DEK_TYPE = pa.dictionary(pa.int32(), pa.binary())
 
 
 def encrypted_columns(schema: pa.Schema) -> list[str]:
-    """Names of the columns keyturn encrypted, in schema order."""
+    """Names of the columns keyturn encrypted (format "1"), in schema order.
+
+    A column whose ``keyturn.format`` is anything else is not listed here,
+    and is never clear data either: see `_foreign_columns`.
+    """
     return [f.name for f in schema if f.metadata and f.metadata.get(META_FORMAT) == b"1"]
+
+
+def _foreign_columns(schema: pa.Schema) -> list[str]:
+    """Columns carrying ``keyturn.format`` metadata with a value other than "1".
+
+    They hold cells this version cannot read (another format, or tampered
+    metadata). `decrypt_batch` never passes them through as clear data: a row
+    with a non-null cell in one is corrupt, and the column is left out of
+    `plain`.
+    """
+    return [f.name for f in schema if f.metadata and META_FORMAT in f.metadata and f.metadata[META_FORMAT] != b"1"]
+
+
+def _type_descriptor(plain_type: pa.DataType) -> str:
+    """`arrow_type_descriptor`, refused (`DecryptionError`) if too long to bind."""
+    descriptor = arrow_type_descriptor(plain_type)
+    if len(descriptor.encode("utf-8")) > MAX_VALUE_BYTES:
+        raise DecryptionError()
+    return descriptor
 
 
 def _bind_list(f: pa.Field) -> list[str]:
@@ -121,12 +154,13 @@ def encrypt_batch(
     overlap = set(columns) & set(bind_columns)
     if overlap:
         raise ValueError(f"bind columns must not be encrypted: {sorted(overlap)}")
-    already = encrypted_columns(batch.schema)
+    already = encrypted_columns(batch.schema) + _foreign_columns(batch.schema)
     if set(already) & set(columns):
         raise ValueError(f"columns already encrypted: {sorted(set(already) & set(columns))}")
 
     plaintexts = [to_plaintexts(batch.column(name)) for name in columns]
-    sealed = scope.seal_rows(columns, plaintexts, _bindings(batch, bind_columns))
+    types = [arrow_type_descriptor(batch.schema.field(name).type) for name in columns]
+    sealed = scope.seal_rows(columns, plaintexts, _bindings(batch, bind_columns), types=types)
     sealed_by_name = dict(zip(columns, sealed.cells))
 
     bind_json = json.dumps(bind_columns).encode()
@@ -197,10 +231,7 @@ class DecryptResult:
 
     def counts(self) -> dict[str, int]:
         """Rows per status, every status present (zeros included)."""
-        out = {s.value: 0 for s in ReadStatus}
-        for s in self.status:
-            out[s.value] += 1
-        return out
+        return count_statuses(self.status)
 
 
 def decrypt_batch(
@@ -225,9 +256,15 @@ def decrypt_batch(
         raise ValueError(f"not encrypted columns of this batch: {sorted(unknown)} (encrypted: {sensitive})")
 
     status, versions, envelopes = _classify_rows(batch, policy)
+    foreign = _foreign_columns(batch.schema)
+    for name in foreign:  # cells this version cannot authenticate: never clear data
+        for i, valid in enumerate(batch.column(name).is_valid().to_pylist()):
+            if valid:
+                status[i] = ReadStatus.CORRUPT
     readable = [i for i, s in enumerate(status) if s.readable]
     plain_fields: dict[str, pa.Field] = {}
     values: list[list[bytes | None]] = []
+    types: list[str] = []
     try:
         binds = sorted({n for name in wanted for n in _bind_list(batch.schema.field(name))})
         bindings = _bindings(batch, binds)
@@ -235,13 +272,15 @@ def decrypt_batch(
             plain_fields[name] = decode_plain_field(batch.schema.field(name).metadata[META_PLAIN])
             if plain_fields[name].name != name:
                 raise DecryptionError()
+            # the type the plaintext will be read as, from the (untrusted) metadata: authenticated per cell
+            types.append(_type_descriptor(plain_fields[name].type))
     except (DecryptionError, KeyError):
         for i in readable:
             status[i] = ReadStatus.CORRUPT
         readable = []
     if readable:
         cells = [batch.column(name).to_pylist() for name in wanted]
-        opened = open_rows(reader, location, wanted, cells, envelopes, readable, bindings)
+        opened = open_rows(reader, location, wanted, cells, envelopes, readable, bindings, types=types)
         for i in opened.failed:
             status[i] = ReadStatus.CORRUPT
         readable = [i for i in readable if i not in opened.failed]
@@ -261,7 +300,7 @@ def decrypt_batch(
 
     arrays, fields = [], []
     for f in batch.schema:
-        if f.name in _RESERVED or (f.name in sensitive and f.name not in rebuilt):
+        if f.name in _RESERVED or f.name in foreign or (f.name in sensitive and f.name not in rebuilt):
             continue
         if f.name in rebuilt:  # a column whose plain field could not be read comes out empty and null-typed
             fields.append(plain_fields.get(f.name, pa.field(f.name, pa.null())))
@@ -286,10 +325,8 @@ class RewrapResult:
     kms_request_ids: list[str]
 
     def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in ReadStatus}
-        for s in self.status:
-            out[s.value] += 1
-        return out
+        """Rows per status, every status present (zeros included)."""
+        return count_statuses(self.status)
 
 
 def rewrap_batch(batch: pa.RecordBatch, kms: KmsBackend, policy: KeyPolicy, location: Location) -> RewrapResult:
@@ -300,20 +337,7 @@ def rewrap_batch(batch: pa.RecordBatch, kms: KmsBackend, policy: KeyPolicy, loca
     """
     status, versions, envelopes = _classify_rows(batch, policy)
     target = policy.active
-    replaced: dict[bytes, bytes | None] = {}
-    request_ids: list[str] = []
-    for i, s in enumerate(status):
-        env = envelopes[i]
-        if s is not ReadStatus.STALE or env is None:
-            continue
-        if env not in replaced:
-            try:
-                replaced[env], request_id = rewrap_envelope(kms, env, location, target)
-                request_ids.append(request_id)
-            except DecryptionError:
-                replaced[env] = None
-        if replaced[env] is None:
-            status[i] = ReadStatus.CORRUPT
+    replaced, request_ids = rewrap_rows(kms, status, envelopes, location, target)
     if not any(replaced.values()):
         return RewrapResult(batch, status, 0, request_ids)
 
@@ -344,10 +368,8 @@ class ReencryptResult:
     status: list[ReadStatus]
 
     def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in ReadStatus}
-        for s in self.status:
-            out[s.value] += 1
-        return out
+        """Rows per status, every status present (zeros included)."""
+        return count_statuses(self.status)
 
 
 def reencrypt_batch(
@@ -367,7 +389,15 @@ def reencrypt_batch(
         return ReencryptResult(batch, decrypted.status)
     binds = sorted({n for name in sensitive for n in _bind_list(batch.schema.field(name))})
     sealed = encrypt_batch(decrypted.plain, sensitive, scope, bind_columns=binds)
-    sealed = pa.RecordBatch.from_arrays(sealed.columns, schema=batch.schema)
+    # columns left out of `plain` (another keyturn format) are all null in readable rows: keep them as they are
+    readable_take = pa.array(readable, pa.int64())
+    sealed = pa.RecordBatch.from_arrays(
+        [
+            sealed.column(f.name) if f.name in sealed.schema.names else batch.column(f.name).take(readable_take)
+            for f in batch.schema
+        ],
+        schema=batch.schema,
+    )
     if len(readable) == batch.num_rows:
         return ReencryptResult(sealed, decrypted.status)
     readable_set = set(readable)

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from keyturn.errors import DecryptionError
 
-__all__ = ["to_plaintexts", "from_plaintexts", "encode_plain_field", "decode_plain_field"]
+__all__ = ["to_plaintexts", "from_plaintexts", "encode_plain_field", "decode_plain_field", "arrow_type_descriptor"]
 
 
 def _is_fixed_width(t: pa.DataType) -> bool:
@@ -59,6 +59,19 @@ def _kind(t: pa.DataType) -> str:
     if _is_fixed_width(t):
         return "fixed"
     return "ipc"
+
+
+def arrow_type_descriptor(plain_type: pa.DataType) -> str:
+    """The type descriptor bound into every cell's associated data: ``"arrow:" + str(plain_type)``.
+
+    Part of wire format v1 (docs/FORMAT.md, "Cell associated data"): cells
+    sealed under one descriptor only open under the same one, so this
+    function must never change for v1. Examples: ``arrow:int64``,
+    ``arrow:timestamp[us, tz=UTC]``, ``arrow:list<item: int32>``.
+    """
+    if not isinstance(plain_type, pa.DataType):
+        raise TypeError(f"an Arrow type descriptor needs a pyarrow.DataType, not {type(plain_type).__name__}")
+    return "arrow:" + str(plain_type)
 
 
 def encode_plain_field(field: pa.Field) -> bytes:

@@ -36,7 +36,8 @@ encrypted, so null-ness is visible (and nulling a cell of a nullable field
 is not detected); a null cell in a field whose type cannot be null is
 corrupt.
 
-Binding: each cell is bound to its dataset, partition, field and DEK. Values
+Binding: each cell is bound to its dataset, partition, field, plain type
+(`avro_type_descriptor` of ``keyturn.plain_type``) and DEK. Values
 of `bind_fields` (Avro-encoded under their type; None values are left out)
 also pin a cell to its record. Without them, cells can be swapped between
 records sealed under the same DEK without detection.
@@ -44,9 +45,10 @@ records sealed under the same DEK without detection.
 Reads never raise for bad records: every input record gets a `ReadStatus`,
 only current and stale ones are decrypted, and `rows_with` returns the
 original records of the others, so nothing is lost. A plaintext that does not
-decode exactly (error or trailing bytes) makes its record corrupt. Known
-limit: ``keyturn.plain_type`` is not authenticated, so a schema edited to a
-type with an identical encoding (string vs bytes) is not detected.
+decode exactly (error or trailing bytes) makes its record corrupt, and so
+does a ``keyturn.plain_type`` edited to any other type (even one with an
+identical encoding, string vs bytes): the type is authenticated with each
+cell.
 """
 
 from __future__ import annotations
@@ -61,12 +63,13 @@ from typing import Any
 import fastavro
 from fastavro.validation import validate as _avro_validate
 
-from keyturn import arrow_codec as _shared  # constants and status counting, until they move to a core module
+from keyturn.context import MAX_VALUE_BYTES
 from keyturn.errors import DecryptionError
+from keyturn.format import DEK_FIELD, VERSION_FIELD
 from keyturn.kms.base import KmsBackend
-from keyturn.policy import KeyPolicy, ReadStatus, classify_rows
+from keyturn.policy import KeyPolicy, ReadStatus, classify_rows, count_statuses
 from keyturn.reader import DekReader, open_rows
-from keyturn.rewrap import rewrap_envelope
+from keyturn.rewrap import rewrap_rows
 from keyturn.scope import DekScope, Location
 from schemas import load_schema
 
@@ -86,10 +89,9 @@ __all__ = [
     "AvroDecryptResult",
     "AvroRewrapResult",
     "AvroReencryptResult",
+    "avro_type_descriptor",
 ]
 
-VERSION_FIELD = _shared.VERSION_COLUMN
-DEK_FIELD = _shared.DEK_COLUMN
 FORMAT_PROP = "keyturn.format"
 PLAIN_TYPE_PROP = "keyturn.plain_type"
 BIND_PROP = "keyturn.bind"
@@ -166,6 +168,26 @@ def _short(avro_type: object) -> str:
 # -- plain types: cell serialization ------------------------------------------
 
 
+def avro_type_descriptor(plain_type: object) -> str:
+    """The type descriptor bound into every cell's associated data.
+
+    ``"avro:" + json.dumps(plain_type, sort_keys=True, separators=(",", ":"))``
+    of the field's plain type as written in the schema (the value of
+    ``keyturn.plain_type``). Part of wire format v1 (docs/FORMAT.md, "Cell
+    associated data"): cells sealed under one descriptor only open under the
+    same one, so this function must never change for v1. `ValueError` if the
+    type is not JSON or the descriptor is too long to bind.
+    """
+    try:
+        text = "avro:" + json.dumps(plain_type, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError("an Avro plain type must be JSON data (str, list, dict)") from None
+    if len(text.encode("utf-8")) > MAX_VALUE_BYTES:
+        raise ValueError(f"the Avro type descriptor exceeds {MAX_VALUE_BYTES} bytes")
+    return text
+
+
+
 def _walk(t: object, defined: set[str], referenced: set[str]) -> None:
     """Collect named types defined and referenced in a parsed (fully qualified) type."""
     if isinstance(t, list):
@@ -215,6 +237,7 @@ class _PlainTypes:
             self.defines[name], self.references[name] = set(), set()
             _walk(f["type"], self.defines[name], self.references[name])
         self._cells: dict[str, Any] = {}
+        self.descriptors: dict[str, str] = {}  # sensitive field -> avro_type_descriptor of its type as written
 
     def check_hidden_types(self, sensitive: Sequence[str]) -> None:
         """`ValueError` if a clear field needs a named type that encryption hides."""
@@ -326,6 +349,9 @@ def _derive(
     types = _PlainTypes(plain_schema)
     types.check_hidden_types(sensitive)
     types.prepare(sensitive + binds)
+    by_name = {f["name"]: f for f in fields}
+    for name in sensitive:
+        types.descriptors[name] = avro_type_descriptor(by_name[name]["type"])
 
     out_fields: list[dict[str, Any]] = []
     for f in fields:
@@ -390,6 +416,7 @@ def _layout(encrypted_schema: Mapping[str, Any]) -> _Layout:
     names = [f["name"] for f in fields]
     out_fields: list[dict[str, Any]] = []
     binds: list[str] = []
+    descriptors: dict[str, str] = {}
     for f in fields:
         name = f["name"]
         if name in (VERSION_FIELD, DEK_FIELD):
@@ -417,10 +444,12 @@ def _layout(encrypted_schema: Mapping[str, Any]) -> _Layout:
             if k not in ("name", "type", "default") and not k.startswith(_PROP_PREFIX)
         }
         out_fields.append({"name": name, "type": copy.deepcopy(f[PLAIN_TYPE_PROP]), **rest})
+        descriptors[name] = avro_type_descriptor(f[PLAIN_TYPE_PROP])
     plain = {k: copy.deepcopy(v) for k, v in encrypted_schema.items() if k != "fields" and k not in _FASTAVRO_KEYS}
     plain["fields"] = out_fields
     types = _PlainTypes(plain)
     types.prepare([f["name"] for f in fields if FORMAT_PROP in f] + binds)
+    types.descriptors.update(descriptors)
     return _Layout(plain, types, binds)
 
 
@@ -464,7 +493,7 @@ def encrypt_records(
         for i, rec in enumerate(records):
             encoded = {b: types.encode(rec, b, i) for b in binds}
             bindings.append({b: v for b, v in encoded.items() if v is not None})
-    sealed = scope.seal_rows(sensitive, columns, bindings)
+    sealed = scope.seal_rows(sensitive, columns, bindings, types=[types.descriptors[name] for name in sensitive])
     version = scope.kek.version
     out: list[dict[str, Any]] = []
     for i, rec in enumerate(records):
@@ -519,7 +548,9 @@ class AvroDecryptResult:
         wanted = set(statuses)
         return [self.source[i] for i, s in enumerate(self.status) if s in wanted]
 
-    counts = _shared.DecryptResult.counts
+    def counts(self) -> dict[str, int]:
+        """Records per status, every status present (zeros included)."""
+        return count_statuses(self.status)
 
 
 def decrypt_records(
@@ -571,7 +602,8 @@ def decrypt_records(
                 bindings[i] = {b: v for b, v in encoded.items() if v is not None}
             readable = [i for i in readable if status[i].readable]
         cells = [[rec.get(name) for rec in records] for name in wanted]
-        opened = open_rows(reader, location, wanted, cells, envelopes, readable, bindings)
+        descriptors = [types.descriptors[name] for name in wanted]  # from the (untrusted) schema: authenticated per cell
+        opened = open_rows(reader, location, wanted, cells, envelopes, readable, bindings, types=descriptors)
         for i in readable:
             if i in opened.failed:
                 status[i] = ReadStatus.CORRUPT
@@ -610,7 +642,9 @@ class AvroRewrapResult:
     deks_rewrapped: int
     kms_request_ids: list[str]
 
-    counts = _shared.DecryptResult.counts
+    def counts(self) -> dict[str, int]:
+        """Records per status, every status present (zeros included)."""
+        return count_statuses(self.status)
 
 
 def rewrap_records(
@@ -625,20 +659,7 @@ def rewrap_records(
     records = _record_list(records)
     status, _, envelopes = _classify(records, policy)
     target = policy.active
-    replaced: dict[bytes, bytes | None] = {}
-    request_ids: list[str] = []
-    for i, s in enumerate(status):
-        env = envelopes[i]
-        if s is not ReadStatus.STALE or env is None:
-            continue
-        if env not in replaced:
-            try:
-                replaced[env], request_id = rewrap_envelope(kms, env, location, target)
-                request_ids.append(request_id)
-            except DecryptionError:
-                replaced[env] = None
-        if replaced[env] is None:
-            status[i] = ReadStatus.CORRUPT
+    replaced, request_ids = rewrap_rows(kms, status, envelopes, location, target)
     out: list[Mapping[str, Any]] = list(records)
     for i, s in enumerate(status):
         if s is ReadStatus.STALE:
@@ -659,7 +680,9 @@ class AvroReencryptResult:
     records: list[Mapping[str, Any]] = field(repr=False)
     status: list[ReadStatus]
 
-    counts = _shared.DecryptResult.counts
+    def counts(self) -> dict[str, int]:
+        """Records per status, every status present (zeros included)."""
+        return count_statuses(self.status)
 
 
 def reencrypt_records(

@@ -69,6 +69,8 @@ __all__ = [
     "derive_commitment",
     "kms_context",
     "cell_aad",
+    "VERSION_FIELD",
+    "DEK_FIELD",
 ]
 
 FORMAT_VERSION = 0x01
@@ -84,6 +86,10 @@ MAX_CELL_PLAINTEXT = 64 * 1024 * 1024
 MAX_KEK_ID_BYTES = 1024
 MAX_WRAPPED_DEK_BYTES = 4096
 MAX_KEY_VERSION = 0xFFFFFFFF
+
+# Row-level key metadata, the same names in every codec (Arrow columns, Avro fields).
+VERSION_FIELD = "_keyturn_version"  # the key version of the row's DEK
+DEK_FIELD = "_keyturn_dek"  # the row's DEK envelope
 
 _VERSION_BYTE = bytes([FORMAT_VERSION])
 _U16 = struct.Struct(">H")
@@ -224,17 +230,32 @@ def kms_context(*, dataset: str, partition: str, dek_id: bytes, key_version: int
     }
 
 
-def cell_aad(*, dataset: str, partition: str, field: str, dek_id: bytes, bindings: dict[str, bytes] | None = None) -> dict[str, str | bytes]:
+def cell_aad(
+    *,
+    dataset: str,
+    partition: str,
+    field: str,
+    dek_id: bytes,
+    value_type: str,
+    bindings: dict[str, bytes] | None = None,
+) -> dict[str, str | bytes]:
     """The associated-data context of one cell (encode with `encode_context`).
 
-    `bindings` maps row-key column names to their serialized values; each
-    becomes a pair ``row:<name>``.
+    `value_type` is the codec's descriptor of the plain type the cell's
+    plaintext is serialized under (``arrow:...`` or ``avro:...``); binding it
+    means a reader that reinterprets the bytes under another type fails to
+    authenticate instead of returning wrong plaintext. `bindings` maps
+    row-key column names to their serialized values; each becomes a pair
+    ``row:<name>``.
     """
+    if not isinstance(value_type, str) or not value_type:
+        raise ValueError("value_type must be a non-empty str")
     aad: dict[str, str | bytes] = {
         "keyturn:format": "1",
         "dataset": dataset,
         "partition": partition,
         "field": field,
+        "type": value_type,
         "dek": dek_id,
     }
     if bindings:

@@ -17,7 +17,7 @@ from keyturn.format import parse_envelope
 from keyturn.registry.base import KeyRegistry, KeyState, KeyVersion
 from keyturn.scope import KekRef
 
-__all__ = ["ReadStatus", "KeyPolicy", "classify_rows"]
+__all__ = ["ReadStatus", "KeyPolicy", "classify_rows", "count_statuses"]
 
 
 class ReadStatus(str, enum.Enum):
@@ -106,3 +106,11 @@ def classify_rows(policy: KeyPolicy, versions: Sequence[int | None], envelopes: 
             row_status = ReadStatus.CORRUPT
         status.append(row_status)
     return status
+
+
+def count_statuses(status: Sequence[ReadStatus]) -> dict[str, int]:
+    """Rows per status value, every status present (zeros included), in `ReadStatus` order."""
+    out = {s.value: 0 for s in ReadStatus}
+    for s in status:
+        out[ReadStatus(s).value] += 1
+    return out

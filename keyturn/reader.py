@@ -32,7 +32,7 @@ from keyturn.format import (
     parse_envelope,
 )
 from keyturn.kms.base import KmsBackend
-from keyturn.scope import Location
+from keyturn.scope import Location, check_types
 
 __all__ = ["DekReader", "OpenedDek", "open_rows", "OpenedRows"]
 
@@ -159,12 +159,20 @@ def open_rows(
     row_envelopes: Sequence[bytes | None],
     rows: Sequence[int],
     bindings: Sequence[Mapping[str, bytes]] | None = None,
+    *,
+    types: Sequence[str],
 ) -> OpenedRows:
     """Decrypt `cells[j][i]` for each i in `rows`, using row i's envelope.
 
-    A row whose envelope or any cell fails to authenticate is listed in
-    `failed` and none of its values are returned. KMS errors propagate.
+    `types[j]` is the descriptor of field j's plain type as the caller will
+    interpret the plaintext (taken from the data's metadata); a descriptor
+    other than the one the cell was sealed with fails authentication. A row
+    whose envelope or any cell fails to authenticate is listed in `failed`
+    and none of its values are returned. KMS errors propagate.
     """
+    if len(fields) != len(cells):
+        raise ValueError("fields and cells must have the same length")
+    types = check_types(fields, types)
     values: list[list[bytes | None]] = [[None] * len(col) for col in cells]
     failed: set[int] = set()
     aad_cache: dict[tuple[str, bytes], bytes] = {}
@@ -175,7 +183,7 @@ def open_rows(
                 raise DecryptionError()
             dek = reader.open(envelope_bytes, location)
             dek_id = dek.envelope.dek_id
-            for j, name in enumerate(fields):
+            for j, (name, value_type) in enumerate(zip(fields, types)):
                 cell = cells[j][i]
                 if cell is None:
                     continue
@@ -183,7 +191,13 @@ def open_rows(
                     aad = aad_cache.get((name, dek_id))
                     if aad is None:
                         aad = aad_cache[(name, dek_id)] = encode_context(
-                            cell_aad(dataset=location.dataset, partition=location.partition, field=name, dek_id=dek_id)
+                            cell_aad(
+                                dataset=location.dataset,
+                                partition=location.partition,
+                                field=name,
+                                dek_id=dek_id,
+                                value_type=value_type,
+                            )
                         )
                 else:
                     aad = encode_context(
@@ -192,6 +206,7 @@ def open_rows(
                             partition=location.partition,
                             field=name,
                             dek_id=dek_id,
+                            value_type=value_type,
                             bindings=dict(bindings[i]),
                         )
                     )

@@ -8,12 +8,15 @@ the plaintext DEK never enters this process on this path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from keyturn.errors import DecryptionError
 from keyturn.format import kms_context, parse_envelope
 from keyturn.kms.base import KmsBackend
+from keyturn.policy import ReadStatus
 from keyturn.scope import KekRef, Location
 
-__all__ = ["rewrap_envelope"]
+__all__ = ["rewrap_envelope", "rewrap_rows"]
 
 
 def rewrap_envelope(kms: KmsBackend, envelope_bytes: bytes, location: Location, target: KekRef) -> tuple[bytes, str]:
@@ -37,3 +40,34 @@ def rewrap_envelope(kms: KmsBackend, envelope_bytes: bytes, location: Location, 
         raise DecryptionError() from None
     new = envelope.with_wrapping(key_version=target.version, kek_id=target.kek_id, wrapped_dek=result.wrapped)
     return new.to_bytes(), result.request_id
+
+
+def rewrap_rows(
+    kms: KmsBackend,
+    status: list[ReadStatus],
+    envelopes: Sequence[bytes | None],
+    location: Location,
+    target: KekRef,
+) -> tuple[dict[bytes, bytes | None], list[str]]:
+    """Re-wrap each distinct envelope of the `stale` rows once, shared by both codecs.
+
+    Returns (replacement map: old envelope -> new envelope bytes, or None if
+    it failed to re-wrap; KMS request ids). `status` is updated in place: a
+    stale row whose envelope fails to re-wrap becomes `corrupt`. Rows in any
+    other status are not touched. KMS outages raise.
+    """
+    replaced: dict[bytes, bytes | None] = {}
+    request_ids: list[str] = []
+    for i, s in enumerate(status):
+        env = envelopes[i]
+        if s is not ReadStatus.STALE or env is None:
+            continue
+        if env not in replaced:
+            try:
+                replaced[env], request_id = rewrap_envelope(kms, env, location, target)
+                request_ids.append(request_id)
+            except DecryptionError:
+                replaced[env] = None
+        if replaced[env] is None:
+            status[i] = ReadStatus.CORRUPT
+    return replaced, request_ids

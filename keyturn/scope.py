@@ -24,7 +24,7 @@ from typing import NoReturn
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyturn.context import encode_context
+from keyturn.context import MAX_VALUE_BYTES, encode_context
 from keyturn.errors import ScopeClosedError
 from keyturn.format import (
     DEK_ID_BYTES,
@@ -213,16 +213,21 @@ class DekScope:
         fields: Sequence[str],
         columns: Sequence[Sequence[bytes | None]],
         bindings: Sequence[Mapping[str, bytes]] | None = None,
+        *,
+        types: Sequence[str],
     ) -> SealedRows:
         """Seal `columns[j][i]` (row i of field j) and return cells plus envelopes.
 
-        `None` values stay `None`. `bindings[i]`, if given, maps row-key
-        column names to serialized values bound into row i's associated data.
+        `None` values stay `None`. `types[j]` is the codec's descriptor of
+        field j's plain type (e.g. ``arrow:int64``), bound into every cell of
+        the field. `bindings[i]`, if given, maps row-key column names to
+        serialized values bound into row i's associated data.
         """
         if self._closed:
             raise ScopeClosedError("this DEK scope is closed")
         if len(fields) != len(columns):
             raise ValueError("fields and columns must have the same length")
+        types = check_types(fields, types)
         nrows = len(columns[0]) if columns else (len(bindings) if bindings is not None else 0)
         if any(len(col) != nrows for col in columns):
             raise ValueError("all columns must have the same number of rows")
@@ -242,8 +247,8 @@ class DekScope:
                 envelopes.append(dek.envelope)
             env_index = len(envelopes) - 1
             row_envelope[start:stop] = [env_index] * (stop - start)
-            for name, col, out in zip(fields, columns, cells):
-                self._seal_column(dek, name, col, out, start, stop, bindings)
+            for name, value_type, col, out in zip(fields, types, columns, cells):
+                self._seal_column(dek, name, value_type, col, out, start, stop, bindings)
         self.stats.rows += nrows
         return SealedRows(cells, row_envelope, envelopes)
 
@@ -293,6 +298,7 @@ class DekScope:
         self,
         dek: _ActiveDek,
         name: str,
+        value_type: str,
         col: Sequence[bytes | None],
         out: list[bytes | None],
         start: int,
@@ -304,7 +310,9 @@ class DekScope:
         encrypt = dek.aead.encrypt
         counter = dek.next_nonce
         if bindings is None:
-            aad = encode_context(cell_aad(dataset=loc.dataset, partition=loc.partition, field=name, dek_id=dek.dek_id))
+            aad = encode_context(
+                cell_aad(dataset=loc.dataset, partition=loc.partition, field=name, dek_id=dek.dek_id, value_type=value_type)
+            )
             for i in range(start, stop):
                 value = col[i]
                 if value is not None:
@@ -317,7 +325,12 @@ class DekScope:
                 if value is not None:
                     aad = encode_context(
                         cell_aad(
-                            dataset=loc.dataset, partition=loc.partition, field=name, dek_id=dek.dek_id, bindings=dict(bindings[i])
+                            dataset=loc.dataset,
+                            partition=loc.partition,
+                            field=name,
+                            dek_id=dek.dek_id,
+                            value_type=value_type,
+                            bindings=dict(bindings[i]),
                         )
                     )
                     nonce = counter.to_bytes(12, "big")
@@ -326,6 +339,21 @@ class DekScope:
         if counter > _MAX_NONCE:  # unreachable with validated limits; a last guard
             raise OverflowError("nonce space exhausted")
         dek.next_nonce = counter
+
+
+def check_types(fields: Sequence[str], types: Sequence[str]) -> list[str]:
+    """`types` as a list with one non-empty descriptor (str, at most MAX_VALUE_BYTES of UTF-8) per field."""
+    if isinstance(types, (str, bytes)):
+        raise TypeError("types must be a sequence of type descriptors (one per field), not one string")
+    out = list(types)
+    if len(out) != len(fields):
+        raise ValueError(f"types must have one descriptor per field ({len(fields)} fields, {len(out)} types)")
+    for name, t in zip(fields, out):
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"the type descriptor of field {name!r} must be a non-empty str")
+        if len(t.encode("utf-8")) > MAX_VALUE_BYTES:
+            raise ValueError(f"the type descriptor of field {name!r} exceeds {MAX_VALUE_BYTES} bytes")
+    return out
 
 
 def _count_none(col: Sequence[bytes | None]) -> int:

@@ -2,20 +2,24 @@
 
 The vectors are frozen. If one of these tests fails, the code can no longer
 read (or no longer rejects) data that is already written: fix the code,
-never the vectors.
+never the vectors. (They were regenerated once, before v1 was released, when
+the plain type descriptor joined the cell AAD.)
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 from decimal import Decimal
 from pathlib import Path
 
+import fastavro
 import pyarrow as pa
 import pytest
 
-from keyturn.arrow_values import from_plaintexts, to_plaintexts
+from keyturn.arrow_values import arrow_type_descriptor, from_plaintexts, to_plaintexts
+from keyturn.avro_codec import avro_type_descriptor
 from keyturn.context import encode_context
 from keyturn.errors import DecryptionError
 from keyturn.format import cell_aad, derive_commitment, parse_envelope
@@ -57,6 +61,7 @@ def _open(v: dict) -> bytes:
                 partition=v["partition"],
                 field=v["field"],
                 dek_id=opened.envelope.dek_id,
+                value_type=v["type"],
                 bindings=bindings,
             )
         )
@@ -73,6 +78,20 @@ def test_vector_set_is_complete() -> None:
         assert ("plaintext" in v) != ("error" in v), v["id"]
         assert v.get("error", "DecryptionError") == "DecryptionError", v["id"]
         assert len(bytes.fromhex(v["kek"])) == 32, v["id"]
+        assert isinstance(v["type"], str) and v["type"].startswith(("arrow:", "avro:")), v["id"]
+    for needed in ("neg-wrong-type", "neg-wrong-type-avro"):
+        assert needed in BY_ID and "error" in BY_ID[needed]
+
+
+def test_wrong_type_vectors_differ_from_their_base_only_in_the_type() -> None:
+    """The same cell, envelope and location: only the descriptor changed, and that alone is rejected."""
+    pairs = [("neg-wrong-type", "int64-negative"), ("neg-wrong-type-avro", "avro-string")]
+    for neg_id, base_id in pairs:
+        neg, base = BY_ID[neg_id], BY_ID[base_id]
+        for key in ("envelope", "cell", "dataset", "partition", "field", "bindings", "kek_id"):
+            assert neg[key] == base[key], (neg_id, key)
+        assert neg["type"] != base["type"]
+    assert (BY_ID["neg-wrong-type"]["type"], BY_ID["int64-negative"]["type"]) == ("arrow:double", "arrow:int64")
 
 
 @pytest.mark.parametrize("v", _params(POSITIVE))
@@ -155,6 +174,16 @@ def test_typed_plaintext_matches_arrow_serialization(v: dict) -> None:
     plaintext = bytes.fromhex(v["plaintext"])
     assert to_plaintexts(pa.array([value], arrow_type)) == [plaintext]
     assert from_plaintexts([plaintext], pa.field(v["field"], arrow_type)).to_pylist() == [value]
+    assert arrow_type_descriptor(arrow_type) == v["type"]
+
+
+@pytest.mark.parametrize("v", _params([v for v in POSITIVE if "avro_type" in v]))
+def test_avro_plaintext_and_descriptor(v: dict) -> None:
+    """Avro cells: the Avro binary encoding under the plain type (union branch index included)."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(v["avro_type"]), v["value"])
+    assert buf.getvalue() == bytes.fromhex(v["plaintext"])
+    assert avro_type_descriptor(v["avro_type"]) == v["type"]
 
 
 def test_format_md_worked_example_matches_its_vector() -> None:
@@ -181,6 +210,8 @@ def test_format_md_worked_example_matches_its_vector() -> None:
     assert tables == [v["envelope"], v["cell"]]
     envelope = parse_envelope(bytes.fromhex(v["envelope"]))
     aad = encode_context(
-        cell_aad(dataset=v["dataset"], partition=v["partition"], field=v["field"], dek_id=envelope.dek_id)
+        cell_aad(
+            dataset=v["dataset"], partition=v["partition"], field=v["field"], dek_id=envelope.dek_id, value_type=v["type"]
+        )
     )
     assert "".join("".join(code).split()) == aad.hex()

@@ -7,6 +7,10 @@ vector to make a failing test pass; a failing vector test means the code can
 no longer read data that is already written, and the code is what must be
 fixed. New cases go into new vectors with new ids.
 
+History: format v1 was unreleased when the cell AAD gained its "type" pair
+(the plain type descriptor); the vectors were regenerated that one time,
+before any data existed outside the repository. From now on they are frozen.
+
 This script is run by hand, never by the tests:
 
     python docs/vectors/generate.py          # check: rebuild in memory, compare with the files
@@ -16,7 +20,8 @@ Everything is deterministic: KEKs are SHA-256 of their id, and every random
 value (dek_id, DEK, LocalKms wrap nonce) comes from a SHA-256 counter stream.
 The bytes are built twice: once by the small reference implementation below,
 written from FORMAT.md alone, and once by keyturn itself (DekScope, LocalKms,
-rewrap_envelope) fed the same streams. The two must agree byte for byte, and
+rewrap_envelope, and the Arrow and Avro codecs for the typed cells) fed the
+same streams. The two must agree byte for byte, and
 every vector is then checked through the reference reader and DekReader.
 """
 
@@ -34,13 +39,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+import fastavro  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from cryptography.exceptions import InvalidTag  # noqa: E402
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: E402
 
-from keyturn.arrow_values import to_plaintexts  # noqa: E402
+from keyturn.arrow_codec import encrypt_batch  # noqa: E402
+from keyturn.arrow_values import arrow_type_descriptor, to_plaintexts  # noqa: E402
+from keyturn.avro_codec import avro_type_descriptor, encrypt_records  # noqa: E402
 from keyturn.context import encode_context  # noqa: E402
 from keyturn.errors import DecryptionError  # noqa: E402
 from keyturn.format import cell_aad  # noqa: E402
@@ -133,12 +141,25 @@ def ref_envelope(
     )
 
 
-def ref_cell_aad(dataset: str, partition: str, field_name: str, dek_id: bytes, bindings: dict[str, bytes]) -> bytes:
+def ref_arrow_type(type_string: str) -> str:
+    """FORMAT.md section 8: an Arrow plain type's descriptor is "arrow:" + its pyarrow type string."""
+    return "arrow:" + type_string
+
+
+def ref_avro_type(plain_type: object) -> str:
+    """FORMAT.md section 8: "avro:" + compact JSON of the plain type as written, keys sorted."""
+    return "avro:" + json.dumps(plain_type, sort_keys=True, separators=(",", ":"))
+
+
+def ref_cell_aad(
+    dataset: str, partition: str, field_name: str, value_type: str, dek_id: bytes, bindings: dict[str, bytes]
+) -> bytes:
     pairs: dict[str, str | bytes] = {
         "keyturn:format": "1",
         "dataset": dataset,
         "partition": partition,
         "field": field_name,
+        "type": value_type,
         "dek": dek_id,
     }
     pairs.update({"row:" + k: v for k, v in bindings.items()})
@@ -196,7 +217,7 @@ def ref_open(v: dict) -> bytes:
     if cell[1:17] != dek_id:
         raise Reject("cell-dek-id")
     bindings = {k: bytes.fromhex(x) for k, x in v["bindings"].items()}
-    aad = ref_cell_aad(v["dataset"], v["partition"], v["field"], dek_id, bindings)
+    aad = ref_cell_aad(v["dataset"], v["partition"], v["field"], v["type"], dek_id, bindings)
     try:
         return AESGCM(ref_hkdf(dek, dek_id, b"keyturn/v1/cell-key")).decrypt(cell[17:29], cell[29:], aad)
     except InvalidTag:
@@ -210,7 +231,12 @@ def keyturn_open(v: dict) -> bytes:
     bindings = {k: bytes.fromhex(x) for k, x in v["bindings"].items()}
     aad = encode_context(
         cell_aad(
-            dataset=v["dataset"], partition=v["partition"], field=v["field"], dek_id=opened.envelope.dek_id, bindings=bindings
+            dataset=v["dataset"],
+            partition=v["partition"],
+            field=v["field"],
+            dek_id=opened.envelope.dek_id,
+            value_type=v["type"],
+            bindings=bindings,
         )
     )
     return opened.open_cell(bytes.fromhex(v["cell"]), aad)
@@ -239,6 +265,7 @@ class Dek:
     partition: str
     fields: list[str]
     columns: list[list[Row]]  # columns[j][i]: row i of fields[j]
+    types: list[str] = field(default_factory=list)  # types[j]: descriptor of fields[j] (cell AAD "type")
     bind: bool = False
     dek_id: bytes = b""
     dek: bytes = b""
@@ -246,6 +273,7 @@ class Dek:
     cells: list[list[bytes]] = field(default_factory=list)
 
     def build(self) -> None:
+        assert len(self.types) == len(self.fields), f"{self.label}: one type descriptor per field"
         scope_rng, kms_rng = Stream(self.label + "/scope"), Stream(self.label + "/kms")
         self.dek_id = scope_rng(16)
         self.dek = kms_rng(32)
@@ -257,10 +285,10 @@ class Dek:
         cell_key = ref_hkdf(self.dek, self.dek_id, b"keyturn/v1/cell-key")
         counter = 0
         self.cells = []
-        for name, col in zip(self.fields, self.columns):
+        for name, value_type, col in zip(self.fields, self.types, self.columns):
             out = []
             for row in col:
-                aad = ref_cell_aad(self.dataset, self.partition, name, self.dek_id, row.bindings)
+                aad = ref_cell_aad(self.dataset, self.partition, name, value_type, self.dek_id, row.bindings)
                 out.append(ref_cell(cell_key, self.dek_id, counter, row.plaintext, aad))
                 counter += 1
             self.cells.append(out)
@@ -271,7 +299,9 @@ class Dek:
         location = Location(self.dataset, self.partition)
         with DekScope(kms, KekRef(self.version, self.kek_id), location, random_bytes=Stream(self.label + "/scope")) as scope:
             bindings = [col_row.bindings for col_row in self.columns[0]] if self.bind else None
-            sealed = scope.seal_rows(self.fields, [[r.plaintext for r in col] for col in self.columns], bindings)
+            sealed = scope.seal_rows(
+                self.fields, [[r.plaintext for r in col] for col in self.columns], bindings, types=self.types
+            )
         assert sealed.envelopes == [self.envelope], f"{self.label}: keyturn envelope differs from the reference"
         assert sealed.cells == self.cells, f"{self.label}: keyturn cells differ from the reference"
 
@@ -285,6 +315,7 @@ class Dek:
             "dataset": self.dataset,
             "partition": self.partition,
             "field": self.fields[j],
+            "type": self.types[j],
             "bindings": {k: b.hex() for k, b in row.bindings.items()},
             "envelope": self.envelope.hex(),
             "cell": self.cells[j][i].hex(),
@@ -313,13 +344,13 @@ def build() -> dict[str, dict]:
     import datetime as dt
     from decimal import Decimal
 
-    basic = Dek("basic", "kek-alpha", 1, "customers", "dt=2024-06-01", ["email"], [[
+    basic = Dek("basic", "kek-alpha", 1, "customers", "dt=2024-06-01", ["email"], types=[ref_arrow_type("string")], columns=[[
         Row("string-utf8-basic", "A short UTF-8 string, the first cell (nonce 0) of its DEK.", b"alice@example.com"),
         Row("string-utf8-multibyte", "UTF-8 with 2-, 3- and 4-byte characters; second cell (nonce 1) under the same DEK.",
             "Zoë Łukasiewicz — 東京 🔑".encode()),
         Row("empty-plaintext", "An empty value (not null): a 45-byte cell, nonce 2 under the same DEK.", b""),
     ]])
-    binary = Dek("binary", "kek-alpha", 1, "customers", "dt=2024-06-01", ["avatar"], [[
+    binary = Dek("binary", "kek-alpha", 1, "customers", "dt=2024-06-01", ["avatar"], types=[ref_arrow_type("binary")], columns=[[
         Row("binary-short", "Four raw bytes.", bytes.fromhex("00ff7f80")),
         Row("binary-all-byte-values", "The 256 byte values 0x00..0xff in order.", bytes(range(256))),
         Row("binary-one-aes-block", "Exactly 16 bytes (one AES block).", filler("block16", 16)),
@@ -342,42 +373,55 @@ def build() -> dict[str, dict]:
         typed("boolean-true", "A boolean: one byte, 0x01 for true.", pa.bool_(), True, True),
     ]
     typed_names = ["user_id", "quantity", "score", "price", "created_at", "birth_date", "verified"]
-    types = Dek("typed", "kek-alpha", 1, "payments", "region=eu/dt=2024-06-01", typed_names, [[r] for r in typed_rows])
+    types = Dek("typed", "kek-alpha", 1, "payments", "region=eu/dt=2024-06-01", typed_names, [[r] for r in typed_rows],
+                types=[ref_arrow_type(r.extra["arrow_type"]) for r in typed_rows])
     for r, name in zip(typed_rows, typed_names):
         r.description += f" One of seven fields sealed in one row; field order gives nonce {typed_names.index(name)}."
 
-    bound = Dek("bindings", "kek-alpha", 1, "orders", "dt=2024-06-01", ["card_number"], [[
+    bound = Dek("bindings", "kek-alpha", 1, "orders", "dt=2024-06-01", ["card_number"], types=[ref_arrow_type("string")], columns=[[
         Row("bindings-two-columns", "Row-key bindings: customer_id and order_id (int64 little-endian) in the AAD.",
             b"4111111111111111", {"customer_id": i64(77), "order_id": i64(1001)}),
         Row("bindings-null-value-omitted", "customer_id is null in this row, so only row:order_id is bound.",
             b"5500005555555559", {"order_id": i64(1002)}),
     ]], bind=True)
     uni = Dek("unicode-location", "kek-ünïcødé", 3, "données-clients", "région=Île-de-France/日付=2024-06-01",
-              ["nom_complet"], [[
+              ["nom_complet"], types=[ref_arrow_type("string")], columns=[[
                   Row("unicode-location", "Non-ASCII dataset, partition and KEK id (all UTF-8); key version 3.",
                       "Émilie Dubois".encode()),
               ]])
-    nopart = Dek("empty-partition", "kek-alpha", 1, "events", "", ["ip_address"], [[
+    nopart = Dek("empty-partition", "kek-alpha", 1, "events", "", ["ip_address"], types=[ref_arrow_type("string")], columns=[[
         Row("empty-partition", "An unpartitioned dataset: partition is the empty string.", b"192.0.2.17"),
     ]])
-    rotation = Dek("rotation", "kek-alpha", 1, "customers", "dt=2023-12-31", ["phone"], [[
+    rotation = Dek("rotation", "kek-alpha", 1, "customers", "dt=2023-12-31", ["phone"], types=[ref_arrow_type("string")], columns=[[
         Row("rewrap-before", "A cell under key version 1 (kek-alpha), before rotation.", b"+1 555 0100"),
     ]])
-    limits = Dek("limits", "k", 0xFFFFFFFF, "d", "p", ["f"], [[
+    limits = Dek("limits", "k", 0xFFFFFFFF, "d", "p", ["f"], types=[ref_arrow_type("binary")], columns=[[
         Row("envelope-max-key-version", "Key version 4294967295 (the u32 maximum) and a one-byte KEK id.", b"x"),
     ]])
-    big_kek = Dek("kek-id-1024", "🔑" * 256, 1, "customers", "dt=2024-06-01", ["email"], [[
+    big_kek = Dek("kek-id-1024", "🔑" * 256, 1, "customers", "dt=2024-06-01", ["email"], types=[ref_arrow_type("string")], columns=[[
         Row("envelope-kek-id-1024-bytes", "A KEK id of 1024 UTF-8 bytes (256 four-byte characters), the maximum.",
             b"bob@example.com"),
     ]])
-    counter = Dek("nonce-counter", "kek-alpha", 1, "metrics", "hour=00", ["token"], [[
+    counter = Dek("nonce-counter", "kek-alpha", 1, "metrics", "hour=00", ["token"], types=[ref_arrow_type("string")], columns=[[
         Row(f"nonce-{i}", f"Cell {i} under one DEK: nonce {i} as 96-bit big-endian.", f"token-{i}".encode())
         for i in range(257)
     ]])
 
-    deks = [basic, binary, types, bound, uni, nopart, rotation, limits, big_kek, counter]
+    # Avro cells: the Avro binary encoding under the plain type, union branch index included (FORMAT.md 12).
+    avro_types = [AVRO_SCHEMA["fields"][0]["type"], AVRO_SCHEMA["fields"][1]["type"]]
+    avro = Dek("avro", "kek-alpha", 1, "crm", "dt=2024-06-01", ["nickname", "age"], [
+        [Row("avro-string", 'Avro "string" "bob": zig-zag varint length 3 (0x06), then the UTF-8 bytes.',
+             b"\x06bob", extra={"avro_type": avro_types[0], "value": "bob"})],
+        [Row("avro-union-long", 'Avro ["null", "long"] 42: union branch index 1 (zig-zag 0x02), then long 42 '
+             "(zig-zag 0x54). Second field of the row: nonce 1.",
+             b"\x02\x54", extra={"avro_type": avro_types[1], "value": 42})],
+    ], types=[ref_avro_type(t) for t in avro_types])
+
+    deks = [basic, binary, types, bound, uni, nopart, rotation, limits, big_kek, counter, avro]
     for d in deks:
         d.build()
+    check_arrow_codec(types, typed_rows)
+    check_avro_codec(avro)
 
     valid = [basic.vector(0, i) for i in range(3)]
     valid += [binary.vector(0, i) for i in range(5)]
@@ -385,6 +429,7 @@ def build() -> dict[str, dict]:
     valid += [bound.vector(0, i) for i in range(2)]
     valid += [uni.vector(0, 0), nopart.vector(0, 0), rotation.vector(0, 0), limits.vector(0, 0), big_kek.vector(0, 0)]
     valid += [counter.vector(0, 255, id="nonce-255"), counter.vector(0, 256, id="nonce-256")]
+    valid += [avro.vector(0, 0), avro.vector(1, 0)]
 
     # rewrap: same DEK under kek-beta, key version 2; the cell bytes do not change.
     rw_kms_rng = Stream("rotation/kms")
@@ -397,7 +442,7 @@ def build() -> dict[str, dict]:
                              random_bytes=Stream("rotation/kms"))
     with DekScope(kms, KekRef(1, "kek-alpha"), Location(rotation.dataset, rotation.partition),
                   random_bytes=Stream("rotation/scope")) as scope:
-        assert scope.seal_rows(["phone"], [[b"+1 555 0100"]]).envelopes == [rotation.envelope]
+        assert scope.seal_rows(["phone"], [[b"+1 555 0100"]], types=rotation.types).envelopes == [rotation.envelope]
     got, _ = rewrap_envelope(kms, rotation.envelope, Location(rotation.dataset, rotation.partition), KekRef(2, "kek-beta"))
     assert got == rewrapped, "keyturn rewrap differs from the reference"
     valid.append(rotation.vector(
@@ -406,7 +451,7 @@ def build() -> dict[str, dict]:
         rewrap_of="rewrap-before",
     ))
 
-    invalid = negatives(basic, binary, bound, rotation)
+    invalid = negatives(basic, binary, bound, rotation, types, avro)
     return {
         "cells_v1.json": {"description": "Valid cells: each decrypts to its plaintext. " + FROZEN, "vectors": valid},
         "invalid_v1.json": {
@@ -416,7 +461,71 @@ def build() -> dict[str, dict]:
     }
 
 
-def negatives(basic: Dek, binary: Dek, bound: Dek, rotation: Dek) -> list[dict]:
+AVRO_SCHEMA = {
+    "type": "record",
+    "name": "Contact",
+    "fields": [{"name": "nickname", "type": "string"}, {"name": "age", "type": ["null", "long"]}],
+}
+
+
+def check_arrow_codec(typed_dek: Dek, rows: list[Row]) -> None:
+    """keyturn's Arrow codec, fed the same streams, seals the typed row to the same cells."""
+    arrow_types = {str(t): t for t in (pa.int32(), pa.int64(), pa.float64(), pa.decimal128(38, 9),
+                                       pa.timestamp("us", tz="UTC"), pa.date32(), pa.bool_())}
+    for r, descriptor in zip(rows, typed_dek.types):
+        assert arrow_type_descriptor(arrow_types[r.extra["arrow_type"]]) == descriptor, r.id
+    batch = pa.RecordBatch.from_arrays(
+        [_arrow_array(r, arrow_types[r.extra["arrow_type"]]) for r in rows],
+        names=typed_dek.fields,
+    )
+    kms = LocalKms.in_memory({typed_dek.kek_id: kek_material(typed_dek.kek_id)}, random_bytes=Stream(typed_dek.label + "/kms"))
+    location = Location(typed_dek.dataset, typed_dek.partition)
+    with DekScope(kms, KekRef(typed_dek.version, typed_dek.kek_id), location,
+                  random_bytes=Stream(typed_dek.label + "/scope")) as scope:
+        sealed = encrypt_batch(batch, typed_dek.fields, scope)
+    assert sealed.column("_keyturn_dek").dictionary.to_pylist() == [typed_dek.envelope]
+    for name, cells in zip(typed_dek.fields, typed_dek.cells):
+        assert sealed.column(name).to_pylist() == cells, f"typed/{name}: the Arrow codec differs from the reference"
+
+
+def _arrow_array(r: Row, arrow_type: pa.DataType) -> pa.Array:
+    import datetime as dt
+    from decimal import Decimal
+
+    value = r.extra["value"]
+    if pa.types.is_decimal(arrow_type):
+        value = Decimal(value)
+    elif pa.types.is_timestamp(arrow_type):
+        value = dt.datetime.fromisoformat(value)
+    elif pa.types.is_date(arrow_type):
+        value = dt.date.fromisoformat(value)
+    arr = pa.array([value], arrow_type)
+    assert to_plaintexts(arr) == [r.plaintext], r.id
+    return arr
+
+
+def check_avro_codec(avro: Dek) -> None:
+    """keyturn's Avro codec, fed the same streams, seals the record to the same cells and descriptors."""
+    import io
+
+    record = {}
+    for name, col, descriptor in zip(avro.fields, avro.columns, avro.types):
+        (row,) = col
+        assert avro_type_descriptor(row.extra["avro_type"]) == descriptor, row.id
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, fastavro.parse_schema(row.extra["avro_type"]), row.extra["value"])
+        assert buf.getvalue() == row.plaintext, f"{row.id}: fastavro encodes it differently"
+        record[name] = row.extra["value"]
+    kms = LocalKms.in_memory({avro.kek_id: kek_material(avro.kek_id)}, random_bytes=Stream(avro.label + "/kms"))
+    location = Location(avro.dataset, avro.partition)
+    with DekScope(kms, KekRef(avro.version, avro.kek_id), location, random_bytes=Stream(avro.label + "/scope")) as scope:
+        (sealed,) = encrypt_records([record], AVRO_SCHEMA, avro.fields, scope)
+    assert sealed["_keyturn_dek"] == avro.envelope
+    for name, cells in zip(avro.fields, avro.cells):
+        assert [sealed[name]] == cells, f"avro/{name}: the Avro codec differs from the reference"
+
+
+def negatives(basic: Dek, binary: Dek, bound: Dek, rotation: Dek, typed_dek: Dek, avro: Dek) -> list[dict]:
     out: list[dict] = []
     env = basic.envelope
     cell = basic.cells[0][0]
@@ -548,6 +657,28 @@ def negatives(basic: Dek, binary: Dek, bound: Dek, rotation: Dek) -> list[dict]:
     neg("neg-local-wrap-version-byte", "LocalKms wrap version byte 0x02.", envelope=flip(env, wrapped_at, 0x03))
     neg("neg-local-wrap-60-bytes", "LocalKms wrapped DEK of 60 bytes (one short), lengths consistent.",
         envelope=ref_envelope(dek_id, 1, basic.kek_id, commitment, wrapped[:60]))
+    # the plain type descriptor (cell AAD "type")
+    def neg_from(dek: Dek, j: int, id_: str, description: str, **overrides) -> None:
+        base = dek.vector(j, 0)
+        v = {k: x for k, x in base.items() if k not in ("plaintext", "dek", "nonce", "arrow_type", "avro_type", "value")}
+        v.update(id=id_, description=description + f" Base: {base['id']}.", **overrides)
+        v["error"] = "DecryptionError"
+        out.append(v)
+
+    neg_from(typed_dek, 0, "neg-wrong-type",
+             "The int64 cell read as arrow:double (same 8-byte width): the type descriptor is in the cell AAD.",
+             type=ref_arrow_type("double"))
+    neg_from(typed_dek, 4, "neg-wrong-type-timestamp-unit",
+             "The timestamp[us, tz=UTC] cell read as timestamp[ns, tz=UTC].",
+             type=ref_arrow_type("timestamp[ns, tz=UTC]"))
+    neg_from(avro, 0, "neg-wrong-type-avro",
+             'The Avro "string" cell read as "bytes" (identical encoding): the type descriptor is in the cell AAD.',
+             type=ref_avro_type("bytes"))
+    neg_from(avro, 1, "neg-wrong-type-avro-union-order",
+             'The ["null", "long"] cell read as ["long", "null"].', type=ref_avro_type(["long", "null"]))
+    neg_from(avro, 0, "neg-wrong-type-codec",
+             'The Avro "string" cell read with the Arrow descriptor arrow:string.', type=ref_arrow_type("string"))
+
     other_dek = Stream("neg/substitute")(32)
     substituted = ref_wrap(basic.kek_id, other_dek, Stream("neg/substitute-nonce")(12), loc_ctx)
     neg("neg-substituted-dek", "A different DEK, validly wrapped with the right KMS context, under the original "
