@@ -107,9 +107,12 @@ class _KeyturnFn(beam.DoFn):
         self._kms = CountingKms(self.keys.open_kms())
         self._registry = self.keys.open_registry()
 
+    uses_reader = False  # open a DekReader per bundle (decrypting DoFns)
+
     def start_bundle(self) -> None:
         self._policy = KeyPolicy.from_registry(self._registry)
         self._ledgers = {}
+        self._reader = DekReader(self._kms) if self.uses_reader else None
 
     def _ledger(self, partition: str, window: Any) -> _ScopeLedger:
         key = (partition, window)
@@ -166,7 +169,9 @@ class _KeyturnFn(beam.DoFn):
             self._close_bundle()
 
     def _close_bundle(self) -> None:
-        pass
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def teardown(self) -> None:
         self._kms = None
@@ -245,18 +250,12 @@ class DecryptFn(_KeyturnFn):
     """
 
     action = AuditAction.DECRYPT
+    uses_reader = True
 
     def __init__(self, adapter: PayloadAdapter, keys: KeySource, dataset: str, *, stale_to_main: bool, actor: str, reason: str) -> None:
         super().__init__(adapter, keys, dataset, actor=actor, reason=reason)
         self.stale_to_main = stale_to_main
 
-    def start_bundle(self) -> None:
-        super().start_bundle()
-        self._reader = DekReader(self._kms)
-
-    def _close_bundle(self) -> None:
-        self._reader.close()
-        self._reader = None
 
     def _version_to(self) -> int | None:
         return None
@@ -297,6 +296,8 @@ class ReencryptFn(_KeyturnFn):
     and are reported on `version_mismatch` / `quarantine` (a copy).
     """
 
+    uses_reader = True
+
     def __init__(
         self,
         adapter: PayloadAdapter,
@@ -317,13 +318,6 @@ class ReencryptFn(_KeyturnFn):
         self.limits = limits
         self.action = AuditAction.REWRAP if mode == "rewrap" else AuditAction.REENCRYPT
 
-    def start_bundle(self) -> None:
-        super().start_bundle()
-        self._reader = DekReader(self._kms)
-
-    def _close_bundle(self) -> None:
-        self._reader.close()
-        self._reader = None
 
     def _too_old(self, versions: list[int | None], status: list[ReadStatus]) -> bool:
         cutoff = self.clock() - self.dek_max_age
