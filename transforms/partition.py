@@ -18,6 +18,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
+from keyturn.ipc import batch_from_ipc, batch_to_ipc
 
 __all__ = ["PartitionBatches", "concat_batches"]
 
@@ -48,9 +49,18 @@ class PartitionBatches(beam.PTransform):
 
     def expand(self, pcoll: beam.PCollection) -> beam.PCollection:
         max_rows = self.max_rows
+        # GroupIntoBatches buffers its elements in state with a FastPrimitivesCoder, which would pickle
+        # record batches; buffer them as Arrow IPC bytes instead, so batches never go through pickle.
         return (
             pcoll
+            | "ToIpc" >> beam.Map(_to_ipc).with_input_types(Keyed).with_output_types(Tuple[str, bytes])
             | "Group" >> beam.GroupIntoBatches(self.max_batches, max_buffering_duration_secs=self.max_buffering_secs)
             | "Concat"
-            >> beam.FlatMap(lambda kv: ((kv[0], b) for b in concat_batches(kv[1], max_rows))).with_output_types(Keyed)
+            >> beam.FlatMap(lambda kv: ((kv[0], b) for b in concat_batches(map(batch_from_ipc, kv[1]), max_rows)))
+            .with_output_types(Keyed)
         )
+
+
+def _to_ipc(element: Keyed) -> Tuple[str, bytes]:
+    partition, batch = element
+    return partition, batch_to_ipc(batch)
