@@ -18,6 +18,7 @@ __all__ = [
     "KmsThrottledError",
     "KmsAccessDeniedError",
     "KmsKeyNotFoundError",
+    "KmsClosedError",
     "KeystoreError",
     "RegistryError",
     "RegistryInvariantError",
@@ -68,6 +69,10 @@ class KmsAccessDeniedError(KmsError):
 
 class KmsKeyNotFoundError(KmsError):
     """The KMS has no key-encryption key with that id."""
+
+
+class KmsClosedError(KmsError, ValueError):
+    """The KMS client was closed: a caller mistake (hence `ValueError`), never a verdict on data."""
 
 
 class KeystoreError(KmsError):

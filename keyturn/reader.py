@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyturn.context import encode_context
-from keyturn.errors import DecryptionError, ScopeClosedError
+from keyturn.errors import DecryptionError, KmsError, ScopeClosedError
 from keyturn.format import (
     CELL_HEADER_BYTES,
     Envelope,
@@ -128,6 +128,8 @@ class DekReader:
         )
         try:
             unwrapped = self._kms.decrypt(envelope.kek_id, envelope.wrapped_dek, context)
+        except KmsError:  # an outage or a closed client is never a verdict on the data
+            raise
         except (ValueError, TypeError):  # the KMS refused an argument that came from the data
             raise DecryptionError() from None
         self.stats.unwraps += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from keyturn.errors import DecryptionError
+from keyturn.errors import DecryptionError, KmsError
 from keyturn.format import kms_context, parse_envelope
 from keyturn.kms.base import KmsBackend
 from keyturn.policy import ReadStatus
@@ -36,6 +36,8 @@ def rewrap_envelope(kms: KmsBackend, envelope_bytes: bytes, location: Location, 
             destination_kek_id=target.kek_id,
             destination_context=destination,
         )
+    except KmsError:  # an outage or a closed client is never a verdict on the data
+        raise
     except (ValueError, TypeError):  # the KMS refused an argument that came from the data
         raise DecryptionError() from None
     new = envelope.with_wrapping(key_version=target.version, kek_id=target.kek_id, wrapped_dek=result.wrapped)

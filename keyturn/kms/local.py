@@ -70,7 +70,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from keyturn.context import encode_context
-from keyturn.errors import DecryptionError, KeystoreError, KmsAccessDeniedError, KmsKeyNotFoundError
+from keyturn.errors import DecryptionError, KeystoreError, KmsAccessDeniedError, KmsClosedError, KmsKeyNotFoundError
 from keyturn.kms.base import GeneratedDataKey, RewrappedDataKey, UnwrappedDataKey
 from keyturn.secret import SecretKey
 
@@ -574,7 +574,7 @@ class LocalKms:
     def _current(self) -> _Doc:
         """The keystore as it is now (re-read from disk in file mode)."""
         if self._closed:
-            raise ValueError("LocalKms is closed")
+            raise KmsClosedError("LocalKms is closed")
         if self._path is None:
             return self._doc
         data = self._read_file()
@@ -590,7 +590,7 @@ class LocalKms:
     def _modify(self, change: Callable[[_Doc], None]) -> None:
         """Apply `change` to the freshest keystore state and persist it atomically."""
         if self._closed:
-            raise ValueError("LocalKms is closed")
+            raise KmsClosedError("LocalKms is closed")
         with self._lock:
             if self._path is None:
                 change(self._doc)
@@ -781,7 +781,7 @@ class LocalKms:
     # ----------------------------------------------------------------- lifecycle and safety
 
     def close(self) -> None:
-        """Drop the root key and KEK objects; later calls raise `ValueError`. Idempotent."""
+        """Drop the root key and KEK objects; later calls raise `KmsClosedError` (a `ValueError`). Idempotent."""
         with self._lock:
             self._closed = True
             self._root = None
