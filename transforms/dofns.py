@@ -13,7 +13,7 @@ a list of Avro records (see `transforms.adapters`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -93,7 +93,7 @@ class _KeyturnFn(beam.DoFn):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_kms=None, _registry=None, _ledgers={}, _counters={}, _policy=None, _reader=None)
+        state.update(_kms=None, _registry=None, _ledgers={}, _counters={}, _policy=None, _reader=None, _rewraps=None)
         return state
 
     def _count(self, name: str, n: int) -> None:
@@ -285,6 +285,31 @@ class DecryptFn(_KeyturnFn):
         yield from self._report(partition, payload, result.status, report_stale=True)
 
 
+class _BundleRewraps:
+    """The KMS as `rewrap` sees it for one bundle: each distinct wrapped DEK is re-wrapped once.
+
+    A partition's batches in one bundle usually share a DEK; re-wrapping it
+    per batch would cost one KMS call per batch and give the same DEK a
+    different envelope in every batch. Holds wrapped keys and request ids
+    only, never key material.
+    """
+
+    def __init__(self, kms: Any) -> None:
+        self._kms = kms
+        self._done: dict[tuple[Any, ...], Any] = {}
+        self.request_ids: list[str] = []
+
+    def rewrap(self, wrapped: bytes, **kwargs: Any) -> Any:
+        key = (bytes(wrapped),) + tuple(
+            sorted((k, tuple(sorted(v.items())) if isinstance(v, Mapping) else v) for k, v in kwargs.items())
+        )
+        result = self._done.get(key)
+        if result is None:
+            result = self._done[key] = self._kms.rewrap(wrapped, **kwargs)
+            self.request_ids.append(result.request_id)
+        return result
+
+
 class ReencryptFn(_KeyturnFn):
     """Brings stale rows onto the active version; every input row stays in the main output.
 
@@ -317,6 +342,15 @@ class ReencryptFn(_KeyturnFn):
         self.dek_max_age = dek_max_age
         self.limits = limits
         self.action = AuditAction.REWRAP if mode == "rewrap" else AuditAction.REENCRYPT
+        self._rewraps: _BundleRewraps | None = None
+
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self._rewraps = _BundleRewraps(self._kms)
+
+    def _close_bundle(self) -> None:
+        super()._close_bundle()
+        self._rewraps = None
 
 
     def _too_old(self, versions: list[int | None], status: list[ReadStatus]) -> bool:
@@ -336,8 +370,10 @@ class ReencryptFn(_KeyturnFn):
         if mode == "auto":
             mode = "reencrypt" if self._too_old(versions, status) else "rewrap"
         if mode == "rewrap":
-            out = self.adapter.rewrap(payload, self._kms, self._policy, location)
-            ledger.add(rewrapped_deks=out.deks_rewrapped)
+            calls_before = len(self._rewraps.request_ids)
+            out = self.adapter.rewrap(payload, self._rewraps, self._policy, location)
+            out.kms_request_ids = self._rewraps.request_ids[calls_before:]  # KMS calls made for this payload
+            ledger.add(rewrapped_deks=len(out.kms_request_ids))
         else:
             unwraps_before = len(self._reader.stats.kms_request_ids)
             out = self.adapter.reencrypt(payload, self._reader, self._open_scope(ledger), self._policy, location)
