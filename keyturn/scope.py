@@ -42,6 +42,7 @@ from keyturn.kms.base import KmsBackend
 __all__ = ["KekRef", "ScopeLimits", "DekScope", "SealedRows", "Location"]
 
 _MAX_NONCE = (1 << (8 * NONCE_BYTES)) - 1
+_CHUNK = 1 << 16  # cells sealed per comprehension; bounds the temporary list of nonces
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,12 +234,11 @@ class DekScope:
             raise ValueError("all columns must have the same number of rows")
         if bindings is not None and len(bindings) != nrows:
             raise ValueError("bindings must have one entry per row")
-        for col in columns:
-            for v in col:
-                if v is not None and len(v) > MAX_CELL_PLAINTEXT:
-                    raise ValueError(f"a cell value exceeds {MAX_CELL_PLAINTEXT} bytes")
+        lengths = [_value_lengths(col) for col in columns]
+        if any(col_lengths and max(col_lengths) > MAX_CELL_PLAINTEXT for col_lengths in lengths):
+            raise ValueError(f"a cell value exceeds {MAX_CELL_PLAINTEXT} bytes")
 
-        segments = self._plan_segments(columns, nrows)
+        segments = self._plan_segments(columns, nrows, lengths)
         cells: list[list[bytes | None]] = [[None] * nrows for _ in columns]
         row_envelope = [0] * nrows
         envelopes: list[bytes] = []
@@ -252,12 +252,17 @@ class DekScope:
         self.stats.rows += nrows
         return SealedRows(cells, row_envelope, envelopes)
 
-    def _plan_segments(self, columns: Sequence[Sequence[bytes | None]], nrows: int) -> list[tuple[_ActiveDek, int, int]]:
-        """Split rows into runs that each fit one DEK, generating DEKs as needed."""
+    def _plan_segments(
+        self, columns: Sequence[Sequence[bytes | None]], nrows: int, lengths: Sequence[Sequence[int]]
+    ) -> list[tuple[_ActiveDek, int, int]]:
+        """Split rows into runs that each fit one DEK, generating DEKs as needed.
+
+        `lengths[j]` lists the lengths of column j's non-None values (see `_value_lengths`).
+        """
         if nrows == 0:
             return []
-        total_cells = sum(len(col) - _count_none(col) for col in columns)
-        total_bytes = sum(sum(len(v) for v in col if v is not None) for col in columns)
+        total_cells = sum(len(col_lengths) for col_lengths in lengths)
+        total_bytes = sum(sum(col_lengths) for col_lengths in lengths)
         dek = self._dek
         limits = self.limits
         if dek is not None and dek.cells + total_cells <= limits.max_cells and dek.bytes + total_bytes <= limits.max_bytes:
@@ -313,12 +318,22 @@ class DekScope:
             aad = encode_context(
                 cell_aad(dataset=loc.dataset, partition=loc.partition, field=name, dek_id=dek.dek_id, value_type=value_type)
             )
-            for i in range(start, stop):
-                value = col[i]
-                if value is not None:
-                    nonce = counter.to_bytes(12, "big")
-                    counter += 1
-                    out[i] = header + nonce + encrypt(nonce, value, aad)
+            for lo in range(start, stop, _CHUNK):
+                hi = min(stop, lo + _CHUNK)
+                values = col[lo:hi]
+                if _count_none(values):
+                    for i in range(lo, hi):
+                        value = col[i]
+                        if value is not None:
+                            nonce = counter.to_bytes(12, "big")
+                            counter += 1
+                            out[i] = header + nonce + encrypt(nonce, value, aad)
+                else:
+                    # No nulls (the common case): the same nonces in the same
+                    # order as the loop above, built in two comprehensions.
+                    nonces = [c.to_bytes(12, "big") for c in range(counter, counter + (hi - lo))]
+                    out[lo:hi] = [header + nonce + encrypt(nonce, value, aad) for nonce, value in zip(nonces, values)]
+                    counter += hi - lo
         else:
             for i in range(start, stop):
                 value = col[i]
@@ -354,6 +369,13 @@ def check_types(fields: Sequence[str], types: Sequence[str]) -> list[str]:
         if len(t.encode("utf-8")) > MAX_VALUE_BYTES:
             raise ValueError(f"the type descriptor of field {name!r} exceeds {MAX_VALUE_BYTES} bytes")
     return out
+
+
+def _value_lengths(col: Sequence[bytes | None]) -> list[int]:
+    """The lengths of the non-None values of `col`, in order."""
+    if _count_none(col):
+        return [len(v) for v in col if v is not None]
+    return list(map(len, col))
 
 
 def _count_none(col: Sequence[bytes | None]) -> int:
