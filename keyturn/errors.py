@@ -28,6 +28,7 @@ __all__ = [
     "ConcurrentModificationError",
     "ScopeClosedError",
     "AuditChainError",
+    "HomeError",
 ]
 
 
@@ -114,3 +115,7 @@ class AuditChainError(KeyturnError):
         self.index = index
         self.problem = problem
         super().__init__(f"audit chain broken at entry {index}: {problem}")
+
+
+class HomeError(KeyturnError):
+    """A key home directory is missing, incomplete, or already exists where one would be created."""
