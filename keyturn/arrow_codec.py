@@ -91,8 +91,11 @@ def _foreign_columns(schema: pa.Schema) -> list[str]:
 
 
 def _type_descriptor(plain_type: pa.DataType) -> str:
-    """`arrow_type_descriptor`, refused (`DecryptionError`) if too long to bind."""
-    descriptor = arrow_type_descriptor(plain_type)
+    """`arrow_type_descriptor` on the read path: `DecryptionError` if unsupported or too long to bind."""
+    try:
+        descriptor = arrow_type_descriptor(plain_type)
+    except ValueError:
+        raise DecryptionError() from None
     if len(descriptor.encode("utf-8")) > MAX_VALUE_BYTES:
         raise DecryptionError()
     return descriptor
@@ -296,7 +299,13 @@ def decrypt_batch(
         for i in readable:
             status[i] = ReadStatus.CORRUPT
         readable, take = [], pa.array([], pa.int64())
-        rebuilt = {name: pa.array([], plain_fields[name].type) for name in wanted if name in plain_fields}
+        rebuilt = {}
+        for name in wanted:
+            try:
+                rebuilt[name] = pa.array([], plain_fields[name].type)
+            except (KeyError, pa.ArrowException, ValueError, TypeError):  # unusable declared type
+                plain_fields[name] = pa.field(name, pa.null())
+                rebuilt[name] = pa.nulls(0)
 
     arrays, fields = [], []
     for f in batch.schema:

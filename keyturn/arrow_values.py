@@ -62,16 +62,42 @@ def _kind(t: pa.DataType) -> str:
 
 
 def arrow_type_descriptor(plain_type: pa.DataType) -> str:
-    """The type descriptor bound into every cell's associated data: ``"arrow:" + str(plain_type)``.
+    """The type descriptor bound into every cell's associated data.
 
     Part of wire format v1 (docs/FORMAT.md, "Cell associated data"): cells
     sealed under one descriptor only open under the same one, so this
-    function must never change for v1. Examples: ``arrow:int64``,
-    ``arrow:timestamp[us, tz=UTC]``, ``arrow:list<item: int32>``.
+    function must never change for v1. Leaf types use pyarrow's type name
+    (``arrow:int64``, ``arrow:timestamp[us, tz=UTC]``); nested types are
+    spelled out here, recursively, so a change in how pyarrow prints them
+    can never make old cells unreadable (``arrow:list<item: int32>``,
+    ``arrow:struct<a: int16, b: string not null>``).
     """
     if not isinstance(plain_type, pa.DataType):
         raise TypeError(f"an Arrow type descriptor needs a pyarrow.DataType, not {type(plain_type).__name__}")
-    return "arrow:" + str(plain_type)
+    return "arrow:" + _describe(plain_type)
+
+
+def _describe_child(f: pa.Field) -> str:
+    return f"{f.name}: {_describe(f.type)}" + ("" if f.nullable else " not null")
+
+
+def _describe(t: pa.DataType) -> str:
+    if pa.types.is_list(t):
+        return f"list<{_describe_child(t.value_field)}>"
+    if pa.types.is_large_list(t):
+        return f"large_list<{_describe_child(t.value_field)}>"
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list<{_describe_child(t.value_field)}>[{t.list_size}]"
+    if pa.types.is_map(t):
+        item = _describe(t.item_type) + ("" if t.item_field.nullable else " not null")
+        return f"map<{_describe(t.key_type)}, {item}{', keys_sorted' if t.keys_sorted else ''}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ", ".join(_describe_child(t.field(i)) for i in range(t.num_fields)) + ">"
+    if pa.types.is_dictionary(t):
+        return f"dictionary<values={_describe(t.value_type)}, indices={_describe(t.index_type)}, ordered={int(t.ordered)}>"
+    if pa.types.is_nested(t):  # union, list_view and friends: no stable spelling of our own yet
+        raise ValueError(f"Arrow type {t} is not supported for encryption")
+    return str(t)
 
 
 def encode_plain_field(field: pa.Field) -> bytes:

@@ -281,3 +281,30 @@ def test_both_codecs_rewrap_and_count_alike():
     assert rewrapped.deks_rewrapped == records.deks_rewrapped == 1
     assert read_batch(rewrapped.batch, ROTATED).status == [CURRENT, CURRENT]
     assert avro_decrypt(records.records, derive_encrypted_schema(USERS, ["ssn", "age"]), ROTATED).status == [CURRENT]
+
+
+def _union_array() -> pa.Array:
+    return pa.UnionArray.from_dense(
+        pa.array([0, 1], pa.int8()), pa.array([0, 0], pa.int32()), [pa.array([1]), pa.array(["a"])]
+    )
+
+
+def test_nested_descriptors_do_not_depend_on_pyarrow_printing():
+    # Spelled out by keyturn, recursively; these strings are wire format.
+    t = pa.struct([pa.field("a", pa.int16(), nullable=False), ("b", pa.map_(pa.string(), pa.list_(pa.int8())))])
+    assert arrow_type_descriptor(t) == "arrow:struct<a: int16 not null, b: map<string, list<item: int8>>>"
+    assert arrow_type_descriptor(pa.map_(pa.string(), pa.int64(), keys_sorted=True)) == "arrow:map<string, int64, keys_sorted>"
+    assert arrow_type_descriptor(pa.dictionary(pa.int16(), pa.string(), ordered=True)) == (
+        "arrow:dictionary<values=string, indices=int16, ordered=1>"
+    )
+
+
+def test_union_columns_are_refused_on_encrypt_and_corrupt_on_read():
+    with pytest.raises(ValueError, match="not supported"):
+        seal_batch(pa.record_batch({"id": [1, 2], "u": _union_array()}), ["u"])
+    sealed = seal_batch(pa.record_batch({"id": [1, 2], "s": ["x", "y"]}), ["s"])
+    fake = pa.field("s", _union_array().type)
+    tampered = with_metadata(sealed, "s", {b"keyturn.plain_field": encode_plain_field(fake)})
+    result = read_batch(tampered)
+    assert [s for s in result.status] == [ReadStatus.CORRUPT, ReadStatus.CORRUPT]
+    assert result.plain.num_rows == 0
