@@ -29,6 +29,8 @@ __all__ = [
     "ScopeClosedError",
     "AuditChainError",
     "HomeError",
+    "LakeError",
+    "LakeLockedError",
 ]
 
 
@@ -119,3 +121,11 @@ class AuditChainError(KeyturnError):
 
 class HomeError(KeyturnError):
     """A key home directory is missing, incomplete, or already exists where one would be created."""
+
+
+class LakeError(KeyturnError):
+    """A lake cannot be used as asked: a missing directory, a file that is not keyturn's, a bad layout."""
+
+
+class LakeLockedError(LakeError):
+    """Another keyturn job holds the lake lock; wait for it to finish (or remove a stale lock)."""
