@@ -30,6 +30,7 @@ __all__ = [
     "AuditChainError",
     "HomeError",
     "LakeError",
+    "InputError",
     "LakeLockedError",
 ]
 
@@ -129,3 +130,7 @@ class LakeError(KeyturnError):
 
 class LakeLockedError(LakeError):
     """Another keyturn job holds the lake lock; wait for it to finish (or remove a stale lock)."""
+
+
+class InputError(KeyturnError, ValueError):
+    """Input cannot be used as asked: a missing source or column, an unreadable file, a bad layout."""
