@@ -1,0 +1,603 @@
+"""The `keyturn` command line: a thin layer over the key home and the lake pipelines.
+
+    keyturn [--home DIR] [--json] [--debug] VERB [options] [-- BEAM_OPTIONS...]
+
+Verbs: init, encrypt, rotate, reencrypt, decrypt, status, retire,
+schedule-deletion, audit verify, ingest, demo. The pipeline verbs call the
+``run(...)`` function of their module in `pipelines` and render the report
+it returns, as text or (``--json``) as one JSON object on stdout.
+Everything after a bare ``--`` is passed to Beam's ``PipelineOptions``.
+
+Errors print one line, ``keyturn: error: <message>``, on stderr (plus, with
+``--json``, an ``{"error": ..., "exit_code": ...}`` object on stdout) and
+exit with a code from `pipelines.exitcodes`; ``--debug`` adds the
+traceback. Long local runs show a rich spinner on stderr when it is a
+terminal and ``--json`` is off.
+
+Testing aid: ``KEYTURN_NOW`` (ISO-8601; naive means UTC) replaces the
+current time for the control-plane verbs (init, rotate, retire,
+schedule-deletion, status), so ``rotate --if-due`` can be tested without
+waiting. Only this CLI layer reads it; the core takes an injected clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import inspect
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import date, datetime, timezone
+from typing import Any, NoReturn
+
+from pipelines import exitcodes
+
+__all__ = ["main", "build_parser", "NOW_ENV"]
+
+NOW_ENV = "KEYTURN_NOW"
+PROG = "keyturn"
+BEAM_VERBS = frozenset({"encrypt", "reencrypt", "decrypt", "ingest", "demo"})
+
+
+class UsageError(Exception):
+    """A bad command line; exits with `exitcodes.USAGE`."""
+
+    exit_code = exitcodes.USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become one line instead of usage text plus exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _columns(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",")]
+    if not text.strip() or any(not n for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a column is named twice in {text!r}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--home, --json, --debug: accepted before the verb and after it."""
+    default: Any = argparse.SUPPRESS
+    parser.add_argument(
+        "--home",
+        metavar="DIR",
+        default=None if top else default,
+        help="key home: keystore, registry, config, audit log (default: $KEYTURN_HOME or ./.keyturn)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=False if top else default, help="print one JSON object on stdout"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=False if top else default, help="show tracebacks on errors"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every verb (also what `keyturn --help` prints)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Envelope encryption and lazy key rotation for Parquet lakes, on Apache Beam.",
+        epilog="Beam pipeline options go after a bare `--`, e.g. `keyturn encrypt ... -- --runner=DirectRunner`. "
+        "Exit codes: " + ", ".join(f"{code} {name}" for code, name in exitcodes.CODES.items()) + ".",
+    )
+    _common(parser, top=True)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        _common(sub, top=False)
+        return sub
+
+    p = verb("init", "create a key home: local keystore, registry with version 1 active, config file")
+    p.add_argument("--dataset", default="default", help="dataset name bound into every ciphertext (default: default)")
+    p.add_argument("--rotation-interval-days", type=_positive_int, default=None, metavar="N",
+                   help="rotation cadence that `rotate --if-due` follows (default: 90)")
+
+    p = verb("encrypt", "encrypt plain Parquet or Avro into an encrypted, hive-partitioned Parquet lake")
+    p.add_argument("--source", required=True, metavar="PATH", help="plain Parquet or Avro file, or a directory of them")
+    p.add_argument("--lake", required=True, metavar="PATH", help="the encrypted lake (created if absent)")
+    p.add_argument("--columns", required=True, type=_columns, metavar="A,B", help="columns to encrypt")
+    p.add_argument("--partition-by", metavar="COL", default=None, help="hive partition column")
+
+    p = verb("rotate", "make a new KEK version active; the previous one becomes decrypt-only")
+    p.add_argument("--reason", default="scheduled rotation", help="why (recorded in the registry and the audit log)")
+    p.add_argument("--if-due", action="store_true", help="rotate only when rotation_interval_days have passed")
+
+    p = verb("reencrypt", "bring stale lake files onto the current key version, lazily and crash-safely")
+    p.add_argument("--lake", required=True, metavar="PATH")
+    p.add_argument("--mode", choices=("rewrap", "reencrypt"), default=None,
+                   help="rewrap the DEKs only, or re-encrypt payloads (default: lifecycle.rewrap_mode)")
+    p.add_argument("--dry-run", action="store_true", help="take the inventory and report; change nothing")
+    p.add_argument("--max-files", type=_positive_int, default=None, metavar="N", help="rewrite at most N files this run")
+
+    p = verb("decrypt", "decrypt a lake back to plain Parquet")
+    p.add_argument("--lake", required=True, metavar="PATH")
+    p.add_argument("--out", required=True, metavar="PATH", help="directory for the plain Parquet output")
+    p.add_argument("--columns", type=_columns, default=None, metavar="A,B",
+                   help="encrypted columns to decrypt (default: all); other encrypted columns are left out")
+
+    p = verb("status", "rows and files per key version per partition, and rotation progress")
+    p.add_argument("--lake", required=True, metavar="PATH")
+    p.add_argument("--report", metavar="FILE.html", default=None, help="also write an HTML report with a chart")
+
+    for name, text in (
+        ("retire", "retire a decrypt-only key version (refused while any given lake has data under it)"),
+        ("schedule-deletion", "schedule a retired key version for deletion (refused while data remains)"),
+    ):
+        p = verb(name, text)
+        p.add_argument("version", type=_positive_int, metavar="VERSION")
+        p.add_argument("--lake", required=True, action="append", metavar="PATH",
+                       help="a lake to check for data under VERSION (repeat for every lake using this home)")
+        p.add_argument("--reason", default=f"keyturn {name}", help="why (recorded in the registry and the audit log)")
+        if name == "schedule-deletion":
+            p.add_argument("--days", type=_nonneg_int, default=None, metavar="N",
+                           help="pending period before deletion (default: key_hierarchy.pending_deletion_days)")
+
+    p = verb("audit", "control-plane audit log")
+    audit_verbs = p.add_subparsers(dest="audit_verb", metavar="ACTION", required=True)
+    sub = audit_verbs.add_parser("verify", help="verify the hash chain of the home's audit log")
+    _common(sub, top=False)
+
+    p = verb("ingest", "watch a directory and encrypt new Avro/Parquet files into the lake")
+    p.add_argument("--watch", required=True, metavar="DIR")
+    p.add_argument("--lake", required=True, metavar="PATH")
+    p.add_argument("--columns", type=_columns, default=None, metavar="A,B", help="columns to encrypt")
+    p.add_argument("--partition-by", metavar="COL", default=None)
+    p.add_argument("--until-idle", type=_seconds, default=None, metavar="SECONDS",
+                   help="stop after no new file arrived for this long (default: run until stopped)")
+
+    p = verb("demo", "the `make demo` walk-through: encrypt, rotate, lazily rewrap, status, decrypt a sample")
+    p.add_argument("--rows", type=_positive_int, default=None, help="rows to generate (default: 1,000,000)")
+    p.add_argument("--partitions", type=_positive_int, default=None, help="partitions (default: 10)")
+    p.add_argument("--out", metavar="DIR", default=None, help="working directory (default: ./demo-out)")
+    return parser
+
+
+def split_beam_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split at the first bare ``--``: (keyturn arguments, Beam pipeline options)."""
+    args = list(argv)
+    if "--" in args:
+        i = args.index("--")
+        return args[:i], args[i + 1 :]
+    return args, []
+
+
+# --------------------------------------------------------------------------- context
+
+
+def _now_from_env() -> Callable[[], datetime]:
+    """The clock: the real time, or the fixed instant in $KEYTURN_NOW (a testing aid)."""
+    text = os.environ.get(NOW_ENV)
+    if not text:
+        return lambda: datetime.now(timezone.utc)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{NOW_ENV} must be an ISO-8601 time such as 2025-01-31T12:00:00Z, got {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    moment = moment.astimezone(timezone.utc)
+    return lambda: moment
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in this environment
+        user = "unknown"
+    return f"cli:{user}"
+
+
+class _Context:
+    """What a handler needs: parsed args, Beam args, the clock, and progress display."""
+
+    def __init__(self, args: argparse.Namespace, beam_args: list[str]) -> None:
+        self.args = args
+        self.beam_args = beam_args
+        self.clock = _now_from_env()
+        self.home_path = args.home or _default_home()
+        self.actor = _actor()
+
+    def home(self, *, check_keys: bool = True):  # -> KeyHome
+        from pipelines.home import KeyHome
+
+        return KeyHome.open(self.home_path, clock=self.clock, check_keys=check_keys)
+
+    @property
+    def show_progress(self) -> bool:
+        return not self.args.json and sys.stderr.isatty()
+
+    @contextlib.contextmanager
+    def progress(self, label: str) -> Iterator[Callable[..., None] | None]:
+        """A rich spinner on stderr while a long run works; yields a `progress(message)` callback or None."""
+        if not self.show_progress:
+            yield None
+            return
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        with console.status(label) as status:
+
+            def update(message: str = "", *_: Any, **__: Any) -> None:
+                status.update(f"{label} {message}".strip())
+
+            yield update
+
+
+def _default_home() -> str:
+    from pipelines.home import default_home
+
+    return default_home()
+
+
+def _call_run(run: Callable[..., Mapping[str, Any]], ctx: _Context, label: str, **kwargs: Any) -> dict[str, Any]:
+    """Call a pipeline's `run(...)` with Beam args, and a progress callback if it takes one."""
+    with ctx.progress(label) as progress:
+        try:
+            params = inspect.signature(run).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if progress is not None and "progress" in params:
+            kwargs["progress"] = progress
+        report = run(beam_args=ctx.beam_args, **kwargs)
+    if not isinstance(report, Mapping):
+        raise TypeError(f"{run.__module__}.run returned {type(report).__name__}, not a report dict")
+    return dict(report)
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def _cmd_init(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from pipelines.home import KeyHome
+
+    a = ctx.args
+    home = KeyHome.init(
+        ctx.home_path,
+        dataset=a.dataset,
+        rotation_interval_days=a.rotation_interval_days,
+        actor=ctx.actor,
+        clock=ctx.clock,
+    )
+    active = home.registry().active()
+    report = {
+        "home": home.path,
+        "dataset": home.dataset,
+        "active_version": active.version,
+        "kek_id": active.kek_id,
+        "rotation_interval_days": home.config.key_hierarchy.rotation_interval_days,
+    }
+    text = (
+        f"Created key home {home.path}\n"
+        f"  dataset {home.dataset!r}; key version {active.version} is active (KEK {active.kek_id}).\n"
+        f"  The keystore is a local single-node file; keep root.key (mode 0600) secret and backed up."
+    )
+    return report, text
+
+
+def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from keyturn.rotation import next_rotation_due, rotate
+
+    home = ctx.home()
+    registry = home.registry()
+    interval = home.config.key_hierarchy.rotation_interval_days
+    now = ctx.clock()
+    before = registry.active()
+    if ctx.args.if_due:
+        due_at = next_rotation_due(registry, interval)
+        if now < due_at:
+            report = {
+                "rotated": False,
+                "due": False,
+                "active_version": before.version,
+                "next_due": due_at.isoformat(),
+                "rotation_interval_days": interval,
+            }
+            return report, (
+                f"Rotation not due: key version {before.version} is active until {due_at:%Y-%m-%d %H:%M} UTC "
+                f"(every {interval} days). Nothing changed."
+            )
+    new = rotate(
+        registry,
+        home.provision_kek,
+        home.chain(),
+        actor=ctx.actor,
+        reason=ctx.args.reason,
+        clock=ctx.clock,
+        dataset=home.dataset,
+    )
+    report = {
+        "rotated": True,
+        "version_from": new.version - 1,
+        "version_to": new.version,
+        "kek_id": new.kek_id,
+        "reason": ctx.args.reason,
+        "next_due": next_rotation_due(registry, interval).isoformat(),
+    }
+    return report, (
+        f"Rotated: key version {new.version} (KEK {new.kek_id}) is now active; "
+        f"version {new.version - 1} is decrypt-only.\n"
+        f"  Existing data is untouched; run `keyturn reencrypt --lake ...` to bring it onto version {new.version}."
+    )
+
+
+def _cmd_encrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from pipelines import encrypt
+
+    a = ctx.args
+    report = _call_run(
+        encrypt.run, ctx, "encrypting",
+        home=ctx.home(), source=a.source, lake=a.lake, columns=a.columns, partition_by=a.partition_by,
+    )
+    return report, _render_pipeline("encrypt", report)
+
+
+def _cmd_reencrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from pipelines import reencrypt
+
+    a = ctx.args
+    home = ctx.home()
+    mode = a.mode or _default_mode(home)
+    report = _call_run(
+        reencrypt.run, ctx, "re-encrypting",
+        home=home, lake=a.lake, mode=mode, dry_run=a.dry_run, max_files=a.max_files,
+    )
+    return report, _render_pipeline("reencrypt", report)
+
+
+def _default_mode(home: Any) -> str:
+    mode = home.config.lifecycle.rewrap_mode
+    return mode if mode in ("rewrap", "reencrypt") else "rewrap"
+
+
+def _cmd_decrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from pipelines import decrypt
+
+    a = ctx.args
+    report = _call_run(
+        decrypt.run, ctx, "decrypting", home=ctx.home(), lake=a.lake, out=a.out, columns=a.columns
+    )
+    return report, _render_pipeline("decrypt", report)
+
+
+def _cmd_ingest(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from pipelines import ingest
+
+    a = ctx.args
+    report = _call_run(
+        ingest.run, ctx, f"watching {a.watch}",
+        home=ctx.home(), watch=a.watch, lake=a.lake, columns=a.columns, partition_by=a.partition_by,
+        until_idle=a.until_idle,
+    )
+    return report, _render_pipeline("ingest", report)
+
+
+def _cmd_demo(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from pipelines import demo
+
+    a = ctx.args
+    kwargs = {k: v for k, v in (("rows", a.rows), ("partitions", a.partitions), ("out", a.out)) if v is not None}
+    report = _call_run(demo.run, ctx, "running the demo", **kwargs)
+    return report, _render_pipeline("demo", report)
+
+
+def _cmd_status(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from pipelines import status
+
+    report = status.run(home=ctx.home(), lake=ctx.args.lake, report_path=ctx.args.report, clock=ctx.clock)
+    return report, status.render_text(report)
+
+
+def _lake_inventory(lakes: Sequence[str], policy: Any) -> Any:
+    from keyturn.lake import Lake, take_inventory
+    from keyturn.rotation import CombinedInventory
+
+    return CombinedInventory(take_inventory(Lake(uri), policy) for uri in lakes)
+
+
+def _cmd_retire(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from keyturn.rotation import retire
+
+    a = ctx.args
+    home = ctx.home()
+    registry = home.registry()
+    registry.get(a.version)  # UnknownVersionError before any lake is read
+    inventory = _lake_inventory(a.lake, home.policy())
+    version = retire(
+        registry, a.version, home.chain(), inventory=inventory,
+        actor=ctx.actor, reason=a.reason, clock=ctx.clock, dataset=home.dataset,
+    )
+    report = {"version": version.version, "state": version.state.value, "lakes": list(a.lake), "reason": a.reason}
+    return report, (
+        f"Retired key version {version.version}: no data under it in {len(a.lake)} lake(s); "
+        f"policy now refuses to decrypt with it."
+    )
+
+
+def _cmd_schedule_deletion(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from keyturn.rotation import schedule_deletion
+
+    a = ctx.args
+    home = ctx.home()
+    registry = home.registry()
+    registry.get(a.version)
+    days = a.days if a.days is not None else home.config.key_hierarchy.pending_deletion_days
+    inventory = _lake_inventory(a.lake, home.policy())
+    version = schedule_deletion(
+        registry, a.version, home.chain(), inventory=inventory, pending_days=days,
+        actor=ctx.actor, reason=a.reason, clock=ctx.clock, dataset=home.dataset,
+    )
+    delete_after = version.delete_after.isoformat() if version.delete_after else None
+    report = {
+        "version": version.version,
+        "state": version.state.value,
+        "delete_after": delete_after,
+        "pending_days": days,
+        "lakes": list(a.lake),
+        "reason": a.reason,
+    }
+    return report, (
+        f"Key version {version.version} is pending deletion after {delete_after} "
+        f"({days} days); `keyturn` never destroys key material before then."
+    )
+
+
+def _cmd_audit(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from keyturn.audit.chain import AuditChain, verify_chain
+
+    home = ctx.home(check_keys=False)
+    path = home.config.audit.path
+    entries = verify_chain(path)
+    head = AuditChain(path).head()
+    report = {"ok": True, "log": path, "entries": entries, "head": head[1] if head else None}
+    return report, f"Audit log OK: {entries} entries, hash chain intact (head {report['head'] or '-'})."
+
+
+_HANDLERS: dict[str, Callable[[_Context], tuple[dict[str, Any], str]]] = {
+    "init": _cmd_init,
+    "encrypt": _cmd_encrypt,
+    "rotate": _cmd_rotate,
+    "reencrypt": _cmd_reencrypt,
+    "decrypt": _cmd_decrypt,
+    "status": _cmd_status,
+    "retire": _cmd_retire,
+    "schedule-deletion": _cmd_schedule_deletion,
+    "audit": _cmd_audit,
+    "ingest": _cmd_ingest,
+    "demo": _cmd_demo,
+}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _render_pipeline(verb: str, report: Mapping[str, Any]) -> str:
+    """A pipeline report as text: its `summary` line if it has one, then its scalar fields."""
+    lines = []
+    summary = report.get("summary")
+    if isinstance(summary, str) and summary:
+        lines.append(summary)
+    else:
+        lines.append(f"{verb}: done")
+    for key, value in report.items():
+        if key == "summary" or isinstance(value, (dict, list, tuple)):
+            continue
+        lines.append(f"  {key.replace('_', ' ')}: {value}")
+    return "\n".join(lines)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if hasattr(value, "value") and isinstance(getattr(value, "value"), (str, int)):  # enums
+        return value.value
+    return str(value)
+
+
+def _emit_json(obj: Mapping[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True, indent=2, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
+def _error_message(exc: BaseException, code: int) -> str:
+    message = _one_line(str(exc))
+    if code == exitcodes.INTERNAL:
+        return f"internal error ({type(exc).__name__}: {message}); rerun with --debug for the traceback"
+    return message
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with `argv` (default: sys.argv[1:]) and return the exit code."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    own, beam_args = split_beam_args(raw)
+    want_json = "--json" in own
+    debug = "--debug" in own
+    try:
+        try:
+            args = build_parser().parse_args(own)
+        except SystemExit as stop:  # --help
+            return stop.code if isinstance(stop.code, int) else exitcodes.OK
+        want_json, debug = args.json, args.debug
+        if beam_args and args.verb not in BEAM_VERBS:
+            raise UsageError(
+                f"Beam options after `--` apply only to {', '.join(sorted(BEAM_VERBS))}; `{args.verb}` runs no pipeline"
+            )
+        ctx = _Context(args, beam_args)
+        report, text = _HANDLERS[args.verb](ctx)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: error: interrupted\n")
+        return 130
+    except Exception as exc:  # every failure: one line, a documented code
+        code = exitcodes.exit_code_for(exc)
+        message = _error_message(exc, code)
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        if want_json:
+            error: dict[str, Any] = {"error": message, "exit_code": code, "error_type": type(exc).__name__}
+            if isinstance(getattr(exc, "index", None), int):
+                error["index"] = exc.index  # type: ignore[attr-defined]
+            _emit_json(error)
+        return code
+    if want_json:
+        _emit_json(report)
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+        sys.stdout.flush()
+    return exitcodes.report_exit_code(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
