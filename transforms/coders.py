@@ -17,8 +17,9 @@ __all__ = ["RecordBatchCoder"]
 class RecordBatchCoder(beam.coders.Coder):
     """Encodes one `pyarrow.RecordBatch` as an Arrow IPC stream (schema + batch).
 
-    Deterministic: the IPC writer normalizes slices and omits all-valid
-    bitmaps, so equal batches with equal schemas encode to equal bytes.
+    Deterministic: `keyturn.ipc.batch_to_ipc` compacts sliced batches before
+    writing and the IPC writer omits all-valid bitmaps, so equal batches with
+    equal schemas encode to equal bytes.
     """
 
     def encode(self, value: pa.RecordBatch) -> bytes:
