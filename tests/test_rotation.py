@@ -1,0 +1,199 @@
+"""keyturn.rotation: audited rotate, retire and schedule_deletion over a real SQLite registry and chain."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from keyturn.audit.chain import AuditChain, verify_chain
+from keyturn.errors import InvalidTransitionError, UnknownVersionError, VersionInUseError
+from keyturn.registry.base import KeyState
+from keyturn.registry.sqlite import SqliteKeyRegistry
+from keyturn.rotation import (
+    CombinedInventory,
+    kek_id_for,
+    next_rotation_due,
+    retire,
+    rotate,
+    rotation_due,
+    schedule_deletion,
+)
+
+T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self, now: datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Refs:
+    """An inventory with fixed counts per version."""
+
+    def __init__(self, **counts: int) -> None:
+        self.counts = {int(k[1:]): v for k, v in counts.items()}
+        self.asked: list[int] = []
+
+    def references(self, version: int) -> int:
+        self.asked.append(version)
+        return self.counts.get(version, 0)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def registry(tmp_path, clock) -> SqliteKeyRegistry:
+    reg = SqliteKeyRegistry(tmp_path / "registry.sqlite", clock=clock)
+    reg.initialize(kek_id_for(1), actor="test", reason="first")
+    return reg
+
+
+@pytest.fixture
+def chain(tmp_path) -> AuditChain:
+    return AuditChain(tmp_path / "audit.log")
+
+
+def provisioner(made: list[int]):
+    def provision(version: int) -> str:
+        made.append(version)
+        return kek_id_for(version)
+
+    return provision
+
+
+def test_kek_id_for():
+    assert kek_id_for(1) == "kek-0001"
+    assert kek_id_for(12345) == "kek-12345"
+    for bad in (0, -1, True, "1"):
+        with pytest.raises(ValueError):
+            kek_id_for(bad)
+
+
+def test_rotate_provisions_next_kek_rotates_and_audits(registry, chain, clock):
+    made: list[int] = []
+    clock.now = T0 + timedelta(days=100)
+    new = rotate(registry, provisioner(made), chain, actor="alice", reason="quarterly", clock=clock, dataset="sales")
+    assert made == [2]
+    assert (new.version, new.kek_id, new.state) == (2, "kek-0002", KeyState.ACTIVE)
+    assert registry.get(1).state is KeyState.DECRYPT_ONLY
+    assert new.created_at == clock.now
+    [entry] = chain.entries()
+    event = entry.event
+    assert (event.action.value, event.version_from, event.version_to) == ("rotate", 1, 2)
+    assert (event.actor, event.reason, event.dataset, event.partition) == ("alice", "quarterly", "sales", "")
+    assert event.at.startswith("2025-04-11T")
+    assert verify_chain(chain.path) == 1
+
+    rotate(registry, provisioner(made), chain, actor="bob", reason="again", clock=clock)
+    assert made == [2, 3]
+    assert [e.event.version_to for e in chain.entries()] == [2, 3]
+    assert [v.state for v in registry.versions()] == [KeyState.DECRYPT_ONLY, KeyState.DECRYPT_ONLY, KeyState.ACTIVE]
+
+
+def test_rotate_failing_provisioner_changes_nothing(registry, chain):
+    def broken(version: int) -> str:
+        raise RuntimeError("kms down")
+
+    with pytest.raises(RuntimeError):
+        rotate(registry, broken, chain, actor="a", reason="r")
+    assert [v.version for v in registry.versions()] == [1]
+    assert chain.entries() == []
+
+
+def test_rotate_rejects_bad_kek_id_from_provisioner(registry, chain):
+    with pytest.raises(TypeError):
+        rotate(registry, lambda v: "", chain, actor="a", reason="r")
+    assert registry.active().version == 1
+
+
+def test_rotation_due_follows_interval(registry, clock):
+    assert next_rotation_due(registry, 90) == T0 + timedelta(days=90)
+    assert not rotation_due(registry, 90, T0)
+    assert not rotation_due(registry, 90, T0 + timedelta(days=89, hours=23))
+    assert rotation_due(registry, 90, T0 + timedelta(days=90))
+    assert rotation_due(registry, 1, T0 + timedelta(days=2))
+    with pytest.raises(ValueError):
+        rotation_due(registry, 90, datetime(2025, 6, 1))  # naive
+    with pytest.raises(ValueError):
+        rotation_due(registry, 0, T0)
+
+
+def test_rotation_due_is_measured_from_the_newest_version(registry, chain, clock):
+    clock.now = T0 + timedelta(days=200)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    assert not rotation_due(registry, 90, T0 + timedelta(days=250))
+    assert rotation_due(registry, 90, T0 + timedelta(days=290))
+
+
+def test_retire_refused_while_inventory_finds_data(registry, chain):
+    rotate(registry, provisioner([]), chain, actor="a", reason="r")
+    refs = Refs(v1=7)
+    with pytest.raises(VersionInUseError, match="7 reference"):
+        retire(registry, 1, chain, inventory=refs, actor="a", reason="done")
+    assert refs.asked == [1]
+    assert registry.get(1).state is KeyState.DECRYPT_ONLY
+    assert [e.event.action.value for e in chain.entries()] == ["rotate"]
+
+
+def test_retire_then_schedule_deletion_audited(registry, chain, clock):
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    retired = retire(registry, 1, chain, inventory=Refs(), actor="ops", reason="migrated", clock=clock)
+    assert retired.state is KeyState.RETIRED
+    scheduled = schedule_deletion(
+        registry, 1, chain, inventory=Refs(), pending_days=30, actor="ops", reason="cleanup", clock=clock
+    )
+    assert scheduled.state is KeyState.PENDING_DELETION
+    assert scheduled.delete_after == clock.now + timedelta(days=30)
+    events = [e.event for e in chain.entries()]
+    assert [e.action.value for e in events] == ["rotate", "retire", "schedule_deletion"]
+    assert events[1].version_from == 1 and events[1].version_to is None
+    assert events[2].counts == {"pending_days": 30}
+    assert verify_chain(chain.path) == 3
+
+
+def test_schedule_deletion_refused_while_data_remains(registry, chain):
+    rotate(registry, provisioner([]), chain, actor="a", reason="r")
+    retire(registry, 1, chain, inventory=Refs(), actor="a", reason="r")
+    with pytest.raises(VersionInUseError):
+        schedule_deletion(registry, 1, chain, inventory=Refs(v1=1), pending_days=7, actor="a", reason="r")
+    assert registry.get(1).state is KeyState.RETIRED
+    assert len(chain.entries()) == 2
+
+
+def test_invalid_transitions_write_no_event(registry, chain):
+    with pytest.raises(InvalidTransitionError):
+        retire(registry, 1, chain, inventory=Refs(), actor="a", reason="active cannot be retired")
+    with pytest.raises(UnknownVersionError):
+        retire(registry, 5, chain, inventory=Refs(), actor="a", reason="r")
+    rotate(registry, provisioner([]), chain, actor="a", reason="r")
+    with pytest.raises(InvalidTransitionError):
+        schedule_deletion(registry, 1, chain, inventory=Refs(), pending_days=7, actor="a", reason="not retired yet")
+    with pytest.raises(ValueError):
+        retire(registry, 1, chain, inventory=None, actor="a", reason="r")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        schedule_deletion(registry, 1, chain, inventory=Refs(), pending_days=-1, actor="a", reason="r")
+    assert [e.event.action.value for e in chain.entries()] == ["rotate"]
+
+
+def test_combined_inventory_sums_every_lake():
+    combined = CombinedInventory([Refs(v1=2), Refs(v1=3, v2=1), Refs()])
+    assert combined.references(1) == 5
+    assert combined.references(2) == 1
+    assert combined.references(3) == 0
+    with pytest.raises(ValueError):
+        CombinedInventory([])
+
+
+def test_rotation_module_never_imports_beam():
+    import subprocess
+    import sys
+
+    code = "import sys, keyturn.rotation; sys.exit(1 if any(m.startswith('apache_beam') for m in sys.modules) else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
