@@ -31,6 +31,7 @@ __all__ = [
     "HomeError",
     "LakeError",
     "InputError",
+    "AuditSinkError",
     "LakeLockedError",
 ]
 
@@ -134,3 +135,7 @@ class LakeLockedError(LakeError):
 
 class InputError(KeyturnError, ValueError):
     """Input cannot be used as asked: a missing source or column, an unreadable file, a bad layout."""
+
+
+class AuditSinkError(KeyturnError):
+    """An audit sink (for example CloudWatch Logs) could not deliver or was refused events."""
