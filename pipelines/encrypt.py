@@ -1,0 +1,513 @@
+"""`keyturn encrypt`: plain Parquet or Avro in, an encrypted hive-partitioned Parquet lake out.
+
+    python -m pipelines.encrypt --home DIR --source PATH --lake PATH --columns a,b [--partition-by COL] [-- beam options]
+
+The pipeline:
+
+1. On the driver: list the source files (`pipelines.sources`), read every
+   file's schema (footers / headers only), and check the request: each
+   column to encrypt and each partition column exists in every file, no
+   partition column is encrypted, the source is not already encrypted, and
+   the files' schemas agree. Any problem is an `InputError` *before*
+   anything is written.
+2. Incremental: partitions that already hold keyturn files in the lake are
+   skipped (their source rows are counted in the report as skipped), so
+   running the same command again, or with a source that grew new
+   partitions, adds only what is missing. That is how a legacy plain lake
+   is adopted: point `--source` at it and `--lake` at a new directory, and
+   run again as partitions land. The source and the lake must not overlap
+   (in-place adoption would need a per-file swap; refused with a clear error).
+3. Beam: `Create(files)` -> read each file in batches of at most
+   `batch_rows` rows -> key by partition (the source's own hive path, plus
+   `col=value` segments for `--partition-by` columns found in the data;
+   values URI-encoded as pyarrow writes them, null as
+   `__HIVE_DEFAULT_PARTITION__`) and drop the partition columns from the
+   data -> `PartitionBatches` (one file's worth, `file_rows`, per element)
+   -> `EncryptBatches` (one DEK per partition scope, caps from the config)
+   -> one Parquet file per element with the "keyturn" footer. Audit events
+   (one per scope) go to `<lake>/_keyturn/audit/<run-id>.avro`.
+4. Commit: files are written under `<lake>/_keyturn/staging/<run-id>/`,
+   invisible to readers. When the pipeline has finished, the driver writes
+   a `_COMMITTED` marker there and moves each file into
+   `<lake>/<partition>/`. A crash before the marker leaves only staging,
+   which the next run deletes; a crash after it is rolled forward by the
+   next run. So a partition appears with all of this run's files or none,
+   and never twice.
+
+Encrypt and ingest hold the lake lock shared; `reencrypt` (which replaces
+files) holds it exclusively, so they never overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import date, datetime
+from typing import Any, Dict, Tuple
+from urllib.parse import quote
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN, encrypted_columns
+from keyturn.errors import InputError
+from keyturn.lake.layout import Lake, is_hidden
+from keyturn.scope import ScopeLimits
+from pipelines.lake_io import (
+    WriteLakeFiles,
+    WriteSideOutput,
+    new_run_id,
+    pipeline_options,
+    read_footer,
+    side_output_records,
+)
+from pipelines.sources import DEFAULT_BATCH_ROWS, SourceFile, file_schema, hive_segments, list_source_files, read_batches
+from transforms.arrow import EncryptBatches
+from transforms.partition import PartitionBatches
+
+__all__ = ["run", "main", "EncryptPlan", "plan", "split_by_partition", "hive_path", "recover_staging", "NULL_PARTITION"]
+
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+DEFAULT_FILE_ROWS = 262_144
+STAGING = "staging"
+COMMIT_MARKER = "_COMMITTED"
+SKIPPED_FILE = "_skipped.json"
+Keyed = Tuple[str, pa.RecordBatch]
+
+
+# ------------------------------------------------------------------ partition paths
+
+
+def _hive_value(value: Any) -> str:
+    if value is None:
+        return NULL_PARTITION
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def hive_path(pairs: Sequence[tuple[str, Any]]) -> str:
+    """`[("region", 3), ("day", "2024-01-01")]` -> `"region=3/day=2024-01-01"` (values URI-encoded)."""
+    return "/".join(f"{quote(k, safe='')}={quote(_hive_value(v), safe='')}" for k, v in pairs)
+
+
+def split_by_partition(
+    batch: pa.RecordBatch, base: str, split_columns: Sequence[str], drop: Sequence[str], schema: pa.Schema
+) -> Iterator[Keyed]:
+    """`(partition, batch)` pieces of `batch`: `base` plus one segment per `split_columns` value.
+
+    Columns in `drop` (partition columns) leave the data; each piece is
+    conformed to `schema` (column order and types; absent columns as nulls).
+    """
+    if not split_columns:
+        yield base, conform(batch, schema, drop)
+        return
+    table = pa.Table.from_batches([batch])
+    table = table.append_column("__keyturn_row", pa.array(range(batch.num_rows), pa.int64()))
+    groups = table.group_by(list(split_columns), use_threads=False).aggregate([("__keyturn_row", "list")])
+    for group in groups.to_pylist():
+        segment = hive_path([(c, group[c]) for c in split_columns])
+        partition = f"{base}/{segment}" if base else segment
+        rows = pa.array(group["__keyturn_row_list"], pa.int64())
+        yield partition, conform(batch.take(rows), schema, drop)
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema, drop: Sequence[str]) -> pa.RecordBatch:
+    """`batch` with the columns of `schema`, in its order and types, without schema metadata."""
+    names = batch.schema.names
+    arrays = []
+    for f in schema:
+        if f.name in drop:
+            continue
+        if f.name in names:
+            arr = batch.column(f.name)
+            arrays.append(arr if arr.type == f.type else arr.cast(f.type))
+        else:
+            arrays.append(pa.nulls(batch.num_rows, f.type))
+    fields = [f for f in schema if f.name not in drop]
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+# ------------------------------------------------------------------ the plan (driver-side checks)
+
+
+class EncryptPlan:
+    """What a run will do, checked before anything is written."""
+
+    def __init__(self, files: list[SourceFile], data_schema: pa.Schema, hive_keys: list[str], split_columns: list[str]) -> None:
+        self.files = files
+        self.data_schema = data_schema
+        self.hive_keys = hive_keys
+        self.split_columns = split_columns
+
+    @property
+    def drop(self) -> list[str]:
+        return self.hive_keys + self.split_columns
+
+
+def plan(source: str, columns: Sequence[str], partition_by: Sequence[str]) -> EncryptPlan:
+    """List and check the source; `InputError` (one clear line) for any problem."""
+    if isinstance(columns, str) or not columns:
+        raise InputError("name at least one column to encrypt (--columns a,b)")
+    columns = list(columns)
+    if len(set(columns)) != len(columns):
+        raise InputError(f"a column is named twice in --columns: {', '.join(columns)}")
+    partition_by = list(partition_by)
+    files = list_source_files(source)
+    hive_keys = [k for k, _ in hive_segments(files[0].partition)]
+    schemas = [(f, file_schema(f)) for f in files]
+    split_columns = [c for c in partition_by if c not in hive_keys]
+    for f, schema in schemas:
+        names = schema.names
+        for reserved in (VERSION_COLUMN, DEK_COLUMN):
+            if reserved in names:
+                raise InputError(f"source file {f.path!r} is already encrypted by keyturn (it has column {reserved!r})")
+        for column in columns:
+            if column not in names:
+                where = "a partition column of the source" if column in hive_keys else f"not in source file {f.path!r}"
+                raise InputError(f"column {column!r} does not exist: {where} (columns: {', '.join(names)})")
+        for column in split_columns:
+            if column not in names:
+                raise InputError(f"partition column {column!r} is not in source file {f.path!r} (columns: {', '.join(names)})")
+    for column in columns:
+        if column in partition_by or column in hive_keys:
+            raise InputError(f"column {column!r} is a partition column; partition values are stored in clear in the path")
+    try:
+        data_schema = pa.unify_schemas([s.remove_metadata() for _, s in schemas])
+    except (pa.ArrowException, ValueError) as exc:
+        raise InputError(f"the source files' schemas disagree: {' '.join(str(exc).split())[:300]}") from None
+    everywhere = set.intersection(*(set(s.names) for _, s in schemas))
+    data_schema = pa.schema(
+        [f if f.name in everywhere else f.with_nullable(True) for f in data_schema if f.name not in hive_keys]
+    )
+    if not [f for f in data_schema if f.name not in split_columns]:
+        raise InputError("nothing would be left in the data files once the partition columns are removed")
+    return EncryptPlan(files, data_schema, hive_keys, split_columns)
+
+
+def _overlap(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+# ------------------------------------------------------------------ staging and commit
+
+
+def recover_staging(lake: Lake) -> dict[str, int]:
+    """Finish or undo earlier runs' staging: committed runs are rolled forward, others deleted."""
+    fs = lake.fs
+    root = lake.keyturn_path(STAGING)
+    out = {"rolled_forward_files": 0, "discarded_runs": 0}
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return out
+    for run_dir in sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory):
+        if fs.get_file_info(posixpath.join(run_dir, COMMIT_MARKER)).type == pafs.FileType.File:
+            out["rolled_forward_files"] += len(_publish(lake, run_dir))
+        else:
+            out["discarded_runs"] += 1
+        fs.delete_dir(run_dir)
+    return out
+
+
+def _staged_files(lake: Lake, run_dir: str) -> list[tuple[str, str]]:
+    """`(staged path, final path)` for every finished data file under `run_dir`."""
+    fs = lake.fs
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return []
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(run_dir, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(run_dir.rstrip("/")) + 1 :]
+        if any(is_hidden(p) for p in rel.split("/")) or not rel.endswith(".parquet"):
+            continue
+        out.append((info.path, lake.path(rel)))
+    return sorted(out)
+
+
+def _publish(lake: Lake, run_dir: str) -> list[str]:
+    """Move a committed run's staged files into the lake (idempotent: moved files are gone from staging)."""
+    from keyturn.lake.crash import crashpoint
+
+    moved = []
+    for staged, final in _staged_files(lake, run_dir):
+        lake.fs.create_dir(posixpath.dirname(final), recursive=True)
+        lake.fs.move(staged, final)
+        _fsync_dir(lake, posixpath.dirname(final))
+        moved.append(final)
+        crashpoint("encrypt:mid-publish")
+    return moved
+
+
+def _fsync_dir(lake: Lake, directory: str) -> None:
+    if lake.is_local:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_marker(lake: Lake, path: str, payload: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with lake.fs.open_output_stream(tmp) as out:
+        out.write(json.dumps(payload, sort_keys=True).encode())
+    if lake.is_local:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    lake.fs.move(tmp, path)
+    _fsync_dir(lake, posixpath.dirname(path))
+
+
+def encrypted_partitions(lake: Lake) -> dict[str, int]:
+    """Partitions holding at least one keyturn file -> their number of data files (reads footers only)."""
+    by_partition: dict[str, list[str]] = {}
+    for data_file in lake.data_files():
+        by_partition.setdefault(data_file.partition, []).append(data_file.path)
+    out: dict[str, int] = {}
+    for partition, paths in by_partition.items():
+        for path in paths:
+            try:
+                footer = read_footer(lake.fs, path)
+            except (OSError, pa.ArrowException, ValueError):
+                footer = None
+            if footer is not None:
+                out[partition] = len(paths)
+                break
+    return out
+
+
+# ------------------------------------------------------------------ the pipeline
+
+
+class _ReadSplit(beam.DoFn):
+    """A source file -> `(partition, batch)` pieces; pieces of already-encrypted partitions -> `skipped`."""
+
+    SKIPPED = "skipped"
+
+    def __init__(self, plan: EncryptPlan, skip: frozenset[str], batch_rows: int) -> None:
+        self.schema = plan.data_schema
+        self.split_columns = plan.split_columns
+        self.drop = plan.drop
+        self.skip = skip
+        self.batch_rows = batch_rows
+
+    def process(self, source: SourceFile) -> Iterator[Any]:
+        for batch in read_batches(source, batch_rows=self.batch_rows):
+            for partition, piece in split_by_partition(batch, source.partition, self.split_columns, self.drop, self.schema):
+                if partition in self.skip:
+                    yield beam.pvalue.TaggedOutput(self.SKIPPED, (partition, piece.num_rows))
+                else:
+                    yield partition, piece
+
+
+def _write_json(lake_uri: str, path: str, items: list[tuple[str, int]]) -> int:
+    lake = Lake(lake_uri)
+    counts: dict[str, int] = {}
+    for partition, rows in items:
+        counts[partition] = counts.get(partition, 0) + rows
+    lake.fs.create_dir(posixpath.dirname(path), recursive=True)
+    with lake.fs.open_output_stream(path) as out:
+        out.write(json.dumps(counts, sort_keys=True).encode())
+    return len(counts)
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    *,
+    plan: EncryptPlan,
+    skip: frozenset[str],
+    keys: Any,
+    dataset: str,
+    columns: Sequence[str],
+    limits: ScopeLimits,
+    lake_uri: str,
+    staging_uri: str,
+    run_id: str,
+    batch_rows: int,
+    file_rows: int,
+    audit: bool,
+    actor: str,
+    reason: str,
+) -> None:
+    """Add the encrypt steps to `p` (files -> staged lake files, audit, skipped counts)."""
+    pieces = (
+        p
+        | "Files" >> beam.Create(plan.files)
+        | "Spread" >> beam.Reshuffle()
+        | "ReadSplit"
+        >> beam.ParDo(_ReadSplit(plan, skip, batch_rows))
+        .with_output_types(Keyed, skipped=Tuple[str, int])
+        .with_outputs(_ReadSplit.SKIPPED, main="main")
+    )
+    enc = (
+        pieces.main
+        | "Batch" >> PartitionBatches(max_rows=file_rows, max_batches=16, max_buffering_secs=None)
+        | "Encrypt" >> EncryptBatches(keys, dataset, columns, limits=limits, actor=actor, reason=reason)
+    )
+    _ = enc.main | "Write" >> beam.ParDo(WriteLakeFiles(staging_uri, footer_dataset=dataset))
+    if audit:
+        _ = enc.audit | "Audit" >> WriteSideOutput(lake_uri, "audit", run_id)
+    _ = (
+        pieces[_ReadSplit.SKIPPED]
+        | "GatherSkipped" >> beam.combiners.ToList()
+        | "WriteSkipped" >> beam.Map(lambda items: _write_json(lake_uri, posixpath.join(staging_uri, SKIPPED_FILE), items))
+    )
+
+
+def run(
+    *,
+    home: Any,
+    source: str,
+    lake: str,
+    columns: Sequence[str],
+    partition_by: str | Sequence[str] | None = None,
+    beam_args: Sequence[str] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    file_rows: int = DEFAULT_FILE_ROWS,
+    actor: str = "keyturn",
+    reason: str = "keyturn encrypt",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Encrypt `source` into `lake`; returns a JSON-able report (see the module docstring)."""
+    started = time.monotonic()
+    say = progress or (lambda _msg: None)
+    home = _open_home(home)
+    if isinstance(columns, str):
+        columns = [c for c in columns.split(",") if c]
+    if partition_by is None:
+        partition_by = []
+    elif isinstance(partition_by, str):
+        partition_by = [c for c in partition_by.split(",") if c]
+    if _overlap(source, lake):
+        raise InputError(f"the source {source!r} and the lake {lake!r} overlap; encrypt into a separate lake directory")
+    say("checking the source")
+    the_plan = plan(source, columns, partition_by)
+
+    the_lake = Lake(lake)
+    the_lake.fs.create_dir(the_lake.root, recursive=True)
+    run_id = new_run_id()
+    with the_lake.lock(exclusive=False, owner=f"encrypt {run_id}"):
+        recovered = recover_staging(the_lake)
+        say("taking the lake inventory")
+        existing = encrypted_partitions(the_lake)
+        staging_uri = the_lake.keyturn_path(STAGING, run_id)
+        the_lake.fs.create_dir(staging_uri, recursive=True)
+        dek = home.config.dek
+        say(f"encrypting {len(the_plan.files)} file(s)")
+        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+            build_pipeline(
+                p,
+                plan=the_plan,
+                skip=frozenset(existing),
+                keys=home.key_source(),
+                dataset=home.dataset,
+                columns=list(columns),
+                limits=ScopeLimits(max_cells=dek.max_cells, max_bytes=dek.max_bytes),
+                lake_uri=the_lake.root,
+                staging_uri=staging_uri,
+                run_id=run_id,
+                batch_rows=batch_rows,
+                file_rows=file_rows,
+                audit=home.config.audit.log_encrypt,
+                actor=actor,
+                reason=reason,
+            )
+        say("committing")
+        staged = _staged_files(the_lake, staging_uri)
+        skipped = _read_skipped(the_lake, staging_uri)
+        written: dict[str, dict[str, int]] = {}
+        for staged_path, final in staged:
+            size = the_lake.fs.get_file_info(staged_path).size or 0
+            footer = read_footer(the_lake.fs, staged_path) or {}
+            part = written.setdefault(Lake.partition_of(the_lake.relpath(final)), {"files": 0, "rows": 0, "bytes": 0})
+            part["files"] += 1
+            part["rows"] += int(footer.get("rows", 0))
+            part["bytes"] += size
+        _write_marker(the_lake, posixpath.join(staging_uri, COMMIT_MARKER), {"run_id": run_id, "files": len(staged)})
+        _publish(the_lake, staging_uri)
+        the_lake.fs.delete_dir(staging_uri)
+
+    events = side_output_records(the_lake, "audit", run_id)
+    return {
+        "command": "encrypt",
+        "run_id": run_id,
+        "dataset": home.dataset,
+        "source": source,
+        "lake": lake,
+        "columns": list(columns),
+        "partition_by": list(partition_by),
+        "source_files": len(the_plan.files),
+        "partitions_written": dict(sorted(written.items())),
+        "partitions_skipped": dict(sorted(skipped.items())),
+        "rows_written": sum(p["rows"] for p in written.values()),
+        "rows_skipped": sum(skipped.values()),
+        "files_written": sum(p["files"] for p in written.values()),
+        "bytes_written": sum(p["bytes"] for p in written.values()),
+        "kms_calls": sum(int(e["counts"].get("deks", 0)) for e in events),
+        "audit_events": len(events),
+        "audit_file": the_lake.side_output_path("audit", run_id) if events else None,
+        "recovered": recovered,
+        "seconds": round(time.monotonic() - started, 3),
+        "problems": 0,
+    }
+
+
+def _read_skipped(lake: Lake, staging_uri: str) -> dict[str, int]:
+    path = posixpath.join(staging_uri, SKIPPED_FILE)
+    if lake.fs.get_file_info(path).type != pafs.FileType.File:
+        return {}
+    with lake.fs.open_input_stream(path) as f:
+        return {str(k): int(v) for k, v in json.loads(f.read()).items()}
+
+
+def _open_home(home: Any) -> Any:
+    if isinstance(home, (str, os.PathLike)):
+        from pipelines.home import KeyHome
+
+        return KeyHome.open(home)
+    return home
+
+
+# ------------------------------------------------------------------ python -m pipelines.encrypt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.encrypt", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", default=None, help="key home (default: $KEYTURN_HOME or ./.keyturn)")
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--lake", required=True)
+    parser.add_argument("--columns", required=True, help="comma-separated columns to encrypt")
+    parser.add_argument("--partition-by", default=None, help="comma-separated partition columns")
+    args, beam_args = parser.parse_known_args(argv)
+    from pipelines.home import default_home
+
+    report = run(
+        home=args.home or default_home(),
+        source=args.source,
+        lake=args.lake,
+        columns=args.columns,
+        partition_by=args.partition_by,
+        beam_args=[a for a in beam_args if a != "--"],
+    )
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Beam I/O for the lake: read lake files as `(partition, RecordBatch)`, write batches as new lake files.
+
+- `ReadLakeFiles`: elements `(partition, path)` -> `(partition, batch)`,
+  batches of at most `batch_rows` rows, read with `ParquetFile.iter_batches`.
+  A file that cannot be read as Parquet goes to the `quarantine` output as a
+  `QuarantineRecord` (reason `unparseable`, its raw bytes up to
+  `MAX_QUARANTINE_BYTES`); the file itself is left where it is.
+- `WriteLakeFiles`: `(partition, batch)` -> one Parquet file per element
+  under `<root>/<partition>/`, written atomically (temp file in the same
+  directory, fsync, rename) with the "keyturn" footer (`footer_for`), so an
+  inventory reads only footers. Emits a small dict per written file.
+- `WriteSideOutput`: gathers a side output (audit events, version-mismatch
+  events, quarantine records) and writes one Avro container file
+  `<lake>/_keyturn/<kind>/<run-id>.avro` with the shipped schema; nothing
+  is written when the output is empty.
+
+`pipeline_options(beam_args)` builds the `PipelineOptions` every lake
+pipeline uses. When `beam_args` names no `--runner`, the pipeline runs on
+the FnApiRunner, the DirectRunner's in-process batch engine: Beam 2.77's
+DirectRunner would first try to download the Prism runner from the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, Dict, Tuple
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import TaggedOutput
+
+import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
+from keyturn.arrow_codec import VERSION_COLUMN, encrypted_columns
+from keyturn.audit.events import build_quarantine
+from keyturn.lake.layout import Lake, temp_name_for
+from transforms.tags import QUARANTINE
+
+__all__ = [
+    "FOOTER_KEY",
+    "FOOTER_FORMAT",
+    "MAX_QUARANTINE_BYTES",
+    "DEFAULT_RUNNER",
+    "pipeline_options",
+    "new_run_id",
+    "footer_for",
+    "strip_footer",
+    "read_footer",
+    "write_parquet_atomically",
+    "write_avro_atomically",
+    "side_output_records",
+    "ReadLakeFiles",
+    "WriteLakeFiles",
+    "WriteSideOutput",
+]
+
+FOOTER_KEY = b"keyturn"
+FOOTER_FORMAT = 1
+MAX_QUARANTINE_BYTES = 64 << 20
+DEFAULT_RUNNER = "FnApiRunner"
+SIDE_OUTPUT_SCHEMAS = {"audit": "audit_event", "mismatch": "version_mismatch", "quarantine": "quarantine_record"}
+
+Keyed = Tuple[str, pa.RecordBatch]
+
+
+def pipeline_options(beam_args: Sequence[str] | None = None) -> PipelineOptions:
+    """`PipelineOptions(beam_args)`, on the FnApiRunner unless `beam_args` names a runner."""
+    args = list(beam_args or [])
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args.append(f"--runner={DEFAULT_RUNNER}")
+    return PipelineOptions(args)
+
+
+def new_run_id(clock: Callable[[], datetime] | None = None) -> str:
+    """A sortable, unique run id: ``20250131T120000Z-1a2b3c4d``."""
+    now = (clock or (lambda: datetime.now(timezone.utc)))()
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+
+
+# ------------------------------------------------------------------ footers
+
+
+def footer_for(batch: pa.RecordBatch | pa.Table, dataset: str, partition: str) -> dict[str, Any]:
+    """The "keyturn" footer of a lake file holding `batch`: rows per key version, encrypted columns."""
+    versions: dict[str, int] = {}
+    if VERSION_COLUMN in batch.schema.names:
+        for item in batch.column(VERSION_COLUMN).value_counts().to_pylist():
+            if item["values"] is not None:  # rows without a version are rows - sum(versions)
+                versions[str(item["values"])] = item["counts"]
+    return {
+        "format": FOOTER_FORMAT,
+        "dataset": dataset,
+        "partition": partition,
+        "rows": batch.num_rows,
+        "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0]))),
+        "encrypted_columns": encrypted_columns(batch.schema),
+    }
+
+
+def strip_footer(schema: pa.Schema) -> pa.Schema:
+    """`schema` without the "keyturn" footer key (which describes one file, not the data)."""
+    meta = dict(schema.metadata or {})
+    if FOOTER_KEY not in meta:
+        return schema
+    meta.pop(FOOTER_KEY)
+    return schema.with_metadata(meta) if meta else schema.remove_metadata()
+
+
+def read_footer(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """A file's "keyturn" footer (None if it has none); reads the Parquet footer only."""
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata.metadata or {}
+    raw = meta.get(FOOTER_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+def _fsync_local(fs: pafs.FileSystem, path: str, *, directory: bool = False) -> None:
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _private_write_parquet_atomically(fs: pafs.FileSystem, path: str, table: pa.Table, footer: Mapping[str, Any] | None) -> None:
+    """Temp file in the same directory, fsync, rename over `path`, fsync the directory."""
+    directory = posixpath.dirname(path)
+    fs.create_dir(directory, recursive=True)
+    tmp = posixpath.join(directory, temp_name_for(posixpath.basename(path)))
+    if footer is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[FOOTER_KEY] = json.dumps(footer, sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
+    try:
+        with fs.open_output_stream(tmp) as out:
+            pq.write_table(table, out)
+        _fsync_local(fs, tmp)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except (FileNotFoundError, OSError):
+            pass
+        raise
+    _fsync_local(fs, directory, directory=True)
+
+
+def write_parquet_atomically(lake: Lake, path: str, table: pa.Table | pa.RecordBatch, footer: Mapping[str, Any] | None) -> None:
+    """Write `table` to `path` atomically; with `footer` (a `footer_for` dict) as the "keyturn" metadata.
+
+    Uses the lake package's writer (`keyturn.lake.atomic`) when it is there,
+    so every lake file is written the same way; else an equivalent private one.
+    """
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    try:
+        from keyturn.lake.atomic import write_parquet_atomically as lake_writer
+        from keyturn.lake.footer import footer_for as lake_footer
+    except ImportError:
+        _private_write_parquet_atomically(lake.fs, path, table, footer)
+        return
+    parsed = None
+    if footer is not None:
+        versions = {int(v): n for v, n in footer["versions"].items()}
+        parsed = lake_footer(footer["dataset"], footer["partition"], versions, footer["rows"], footer["encrypted_columns"])
+    lake_writer(lake, path, table, parsed)
+
+
+def write_avro_atomically(fs: pafs.FileSystem, path: str, schema_name: str, records: Iterable[Mapping[str, Any]]) -> int:
+    """Write `records` as an Avro container file with a shipped schema, atomically; returns the count."""
+    import io
+
+    import fastavro
+
+    from schemas import load_schema
+
+    records = list(records)
+    buf = io.BytesIO()
+    fastavro.writer(buf, load_schema(schema_name), records, codec="deflate")
+    directory = posixpath.dirname(path)
+    fs.create_dir(directory, recursive=True)
+    tmp = posixpath.join(directory, temp_name_for(posixpath.basename(path)))
+    with fs.open_output_stream(tmp) as out:
+        out.write(buf.getvalue())
+    _fsync_local(fs, tmp)
+    fs.move(tmp, path)
+    _fsync_local(fs, directory, directory=True)
+    return len(records)
+
+
+def side_output_records(lake: Lake, kind: str, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Records of `<lake>/_keyturn/<kind>/` Avro files (of one run, or all), for reports and tests."""
+    import fastavro
+
+    directory = lake.keyturn_path(kind)
+    if lake.fs.get_file_info(directory).type != pafs.FileType.Directory:
+        return []
+    out: list[dict[str, Any]] = []
+    for info in sorted(lake.fs.get_file_info(pafs.FileSelector(directory)), key=lambda i: i.path):
+        name = info.base_name
+        if info.type != pafs.FileType.File or not name.endswith(".avro") or name.startswith("."):
+            continue
+        if run_id is not None and name != f"{run_id}.avro":
+            continue
+        with lake.fs.open_input_stream(info.path) as f:
+            out.extend(fastavro.reader(f))
+    return out
+
+
+# ------------------------------------------------------------------ DoFns
+
+
+class ReadLakeFiles(beam.DoFn):
+    """`(partition, path)` -> `(partition, RecordBatch)`; unreadable files -> `quarantine`."""
+
+    def __init__(self, lake_uri: str, dataset: str, *, batch_rows: int = 65_536, columns: Sequence[str] | None = None) -> None:
+        self.lake_uri = lake_uri
+        self.dataset = dataset
+        self.batch_rows = batch_rows
+        self.columns = None if columns is None else list(columns)
+        self._lake: Lake | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_lake": None}
+
+    def setup(self) -> None:
+        self._lake = Lake(self.lake_uri)
+
+    def process(self, element: tuple[str, str]) -> Iterator[Any]:
+        partition, path = element
+        fs = self._lake.fs
+        try:
+            with fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                schema = strip_footer(pf.schema_arrow)
+                batches = [
+                    b for b in pf.iter_batches(batch_size=self.batch_rows, columns=self.columns) if b.num_rows
+                ]
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            yield TaggedOutput(QUARANTINE, self._quarantine(partition, path, exc))
+            return
+        for batch in batches:
+            yield partition, pa.RecordBatch.from_arrays(batch.columns, schema=schema if self.columns is None else strip_footer(batch.schema))
+
+    def _quarantine(self, partition: str, path: str, exc: BaseException) -> dict[str, Any]:
+        fs = self._lake.fs
+        size = fs.get_file_info(path).size or 0
+        with fs.open_input_stream(path) as f:
+            payload = f.read(MAX_QUARANTINE_BYTES)
+        note = "" if size <= MAX_QUARANTINE_BYTES else f"; first {MAX_QUARANTINE_BYTES} of {size} bytes kept"
+        detail = f"not a readable Parquet file: {self._lake.relpath(path)} ({type(exc).__name__}){note}; file left in place"
+        return build_quarantine(
+            "unparseable",
+            dataset=self.dataset,
+            partition=partition,
+            detail=detail[:1000],
+            payload=payload,
+            payload_format="raw",
+            rows=0,
+        ).to_dict()
+
+
+class WriteLakeFiles(beam.DoFn):
+    """`(partition, RecordBatch)` -> one Parquet file under `<root>/<partition>/`, atomically.
+
+    `footer_dataset` set: the file gets the "keyturn" footer (an encrypted lake
+    file). `name_fn(partition, batch)` chooses the file name (deterministic
+    names make a re-run replace a file instead of adding a second copy);
+    by default ``part-<uuid>.parquet``. Emits `{"partition", "path", "rows", "bytes"}`.
+    """
+
+    def __init__(
+        self,
+        root_uri: str,
+        *,
+        footer_dataset: str | None,
+        name_fn: Callable[[str, pa.RecordBatch], str] | None = None,
+    ) -> None:
+        self.root_uri = root_uri
+        self.footer_dataset = footer_dataset
+        self.name_fn = name_fn
+        self._lake: Lake | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_lake": None}
+
+    def setup(self) -> None:
+        self._lake = Lake(self.root_uri)
+
+    def process(self, element: Keyed) -> Iterator[Dict[str, Any]]:
+        partition, batch = element
+        if not batch.num_rows:
+            return
+        name = self.name_fn(partition, batch) if self.name_fn else f"part-{uuid.uuid4().hex}.parquet"
+        path = self._lake.path(partition, name)
+        table = pa.Table.from_batches([batch]).replace_schema_metadata(strip_footer(batch.schema).metadata)
+        footer = None if self.footer_dataset is None else footer_for(batch, self.footer_dataset, partition)
+        write_parquet_atomically(self._lake, path, table, footer)
+        size = self._lake.fs.get_file_info(path).size or 0
+        yield {"partition": partition, "path": path, "rows": batch.num_rows, "bytes": size}
+
+
+class WriteSideOutput(beam.PTransform):
+    """Write one side output (kind audit, mismatch or quarantine) to `<lake>/_keyturn/<kind>/<run-id>.avro`.
+
+    Elements are the dicts the transforms emit; version-mismatch elements
+    `(event, rows)` are written as their event. Outputs the record count.
+    """
+
+    def __init__(self, lake_uri: str, kind: str, run_id: str) -> None:
+        super().__init__()
+        if kind not in SIDE_OUTPUT_SCHEMAS:
+            raise ValueError(f"kind must be one of {sorted(SIDE_OUTPUT_SCHEMAS)}, not {kind!r}")
+        self.lake_uri = lake_uri
+        self.kind = kind
+        self.run_id = run_id
+
+    def expand(self, pcoll: beam.PCollection) -> beam.PCollection:
+        lake_uri, kind, run_id = self.lake_uri, self.kind, self.run_id
+        records = pcoll | "Event" >> beam.Map(_event_of).with_output_types(Dict[str, Any])
+        return (
+            records
+            | "Gather" >> beam.combiners.ToList()
+            | "Write" >> beam.Map(_write_side_output, lake_uri, kind, run_id)
+        )
+
+
+def _event_of(element: Any) -> dict[str, Any]:
+    return element[0] if isinstance(element, tuple) else element
+
+
+def _write_side_output(records: list[dict[str, Any]], lake_uri: str, kind: str, run_id: str) -> int:
+    if not records:
+        return 0
+    lake = Lake(lake_uri)
+    records = sorted(records, key=lambda r: json.dumps({k: v for k, v in r.items() if k != "payload"}, sort_keys=True, default=str))
+    return write_avro_atomically(lake.fs, lake.side_output_path(kind, run_id), SIDE_OUTPUT_SCHEMAS[kind], records)
