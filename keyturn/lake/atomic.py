@@ -1,0 +1,168 @@
+"""Atomic Parquet writes: a temp file in the same directory, fsync, rename, fsync the directory.
+
+A writer never touches the final path until the file is complete: it
+writes ``.keyturn-tmp-<uuid>-<name>`` next to it (a hidden name, so no
+reader sees it as data), flushes and fsyncs it, and then renames it over
+the final path. On a local filesystem the rename is atomic, so a crash
+leaves either the old file or the new one, never a mix; the directory is
+fsynced so the rename survives a power cut. Leftover temp files of crashed
+writers are removed by `Lake.remove_temp_files` (under the lake lock).
+
+On an object store (S3, later) a "move" is copy-then-delete: the new object
+appears whole, but the original path is briefly absent; the S3 backend
+will address that.
+
+The ``keyturn`` footer (`keyturn.lake.footer`) is added to the file's
+key-value metadata when the file is finished, so a writer that streams row
+groups can count versions as it goes.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from keyturn.lake.footer import FOOTER_KEY, Footer
+from keyturn.lake.layout import Lake, temp_name_for
+
+__all__ = ["AtomicParquetWriter", "write_parquet_atomically", "fsync_dir"]
+
+
+def fsync_dir(lake: Lake, directory: str) -> None:
+    """fsync a directory of a local lake (no-op elsewhere), so a rename in it is durable."""
+    if not lake.is_local:
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _strip_footer(schema: pa.Schema) -> pa.Schema:
+    meta = dict(schema.metadata or {})
+    if FOOTER_KEY in meta:
+        del meta[FOOTER_KEY]
+        return schema.with_metadata(meta) if meta else schema.remove_metadata()
+    return schema
+
+
+class AtomicParquetWriter:
+    """Writes one Parquet file to a temp path; `commit` renames it over `path`.
+
+    Use as a context manager: leaving the block without `commit` (an error)
+    removes the temp file. `write` appends tables (each becomes one or more
+    row groups); `finish(footer)` adds the footer and makes the temp file
+    durable; `commit()` renames it into place.
+    """
+
+    def __init__(self, lake: Lake, path: str, schema: pa.Schema, **writer_options: Any) -> None:
+        self.lake = lake
+        self.path = path
+        self.directory = posixpath.dirname(path)
+        self.temp_path = posixpath.join(self.directory, temp_name_for(posixpath.basename(path)))
+        self.schema = _strip_footer(schema)
+        lake.fs.create_dir(self.directory, recursive=True)
+        self._file: BinaryIO | None = None
+        self._stream: Any = None
+        if lake.is_local:
+            self._file = open(self.temp_path, "xb")  # noqa: SIM115 - closed in finish/abort
+            sink: Any = self._file
+        else:
+            self._stream = sink = lake.fs.open_output_stream(self.temp_path)
+        options = {"compression": "snappy", "write_statistics": True}
+        options.update(writer_options)
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(sink, self.schema, **options)
+        self.rows = 0
+        self.finished = False
+        self.committed = False
+
+    def write(self, table: pa.Table | pa.RecordBatch, *, row_group_size: int | None = None) -> None:
+        if self._writer is None:
+            raise RuntimeError("the writer is finished")
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        table = table.replace_schema_metadata(self.schema.metadata)
+        self._writer.write_table(table, row_group_size=row_group_size or max(1, table.num_rows))
+        self.rows += table.num_rows
+
+    def flush(self) -> None:
+        """Push what is written so far to the OS (for tests that crash mid-write)."""
+        if self._file is not None:
+            self._file.flush()
+
+    def finish(self, footer: Footer | None) -> str:
+        """Add `footer`, close the file and fsync it; returns the temp path (not yet in place)."""
+        if self._writer is None:
+            raise RuntimeError("the writer is finished")
+        if footer is not None:
+            if footer.rows != self.rows:
+                raise ValueError(f"footer says {footer.rows} rows, {self.rows} were written")
+            self._writer.add_key_value_metadata({FOOTER_KEY: footer.to_bytes()})
+        writer, self._writer = self._writer, None
+        writer.close()
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self.finished = True
+        return self.temp_path
+
+    def commit(self) -> None:
+        """Atomically replace `path` with the finished temp file, durably."""
+        if not self.finished:
+            raise RuntimeError("finish() the file before commit()")
+        self.lake.fs.move(self.temp_path, self.path)
+        fsync_dir(self.lake, self.directory)
+        self.committed = True
+
+    def abort(self) -> None:
+        """Close and remove the temp file (idempotent; the final path is untouched)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the file is being thrown away
+                pass
+            self._writer = None
+        for handle in (self._file, self._stream):
+            if handle is not None:
+                try:
+                    handle.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        self._file = self._stream = None
+        if not self.committed:
+            try:
+                self.lake.fs.delete_file(self.temp_path)
+            except (FileNotFoundError, OSError):
+                pass
+
+    def __enter__(self) -> AtomicParquetWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if not self.committed:
+            self.abort()
+
+
+def write_parquet_atomically(
+    lake: Lake, path: str, table: pa.Table | pa.RecordBatch, footer: Footer | None, *, row_group_size: int | None = None
+) -> None:
+    """Write `table` to `path` (temp file, fsync, atomic rename, fsync dir) with `footer`.
+
+    `row_group_size` defaults to one row group per 128Ki rows.
+    """
+    with AtomicParquetWriter(lake, path, table.schema) as writer:
+        rows = table.num_rows
+        size = row_group_size or min(max(1, rows), 1 << 17)
+        writer.write(table, row_group_size=size)
+        writer.finish(footer)
+        writer.commit()

@@ -1,0 +1,175 @@
+"""The inventory of a lake: rows and files per key version per partition, from footers only.
+
+`take_inventory` lists the data files and reads each one's footer (see
+`keyturn.lake.footer`); it never reads data pages of a file that carries a
+consistent ``keyturn`` footer. The result drives the reencrypt plan (files
+with stale rows), `keyturn status`, and the registry's retire and deletion
+checks (`Inventory.references`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from keyturn.lake.footer import FileSummary, read_file_summary
+from keyturn.lake.layout import Lake
+from keyturn.policy import KeyPolicy, ReadStatus
+
+__all__ = ["Inventory", "take_inventory"]
+
+_STATUSES = [s.value for s in ReadStatus if s is not ReadStatus.CORRUPT]
+
+
+@dataclass
+class Inventory:
+    """Summaries of every data file of a lake under one key policy snapshot.
+
+    Also a registry `Inventory` (`references(version)`), so retiring or
+    deleting a version is refused while data still uses it.
+    """
+
+    lake: Lake
+    policy: KeyPolicy
+    files: list[FileSummary]
+    dataset: str | None = None
+
+    # -- registry Inventory protocol ---------------------------------------
+    def references(self, version: int) -> int:
+        """Rows under `version`, plus one per unreadable file (it might hold that version).
+
+        Conservative on purpose: a key is not retired or deleted while any
+        file the inventory cannot read might still need it.
+        """
+        rows = sum(f.versions.get(version, 0) for f in self.files)
+        return rows + len(self.unreadable())
+
+    # -- views --------------------------------------------------------------
+    def readable(self) -> list[FileSummary]:
+        return [f for f in self.files if f.readable]
+
+    def unreadable(self) -> list[FileSummary]:
+        return [f for f in self.files if not f.readable]
+
+    def foreign(self) -> list[FileSummary]:
+        """Readable files whose footer names another dataset (never rewritten)."""
+        if self.dataset is None:
+            return []
+        return [f for f in self.readable() if f.dataset is not None and f.dataset != self.dataset]
+
+    def stale_files(self) -> list[FileSummary]:
+        """Files holding stale rows (readable, on a decrypt-only version) of this dataset, by path."""
+        foreign = {id(f) for f in self.foreign()}
+        return [f for f in self.files if f.needs_rewrite(self.policy) and id(f) not in foreign]
+
+    def current_files(self) -> list[FileSummary]:
+        return [f for f in self.files if f.is_current(self.policy)]
+
+    def versions(self) -> dict[int, int]:
+        """Rows per key version over the whole lake."""
+        out: dict[int, int] = {}
+        for f in self.files:
+            for v, n in f.versions.items():
+                out[v] = out.get(v, 0) + n
+        return dict(sorted(out.items()))
+
+    def status_rows(self, files: Iterable[FileSummary] | None = None) -> dict[str, int]:
+        """Rows per status (current, stale, retired, unknown, missing)."""
+        out = {s: 0 for s in _STATUSES}
+        for f in self.files if files is None else files:
+            for s, n in f.status_rows(self.policy).items():
+                if s in out:
+                    out[s] += n
+        return out
+
+    def totals(self) -> dict[str, Any]:
+        rows = sum(f.rows for f in self.files)
+        status = self.status_rows()
+        return {
+            "files": len(self.files),
+            "unreadable_files": len(self.unreadable()),
+            "rows": rows,
+            "active_version": self.policy.active.version,
+            "versions": {str(v): n for v, n in self.versions().items()},
+            "status_rows": status,
+            "current_fraction": (status["current"] / rows) if rows else 1.0,
+            "stale_files": len(self.stale_files()),
+            "current_files": len(self.current_files()),
+        }
+
+    def by_partition(self) -> dict[str, dict[str, Any]]:
+        """Per partition: files, rows, rows and files per version, rows per status, fraction current."""
+        out: dict[str, dict[str, Any]] = {}
+        for f in self.files:
+            p = out.setdefault(
+                f.partition,
+                {"files": 0, "rows": 0, "unreadable_files": 0, "rows_by_version": {}, "files_by_version": {}, "stale_files": 0},
+            )
+            p["files"] += 1
+            p["rows"] += f.rows
+            p["unreadable_files"] += 0 if f.readable else 1
+            p["stale_files"] += 1 if f.needs_rewrite(self.policy) else 0
+            for v, n in f.versions.items():
+                p["rows_by_version"][str(v)] = p["rows_by_version"].get(str(v), 0) + n
+                p["files_by_version"][str(v)] = p["files_by_version"].get(str(v), 0) + 1
+        for partition, p in out.items():
+            files = [f for f in self.files if f.partition == partition]
+            p["status_rows"] = self.status_rows(files)
+            p["current_fraction"] = (p["status_rows"]["current"] / p["rows"]) if p["rows"] else 1.0
+            p["rows_by_version"] = dict(sorted(p["rows_by_version"].items(), key=lambda kv: int(kv[0])))
+            p["files_by_version"] = dict(sorted(p["files_by_version"].items(), key=lambda kv: int(kv[0])))
+        return dict(sorted(out.items()))
+
+    def problems(self) -> list[dict[str, Any]]:
+        """Files needing a human: unreadable, another dataset, or holding retired/unknown/missing rows."""
+        out = []
+        for f in self.files:
+            if not f.readable:
+                out.append({"path": f.relpath, "partition": f.partition, "reason": "unreadable", "detail": f.error})
+                continue
+            if self.dataset is not None and f.dataset is not None and f.dataset != self.dataset:
+                out.append(
+                    {"path": f.relpath, "partition": f.partition, "reason": "foreign_dataset",
+                     "detail": f"footer names dataset {f.dataset!r}, not {self.dataset!r}; left untouched"}
+                )
+            status = f.status_rows(self.policy)
+            for reason in ("retired", "unknown", "missing"):
+                if status[reason]:
+                    out.append(
+                        {"path": f.relpath, "partition": f.partition, "reason": reason, "rows": status[reason],
+                         "detail": f"{status[reason]} rows {_WHY[reason]}; left as they are"}
+                    )
+        return out
+
+    def to_dict(self, *, with_files: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"lake": self.lake.uri, "dataset": self.dataset, **self.totals()}
+        out["partitions"] = self.by_partition()
+        out["problems"] = self.problems()
+        if with_files:
+            out["file_list"] = [f.to_dict(self.policy) for f in self.files]
+        return out
+
+
+_WHY = {
+    "retired": "are under a retired key version",
+    "unknown": "are under a key version the registry does not know",
+    "missing": "carry no key-version metadata",
+}
+
+
+def take_inventory(lake: Lake, policy: KeyPolicy, *, dataset: str | None = None, threads: int = 8) -> Inventory:
+    """Read every data file's footer (in `threads` threads) and build the inventory.
+
+    `dataset`, if given, marks files whose footer names another dataset as
+    foreign (reported, never rewritten). A missing lake directory is an
+    empty inventory; call `lake.require()` first to make it an error.
+    """
+    data_files = lake.data_files()
+    if threads > 1 and len(data_files) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            files = list(pool.map(lambda df: read_file_summary(lake, df), data_files))
+    else:
+        files = [read_file_summary(lake, df) for df in data_files]
+    return Inventory(lake, policy, files, dataset)

@@ -1,0 +1,179 @@
+"""The lake layout: where data files, partitions and keyturn's own files live.
+
+A lake is a directory tree of hive-partitioned Parquet files::
+
+    <lake>/<partition>/part-<uuid>.parquet     data ("region=3", "a=1/b=2", or "" when unpartitioned)
+    <lake>/_keyturn/mismatch/<run-id>.avro    keyturn's side outputs (also audit/, quarantine/)
+    <lake>/_keyturn/lock                      the lake lock
+
+A file or directory whose name starts with "." or "_" is never data
+(pyarrow.dataset ignores them too), so temp files (``.keyturn-tmp-...``)
+and ``_keyturn/`` are invisible to other readers. Partition columns are not
+stored inside the files; readers take them from the path.
+
+All file access goes through a `pyarrow.fs.FileSystem`, so the same code
+serves a local directory now and S3 later; only fsync and the lock
+special-case the local filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from keyturn.errors import LakeError
+
+__all__ = ["Lake", "DataFile", "TEMP_PREFIX", "KEYTURN_DIR", "is_hidden", "is_temp_name", "temp_name_for"]
+
+TEMP_PREFIX = ".keyturn-tmp-"
+KEYTURN_DIR = "_keyturn"
+SIDE_OUTPUT_KINDS = ("audit", "mismatch", "quarantine")
+
+
+def is_hidden(name: str) -> bool:
+    """True for names that are never data: they start with "." or "_"."""
+    return name.startswith((".", "_"))
+
+
+def is_temp_name(name: str) -> bool:
+    """True for keyturn's temp files (``.keyturn-tmp-<uuid>-<name>``)."""
+    return name.startswith(TEMP_PREFIX)
+
+
+def temp_name_for(name: str) -> str:
+    """A fresh temp file name for a file called `name`, in the same directory."""
+    return f"{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class DataFile:
+    """One data file: its filesystem path, its path relative to the lake, its partition."""
+
+    path: str
+    relpath: str
+    partition: str
+    size: int
+    mtime_ns: int | None
+
+
+class Lake:
+    """A Parquet lake rooted at `uri` (a local path, or a URI pyarrow.fs understands)."""
+
+    def __init__(self, uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> None:
+        uri = os.fspath(uri)
+        if not uri:
+            raise ValueError("the lake path must be non-empty")
+        if filesystem is not None:
+            self.fs, self.root = filesystem, uri.rstrip("/") or "/"
+        elif "://" in uri:
+            self.fs, root = pafs.FileSystem.from_uri(uri)
+            self.root = root.rstrip("/")
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        self.uri = uri
+
+    def __repr__(self) -> str:
+        return f"Lake({self.uri!r})"
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Lake, (self.uri,))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    # -- paths ---------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """The filesystem path of `parts` (joined with "/") under the lake root."""
+        cleaned = [p.strip("/") for p in parts if p and p.strip("/")]
+        return posixpath.join(self.root, *cleaned) if cleaned else self.root
+
+    def relpath(self, path: str) -> str:
+        """`path` relative to the lake root (`LakeError` if it is outside)."""
+        prefix = self.root.rstrip("/") + "/"
+        if not path.startswith(prefix):
+            raise LakeError(f"{path} is not inside the lake {self.uri}")
+        return path[len(prefix):]
+
+    @staticmethod
+    def partition_of(relpath: str) -> str:
+        """The hive partition path of a data file's relative path ("" at the top level)."""
+        return posixpath.dirname(relpath)
+
+    def keyturn_path(self, *parts: str) -> str:
+        """A path under ``<lake>/_keyturn/``."""
+        return self.path(KEYTURN_DIR, *parts)
+
+    def side_output_path(self, kind: str, name: str) -> str:
+        """``<lake>/_keyturn/<kind>/<name>.avro`` for kind audit, mismatch or quarantine."""
+        if kind not in SIDE_OUTPUT_KINDS:
+            raise ValueError(f"side-output kind must be one of {SIDE_OUTPUT_KINDS}, not {kind!r}")
+        if not name or "/" in name or is_hidden(name):
+            raise ValueError(f"bad side-output file name {name!r}")
+        return self.keyturn_path(kind, f"{name}.avro")
+
+    def new_data_path(self, partition: str) -> str:
+        """A fresh ``<lake>/<partition>/part-<uuid>.parquet`` path."""
+        return self.path(partition, f"part-{uuid.uuid4().hex}.parquet")
+
+    # -- listing -------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
+    def require(self) -> None:
+        """`LakeError` unless the lake directory exists."""
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.NotFound:
+            raise LakeError(f"no lake at {self.uri}: the directory does not exist")
+        if info.type != pafs.FileType.Directory:
+            raise LakeError(f"{self.uri} is not a directory")
+
+    def _walk(self) -> list[pafs.FileInfo]:
+        if not self.exists():
+            return []
+        return self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+
+    def data_files(self) -> list[DataFile]:
+        """Every data file, sorted by relative path; hidden names (and what is under them) are skipped."""
+        out = []
+        for info in self._walk():
+            if info.type != pafs.FileType.File:
+                continue
+            rel = self.relpath(info.path)
+            if any(is_hidden(part) for part in rel.split("/")):
+                continue
+            out.append(DataFile(info.path, rel, self.partition_of(rel), info.size or 0, info.mtime_ns))
+        out.sort(key=lambda f: f.relpath)
+        return out
+
+    def temp_files(self) -> list[str]:
+        """Leftover ``.keyturn-tmp-*`` files anywhere in the lake (never data)."""
+        return sorted(
+            info.path for info in self._walk() if info.type == pafs.FileType.File and is_temp_name(posixpath.basename(info.path))
+        )
+
+    def remove_temp_files(self) -> list[str]:
+        """Delete leftover temp files of crashed writers; returns their relative paths.
+
+        A temp file is never data: the file it was meant to replace is intact
+        until the rename. Only call this while holding the lake lock
+        exclusively, or a running writer's temp file could disappear.
+        """
+        removed = []
+        for path in self.temp_files():
+            try:
+                self.fs.delete_file(path)
+            except FileNotFoundError:
+                continue
+            removed.append(self.relpath(path))
+        return removed
+
+    def lock(self, *, exclusive: bool = True, owner: str = "keyturn"):  # type: ignore[no-untyped-def]
+        """The lake lock (see `keyturn.lake.lock.LakeLock`)."""
+        from keyturn.lake.lock import LakeLock
+
+        return LakeLock(self, exclusive=exclusive, owner=owner)
