@@ -27,6 +27,7 @@ import contextlib
 import getpass
 import inspect
 import json
+import logging
 import os
 import sys
 import traceback
@@ -274,7 +275,7 @@ def _default_home() -> str:
 
 
 def _call_run(run: Callable[..., Mapping[str, Any]], ctx: _Context, label: str, **kwargs: Any) -> dict[str, Any]:
-    """Call a pipeline's `run(...)` with Beam args, and a progress callback if it takes one."""
+    """Call a pipeline's `run(...)` with Beam args, plus the actor and a progress callback if it takes them."""
     with ctx.progress(label) as progress:
         try:
             params = inspect.signature(run).parameters
@@ -282,6 +283,8 @@ def _call_run(run: Callable[..., Mapping[str, Any]], ctx: _Context, label: str, 
             params = {}
         if progress is not None and "progress" in params:
             kwargs["progress"] = progress
+        if "actor" in params:
+            kwargs["actor"] = ctx.actor
         report = run(beam_args=ctx.beam_args, **kwargs)
     if not isinstance(report, Mapping):
         raise TypeError(f"{run.__module__}.run returned {type(report).__name__}, not a report dict")
@@ -558,6 +561,21 @@ def _error_message(exc: BaseException, code: int) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def _quiet_library_logs(debug: bool) -> None:
+    """Keep library warnings (Beam's optional-dependency notices) off a normal run's stderr.
+
+    Only when nothing configured logging yet (a real command line, not an
+    embedding program or a test harness); --debug shows INFO and up.
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    if debug:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    else:
+        root.setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with `argv` (default: sys.argv[1:]) and return the exit code."""
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -570,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as stop:  # --help
             return stop.code if isinstance(stop.code, int) else exitcodes.OK
         want_json, debug = args.json, args.debug
+        _quiet_library_logs(debug)
         if beam_args and args.verb not in BEAM_VERBS:
             raise UsageError(
                 f"Beam options after `--` apply only to {', '.join(sorted(BEAM_VERBS))}; `{args.verb}` runs no pipeline"

@@ -6,7 +6,7 @@
 | 1    | INTERNAL    | an unexpected error (a bug); rerun with --debug for the traceback     |
 | 2    | USAGE       | bad arguments, bad config, missing home or input, unknown column/version |
 | 3    | DATA        | data problems found: side outputs non-empty, audit chain broken, corrupt files |
-| 4    | UNAVAILABLE | the KMS or the key registry could not be used                         |
+| 4    | UNAVAILABLE | the KMS, the key registry or an audit sink could not be used          |
 | 5    | REFUSED     | refused on purpose: version still in use, lake locked, invalid state change |
 
 `exit_code_for(exc)` maps an exception to a code by walking its class
@@ -15,7 +15,8 @@ hierarchy, so subclasses inherit their parent's code; errors added later
 to choose their own.
 
 `report_exit_code(report)` maps a pipeline's JSON-able report: DATA when
-``report["problems"]`` is a positive count, else OK.
+``report["problems"]`` is a positive count or a non-empty list (of problem
+records), else OK.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ _BY_CLASS: dict[type[BaseException], int] = {
     errors.KmsClosedError: INTERNAL,
     errors.KmsError: UNAVAILABLE,
     errors.AuditChainError: DATA,
+    errors.AuditSinkError: UNAVAILABLE,
     errors.DecryptionError: DATA,
     errors.ScopeClosedError: INTERNAL,
     FileNotFoundError: USAGE,
@@ -81,8 +83,10 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def report_exit_code(report: Mapping[str, Any]) -> int:
-    """DATA when the report counts problems (``report["problems"] > 0``), else OK."""
+    """DATA when the report has problems (``report["problems"]``: a count > 0 or a non-empty list), else OK."""
     problems = report.get("problems", 0) if isinstance(report, Mapping) else 0
+    if isinstance(problems, (list, tuple)):
+        return DATA if problems else OK
     if isinstance(problems, bool) or not isinstance(problems, int):
         return OK
     return DATA if problems > 0 else OK
