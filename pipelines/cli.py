@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("reencrypt", "bring stale lake files onto the current key version, lazily and crash-safely")
     p.add_argument("--lake", required=True, metavar="PATH")
-    p.add_argument("--mode", choices=("rewrap", "reencrypt"), default=None,
-                   help="rewrap the DEKs only, or re-encrypt payloads (default: lifecycle.rewrap_mode)")
+    p.add_argument("--mode", choices=("rewrap", "reencrypt", "auto"), default=None,
+                   help="rewrap the DEKs only, re-encrypt payloads, or auto (re-encrypt DEKs older than "
+                   "lifecycle.dek_max_age_days); default: lifecycle.rewrap_mode")
     p.add_argument("--dry-run", action="store_true", help="take the inventory and report; change nothing")
     p.add_argument("--max-files", type=_positive_int, default=None, metavar="N", help="rewrite at most N files this run")
 
@@ -285,6 +286,8 @@ def _call_run(run: Callable[..., Mapping[str, Any]], ctx: _Context, label: str, 
             kwargs["progress"] = progress
         if "actor" in params:
             kwargs["actor"] = ctx.actor
+        if "clock" in params:
+            kwargs["clock"] = ctx.clock
         report = run(beam_args=ctx.beam_args, **kwargs)
     if not isinstance(report, Mapping):
         raise TypeError(f"{run.__module__}.run returned {type(report).__name__}, not a report dict")
@@ -367,55 +370,44 @@ def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
     )
 
 
+def _pipeline(ctx: _Context, module: Any, label: str, **kwargs: Any) -> tuple[dict[str, Any], str]:
+    """Run `module.run(home=<home path>, **kwargs)` and render its report (its own `render` if it has one)."""
+    home = ctx.home()  # open and validate here, so a broken home fails before any pipeline starts
+    report = _call_run(module.run, ctx, label, home=home.path, **kwargs)
+    render = getattr(module, "render", None)
+    verb = module.__name__.rsplit(".", 1)[-1]
+    return report, (render(report) if callable(render) else _render_pipeline(verb, report))
+
+
 def _cmd_encrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
     from pipelines import encrypt
 
     a = ctx.args
-    report = _call_run(
-        encrypt.run, ctx, "encrypting",
-        home=ctx.home(), source=a.source, lake=a.lake, columns=a.columns, partition_by=a.partition_by,
-    )
-    return report, _render_pipeline("encrypt", report)
+    return _pipeline(ctx, encrypt, "encrypting", source=a.source, lake=a.lake, columns=a.columns,
+                     partition_by=a.partition_by)
 
 
 def _cmd_reencrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
     from pipelines import reencrypt
 
     a = ctx.args
-    home = ctx.home()
-    mode = a.mode or _default_mode(home)
-    report = _call_run(
-        reencrypt.run, ctx, "re-encrypting",
-        home=home, lake=a.lake, mode=mode, dry_run=a.dry_run, max_files=a.max_files,
-    )
-    return report, _render_pipeline("reencrypt", report)
-
-
-def _default_mode(home: Any) -> str:
-    mode = home.config.lifecycle.rewrap_mode
-    return mode if mode in ("rewrap", "reencrypt") else "rewrap"
+    return _pipeline(ctx, reencrypt, "re-encrypting", lake=a.lake, mode=a.mode, dry_run=a.dry_run,
+                     max_files=a.max_files)
 
 
 def _cmd_decrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
     from pipelines import decrypt
 
     a = ctx.args
-    report = _call_run(
-        decrypt.run, ctx, "decrypting", home=ctx.home(), lake=a.lake, out=a.out, columns=a.columns
-    )
-    return report, _render_pipeline("decrypt", report)
+    return _pipeline(ctx, decrypt, "decrypting", lake=a.lake, out=a.out, columns=a.columns)
 
 
 def _cmd_ingest(ctx: _Context) -> tuple[dict[str, Any], str]:
     from pipelines import ingest
 
     a = ctx.args
-    report = _call_run(
-        ingest.run, ctx, f"watching {a.watch}",
-        home=ctx.home(), watch=a.watch, lake=a.lake, columns=a.columns, partition_by=a.partition_by,
-        until_idle=a.until_idle,
-    )
-    return report, _render_pipeline("ingest", report)
+    return _pipeline(ctx, ingest, f"watching {a.watch}", watch=a.watch, lake=a.lake, columns=a.columns,
+                     partition_by=a.partition_by, until_idle=a.until_idle)
 
 
 def _cmd_demo(ctx: _Context) -> tuple[dict[str, Any], str]:
@@ -424,7 +416,8 @@ def _cmd_demo(ctx: _Context) -> tuple[dict[str, Any], str]:
     a = ctx.args
     kwargs = {k: v for k, v in (("rows", a.rows), ("partitions", a.partitions), ("out", a.out)) if v is not None}
     report = _call_run(demo.run, ctx, "running the demo", **kwargs)
-    return report, _render_pipeline("demo", report)
+    render = getattr(demo, "render", None)
+    return report, (render(report) if callable(render) else _render_pipeline("demo", report))
 
 
 def _cmd_status(ctx: _Context) -> tuple[dict[str, Any], str]:
@@ -517,8 +510,48 @@ _HANDLERS: dict[str, Callable[[_Context], tuple[dict[str, Any], str]]] = {
 # --------------------------------------------------------------------------- output
 
 
+def _render_encrypt(r: Mapping[str, Any]) -> str:
+    written, skipped = r.get("partitions_written") or {}, r.get("partitions_skipped") or {}
+    lines = [
+        f"Encrypted {r.get('rows_written', 0):,} rows into {r.get('files_written', 0):,} files in "
+        f"{len(written)} partitions of {r.get('lake')} (columns: {', '.join(r.get('columns') or [])}), "
+        f"with {r.get('kms_calls', 0):,} KMS calls."
+    ]
+    if skipped:
+        lines.append(
+            f"  Skipped {len(skipped)} partitions already in the lake ({r.get('rows_skipped', 0):,} source rows)."
+        )
+    if r.get("audit_file"):
+        lines.append(f"  Audit events: {r['audit_file']}")
+    return "\n".join(lines)
+
+
+def _render_decrypt(r: Mapping[str, Any]) -> str:
+    lines = [
+        f"Decrypted {r.get('rows_written', 0):,} rows from {r.get('files_read', 0):,} lake files into "
+        f"{r.get('out')} ({r.get('files_written', 0):,} plain Parquet files), with {r.get('kms_calls', 0):,} KMS calls."
+    ]
+    if r.get("rows_not_written"):
+        lines.append(f"  {r['rows_not_written']:,} rows were not written (see the side outputs).")
+    for key, label in (("mismatch_file", "version mismatches"), ("quarantine_file", "quarantined records")):
+        if r.get(key):
+            lines.append(f"  {label}: {r[key]}")
+    for p in r.get("problems") or []:
+        if isinstance(p, Mapping):
+            lines.append(f"  problem: {p.get('path') or 'lake'}: {p.get('reason')}: {p.get('detail') or ''}".rstrip())
+    return "\n".join(lines)
+
+
+_RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {"encrypt": _render_encrypt, "decrypt": _render_decrypt}
+
+
 def _render_pipeline(verb: str, report: Mapping[str, Any]) -> str:
-    """A pipeline report as text: its `summary` line if it has one, then its scalar fields."""
+    """A pipeline report as text: a verb-specific account, else its `summary` and scalar fields."""
+    if verb in _RENDERERS:
+        try:
+            return _RENDERERS[verb](report)
+        except (TypeError, ValueError, AttributeError):  # an unexpected report shape: fall back to the fields
+            pass
     lines = []
     summary = report.get("summary")
     if isinstance(summary, str) and summary:
