@@ -32,7 +32,9 @@ The pipeline:
    `<lake>/<partition>/`. A crash before the marker leaves only staging,
    which the next run deletes; a crash after it is rolled forward by the
    next run. So a partition appears with all of this run's files or none,
-   and never twice.
+   and never twice. Crashpoints (test hooks, `keyturn.lake.crash`):
+   ``encrypt:before-commit``, ``encrypt:mid-publish`` (after each moved
+   file), ``encrypt:before-cleanup``.
 
 Encrypt and ingest hold the lake lock shared; `reencrypt` (which replaces
 files) holds it exclusively, so they never overlap.
@@ -57,6 +59,7 @@ import pyarrow.fs as pafs
 
 from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN, encrypted_columns
 from keyturn.errors import InputError
+from keyturn.lake.crash import crashpoint
 from keyturn.lake.layout import Lake, is_hidden
 from keyturn.scope import ScopeLimits
 from pipelines.lake_io import (
@@ -239,8 +242,6 @@ def _staged_files(lake: Lake, run_dir: str) -> list[tuple[str, str]]:
 
 def _publish(lake: Lake, run_dir: str) -> list[str]:
     """Move a committed run's staged files into the lake (idempotent: moved files are gone from staging)."""
-    from keyturn.lake.crash import crashpoint
-
     moved = []
     for staged, final in _staged_files(lake, run_dir):
         lake.fs.create_dir(posixpath.dirname(final), recursive=True)
@@ -439,8 +440,10 @@ def run(
             part["files"] += 1
             part["rows"] += int(footer.get("rows", 0))
             part["bytes"] += size
+        crashpoint("encrypt:before-commit")
         _write_marker(the_lake, posixpath.join(staging_uri, COMMIT_MARKER), {"run_id": run_id, "files": len(staged)})
         _publish(the_lake, staging_uri)
+        crashpoint("encrypt:before-cleanup")
         the_lake.fs.delete_dir(staging_uri)
 
     events = side_output_records(the_lake, "audit", run_id)

@@ -40,6 +40,7 @@ from apache_beam.pvalue import TaggedOutput
 import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
 from keyturn.arrow_codec import VERSION_COLUMN, encrypted_columns
 from keyturn.audit.events import build_quarantine
+from keyturn.lake.crash import crashpoint
 from keyturn.lake.layout import Lake, temp_name_for
 from transforms.tags import QUARANTINE
 
@@ -279,6 +280,7 @@ class WriteLakeFiles(beam.DoFn):
     file). `name_fn(partition, batch)` chooses the file name (deterministic
     names make a re-run replace a file instead of adding a second copy);
     by default ``part-<uuid>.parquet``. Emits `{"partition", "path", "rows", "bytes"}`.
+    Crashpoint (test hook): ``write:after-file``, after each file is in place.
     """
 
     def __init__(
@@ -308,6 +310,7 @@ class WriteLakeFiles(beam.DoFn):
         table = pa.Table.from_batches([batch]).replace_schema_metadata(strip_footer(batch.schema).metadata)
         footer = None if self.footer_dataset is None else footer_for(batch, self.footer_dataset, partition)
         write_parquet_atomically(self._lake, path, table, footer)
+        crashpoint("write:after-file")
         size = self._lake.fs.get_file_info(path).size or 0
         yield {"partition": partition, "path": path, "rows": batch.num_rows, "bytes": size}
 
