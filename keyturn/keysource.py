@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from keyturn.errors import ConfigError
 from keyturn.kms.base import KmsBackend
 from keyturn.registry.base import KeyRegistry
 
-__all__ = ["KeySource", "LocalKeySource"]
+if TYPE_CHECKING:
+    from keyturn.config import KeyturnConfig
+
+__all__ = ["KeySource", "LocalKeySource", "key_source_from_config"]
 
 
 @runtime_checkable
@@ -58,3 +62,42 @@ class LocalKeySource:
         from keyturn.registry.sqlite import SqliteKeyRegistry
 
         return SqliteKeyRegistry(self.registry)
+
+
+def key_source_from_config(cfg: KeyturnConfig, home_dir: str | os.PathLike[str]) -> KeySource:
+    """The key source a validated config describes; relative paths resolve against `home_dir`.
+
+    Provider ``local`` gives a `LocalKeySource` (keystore + SQLite registry).
+    Provider ``aws_kms`` gives a `keyturn.aws.AwsKeySource`: KMS key
+    `key_id` in `region` (endpoint `endpoint_url`, limited to
+    ``lifecycle.max_kms_requests_per_second`` per worker) and the registry in
+    DynamoDB table ``version_tracking.table`` or the SQLite file
+    ``version_tracking.path``. A DynamoDB registry with the single-node local
+    keystore is refused (`ConfigError`).
+    """
+    from keyturn.config import resolve_paths
+
+    cfg = resolve_paths(cfg, home_dir)
+    cmk = cfg.key_hierarchy.cmk
+    tracking = cfg.version_tracking
+    if cmk.provider == "local":
+        if tracking.storage != "sqlite":
+            raise ConfigError(
+                "version_tracking.storage",
+                "dynamodb needs key_hierarchy.cmk.provider 'aws_kms' (the local keystore is single-node)",
+            )
+        if cmk.root_key_file is not None:
+            return LocalKeySource(cmk.keystore, tracking.path, key_file=cmk.root_key_file)
+        return LocalKeySource(cmk.keystore, tracking.path, passphrase_env=cmk.passphrase_env)
+
+    from keyturn.aws.keysource import AwsKeySource
+
+    dynamodb = tracking.storage == "dynamodb"
+    return AwsKeySource(
+        region=cmk.region,
+        endpoint_url=cmk.endpoint_url,
+        key_id=cmk.key_id,
+        registry_table=tracking.table if dynamodb else None,
+        registry_path=None if dynamodb else tracking.path,
+        max_requests_per_second=cfg.lifecycle.max_kms_requests_per_second,
+    )
