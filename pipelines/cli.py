@@ -428,10 +428,16 @@ def _cmd_status(ctx: _Context) -> tuple[dict[str, Any], str]:
 
 
 def _lake_inventory(lakes: Sequence[str], policy: Any) -> Any:
+    """The combined inventory of every lake; a lake that does not exist is an error, never "no data"."""
     from keyturn.lake import Lake, take_inventory
     from keyturn.rotation import CombinedInventory
 
-    return CombinedInventory(take_inventory(Lake(uri), policy) for uri in lakes)
+    inventories = []
+    for uri in lakes:
+        lake = Lake(uri)
+        lake.require()
+        inventories.append(take_inventory(lake, policy))
+    return CombinedInventory(inventories)
 
 
 def _cmd_retire(ctx: _Context) -> tuple[dict[str, Any], str]:
