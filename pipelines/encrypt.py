@@ -50,14 +50,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import date, datetime
-from typing import Any, Dict, Tuple
+from typing import Any, Tuple
 from urllib.parse import quote
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN, encrypted_columns
+from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
 from keyturn.errors import InputError
 from keyturn.lake.crash import crashpoint
 from keyturn.lake.layout import Lake, is_hidden

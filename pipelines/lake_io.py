@@ -8,11 +8,12 @@
 - `WriteLakeFiles`: `(partition, batch)` -> one Parquet file per element
   under `<root>/<partition>/`, written atomically (temp file in the same
   directory, fsync, rename) with the "keyturn" footer (`footer_for`), so an
-  inventory reads only footers. Emits a small dict per written file.
+  inventory reads only footers (`keyturn.lake.write_parquet_atomically`).
+  Emits a small dict per written file.
 - `WriteSideOutput`: gathers a side output (audit events, version-mismatch
   events, quarantine records) and writes one Avro container file
-  `<lake>/_keyturn/<kind>/<run-id>.avro` with the shipped schema; nothing
-  is written when the output is empty.
+  `<lake>/_keyturn/<kind>/<run-id>.avro` with the shipped schema
+  (`keyturn.lake.sideoutputs`); nothing is written when the output is empty.
 
 `pipeline_options(beam_args)` builds the `PipelineOptions` every lake
 pipeline uses. When `beam_args` names no `--runner`, the pipeline runs on
@@ -23,10 +24,8 @@ DirectRunner would first try to download the Prism runner from the network.
 from __future__ import annotations
 
 import json
-import os
-import posixpath
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Dict, Tuple
 
@@ -40,8 +39,11 @@ from apache_beam.pvalue import TaggedOutput
 import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
 from keyturn.arrow_codec import VERSION_COLUMN, encrypted_columns
 from keyturn.audit.events import build_quarantine
-from keyturn.lake.crash import crashpoint
-from keyturn.lake.layout import Lake, temp_name_for
+from keyturn.lake import Lake, crashpoint
+from keyturn.lake import footer_for as lake_footer_for
+from keyturn.lake import write_parquet_atomically as lake_write_parquet
+from keyturn.lake.footer import FOOTER_FORMAT, FOOTER_KEY
+from keyturn.lake.sideoutputs import read_side_outputs, write_side_output
 from transforms.tags import QUARANTINE
 
 __all__ = [
@@ -55,15 +57,12 @@ __all__ = [
     "strip_footer",
     "read_footer",
     "write_parquet_atomically",
-    "write_avro_atomically",
     "side_output_records",
     "ReadLakeFiles",
     "WriteLakeFiles",
     "WriteSideOutput",
 ]
 
-FOOTER_KEY = b"keyturn"
-FOOTER_FORMAT = 1
 MAX_QUARANTINE_BYTES = 64 << 20
 DEFAULT_RUNNER = "FnApiRunner"
 SIDE_OUTPUT_SCHEMAS = {"audit": "audit_event", "mismatch": "version_mismatch", "quarantine": "quarantine_record"}
@@ -122,102 +121,23 @@ def read_footer(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
-# ------------------------------------------------------------------ atomic writes
-
-
-def _fsync_local(fs: pafs.FileSystem, path: str, *, directory: bool = False) -> None:
-    if not isinstance(fs, pafs.LocalFileSystem):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _private_write_parquet_atomically(fs: pafs.FileSystem, path: str, table: pa.Table, footer: Mapping[str, Any] | None) -> None:
-    """Temp file in the same directory, fsync, rename over `path`, fsync the directory."""
-    directory = posixpath.dirname(path)
-    fs.create_dir(directory, recursive=True)
-    tmp = posixpath.join(directory, temp_name_for(posixpath.basename(path)))
-    if footer is not None:
-        meta = dict(table.schema.metadata or {})
-        meta[FOOTER_KEY] = json.dumps(footer, sort_keys=True).encode()
-        table = table.replace_schema_metadata(meta)
-    try:
-        with fs.open_output_stream(tmp) as out:
-            pq.write_table(table, out)
-        _fsync_local(fs, tmp)
-        fs.move(tmp, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except (FileNotFoundError, OSError):
-            pass
-        raise
-    _fsync_local(fs, directory, directory=True)
+# ------------------------------------------------------------------ writes (through keyturn.lake)
 
 
 def write_parquet_atomically(lake: Lake, path: str, table: pa.Table | pa.RecordBatch, footer: Mapping[str, Any] | None) -> None:
-    """Write `table` to `path` atomically; with `footer` (a `footer_for` dict) as the "keyturn" metadata.
-
-    Uses the lake package's writer (`keyturn.lake.atomic`) when it is there,
-    so every lake file is written the same way; else an equivalent private one.
-    """
+    """Write `table` to `path` with `keyturn.lake.write_parquet_atomically`; `footer` is a `footer_for` dict."""
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
-    try:
-        from keyturn.lake.atomic import write_parquet_atomically as lake_writer
-        from keyturn.lake.footer import footer_for as lake_footer
-    except ImportError:
-        _private_write_parquet_atomically(lake.fs, path, table, footer)
-        return
     parsed = None
     if footer is not None:
         versions = {int(v): n for v, n in footer["versions"].items()}
-        parsed = lake_footer(footer["dataset"], footer["partition"], versions, footer["rows"], footer["encrypted_columns"])
-    lake_writer(lake, path, table, parsed)
-
-
-def write_avro_atomically(fs: pafs.FileSystem, path: str, schema_name: str, records: Iterable[Mapping[str, Any]]) -> int:
-    """Write `records` as an Avro container file with a shipped schema, atomically; returns the count."""
-    import io
-
-    import fastavro
-
-    from schemas import load_schema
-
-    records = list(records)
-    buf = io.BytesIO()
-    fastavro.writer(buf, load_schema(schema_name), records, codec="deflate")
-    directory = posixpath.dirname(path)
-    fs.create_dir(directory, recursive=True)
-    tmp = posixpath.join(directory, temp_name_for(posixpath.basename(path)))
-    with fs.open_output_stream(tmp) as out:
-        out.write(buf.getvalue())
-    _fsync_local(fs, tmp)
-    fs.move(tmp, path)
-    _fsync_local(fs, directory, directory=True)
-    return len(records)
+        parsed = lake_footer_for(footer["dataset"], footer["partition"], versions, footer["rows"], footer["encrypted_columns"])
+    lake_write_parquet(lake, path, table, parsed)
 
 
 def side_output_records(lake: Lake, kind: str, run_id: str | None = None) -> list[dict[str, Any]]:
     """Records of `<lake>/_keyturn/<kind>/` Avro files (of one run, or all), for reports and tests."""
-    import fastavro
-
-    directory = lake.keyturn_path(kind)
-    if lake.fs.get_file_info(directory).type != pafs.FileType.Directory:
-        return []
-    out: list[dict[str, Any]] = []
-    for info in sorted(lake.fs.get_file_info(pafs.FileSelector(directory)), key=lambda i: i.path):
-        name = info.base_name
-        if info.type != pafs.FileType.File or not name.endswith(".avro") or name.startswith("."):
-            continue
-        if run_id is not None and name != f"{run_id}.avro":
-            continue
-        with lake.fs.open_input_stream(info.path) as f:
-            out.extend(fastavro.reader(f))
-    return out
+    return read_side_outputs(lake, kind, run_id=run_id)
 
 
 # ------------------------------------------------------------------ DoFns
@@ -345,8 +265,6 @@ def _event_of(element: Any) -> dict[str, Any]:
 
 
 def _write_side_output(records: list[dict[str, Any]], lake_uri: str, kind: str, run_id: str) -> int:
-    if not records:
-        return 0
-    lake = Lake(lake_uri)
     records = sorted(records, key=lambda r: json.dumps({k: v for k, v in r.items() if k != "payload"}, sort_keys=True, default=str))
-    return write_avro_atomically(lake.fs, lake.side_output_path(kind, run_id), SIDE_OUTPUT_SCHEMAS[kind], records)
+    write_side_output(Lake(lake_uri), kind, run_id, records)
+    return len(records)
