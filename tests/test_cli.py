@@ -439,6 +439,12 @@ def test_end_to_end_session(tmp_path):
     non_sensitive_before = plain_view.select(["id", "spend", "region"]).sort_by("id")
 
     assert k("rotate", "--reason", "e2e").json()["version_to"] == 2
+    # read after rotation: the old records still decrypt before anything is rewritten
+    early = k("decrypt", "--lake", lake, "--out", str(tmp_path / "plain-v1"), "--columns", "ssn")
+    assert early.code == 0, early.err
+    early_back = ds.dataset(str(tmp_path / "plain-v1"), format="parquet", partitioning="hive").to_table()
+    assert early_back.select(["id", "ssn"]).sort_by("id").equals(table.select(["id", "ssn"]).sort_by("id"))
+    assert "email" not in early_back.column_names
     before = k("status", "--lake", lake, "--report", str(tmp_path / "before.html"))
     assert before.code == 0, before.err
     b = before.json()
@@ -470,3 +476,38 @@ def test_end_to_end_session(tmp_path):
     assert sorted(os.listdir(lake)) == layout_before
     assert view_after.select(["id", "spend", "region"]).sort_by("id").equals(non_sensitive_before)
     assert verify_chain(os.path.join(home, "audit.log")) == 2
+
+
+def test_bad_input_through_the_cli(tmp_path):
+    """A missing column, a corrupt file and a file without key metadata: clear errors or problems, nothing deleted."""
+    home = str(tmp_path / "home")
+    lake = str(tmp_path / "lake")
+    src, _ = _source(tmp_path)
+    k = lambda *a: run_cli("--home", home, *a)  # noqa: E731
+    assert k("init").code == 0
+
+    result = k("encrypt", "--source", src, "--lake", lake, "--columns", "email,nope", "--partition-by", "region")
+    assert_one_line_error(result, exitcodes.USAGE, "nope")
+    assert not os.path.exists(lake) or not [n for n in os.listdir(lake) if not n.startswith(("_", "."))]
+
+    assert k("encrypt", "--source", src, "--lake", lake, "--columns", "email", "--partition-by", "region").code == 0
+    corrupt = os.path.join(lake, "region=1", "part-corrupt.parquet")
+    with open(corrupt, "wb") as f:
+        f.write(b"PAR1" + b"\x00" * 64)
+    unversioned = os.path.join(lake, "region=2", "part-legacy.parquet")
+    pq.write_table(pa.table({"id": [1, 2, 3], "email": ["a", "b", "c"]}), unversioned)
+    assert k("rotate").code == 0
+
+    result = run_cli("--home", home, "--json", "reencrypt", "--lake", lake)
+    assert result.code == exitcodes.DATA, result.err
+    reasons = {(p["path"], p["reason"]) for p in result.json()["problems"]}
+    assert ("region=1/part-corrupt.parquet", "unreadable") in reasons
+    assert ("region=2/part-legacy.parquet", "missing") in reasons
+    assert os.path.exists(corrupt) and os.path.exists(unversioned)
+
+    status = run_cli("--home", home, "--json", "status", "--lake", lake)
+    assert status.code == exitcodes.DATA
+    data = status.json()
+    assert data["status_rows"]["stale"] == 0 and data["status_rows"]["missing"] == 3
+    assert data["status_files"]["unreadable"] == 1
+    assert os.path.exists(corrupt) and os.path.exists(unversioned)
