@@ -36,7 +36,9 @@ users. On a distributed runner each worker processing a partition uses its
 own pool: the bound is per worker, so size the runner's worker count (e.g.
 ``--max_num_workers``) with the KMS request budget in mind. A thread pool
 inside the DoFn (rather than runner parallelism) keeps the bound identical
-on every runner and needs no runner-specific options.
+on every runner and needs no runner-specific options. KMS calls are also
+held under ``lifecycle.max_kms_requests_per_second`` per worker
+(`keyturn.lake.throttle.RateLimitedKms`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from keyturn.keysource import KeySource
 from keyturn.lake import DataFile, Lake, crashpoint, take_inventory
 from keyturn.lake.inventory import Inventory
 from keyturn.lake.rewrite import MODES, rewrite_file
+from keyturn.lake.throttle import RateLimitedKms
 from keyturn.lake.sideoutputs import SCHEMA_OF, compact_parts, part_name, read_side_outputs, write_side_output
 from keyturn.policy import KeyPolicy, ReadStatus
 from keyturn.scope import ScopeLimits
@@ -153,6 +156,7 @@ class RewritePartitionFn(beam.DoFn):
         self.actor = actor
         self.reason = reason
         self.include_request_ids = include_request_ids
+        self.kms_rate = kms_rate
         self._kms: Any = None
         self._registry: Any = None
 
@@ -163,6 +167,8 @@ class RewritePartitionFn(beam.DoFn):
 
     def setup(self) -> None:
         self._kms = self.keys.open_kms()
+        if self.kms_rate:
+            self._kms = RateLimitedKms(self._kms, self.kms_rate)
         self._registry = self.keys.open_registry()
         self._files = Metrics.counter("keyturn", "files_rewritten")
         self._rows = Metrics.counter("keyturn", "rows_moved")
@@ -406,6 +412,7 @@ def run(
                 actor=actor,
                 reason=reason,
                 include_request_ids=cfg.audit.include_kms_request_ids,
+                kms_rate=cfg.lifecycle.max_kms_requests_per_second,
             )
             results = _run_beam(groups, dofn, the_lake, run_id, beam_args)
         crashpoint("run:before-report")

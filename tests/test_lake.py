@@ -377,3 +377,30 @@ def test_truncated_file_is_reported_not_touched(lake, home):
 def test_lake_plaintext_helper_sees_every_row(lake, home, source):
     got, statuses = lake_plaintext(home, lake.uri)
     assert got.num_rows == source.num_rows and statuses["current"] == 300
+
+
+def test_rate_limited_kms_waits_for_tokens():
+    from keyturn.lake.throttle import RateLimitedKms
+
+    now = [0.0]
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += seconds
+
+    class Inner:
+        calls = 0
+
+        def decrypt(self, *a):
+            Inner.calls += 1
+            return "ok"
+
+    kms = RateLimitedKms(Inner(), rate=2, burst=2, clock=lambda: now[0], sleep=sleep)
+    for _ in range(6):
+        assert kms.decrypt("k", b"w", {}) == "ok"
+    assert Inner.calls == 6
+    assert slept == [0.5, 0.5, 0.5, 0.5]  # a burst of two, then one call every half second
+    assert now[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        RateLimitedKms(Inner(), rate=0)
