@@ -144,6 +144,7 @@ class RewritePartitionFn(beam.DoFn):
         actor: str,
         reason: str,
         include_request_ids: bool,
+        kms_rate: float | None = None,
     ) -> None:
         self.keys = keys
         self.lake_uri = lake_uri
