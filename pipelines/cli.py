@@ -264,7 +264,7 @@ class _Context:
         with console.status(label) as status:
 
             def update(message: str = "", *_: Any, **__: Any) -> None:
-                status.update(f"{label} {message}".strip())
+                status.update(message or label)
 
             yield update
 
@@ -636,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report, text = _HANDLERS[args.verb](ctx)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: error: interrupted\n")
-        return 130
+        return exitcodes.INTERRUPTED
     except Exception as exc:  # every failure: one line, a documented code
         code = exitcodes.exit_code_for(exc)
         message = _error_message(exc, code)

@@ -8,6 +8,7 @@
 | 3    | DATA        | data problems found: side outputs non-empty, audit chain broken, corrupt files |
 | 4    | UNAVAILABLE | the KMS, the key registry or an audit sink could not be used          |
 | 5    | REFUSED     | refused on purpose: version still in use, lake locked, invalid state change |
+| 130  | INTERRUPTED | stopped by Ctrl-C (SIGINT) before it finished                         |
 
 `exit_code_for(exc)` maps an exception to a code by walking its class
 hierarchy, so subclasses inherit their parent's code; errors added later
@@ -26,7 +27,7 @@ from typing import Any
 
 from keyturn import errors
 
-__all__ = ["OK", "INTERNAL", "USAGE", "DATA", "UNAVAILABLE", "REFUSED", "CODES", "exit_code_for", "report_exit_code"]
+__all__ = ["OK", "INTERNAL", "USAGE", "DATA", "UNAVAILABLE", "REFUSED", "INTERRUPTED", "CODES", "exit_code_for", "report_exit_code"]
 
 OK = 0
 INTERNAL = 1
@@ -34,6 +35,7 @@ USAGE = 2
 DATA = 3
 UNAVAILABLE = 4
 REFUSED = 5
+INTERRUPTED = 130  # the shell convention for SIGINT; not an error class, so not in CODES
 
 CODES: dict[int, str] = {
     OK: "ok",

@@ -511,3 +511,15 @@ def test_bad_input_through_the_cli(tmp_path):
     assert data["status_rows"]["stale"] == 0 and data["status_rows"]["missing"] == 3
     assert data["status_files"]["unreadable"] == 1
     assert os.path.exists(corrupt) and os.path.exists(unversioned)
+
+
+def test_interrupt_exits_130(home_dir, monkeypatch):
+    from pipelines import decrypt
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decrypt, "run", interrupted)
+    result = run_cli("--home", home_dir, "decrypt", "--lake", "L", "--out", "O")
+    assert result.code == exitcodes.INTERRUPTED == 130
+    assert result.err == "keyturn: error: interrupted\n"
