@@ -34,7 +34,9 @@ The pipeline:
    next run. So a partition appears with all of this run's files or none,
    and never twice. Crashpoints (test hooks, `keyturn.lake.crash`):
    ``encrypt:before-commit``, ``encrypt:mid-publish`` (after each moved
-   file), ``encrypt:before-cleanup``.
+   file), ``encrypt:before-record`` (ingest's source ledger),
+   ``encrypt:before-cleanup``. `encrypt_files` is this step, shared with
+   `pipelines.ingest`.
 
 Encrypt and ingest hold the lake lock shared; `reencrypt` (which replaces
 files) holds it exclusively, so they never overlap.
@@ -50,7 +52,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import date, datetime
-from typing import Any, Tuple
+from typing import Any, Dict, Tuple
 from urllib.parse import quote
 
 import apache_beam as beam
@@ -58,11 +60,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
+from keyturn.audit.events import build_quarantine
 from keyturn.errors import InputError
 from keyturn.lake.crash import crashpoint
 from keyturn.lake.layout import Lake, is_hidden
 from keyturn.scope import ScopeLimits
 from pipelines.lake_io import (
+    MAX_QUARANTINE_BYTES,
     WriteLakeFiles,
     WriteSideOutput,
     new_run_id,
@@ -70,17 +74,43 @@ from pipelines.lake_io import (
     read_footer,
     side_output_records,
 )
-from pipelines.sources import DEFAULT_BATCH_ROWS, SourceFile, file_schema, hive_segments, list_source_files, read_batches
+from pipelines.sources import (
+    DEFAULT_BATCH_ROWS,
+    SourceFile,
+    file_schema,
+    hive_segments,
+    list_source_files,
+    read_batches,
+    resolve,
+)
 from transforms.arrow import EncryptBatches
 from transforms.partition import PartitionBatches
+from transforms.tags import QUARANTINE
 
-__all__ = ["run", "main", "EncryptPlan", "plan", "split_by_partition", "hive_path", "recover_staging", "NULL_PARTITION"]
+__all__ = [
+    "run",
+    "main",
+    "EncryptPlan",
+    "plan",
+    "plan_files",
+    "encrypt_files",
+    "split_by_partition",
+    "conform",
+    "hive_path",
+    "recover_staging",
+    "read_ledger",
+    "record_sources",
+    "encrypted_partitions",
+    "NULL_PARTITION",
+]
 
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 DEFAULT_FILE_ROWS = 262_144
 STAGING = "staging"
 COMMIT_MARKER = "_COMMITTED"
 SKIPPED_FILE = "_skipped.json"
+FAILED_FILE = "_failed.json"
+LEDGER = "ingested.json"
 Keyed = Tuple[str, pa.RecordBatch]
 
 
@@ -160,13 +190,17 @@ class EncryptPlan:
 
 def plan(source: str, columns: Sequence[str], partition_by: Sequence[str]) -> EncryptPlan:
     """List and check the source; `InputError` (one clear line) for any problem."""
+    return plan_files(list_source_files(source), columns, partition_by)
+
+
+def plan_files(files: list[SourceFile], columns: Sequence[str], partition_by: Sequence[str]) -> EncryptPlan:
+    """Check listed source files (schemas only); `InputError` (one clear line) for any problem."""
     if isinstance(columns, str) or not columns:
         raise InputError("name at least one column to encrypt (--columns a,b)")
     columns = list(columns)
     if len(set(columns)) != len(columns):
         raise InputError(f"a column is named twice in --columns: {', '.join(columns)}")
     partition_by = list(partition_by)
-    files = list_source_files(source)
     hive_keys = [k for k, _ in hive_segments(files[0].partition)]
     schemas = [(f, file_schema(f)) for f in files]
     split_columns = [c for c in partition_by if c not in hive_keys]
@@ -209,15 +243,24 @@ def _overlap(a: str, b: str) -> bool:
 
 
 def recover_staging(lake: Lake) -> dict[str, int]:
-    """Finish or undo earlier runs' staging: committed runs are rolled forward, others deleted."""
+    """Finish or undo earlier runs' staging: committed runs are rolled forward, others deleted.
+
+    A committed run's marker may list source files (ingest); they are
+    recorded in the source ledger as part of rolling forward, so a file is
+    never ingested twice.
+    """
     fs = lake.fs
     root = lake.keyturn_path(STAGING)
     out = {"rolled_forward_files": 0, "discarded_runs": 0}
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return out
     for run_dir in sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory):
-        if fs.get_file_info(posixpath.join(run_dir, COMMIT_MARKER)).type == pafs.FileType.File:
+        marker_path = posixpath.join(run_dir, COMMIT_MARKER)
+        if fs.get_file_info(marker_path).type == pafs.FileType.File:
+            with fs.open_input_stream(marker_path) as f:
+                marker = json.loads(f.read())
             out["rolled_forward_files"] += len(_publish(lake, run_dir))
+            record_sources(lake, marker.get("sources") or {})
         else:
             out["discarded_runs"] += 1
         fs.delete_dir(run_dir)
@@ -275,6 +318,26 @@ def _write_marker(lake: Lake, path: str, payload: dict[str, Any]) -> None:
     _fsync_dir(lake, posixpath.dirname(path))
 
 
+def read_ledger(lake: Lake) -> dict[str, dict[str, Any]]:
+    """The source ledger `<lake>/_keyturn/ingested.json`: source key -> what was done with it."""
+    path = lake.keyturn_path(LEDGER)
+    if lake.fs.get_file_info(path).type != pafs.FileType.File:
+        return {}
+    with lake.fs.open_input_stream(path) as f:
+        return dict(json.loads(f.read()).get("sources", {}))
+
+
+def record_sources(lake: Lake, sources: dict[str, dict[str, Any]]) -> None:
+    """Add `sources` to the ledger, atomically (idempotent: recording twice changes nothing)."""
+    if not sources:
+        return
+    ledger = read_ledger(lake)
+    if all(ledger.get(k) == v for k, v in sources.items()):
+        return
+    ledger.update(sources)
+    _write_marker(lake, lake.keyturn_path(LEDGER), {"format": 1, "sources": ledger})
+
+
 def encrypted_partitions(lake: Lake) -> dict[str, int]:
     """Partitions holding at least one keyturn file -> their number of data files (reads footers only)."""
     by_partition: dict[str, list[str]] = {}
@@ -297,30 +360,63 @@ def encrypted_partitions(lake: Lake) -> dict[str, int]:
 
 
 class _ReadSplit(beam.DoFn):
-    """A source file -> `(partition, batch)` pieces; pieces of already-encrypted partitions -> `skipped`."""
+    """A source file -> `(partition, batch)` pieces; pieces of already-encrypted partitions -> `skipped`.
+
+    With `whole_file`, a file is read completely before any piece is emitted,
+    and a file that cannot be read goes to `failed` (its path) and to
+    `quarantine` (its bytes) instead of failing the pipeline: nothing of a
+    bad file reaches the lake.
+    """
 
     SKIPPED = "skipped"
+    FAILED = "failed"
 
-    def __init__(self, plan: EncryptPlan, skip: frozenset[str], batch_rows: int) -> None:
+    def __init__(self, plan: EncryptPlan, skip: frozenset[str], batch_rows: int, *, whole_file: bool = False, dataset: str = "") -> None:
         self.schema = plan.data_schema
         self.split_columns = plan.split_columns
         self.drop = plan.drop
         self.skip = skip
         self.batch_rows = batch_rows
+        self.whole_file = whole_file
+        self.dataset = dataset
+
+    def _pieces(self, source: SourceFile) -> Iterator[Keyed]:
+        for batch in read_batches(source, batch_rows=self.batch_rows):
+            yield from split_by_partition(batch, source.partition, self.split_columns, self.drop, self.schema)
 
     def process(self, source: SourceFile) -> Iterator[Any]:
-        for batch in read_batches(source, batch_rows=self.batch_rows):
-            for partition, piece in split_by_partition(batch, source.partition, self.split_columns, self.drop, self.schema):
-                if partition in self.skip:
-                    yield beam.pvalue.TaggedOutput(self.SKIPPED, (partition, piece.num_rows))
-                else:
-                    yield partition, piece
+        pieces: Any = self._pieces(source)
+        if self.whole_file:
+            try:
+                pieces = list(pieces)
+            except (OSError, pa.ArrowException, ValueError, TypeError, KeyError, EOFError) as exc:
+                yield beam.pvalue.TaggedOutput(self.FAILED, source.path)
+                yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_source(source, self.dataset, exc))
+                return
+        for partition, piece in pieces:
+            if partition in self.skip:
+                yield beam.pvalue.TaggedOutput(self.SKIPPED, (partition, piece.num_rows))
+            else:
+                yield partition, piece
 
 
-def _write_json(lake_uri: str, path: str, items: list[tuple[str, int]]) -> int:
+def quarantine_source(source: SourceFile, dataset: str, exc: BaseException) -> dict[str, Any]:
+    """A quarantine record holding a source file's bytes (up to `MAX_QUARANTINE_BYTES`)."""
+    fs, path = resolve(source.path)
+    with fs.open_input_stream(path) as f:
+        payload = f.read(MAX_QUARANTINE_BYTES)
+    detail = f"source file {source.path} could not be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    return build_quarantine(
+        "unparseable", dataset=dataset, partition=source.partition, detail=detail[:1000],
+        payload=payload, payload_format="raw", rows=0,
+    ).to_dict()
+
+
+def _write_json(lake_uri: str, path: str, items: list[Any]) -> int:
     lake = Lake(lake_uri)
     counts: dict[str, int] = {}
-    for partition, rows in items:
+    for item in items:
+        partition, rows = item if isinstance(item, tuple) else (item, 1)
         counts[partition] = counts.get(partition, 0) + rows
     lake.fs.create_dir(posixpath.dirname(path), recursive=True)
     with lake.fs.open_output_stream(path) as out:
@@ -345,16 +441,17 @@ def build_pipeline(
     audit: bool,
     actor: str,
     reason: str,
+    whole_file: bool = False,
 ) -> None:
-    """Add the encrypt steps to `p` (files -> staged lake files, audit, skipped counts)."""
+    """Add the encrypt steps to `p` (files -> staged lake files, audit, skipped and failed lists)."""
     pieces = (
         p
         | "Files" >> beam.Create(plan.files)
         | "Spread" >> beam.Reshuffle()
         | "ReadSplit"
-        >> beam.ParDo(_ReadSplit(plan, skip, batch_rows))
-        .with_output_types(Keyed, skipped=Tuple[str, int])
-        .with_outputs(_ReadSplit.SKIPPED, main="main")
+        >> beam.ParDo(_ReadSplit(plan, skip, batch_rows, whole_file=whole_file, dataset=dataset))
+        .with_output_types(Keyed, skipped=Tuple[str, int], failed=str, quarantine=Dict[str, Any])
+        .with_outputs(_ReadSplit.SKIPPED, _ReadSplit.FAILED, QUARANTINE, main="main")
     )
     enc = (
         pieces.main
@@ -364,11 +461,87 @@ def build_pipeline(
     _ = enc.main | "Write" >> beam.ParDo(WriteLakeFiles(staging_uri, footer_dataset=dataset))
     if audit:
         _ = enc.audit | "Audit" >> WriteSideOutput(lake_uri, "audit", run_id)
-    _ = (
-        pieces[_ReadSplit.SKIPPED]
-        | "GatherSkipped" >> beam.combiners.ToList()
-        | "WriteSkipped" >> beam.Map(lambda items: _write_json(lake_uri, posixpath.join(staging_uri, SKIPPED_FILE), items))
-    )
+    for tag, name in ((_ReadSplit.SKIPPED, SKIPPED_FILE), (_ReadSplit.FAILED, FAILED_FILE)):
+        target = posixpath.join(staging_uri, name)
+        _ = (
+            pieces[tag]
+            | f"Gather-{tag}" >> beam.combiners.ToList()
+            | f"Write-{tag}" >> beam.Map(lambda items, target=target: _write_json(lake_uri, target, items))
+        )
+    if whole_file:
+        _ = pieces[QUARANTINE] | "Quarantine" >> WriteSideOutput(lake_uri, "quarantine", run_id)
+
+
+def encrypt_files(
+    home: Any,
+    lake: Lake,
+    the_plan: EncryptPlan,
+    columns: Sequence[str],
+    *,
+    run_id: str,
+    skip: frozenset[str] = frozenset(),
+    beam_args: Sequence[str] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    file_rows: int = DEFAULT_FILE_ROWS,
+    actor: str = "keyturn",
+    reason: str = "keyturn encrypt",
+    whole_file: bool = False,
+    sources: Callable[[list[str]], dict[str, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline into staging, then commit (marker, publish, ledger, cleanup). Caller holds the lock.
+
+    `sources(failed_paths)` gives the ledger entries to record with the
+    commit (ingest); returns what was written, skipped and failed.
+    """
+    staging_uri = lake.keyturn_path(STAGING, run_id)
+    lake.fs.create_dir(staging_uri, recursive=True)
+    dek = home.config.dek
+    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        build_pipeline(
+            p,
+            plan=the_plan,
+            skip=skip,
+            keys=home.key_source(),
+            dataset=home.dataset,
+            columns=list(columns),
+            limits=ScopeLimits(max_cells=dek.max_cells, max_bytes=dek.max_bytes),
+            lake_uri=lake.root,
+            staging_uri=staging_uri,
+            run_id=run_id,
+            batch_rows=batch_rows,
+            file_rows=file_rows,
+            audit=home.config.audit.log_encrypt,
+            actor=actor,
+            reason=reason,
+            whole_file=whole_file,
+        )
+    staged = _staged_files(lake, staging_uri)
+    skipped = _read_json(lake, posixpath.join(staging_uri, SKIPPED_FILE))
+    failed = sorted(_read_json(lake, posixpath.join(staging_uri, FAILED_FILE)))
+    written: dict[str, dict[str, int]] = {}
+    for staged_path, final in staged:
+        size = lake.fs.get_file_info(staged_path).size or 0
+        footer = read_footer(lake.fs, staged_path) or {}
+        part = written.setdefault(Lake.partition_of(lake.relpath(final)), {"files": 0, "rows": 0, "bytes": 0})
+        part["files"] += 1
+        part["rows"] += int(footer.get("rows", 0))
+        part["bytes"] += size
+    ledger = sources(failed) if sources else {}
+    crashpoint("encrypt:before-commit")
+    _write_marker(lake, posixpath.join(staging_uri, COMMIT_MARKER), {"run_id": run_id, "files": len(staged), "sources": ledger})
+    _publish(lake, staging_uri)
+    crashpoint("encrypt:before-record")
+    record_sources(lake, ledger)
+    crashpoint("encrypt:before-cleanup")
+    lake.fs.delete_dir(staging_uri)
+    events = side_output_records(lake, "audit", run_id)
+    return {
+        "written": dict(sorted(written.items())),
+        "skipped": dict(sorted(skipped.items())),
+        "failed": failed,
+        "kms_calls": sum(int(e["counts"].get("deks", 0)) for e in events),
+        "audit_events": len(events),
+    }
 
 
 def run(
@@ -389,12 +562,8 @@ def run(
     started = time.monotonic()
     say = progress or (lambda _msg: None)
     home = _open_home(home)
-    if isinstance(columns, str):
-        columns = [c for c in columns.split(",") if c]
-    if partition_by is None:
-        partition_by = []
-    elif isinstance(partition_by, str):
-        partition_by = [c for c in partition_by.split(",") if c]
+    columns = _names(columns)
+    partition_by = _names(partition_by)
     if _overlap(source, lake):
         raise InputError(f"the source {source!r} and the lake {lake!r} overlap; encrypt into a separate lake directory")
     say("checking the source")
@@ -407,46 +576,12 @@ def run(
         recovered = recover_staging(the_lake)
         say("taking the lake inventory")
         existing = encrypted_partitions(the_lake)
-        staging_uri = the_lake.keyturn_path(STAGING, run_id)
-        the_lake.fs.create_dir(staging_uri, recursive=True)
-        dek = home.config.dek
         say(f"encrypting {len(the_plan.files)} file(s)")
-        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-            build_pipeline(
-                p,
-                plan=the_plan,
-                skip=frozenset(existing),
-                keys=home.key_source(),
-                dataset=home.dataset,
-                columns=list(columns),
-                limits=ScopeLimits(max_cells=dek.max_cells, max_bytes=dek.max_bytes),
-                lake_uri=the_lake.root,
-                staging_uri=staging_uri,
-                run_id=run_id,
-                batch_rows=batch_rows,
-                file_rows=file_rows,
-                audit=home.config.audit.log_encrypt,
-                actor=actor,
-                reason=reason,
-            )
-        say("committing")
-        staged = _staged_files(the_lake, staging_uri)
-        skipped = _read_skipped(the_lake, staging_uri)
-        written: dict[str, dict[str, int]] = {}
-        for staged_path, final in staged:
-            size = the_lake.fs.get_file_info(staged_path).size or 0
-            footer = read_footer(the_lake.fs, staged_path) or {}
-            part = written.setdefault(Lake.partition_of(the_lake.relpath(final)), {"files": 0, "rows": 0, "bytes": 0})
-            part["files"] += 1
-            part["rows"] += int(footer.get("rows", 0))
-            part["bytes"] += size
-        crashpoint("encrypt:before-commit")
-        _write_marker(the_lake, posixpath.join(staging_uri, COMMIT_MARKER), {"run_id": run_id, "files": len(staged)})
-        _publish(the_lake, staging_uri)
-        crashpoint("encrypt:before-cleanup")
-        the_lake.fs.delete_dir(staging_uri)
-
-    events = side_output_records(the_lake, "audit", run_id)
+        done = encrypt_files(
+            home, the_lake, the_plan, columns, run_id=run_id, skip=frozenset(existing), beam_args=beam_args,
+            batch_rows=batch_rows, file_rows=file_rows, actor=actor, reason=reason,
+        )
+    written, skipped = done["written"], done["skipped"]
     return {
         "command": "encrypt",
         "run_id": run_id,
@@ -456,23 +591,30 @@ def run(
         "columns": list(columns),
         "partition_by": list(partition_by),
         "source_files": len(the_plan.files),
-        "partitions_written": dict(sorted(written.items())),
-        "partitions_skipped": dict(sorted(skipped.items())),
+        "partitions_written": written,
+        "partitions_skipped": skipped,
         "rows_written": sum(p["rows"] for p in written.values()),
         "rows_skipped": sum(skipped.values()),
         "files_written": sum(p["files"] for p in written.values()),
         "bytes_written": sum(p["bytes"] for p in written.values()),
-        "kms_calls": sum(int(e["counts"].get("deks", 0)) for e in events),
-        "audit_events": len(events),
-        "audit_file": the_lake.side_output_path("audit", run_id) if events else None,
+        "kms_calls": done["kms_calls"],
+        "audit_events": done["audit_events"],
+        "audit_file": the_lake.side_output_path("audit", run_id) if done["audit_events"] else None,
         "recovered": recovered,
         "seconds": round(time.monotonic() - started, 3),
         "problems": 0,
     }
 
 
-def _read_skipped(lake: Lake, staging_uri: str) -> dict[str, int]:
-    path = posixpath.join(staging_uri, SKIPPED_FILE)
+def _names(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [c.strip() for c in value.split(",") if c.strip()]
+    return list(value)
+
+
+def _read_json(lake: Lake, path: str) -> dict[str, int]:
     if lake.fs.get_file_info(path).type != pafs.FileType.File:
         return {}
     with lake.fs.open_input_stream(path) as f:

@@ -63,6 +63,7 @@ class SourceFile:
     format: str
     partition: str = ""
     size: int = 0
+    mtime_ns: int | None = None
 
     @property
     def partition_values(self) -> dict[str, str]:
@@ -100,8 +101,8 @@ def _format_of(name: str) -> str | None:
     return None
 
 
-def list_source_files(uri: str, *, filesystem: pafs.FileSystem | None = None) -> list[SourceFile]:
-    """Every Parquet/Avro file at `uri`, sorted by path; `InputError` if there is none."""
+def list_source_files(uri: str, *, filesystem: pafs.FileSystem | None = None, allow_empty: bool = False) -> list[SourceFile]:
+    """Every Parquet/Avro file at `uri`, sorted by path; `InputError` if there is none (unless `allow_empty`)."""
     fs, root = resolve(uri, filesystem)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
@@ -110,7 +111,7 @@ def list_source_files(uri: str, *, filesystem: pafs.FileSystem | None = None) ->
         fmt = _format_of(info.base_name)
         if fmt is None:
             raise InputError(f"source {uri!r} is neither a .parquet nor an .avro file")
-        return [SourceFile(root, fmt, "", info.size or 0)]
+        return [SourceFile(root, fmt, "", info.size or 0, info.mtime_ns)]
     files = []
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if entry.type != pafs.FileType.File:
@@ -123,7 +124,9 @@ def list_source_files(uri: str, *, filesystem: pafs.FileSystem | None = None) ->
         if fmt is None:
             continue
         partition = "/".join(p for p in parts[:-1] if "=" in p)
-        files.append(SourceFile(entry.path, fmt, partition, entry.size or 0))
+        files.append(SourceFile(entry.path, fmt, partition, entry.size or 0, entry.mtime_ns))
+    if not files and allow_empty:
+        return []
     if not files:
         raise InputError(f"source {uri!r} holds no .parquet or .avro files")
     files.sort(key=lambda f: f.path)
