@@ -19,8 +19,11 @@ Retire and schedule-deletion consult an `Inventory` inside the registry's
 write transaction and raise `VersionInUseError` while it still finds data
 under the version; `CombinedInventory` adds up several (one per lake).
 
-Ordering and crashes: the registry changes first, the audit event follows.
-A crash between the two leaves the registry changed and the event missing;
+Ordering and crashes: each operation first verifies the whole audit chain
+(`AuditChainError` on a damaged log, before anything changes), then changes
+the registry, then appends the event. A crash between the last two leaves
+the registry changed and the event missing; an append that fails there
+raises `AuditChainError` saying the change was made but not logged.
 `rotate` never leaves a half-rotated registry (the registry transition is
 one transaction). A KEK provisioned by a rotation that then failed stays
 unused in the KMS; the provisioner decides whether to reuse it.
@@ -37,6 +40,7 @@ from datetime import datetime, timedelta, timezone
 
 from keyturn.audit.chain import AuditChain
 from keyturn.audit.events import AuditAction, AuditEvent, build_event, utc_now
+from keyturn.errors import AuditChainError
 from keyturn.registry.base import Inventory, KeyRegistry, KeyVersion
 
 __all__ = [
@@ -99,8 +103,18 @@ def _audit(
         scope_key=f"{action.value}:{version_from}:{version_to}",
         clock=clock,
     )
-    chain.append(event)
+    try:
+        chain.append(event)
+    except AuditChainError as exc:
+        raise AuditChainError(
+            exc.index, f"the {action.value} was made in the registry but its audit event was not logged: {exc.problem}"
+        ) from exc
     return event
+
+
+def _check_chain(chain: AuditChain) -> None:
+    """Verify the whole log before a change, so a damaged log stops the change (`AuditChainError`)."""
+    chain.head()
 
 
 def rotate(
@@ -119,6 +133,7 @@ def rotate(
     KMS and returns its id. The old active version becomes decrypt-only.
     Returns the new active version.
     """
+    _check_chain(chain)
     next_version = registry.active().version + 1  # the active version is always the newest
     kek_id = provision_kek(next_version)
     if not isinstance(kek_id, str) or not kek_id:
@@ -164,6 +179,7 @@ def retire(
     """decrypt_only -> retired, refused (`VersionInUseError`) while `inventory` finds data; audited."""
     if inventory is None:
         raise ValueError("retire needs an inventory to prove no data is left under the version")
+    _check_chain(chain)
     retired = registry.retire(version, actor=actor, reason=reason, inventory=inventory)
     _audit(
         chain,
@@ -193,6 +209,7 @@ def schedule_deletion(
 ) -> KeyVersion:
     """retired -> pending_deletion after `pending_days`, refused while `inventory` finds data; audited."""
     _check_days("pending_days", pending_days, minimum=0)
+    _check_chain(chain)
     scheduled = registry.schedule_deletion(
         version, actor=actor, reason=reason, inventory=inventory, pending_days=pending_days
     )

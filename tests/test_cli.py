@@ -523,3 +523,14 @@ def test_interrupt_exits_130(home_dir, monkeypatch):
     result = run_cli("--home", home_dir, "decrypt", "--lake", "L", "--out", "O")
     assert result.code == exitcodes.INTERRUPTED == 130
     assert result.err == "keyturn: error: interrupted\n"
+
+
+def test_rotate_refused_on_a_damaged_audit_log(home_dir):
+    log = os.path.join(home_dir, "audit.log")
+    with open(log, "rb") as f:
+        data = f.read()
+    with open(log, "wb") as f:
+        f.write(data.replace(b"keyturn init", b"keyturn edit", 1))
+    result = run_cli("--home", home_dir, "rotate")
+    assert_one_line_error(result, exitcodes.DATA, "entry 0")
+    assert KeyHome.open(home_dir).registry().active().version == 1

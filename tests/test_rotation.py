@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from keyturn.audit.chain import AuditChain, verify_chain
-from keyturn.errors import InvalidTransitionError, UnknownVersionError, VersionInUseError
+from keyturn.errors import AuditChainError, InvalidTransitionError, UnknownVersionError, VersionInUseError
 from keyturn.registry.base import KeyState
 from keyturn.registry.sqlite import SqliteKeyRegistry
 from keyturn.rotation import (
@@ -197,3 +197,34 @@ def test_rotation_module_never_imports_beam():
 
     code = "import sys, keyturn.rotation; sys.exit(1 if any(m.startswith('apache_beam') for m in sys.modules) else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def _damage(chain: AuditChain) -> None:
+    with open(chain.path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    lines[0] = lines[0].replace(b'"reason":"r"', b'"reason":"x"')
+    with open(chain.path, "wb") as f:
+        f.writelines(lines)
+
+
+def test_damaged_chain_stops_changes_before_they_happen(registry, chain):
+    rotate(registry, provisioner([]), chain, actor="a", reason="r")
+    _damage(chain)
+    made: list[int] = []
+    with pytest.raises(AuditChainError) as info:
+        rotate(registry, provisioner(made), chain, actor="a", reason="r")
+    assert info.value.index == 0
+    assert made == [] and registry.active().version == 2
+    with pytest.raises(AuditChainError):
+        retire(registry, 1, chain, inventory=Refs(), actor="a", reason="r")
+    assert registry.get(1).state is KeyState.DECRYPT_ONLY
+
+
+def test_append_failure_after_the_change_says_so(registry, chain, monkeypatch):
+    def refuse(event):
+        raise AuditChainError(4, "refusing to append: disk says no")
+
+    monkeypatch.setattr(chain, "append", refuse)
+    with pytest.raises(AuditChainError, match="made in the registry but its audit event was not logged"):
+        rotate(registry, provisioner([]), chain, actor="a", reason="r")
+    assert registry.active().version == 2
