@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition-by", metavar="COL", default=None)
     p.add_argument("--until-idle", type=_seconds, default=None, metavar="SECONDS",
                    help="stop after no new file arrived for this long (default: run until stopped)")
+    p.add_argument("--poll-interval", type=_seconds, default=None, metavar="SECONDS",
+                   help="how often to look for new files (default: the ingest pipeline's)")
 
     p = verb("demo", "the `make demo` walk-through: encrypt, rotate, lazily rewrap, status, decrypt a sample")
     p.add_argument("--rows", type=_positive_int, default=None, help="rows to generate (default: 1,000,000)")
@@ -406,8 +408,9 @@ def _cmd_ingest(ctx: _Context) -> tuple[dict[str, Any], str]:
     from pipelines import ingest
 
     a = ctx.args
+    extra = {} if a.poll_interval is None else {"poll_interval": a.poll_interval}
     return _pipeline(ctx, ingest, f"watching {a.watch}", watch=a.watch, lake=a.lake, columns=a.columns,
-                     partition_by=a.partition_by, until_idle=a.until_idle)
+                     partition_by=a.partition_by, until_idle=a.until_idle, **extra)
 
 
 def _cmd_demo(ctx: _Context) -> tuple[dict[str, Any], str]:
@@ -548,7 +551,24 @@ def _render_decrypt(r: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {"encrypt": _render_encrypt, "decrypt": _render_decrypt}
+def _render_ingest(r: Mapping[str, Any]) -> str:
+    why = r.get("stopped") or "stopped"
+    lines = [
+        f"Ingested {r.get('files_ingested', 0):,} files from {r.get('watch')} in {r.get('batches', 0):,} batches: "
+        f"{r.get('rows_written', 0):,} rows appended to {r.get('lake')} as {r.get('files_written', 0):,} files, "
+        f"with {r.get('kms_calls', 0):,} KMS calls ({why} after {r.get('seconds', 0)} s)."
+    ]
+    if r.get("files_quarantined"):
+        lines.append(f"  {r['files_quarantined']:,} files were quarantined (unreadable or missing a column):")
+        lines.extend(f"    {path}" for path in (r.get("quarantined") or [])[:20])
+    return "\n".join(lines)
+
+
+_RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "encrypt": _render_encrypt,
+    "decrypt": _render_decrypt,
+    "ingest": _render_ingest,
+}
 
 
 def _render_pipeline(verb: str, report: Mapping[str, Any]) -> str:

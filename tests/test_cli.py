@@ -534,3 +534,19 @@ def test_rotate_refused_on_a_damaged_audit_log(home_dir):
     result = run_cli("--home", home_dir, "rotate")
     assert_one_line_error(result, exitcodes.DATA, "entry 0")
     assert KeyHome.open(home_dir).registry().active().version == 1
+
+
+def test_ingest_until_idle_through_the_cli(tmp_path):
+    home = str(tmp_path / "home")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    lake = str(tmp_path / "lake")
+    assert run_cli("--home", home, "init").code == 0
+    pq.write_table(pa.table({"id": [1, 2, 3], "region": [0, 1, 0], "email": ["a@x", "b@x", "c@x"]}), watch / "one.parquet")
+    result = run_cli("--home", home, "--json", "ingest", "--watch", str(watch), "--lake", lake, "--columns", "email",
+                     "--partition-by", "region", "--until-idle", "0.5", "--poll-interval", "0.1")
+    assert result.code == 0, result.err
+    assert result.json()["rows_written"] == 3
+    view = ds.dataset(lake, format="parquet", partitioning="hive").to_table()
+    assert sorted(view.column("id").to_pylist()) == [1, 2, 3]
+    assert view.schema.field("email").type == pa.binary()
