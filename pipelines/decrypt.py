@@ -122,13 +122,18 @@ def run(
     lake: str,
     out: str,
     columns: Sequence[str] | str | None = None,
+    partitions: Sequence[str] | None = None,
     beam_args: Sequence[str] | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     actor: str = "keyturn",
     reason: str = "keyturn decrypt",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Decrypt `lake` into plain Parquet under `out`; returns a JSON-able report."""
+    """Decrypt `lake` into plain Parquet under `out`; returns a JSON-able report.
+
+    `partitions` (hive paths such as ``"region=3"``) limits the run to those
+    partitions, e.g. to decrypt a sample.
+    """
     started = time.monotonic()
     say = progress or (lambda _msg: None)
     from pipelines.encrypt import _open_home
@@ -144,6 +149,12 @@ def run(
     run_id = new_run_id()
     with the_lake.lock(exclusive=False, owner=f"decrypt {run_id}"):
         files = [(f.partition, f.path) for f in the_lake.data_files()]
+        if partitions is not None:
+            wanted = set(partitions)
+            missing = sorted(wanted - {p for p, _ in files})
+            if missing:
+                raise InputError(f"no data files in partition(s) {', '.join(missing)} of the lake")
+            files = [(p, path) for p, path in files if p in wanted]
         out_fs.create_dir(out_root, recursive=True)
         say(f"decrypting {len(files)} file(s)")
         keys = home.key_source()
@@ -201,6 +212,7 @@ def run(
         "lake": lake,
         "out": out,
         "columns": None if columns is None else list(columns),
+        "only_partitions": None if partitions is None else sorted(partitions),
         "files_read": len(files),
         "files_unreadable": len(unreadable),
         "unreadable": unreadable,

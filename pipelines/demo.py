@@ -1,128 +1,247 @@
-"""The demo `make demo` runs: encrypt, rotate, lazily rewrap, decrypt, on the embedded defaults.
+"""The demo `make demo` runs (also `keyturn demo`): encrypt, rotate, lazily rewrap, status, decrypt a sample.
 
-Everything is local: a LocalKms keystore file (single node), a SQLite key
-registry, a Parquet lake under ./demo-out, and Beam's DirectRunner.
+    python -m pipelines.demo [--rows N] [--partitions P] [--out DIR] [-- beam options]
 
-    python -m pipelines.demo [--rows N] [--partitions P] [--out DIR]
+Everything is local, on the embedded defaults: a key home (LocalKms keystore
+file, single node; SQLite key registry; hash-chained audit log), a Parquet
+lake under `--out` (default ./demo-out, wiped first), Beam's in-process
+runner. The steps call the same `run(...)` functions as the CLI verbs:
+
+1. a synthetic customer table with PII (email, ssn, phone), deterministic
+   seed, `--rows` rows (default 1,000,000) across `--partitions` regions
+   (default 10), written as plain Parquet files;
+2. `keyturn init`; 3. `keyturn encrypt --partition-by region`;
+4. `keyturn status`; 5. `keyturn rotate`; 6. `keyturn status`;
+7. `keyturn reencrypt --mode rewrap` lazily: a first run bounded by
+   `--max-files` (half the files), status, a second run that finishes, and a
+   third that finds nothing to do (zero KMS calls);
+8. `keyturn decrypt` of one partition, checked identical to the source;
+
+and then says in plain words what happened (rows, KMS calls, bytes
+rewritten versus the lake's size, time per step).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
-from typing import Tuple
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from keyturn.arrow_codec import VERSION_COLUMN
-from keyturn.keysource import LocalKeySource
-from keyturn.kms.local import LocalKms, generate_root_key_file
-from keyturn.registry.sqlite import SqliteKeyRegistry
-from transforms.arrow import DecryptBatches, EncryptBatches, ReencryptBatches
+__all__ = ["run", "render", "main", "sample_table", "SENSITIVE"]
 
-Keyed = Tuple[str, pa.RecordBatch]
-SENSITIVE = ("email", "ssn")
+SENSITIVE = ("email", "ssn", "phone")
+DEFAULT_ROWS = 1_000_000
+DEFAULT_PARTITIONS = 10
+DEFAULT_OUT = "demo-out"
+SOURCE_FILES = 4
 
 
-def sample_batches(rows: int, partitions: int, batch_rows: int, seed: int = 7) -> list[tuple[str, pa.RecordBatch]]:
-    """Synthetic customers with PII, split into `(partition, batch)` pairs."""
+def sample_table(rows: int, partitions: int, seed: int = 7) -> pa.Table:
+    """Synthetic customers with PII; the same table for the same arguments."""
     rng = np.random.default_rng(seed)
     ids = np.arange(rows, dtype=np.int64)
-    region = ids % partitions
-    ssn = [f"{a:03d}-{b:02d}-{c:04d}" for a, b, c in zip(rng.integers(100, 999, rows), rng.integers(10, 99, rows), rng.integers(1000, 9999, rows))]
-    email = [f"user{i}@example.com" for i in ids]
-    spend = rng.normal(100, 30, rows).round(2)
-    table = pa.table({"customer_id": ids, "region": region, "email": email, "ssn": ssn, "spend": spend})
-    out = []
-    for p in range(partitions):
-        part = table.filter(pc.equal(table["region"], p))
-        for batch in part.to_batches(max_chunksize=batch_rows):
-            out.append((f"region={p}", batch))
-    return out
+    a, b, c = rng.integers(100, 900, rows), rng.integers(10, 99, rows), rng.integers(1000, 9999, rows)
+    ssn = [f"{x:03d}-{y:02d}-{z:04d}" for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
+    phone = [f"+1-555-{x:03d}-{z:04d}" for x, z in zip(rng.integers(100, 999, rows).tolist(), rng.integers(0, 9999, rows).tolist())]
+    ssn_arr = pa.array(ssn, pa.string())
+    ssn_arr = pc.if_else(pa.array(ids % 50 == 0), pa.scalar(None, pa.string()), ssn_arr)  # some unknown
+    return pa.table(
+        {
+            "customer_id": ids,
+            "region": pa.array(ids % partitions, pa.int64()),
+            "email": pa.array([f"user{i}@example.com" for i in ids.tolist()], pa.string()),
+            "ssn": ssn_arr,
+            "phone": pa.array(phone, pa.string()),
+            "spend": pa.array(rng.normal(100, 30, rows).round(2)),
+            "signup": pa.array((np.datetime64("2020-01-01") + rng.integers(0, 1500, rows).astype("timedelta64[D]")), pa.date32()),
+        }
+    )
 
 
-def make_home(home: str) -> LocalKeySource:
-    """A fresh key home: root key file, keystore with kek-1, registry at version 1."""
-    os.makedirs(home, exist_ok=True)
-    key_file = generate_root_key_file(os.path.join(home, "root.key"))
-    kms = LocalKms.create(os.path.join(home, "keystore.json"), key_file=key_file)
-    kms.create_kek("kek-1")
-    SqliteKeyRegistry(os.path.join(home, "registry.sqlite")).initialize("kek-1", actor="demo", reason="first key")
-    return LocalKeySource(os.path.join(home, "keystore.json"), os.path.join(home, "registry.sqlite"), key_file=key_file)
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
-def write_lake(lake: str):
-    def write(element: tuple[str, pa.RecordBatch]) -> int:
-        partition, batch = element
-        directory = os.path.join(lake, partition)
-        os.makedirs(directory, exist_ok=True)
-        name = f"part-{batch.column('customer_id')[0].as_py():09d}.parquet"
-        pq.write_table(pa.Table.from_batches([batch]), os.path.join(directory, name))
-        return batch.num_rows
+def _lake_bytes(lake: str) -> int:
+    from keyturn.lake import Lake
 
-    return write
+    return sum(f.size for f in Lake(lake).data_files())
 
 
-def read_lake(lake: str) -> list[tuple[str, pa.RecordBatch]]:
-    out = []
-    for partition in sorted(os.listdir(lake)):
-        for name in sorted(os.listdir(os.path.join(lake, partition))):
-            for batch in pq.read_table(os.path.join(lake, partition, name)).to_batches():
-                out.append((partition, batch))
-    return out
+def run(
+    *,
+    rows: int = DEFAULT_ROWS,
+    partitions: int = DEFAULT_PARTITIONS,
+    out: str = DEFAULT_OUT,
+    beam_args: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole demo under `out` (wiped first); returns a JSON-able report with a plain-words `summary`."""
+    try:  # the same run() functions the CLI verbs call
+        from keyturn.rotation import rotate
+        from pipelines import decrypt, encrypt, reencrypt, status
+        from pipelines.home import KeyHome
+    except ImportError as exc:  # pragma: no cover - only while the package is incomplete
+        raise RuntimeError(f"the demo needs the lake pipelines and the key home ({exc})") from None
+    if rows < partitions or partitions < 1:
+        raise ValueError("--rows must be >= --partitions >= 1")
+    say = progress or (lambda _msg: None)
+    out = os.path.abspath(out)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    paths = {k: os.path.join(out, k) for k in ("source", "home", "lake", "sample")}
+    steps: dict[str, dict[str, Any]] = {}
+    started = time.monotonic()
+
+    def step(name: str, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        say(label)
+        t0 = time.monotonic()
+        result = fn()
+        result["seconds"] = round(time.monotonic() - t0, 2)
+        steps[name] = result
+        return result
+
+    def make_source() -> dict[str, Any]:
+        table = sample_table(rows, partitions)
+        os.makedirs(paths["source"])
+        step_rows = -(-rows // SOURCE_FILES)
+        for k in range(SOURCE_FILES):
+            pq.write_table(table.slice(k * step_rows, step_rows), os.path.join(paths["source"], f"customers-{k}.parquet"))
+        return {"rows": rows, "partitions": partitions, "files": SOURCE_FILES, "sensitive": list(SENSITIVE)}
+
+    step("source", "writing the sample data", make_source)
+    home = KeyHome.init(paths["home"], dataset="customers", actor="demo", reason="keyturn demo")
+    steps["init"] = {"active_version": home.registry().active().version}
+    enc = step("encrypt", "encrypting", lambda: encrypt.run(
+        home=home, source=paths["source"], lake=paths["lake"], columns=list(SENSITIVE), partition_by="region",
+        beam_args=beam_args, actor="demo", reason="keyturn demo: first load",
+    ))
+    before = step("status_before", "status", lambda: status.run(home=home, lake=paths["lake"]))
+
+    def do_rotate() -> dict[str, Any]:
+        new = rotate(home.registry(), home.provision_kek, home.chain(), actor="demo", reason="scheduled rotation", dataset=home.dataset)
+        return {"version": new.version}
+
+    step("rotate", "rotating the key", do_rotate)
+    rotated = step("status_rotated", "status", lambda: status.run(home=home, lake=paths["lake"]))
+    half = max(1, enc["files_written"] // 2)
+    first = step("reencrypt_1", f"re-wrapping (first {half} files)", lambda: reencrypt.run(
+        paths["lake"], home=home.path, mode="rewrap", max_files=half, beam_args=beam_args, actor="demo", reason="keyturn demo: lazy rewrap",
+    ))
+    middle = step("status_middle", "status", lambda: status.run(home=home, lake=paths["lake"]))
+    second = step("reencrypt_2", "re-wrapping the rest", lambda: reencrypt.run(
+        paths["lake"], home=home.path, mode="rewrap", beam_args=beam_args, actor="demo", reason="keyturn demo: lazy rewrap",
+    ))
+    third = step("reencrypt_3", "checking nothing is left", lambda: reencrypt.run(
+        paths["lake"], home=home.path, mode="rewrap", beam_args=beam_args, actor="demo", reason="keyturn demo: idempotency check",
+    ))
+    after = step("status_after", "status", lambda: status.run(home=home, lake=paths["lake"], report_path=os.path.join(out, "status.html")))
+
+    sample_partition = "region=0"
+    dec = step("decrypt", "decrypting a sample", lambda: decrypt.run(
+        home=home, lake=paths["lake"], out=paths["sample"], partitions=[sample_partition], beam_args=beam_args,
+    ))
+    source = pq.read_table(paths["source"]).filter(pc.equal(pc.field("region"), 0)).drop_columns(["region"]).sort_by("customer_id")
+    plain = pq.read_table(os.path.join(paths["sample"], sample_partition)).sort_by("customer_id")
+    plain = plain.select(source.column_names)
+    identical = plain.cast(source.schema).equals(source)
+    lake_bytes = _lake_bytes(paths["lake"])
+    rewritten = first["bytes_rewritten"] + second["bytes_rewritten"]
+    report = {
+        "command": "demo",
+        "out": out,
+        "rows": rows,
+        "partitions": partitions,
+        "sensitive_columns": list(SENSITIVE),
+        "steps": steps,
+        "encrypt": {"rows": enc["rows_written"], "files": enc["files_written"], "bytes": enc["bytes_written"], "kms_calls": enc["kms_calls"]},
+        "percent_current": {
+            "after_encrypt": before["percent_current"],
+            "after_rotate": rotated["percent_current"],
+            "after_first_rewrap": middle["percent_current"],
+            "after_second_rewrap": after["percent_current"],
+        },
+        "rewrap": {
+            "files": first["files_rewritten"] + second["files_rewritten"],
+            "rows": first["rows_moved"] + second["rows_moved"],
+            "kms_calls": first["kms_calls"] + second["kms_calls"],
+            "bytes_rewritten": rewritten,
+            "lake_bytes": lake_bytes,
+            "third_run_kms_calls": third["kms_calls"],
+            "third_run_files": third["files_rewritten"],
+        },
+        "sample": {
+            "partition": sample_partition,
+            "rows": dec["rows_written"],
+            "identical_to_source": identical,
+            "first_rows": plain.slice(0, 3).to_pylist(),
+        },
+        "status_report": after.get("report"),
+        "seconds": round(time.monotonic() - started, 2),
+        "problems": 0 if identical and after["percent_current"] == 100.0 and third["kms_calls"] == 0 else 1,
+    }
+    report["summary"] = render(report)
+    return report
 
 
-def versions_in(lake: str) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for _, batch in read_lake(lake):
-        for v in batch.column(VERSION_COLUMN).to_pylist():
-            counts[v] = counts.get(v, 0) + 1
-    return counts
+def render(report: dict[str, Any]) -> str:
+    """The demo's account in plain words."""
+    s = report["steps"]
+    enc, rw, pct, sample = report["encrypt"], report["rewrap"], report["percent_current"], report["sample"]
+    cols = ", ".join(report["sensitive_columns"])
+    lines = [
+        f"keyturn demo: {report['rows']:,} synthetic customers with PII ({cols}) in {report['partitions']} partitions, under {report['out']}",
+        "1. init: a local key home (keystore file, SQLite key registry, audit log); key version 1 is active.",
+        f"2. encrypt: {enc['rows']:,} rows became {enc['files']} encrypted Parquet files ({_mb(enc['bytes'])}) in "
+        f"{s['encrypt']['seconds']} s, with {enc['kms_calls']} KMS calls: one data key per partition, not per row.",
+        f"3. status: {pct['after_encrypt']:.0f}% of rows are on the current key version.",
+        f"4. rotate: version {s['rotate']['version']} is now active and version 1 decrypt-only. "
+        f"No data was touched, so {pct['after_rotate']:.0f}% of rows are current and all of it still reads.",
+        f"5. reencrypt (rewrap, batch-lazy): a first run limited to {s['reencrypt_1']['files_rewritten']} files brought the lake to "
+        f"{pct['after_first_rewrap']:.0f}% current; a second run finished it: {pct['after_second_rewrap']:.0f}% current.",
+        f"   Both runs together re-wrapped {rw['rows']:,} rows in {rw['files']} files with {rw['kms_calls']} KMS calls "
+        f"(per data key: one rewrap, one decrypt to verify the new file; none per row): only the wrapped keys "
+        f"changed, the encrypted payload bytes did not. Parquet files are "
+        f"immutable, so {_mb(rw['bytes_rewritten'])} of files were rewritten (the lake holds {_mb(rw['lake_bytes'])}), "
+        f"each atomically; time {s['reencrypt_1']['seconds'] + s['reencrypt_2']['seconds']:.1f} s.",
+        f"   A third run found nothing to do: {rw['third_run_files']} files rewritten, {rw['third_run_kms_calls']} KMS calls.",
+        f"6. decrypt: partition {sample['partition']} ({sample['rows']:,} rows) decrypted "
+        + ("and is identical to the source." if sample["identical_to_source"] else "but DIFFERS from the source!"),
+    ]
+    for row in sample["first_rows"]:
+        shown = {k: row[k] for k in ("customer_id", "email", "ssn", "phone") if k in row}
+        lines.append(f"   {shown}")
+    if report.get("status_report"):
+        lines.append(f"HTML status report: {report['status_report']}")
+    lines.append(f"Done in {report['seconds']:.1f} s.")
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--partitions", type=int, default=10)
-    parser.add_argument("--out", default="demo-out")
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
+    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args, beam_args = parser.parse_known_args(argv)
 
-    shutil.rmtree(args.out, ignore_errors=True)
-    keys = make_home(os.path.join(args.out, "home"))
-    lake = os.path.join(args.out, "lake")
-    source = sample_batches(args.rows, args.partitions, 10_000)
-    print(f"1. {args.rows:,} customer rows in {args.partitions} partitions; sensitive columns: {', '.join(SENSITIVE)}")
+    def progress(message: str) -> None:
+        if not args.json:
+            print(f"... {message}", file=sys.stderr, flush=True)
 
-    with beam.Pipeline() as p:
-        enc = p | beam.Create(source).with_output_types(Keyed) | EncryptBatches(keys, "customers", SENSITIVE)
-        enc.main | "Write" >> beam.Map(write_lake(lake))
-    print(f"2. Encrypted into a Parquet lake at {lake}: rows per key version {versions_in(lake)}")
-
-    registry = SqliteKeyRegistry(keys.registry)
-    LocalKms.open(keys.keystore, key_file=keys.key_file).create_kek("kek-2")
-    new = registry.rotate("kek-2", actor="demo", reason="scheduled rotation")
-    print(f"3. Rotated the key-encryption key: version {new.version} is active, version 1 is decrypt-only")
-
-    # The demo swaps whole lake directories; `keyturn reencrypt` replaces file by file.
-    with beam.Pipeline() as p:
-        out = p | beam.Create(read_lake(lake)).with_output_types(Keyed) | ReencryptBatches(keys, "customers", mode="rewrap")
-        out.main | "Write" >> beam.Map(write_lake(lake + ".next"))
-    os.replace(lake, lake + ".old")
-    os.replace(lake + ".next", lake)
-    shutil.rmtree(lake + ".old")
-    print(f"4. Lazily re-wrapped only the DEKs (payload bytes untouched): rows per key version {versions_in(lake)}")
-
-    with beam.Pipeline() as p:
-        dec = p | beam.Create(read_lake(lake)[:1]).with_output_types(Keyed) | DecryptBatches(keys, "customers")
-        dec.main | beam.Map(lambda kv: print("5. Decrypted a sample:", kv[1].slice(0, 2).to_pylist()))
-    print("Done: every row is on the new key version, and it still decrypts.")
-    return 0
+    report = run(rows=args.rows, partitions=args.partitions, out=args.out, beam_args=[a for a in beam_args if a != "--"], progress=progress)
+    print(json.dumps(report, indent=2, default=str) if args.json else report["summary"])
+    return 0 if not report["problems"] else 3
 
 
 if __name__ == "__main__":
