@@ -31,13 +31,16 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from keyturn.audit.events import AuditEvent
 from keyturn.aws.clients import ClientSettings, error_code, make_client
-from keyturn.errors import AuditSinkError
+from keyturn.errors import AuditSinkError, ConfigError
+
+if TYPE_CHECKING:
+    from keyturn.config import KeyturnConfig
 
 __all__ = ["CloudWatchAuditSink", "DEFAULT_LOG_STREAM", "MAX_BATCH_BYTES", "MAX_BATCH_EVENTS", "MAX_EVENT_BYTES", "event_message"]
 
@@ -102,6 +105,21 @@ class CloudWatchAuditSink:
         """Events delivered so far."""
         self.put_calls = 0
         """Successful PutLogEvents calls so far."""
+
+    @classmethod
+    def from_config(cls, cfg: KeyturnConfig, **kwargs: Any) -> CloudWatchAuditSink:
+        """The sink a config with ``audit.sink: cloudwatch`` describes (region from ``key_hierarchy.cmk.region``).
+
+        The endpoint is botocore's (``AWS_ENDPOINT_URL_CLOUDWATCH_LOGS`` /
+        ``AWS_ENDPOINT_URL`` are honoured); `kwargs` go to the constructor.
+        `ConfigError` for another sink.
+        """
+        audit = cfg.audit
+        if audit.sink != "cloudwatch" or audit.log_group is None:
+            raise ConfigError("audit.sink", f"is {audit.sink!r}; a CloudWatchAuditSink needs 'cloudwatch' and a log_group")
+        if "client" not in kwargs:
+            kwargs.setdefault("region", cfg.key_hierarchy.cmk.region)
+        return cls(audit.log_group, audit.log_stream, **kwargs)
 
     # ------------------------------------------------------------------ public
 

@@ -317,9 +317,13 @@ class AwsKms:
 
         Returns the key id KMS reports. Old material stays available to
         Decrypt and ReEncrypt, so the registry's versions may share `kek_id`.
+        RotateKeyOnDemand takes no alias, so an alias is resolved first (DescribeKey).
         """
         _check_kek_id(kek_id)
-        return str(self._call("rotate_key_on_demand", kek_id, KeyId=kek_id).get("KeyId", kek_id))
+        target = kek_id
+        if kek_id.startswith("alias/") or ":alias/" in kek_id:
+            target = self.describe_key(kek_id).arn or kek_id
+        return str(self._call("rotate_key_on_demand", kek_id, KeyId=target).get("KeyId", target))
 
     # ----------------------------------------------------------------- lifecycle and safety
 
