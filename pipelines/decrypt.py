@@ -20,8 +20,10 @@ Nothing is dropped silently; the report counts every row:
   readable Parquet go to `<lake>/_keyturn/quarantine/<run-id>.avro` with
   their original bytes; the lake file stays where it is.
 
-`problems` (retired + unknown + missing + corrupt rows, and unreadable
-files) makes the CLI exit with code 3. The lake is never modified; its
+`problems` lists what needs a human, as the other lake reports do
+(`{"path", "partition", "reason", "detail"}`, plus `rows`): each unreadable
+file, and each of retired / unknown / missing / corrupt with its row count.
+A non-empty list makes the CLI exit with code 3. The lake is never modified; its
 lock is held shared so a rewrite cannot swap files under the reader.
 `--out` must be absent or empty, and outside the lake.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -202,9 +205,19 @@ def run(
         status[event["reason"]] += int(event["rows"])
     status["corrupt"] = sum(int(q["rows"]) for q in quarantine if q["reason"] == "corrupt")
     status["current"] = rows_written - status["stale"]
-    unreadable = [q["detail"] for q in quarantine if q["reason"] == "unparseable"]
+    unreadable = [q for q in quarantine if q["reason"] == "unparseable"]
     kms_calls = sum(int(e["counts"].get("unwraps", 0)) for e in audit) if audit else _metric(result, "kms_calls")
-    problems = sum(status[s] for s in _PROBLEM_STATUSES) + len(unreadable)
+    problems: list[dict[str, Any]] = [
+        {"path": _unreadable_path(q["detail"]), "partition": q["partition"], "reason": "unreadable", "rows": 0, "detail": q["detail"]}
+        for q in unreadable
+    ]
+    where = {"corrupt": "quarantine", "retired": "mismatch", "unknown": "mismatch", "missing": "mismatch"}
+    for s in _PROBLEM_STATUSES:
+        if status[s]:
+            problems.append({
+                "path": None, "partition": None, "reason": s, "rows": status[s],
+                "detail": f"{status[s]:,} {s} rows not written; see the {where[s]} side output",
+            })
     return {
         "command": "decrypt",
         "run_id": run_id,
@@ -215,7 +228,7 @@ def run(
         "only_partitions": None if partitions is None else sorted(partitions),
         "files_read": len(files),
         "files_unreadable": len(unreadable),
-        "unreadable": unreadable,
+        "unreadable": [q["detail"] for q in unreadable],
         "files_written": files_written,
         "rows_written": rows_written,
         "partitions": per_partition,
@@ -230,6 +243,12 @@ def run(
         "seconds": round(time.monotonic() - started, 3),
         "problems": problems,
     }
+
+
+def _unreadable_path(detail: str) -> str | None:
+    """The lake-relative path named by `ReadLakeFiles`' quarantine detail."""
+    match = re.match(r"not a readable Parquet file: (.+?) \((\w+)\)", detail)
+    return match.group(1) if match else None
 
 
 def _count_out(fs: pafs.FileSystem, root: str) -> tuple[int, int, dict[str, int]]:

@@ -602,7 +602,7 @@ def run(
         "audit_file": the_lake.side_output_path("audit", run_id) if done["audit_events"] else None,
         "recovered": recovered,
         "seconds": round(time.monotonic() - started, 3),
-        "problems": 0,
+        "problems": [],
     }
 
 

@@ -257,7 +257,10 @@ def run(
         "run_ids": report.run_ids,
         "recovered": recovered,
         "seconds": round(time.monotonic() - started, 3),
-        "problems": report.files_quarantined,
+        "problems": [
+            {"path": path, "partition": None, "reason": "quarantined", "detail": "source file quarantined (unreadable or missing a column)"}
+            for path in report.quarantined
+        ],
     }
 
 

@@ -24,7 +24,7 @@ def test_defaults_meet_the_brief():
 def test_demo_run_tells_the_whole_story(tmp_path):
     out = tmp_path / "demo-out"
     report = demo.run(rows=3000, partitions=10, out=str(out))
-    assert report["problems"] == 0
+    assert report["problems"] == []
     assert report["encrypt"]["rows"] == 3000 and report["encrypt"]["files"] == 10
     assert report["encrypt"]["kms_calls"] == 10  # one data key per partition
     pct = report["percent_current"]
