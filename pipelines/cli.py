@@ -545,9 +545,6 @@ def _render_decrypt(r: Mapping[str, Any]) -> str:
     for key, label in (("mismatch_file", "version mismatches"), ("quarantine_file", "quarantined records")):
         if r.get(key):
             lines.append(f"  {label}: {r[key]}")
-    for p in r.get("problems") or []:
-        if isinstance(p, Mapping):
-            lines.append(f"  problem: {p.get('path') or 'lake'}: {p.get('reason')}: {p.get('detail') or ''}".rstrip())
     return "\n".join(lines)
 
 
@@ -571,24 +568,35 @@ _RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
 }
 
 
+def _problem_lines(report: Mapping[str, Any], limit: int = 20) -> list[str]:
+    problems = report.get("problems")
+    if not isinstance(problems, list) or not problems:
+        return []
+    lines = [f"Problems ({len(problems)}):"]
+    for p in problems[:limit]:
+        if isinstance(p, Mapping):
+            lines.append(f"  {p.get('path') or 'lake'}: {p.get('reason')}: {p.get('detail') or ''}".rstrip())
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more (see --json)")
+    return lines
+
+
 def _render_pipeline(verb: str, report: Mapping[str, Any]) -> str:
-    """A pipeline report as text: a verb-specific account, else its `summary` and scalar fields."""
+    """A pipeline report as text: a verb-specific account (else its `summary` and scalar fields), then problems."""
     if verb in _RENDERERS:
         try:
-            return _RENDERERS[verb](report)
+            return "\n".join([_RENDERERS[verb](report), *_problem_lines(report)])
         except (TypeError, ValueError, AttributeError):  # an unexpected report shape: fall back to the fields
             pass
-    lines = []
     summary = report.get("summary")
     if isinstance(summary, str) and summary:
-        lines.append(summary)
+        lines = [summary]
     else:
-        lines.append(f"{verb}: done")
-    for key, value in report.items():
-        if key == "summary" or isinstance(value, (dict, list, tuple)):
-            continue
-        lines.append(f"  {key.replace('_', ' ')}: {value}")
-    return "\n".join(lines)
+        lines = [f"{verb}: done"]
+        for key, value in report.items():
+            if not isinstance(value, (dict, list, tuple)):
+                lines.append(f"  {key.replace('_', ' ')}: {value}")
+    return "\n".join(lines + _problem_lines(report))
 
 
 def _json_default(value: Any) -> Any:

@@ -550,3 +550,11 @@ def test_ingest_until_idle_through_the_cli(tmp_path):
     view = ds.dataset(lake, format="parquet", partitioning="hive").to_table()
     assert sorted(view.column("id").to_pylist()) == [1, 2, 3]
     assert view.schema.field("email").type == pa.binary()
+
+
+def test_demo_verb(tmp_path):
+    result = run_cli("demo", "--rows", "3000", "--partitions", "3", "--out", str(tmp_path / "demo"))
+    assert result.code == 0, result.err
+    assert "identical to the source" in result.out
+    data = run_cli("--json", "demo", "--rows", "3000", "--partitions", "3", "--out", str(tmp_path / "demo")).json()
+    assert data["problems"] == []
