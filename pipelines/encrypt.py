@@ -359,6 +359,9 @@ def encrypted_partitions(lake: Lake) -> dict[str, int]:
 # ------------------------------------------------------------------ the pipeline
 
 
+_READ_ERRORS = (OSError, pa.ArrowException, ValueError, TypeError, KeyError, EOFError)
+
+
 class _ReadSplit(beam.DoFn):
     """A source file -> `(partition, batch)` pieces; pieces of already-encrypted partitions -> `skipped`.
 
@@ -381,15 +384,20 @@ class _ReadSplit(beam.DoFn):
         self.dataset = dataset
 
     def _pieces(self, source: SourceFile) -> Iterator[Keyed]:
-        for batch in read_batches(source, batch_rows=self.batch_rows):
-            yield from split_by_partition(batch, source.partition, self.split_columns, self.drop, self.schema)
+        try:
+            for batch in read_batches(source, batch_rows=self.batch_rows):
+                yield from split_by_partition(batch, source.partition, self.split_columns, self.drop, self.schema)
+        except InputError:
+            raise
+        except _READ_ERRORS as exc:  # name the file; the run fails and nothing is committed
+            raise InputError(f"source file {source.path!r} cannot be read: {' '.join(str(exc).split())[:300]}") from None
 
     def process(self, source: SourceFile) -> Iterator[Any]:
         pieces: Any = self._pieces(source)
         if self.whole_file:
             try:
                 pieces = list(pieces)
-            except (OSError, pa.ArrowException, ValueError, TypeError, KeyError, EOFError) as exc:
+            except _READ_ERRORS as exc:
                 yield beam.pvalue.TaggedOutput(self.FAILED, source.path)
                 yield beam.pvalue.TaggedOutput(QUARANTINE, quarantine_source(source, self.dataset, exc))
                 return
@@ -472,6 +480,11 @@ def build_pipeline(
         _ = pieces[QUARANTINE] | "Quarantine" >> WriteSideOutput(lake_uri, "quarantine", run_id)
 
 
+def _run_pipeline(beam_args: Sequence[str] | None, **steps: Any) -> None:
+    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        build_pipeline(p, **steps)
+
+
 def encrypt_files(
     home: Any,
     lake: Lake,
@@ -496,9 +509,9 @@ def encrypt_files(
     staging_uri = lake.keyturn_path(STAGING, run_id)
     lake.fs.create_dir(staging_uri, recursive=True)
     dek = home.config.dek
-    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-        build_pipeline(
-            p,
+    try:
+        _run_pipeline(
+            beam_args,
             plan=the_plan,
             skip=skip,
             keys=home.key_source(),
@@ -515,6 +528,12 @@ def encrypt_files(
             reason=reason,
             whole_file=whole_file,
         )
+    except BaseException:
+        try:  # nothing was committed: leave no staging behind (the next run would discard it anyway)
+            lake.fs.delete_dir(staging_uri)
+        except OSError:
+            pass
+        raise
     staged = _staged_files(lake, staging_uri)
     skipped = _read_json(lake, posixpath.join(staging_uri, SKIPPED_FILE))
     failed = sorted(_read_json(lake, posixpath.join(staging_uri, FAILED_FILE)))

@@ -219,3 +219,17 @@ def test_killed_encrypt_leaves_every_row_once_after_the_next_run(home, tmp_path,
     report = decrypt.run(home=home, lake=str(lake), out=str(out))
     assert report["rows_written"] == 1200 and report["problems"] == []
     assert read_hive(out).column("ssn").to_pylist() == table.column("ssn").to_pylist()
+
+
+def test_a_source_file_corrupt_past_its_footer_fails_the_run_and_commits_nothing(home, tmp_path):
+    (tmp_path / "src").mkdir()
+    pq.write_table(customers(3000), tmp_path / "src" / "a.parquet", row_group_size=500)
+    data = bytearray((tmp_path / "src" / "a.parquet").read_bytes())
+    middle = len(data) // 3
+    data[middle : middle + 200] = b"\xff" * 200  # a damaged data page; the footer still reads
+    (tmp_path / "src" / "a.parquet").write_bytes(bytes(data))
+    lake = tmp_path / "lake"
+    with pytest.raises(InputError, match="a.parquet' cannot be read"):
+        encrypt.run(home=home, source=str(tmp_path / "src"), lake=str(lake), columns=["email"])
+    assert data_files(lake) == []
+    assert not [f for f in all_files(lake) if "staging/" in f]
