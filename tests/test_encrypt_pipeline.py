@@ -233,3 +233,15 @@ def test_a_source_file_corrupt_past_its_footer_fails_the_run_and_commits_nothing
         encrypt.run(home=home, source=str(tmp_path / "src"), lake=str(lake), columns=["email"])
     assert data_files(lake) == []
     assert not [f for f in all_files(lake) if "staging/" in f]
+
+
+def test_beam_options_pass_through_multi_process_workers(home, tmp_path):
+    table = customers(2000, partitions=4)
+    src = write_parquet_source(tmp_path / "src", table, files=4)
+    lake = tmp_path / "lake"
+    args = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    report = encrypt.run(home=home, source=src, lake=str(lake), columns=SENSITIVE, partition_by="region", beam_args=args)
+    assert report["rows_written"] == 2000
+    out = tmp_path / "out"
+    assert decrypt.run(home=home, lake=str(lake), out=str(out), beam_args=args)["rows_written"] == 2000
+    assert read_hive(out).column("ssn").to_pylist() == table.column("ssn").to_pylist()
