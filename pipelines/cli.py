@@ -426,7 +426,9 @@ def _cmd_demo(ctx: _Context) -> tuple[dict[str, Any], str]:
 def _cmd_status(ctx: _Context) -> tuple[dict[str, Any], str]:
     from pipelines import status
 
-    report = status.run(home=ctx.home(), lake=ctx.args.lake, report_path=ctx.args.report, clock=ctx.clock)
+    home = ctx.home()
+    with ctx.progress("reading lake footers"):
+        report = status.run(home=home, lake=ctx.args.lake, report_path=ctx.args.report, clock=ctx.clock)
     return report, status.render_text(report)
 
 
