@@ -185,3 +185,19 @@ def test_constructor_arguments(logs):
 
     with pytest.raises(TypeError):
         pickle.dumps(CloudWatchAuditSink("g", client=logs))
+
+
+def test_an_event_appended_while_the_service_fails_is_kept(moto_url):
+    logs = client("logs", moto_url, max_attempts=1)
+    group = unique("/keyturn/audit")
+    sink = CloudWatchAuditSink(group, "s", client=logs, max_batch_events=2)
+    sink.append(event(0))
+    injector = FaultInjector.always(logs, code="ServiceUnavailableException", status=503, operations={"PutLogEvents"})
+    with pytest.raises(AuditSinkError):
+        sink.append(event(1))  # fills the batch; its put fails
+    with pytest.raises(AuditSinkError):
+        sink.append(event(2))  # the buffer is full, the flush fails again, yet this event is buffered too
+    assert sink.pending == 3
+    injector.enabled = False
+    sink.close()
+    assert [d["scope_key"] for d in read_back(logs, group, "s")] == ["scope-0", "scope-1", "scope-2"]

@@ -124,7 +124,11 @@ class CloudWatchAuditSink:
     # ------------------------------------------------------------------ public
 
     def append(self, event: AuditEvent | Mapping[str, Any]) -> None:
-        """Buffer one event (an `AuditEvent`, or its dict form); sends a batch when the buffer is full."""
+        """Buffer one event (an `AuditEvent`, or its dict form); sends a batch when the buffer is full.
+
+        If that send fails, `AuditSinkError` is raised and this event stays
+        buffered with the others.
+        """
         if not isinstance(event, AuditEvent):
             if not isinstance(event, Mapping):
                 raise TypeError(f"CloudWatchAuditSink.append takes an AuditEvent, got {type(event).__name__}")
@@ -136,13 +140,16 @@ class CloudWatchAuditSink:
         with self._lock:
             if self._closed:
                 raise AuditSinkError("CloudWatchAuditSink is closed")
-            if self._buffer and (
+            full = bool(self._buffer) and (
                 len(self._buffer) >= self._max_batch_events
                 or self._buffer_bytes + size + EVENT_OVERHEAD_BYTES > MAX_BATCH_BYTES
-            ):
-                self._flush_locked()
-            self._buffer.append((int(self._clock() * 1000), message))
-            self._buffer_bytes += size + EVENT_OVERHEAD_BYTES
+            )
+            try:
+                if full:
+                    self._flush_locked()
+            finally:  # buffered even if that flush failed: the error reaches the caller, the event is kept
+                self._buffer.append((int(self._clock() * 1000), message))
+                self._buffer_bytes += size + EVENT_OVERHEAD_BYTES
             if len(self._buffer) >= self._max_batch_events:
                 self._flush_locked()
 
