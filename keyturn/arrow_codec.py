@@ -66,6 +66,7 @@ DEK_COLUMN = DEK_FIELD
 META_FORMAT = b"keyturn.format"
 META_PLAIN = b"keyturn.plain_field"
 META_BIND = b"keyturn.bind"
+_CURRENT, _STALE = ReadStatus.CURRENT, ReadStatus.STALE  # identity checks in per-row loops
 _RESERVED = (VERSION_COLUMN, DEK_COLUMN)
 _DEK_TYPE = pa.dictionary(pa.int32(), pa.binary())
 
@@ -264,7 +265,7 @@ def decrypt_batch(
         for i, valid in enumerate(batch.column(name).is_valid().to_pylist()):
             if valid:
                 status[i] = ReadStatus.CORRUPT
-    readable = [i for i, s in enumerate(status) if s.readable]
+    readable = [i for i, s in enumerate(status) if s is _CURRENT or s is _STALE]
     plain_fields: dict[str, pa.Field] = {}
     values: list[list[bytes | None]] = []
     types: list[str] = []

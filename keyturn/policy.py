@@ -30,7 +30,7 @@ class ReadStatus(str, enum.Enum):
 
     @property
     def readable(self) -> bool:
-        return self in (ReadStatus.CURRENT, ReadStatus.STALE)
+        return self is ReadStatus.CURRENT or self is ReadStatus.STALE  # identity: hot in per-row loops
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,10 @@ def classify_rows(policy: KeyPolicy, versions: Sequence[int | None], envelopes: 
     envelope is parsed once.
     """
     parsed: dict[bytes, tuple[int, str] | None] = {}
-    status: list[ReadStatus] = []
-    for version, env in zip(versions, envelopes, strict=True):
+
+    def classify_one(version: int | None, env: bytes | None) -> ReadStatus:
         if version is None or env is None:
-            status.append(ReadStatus.MISSING)
-            continue
+            return ReadStatus.MISSING
         if env not in parsed:
             try:
                 envelope = parse_envelope(env)
@@ -99,11 +98,21 @@ def classify_rows(policy: KeyPolicy, versions: Sequence[int | None], envelopes: 
                 parsed[env] = None
         key = parsed[env]
         if key is None or key[0] != version:
-            status.append(ReadStatus.CORRUPT)
-            continue
+            return ReadStatus.CORRUPT
         row_status = policy.classify(version)
         if row_status.readable and policy.kek_ids.get(version) != key[1]:
-            row_status = ReadStatus.CORRUPT
+            return ReadStatus.CORRUPT
+        return row_status
+
+    if len(versions) != len(envelopes):
+        raise ValueError("versions and envelopes must have one entry per row")
+    # rows share few (version, envelope) pairs: classify each pair once
+    by_pair: dict[tuple[int | None, bytes | None], ReadStatus] = {}
+    status: list[ReadStatus] = []
+    for pair in zip(versions, envelopes):
+        row_status = by_pair.get(pair)
+        if row_status is None:
+            row_status = by_pair[pair] = classify_one(*pair)
         status.append(row_status)
     return status
 

@@ -23,6 +23,10 @@ from keyturn.context import encode_context
 from keyturn.errors import DecryptionError, KmsError, ScopeClosedError
 from keyturn.format import (
     CELL_HEADER_BYTES,
+    CELL_OVERHEAD,
+    DEK_ID_BYTES,
+    FORMAT_VERSION,
+    MAX_CELL_PLAINTEXT,
     Envelope,
     cell_aad,
     commitment_matches,
@@ -35,6 +39,9 @@ from keyturn.kms.base import KmsBackend
 from keyturn.scope import Location, check_types
 
 __all__ = ["DekReader", "OpenedDek", "open_rows", "OpenedRows"]
+
+_PREFIX = 1 + DEK_ID_BYTES  # format version byte + dek_id
+_MAX_CELL = CELL_OVERHEAD + MAX_CELL_PLAINTEXT
 
 
 class OpenedDek:
@@ -55,6 +62,28 @@ class OpenedDek:
             return self._aead.decrypt(header.nonce, bytes(cell[CELL_HEADER_BYTES:]), aad)
         except InvalidTag:
             raise DecryptionError() from None
+
+    def open_cells(
+        self, column: Sequence[bytes | None], rows: Sequence[int], aad: bytes, out: list[bytes | None], failed: set[int]
+    ) -> None:
+        """Decrypt `column[i]` into `out[i]` for each i in `rows`, all under one `aad`.
+
+        The batch form of `open_cell` (same checks, no per-cell objects): a
+        cell that fails any check adds its row to `failed`; nulls are skipped.
+        """
+        decrypt = self._aead.decrypt
+        prefix = bytes([FORMAT_VERSION]) + self.envelope.dek_id
+        for i in rows:
+            cell = column[i]
+            if cell is None:
+                continue
+            if not (CELL_OVERHEAD <= len(cell) <= _MAX_CELL and cell.startswith(prefix)):
+                failed.add(i)
+                continue
+            try:
+                out[i] = decrypt(cell[_PREFIX:CELL_HEADER_BYTES], cell[CELL_HEADER_BYTES:], aad)
+            except InvalidTag:
+                failed.add(i)
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("an opened DEK never leaves its scope")
@@ -177,44 +206,40 @@ def open_rows(
     types = check_types(fields, types)
     values: list[list[bytes | None]] = [[None] * len(col) for col in cells]
     failed: set[int] = set()
-    aad_cache: dict[tuple[str, bytes], bytes] = {}
-    for i in rows:
-        envelope_bytes = row_envelopes[i]
+    by_envelope: dict[bytes | None, list[int]] = {}
+    if len(set(row_envelopes)) == 1:  # the common case: one DEK for the whole batch
+        by_envelope[row_envelopes[0]] = list(rows)
+    else:
+        for i in rows:
+            by_envelope.setdefault(row_envelopes[i], []).append(i)
+    for envelope_bytes, group in by_envelope.items():
         try:
             if envelope_bytes is None:
                 raise DecryptionError()
             dek = reader.open(envelope_bytes, location)
-            dek_id = dek.envelope.dek_id
-            for j, (name, value_type) in enumerate(zip(fields, types)):
-                cell = cells[j][i]
-                if cell is None:
-                    continue
-                if bindings is None:
-                    aad = aad_cache.get((name, dek_id))
-                    if aad is None:
-                        aad = aad_cache[(name, dek_id)] = encode_context(
-                            cell_aad(
-                                dataset=location.dataset,
-                                partition=location.partition,
-                                field=name,
-                                dek_id=dek_id,
-                                value_type=value_type,
-                            )
-                        )
-                else:
-                    aad = encode_context(
-                        cell_aad(
-                            dataset=location.dataset,
-                            partition=location.partition,
-                            field=name,
-                            dek_id=dek_id,
-                            value_type=value_type,
-                            bindings=dict(bindings[i]),
-                        )
-                    )
-                values[j][i] = dek.open_cell(cell, aad)
         except DecryptionError:
-            failed.add(i)
-            for col in values:
-                col[i] = None
+            failed.update(group)
+            continue
+        dek_id = dek.envelope.dek_id
+        for j, (name, value_type) in enumerate(zip(fields, types)):
+            def aad_for(row_bindings: Mapping[str, bytes] | None) -> bytes:
+                return encode_context(
+                    cell_aad(
+                        dataset=location.dataset,
+                        partition=location.partition,
+                        field=name,
+                        dek_id=dek_id,
+                        value_type=value_type,
+                        bindings=None if row_bindings is None else dict(row_bindings),
+                    )
+                )
+
+            if bindings is None:
+                dek.open_cells(cells[j], group, aad_for(None), values[j], failed)
+            else:
+                for i in group:
+                    dek.open_cells(cells[j], (i,), aad_for(bindings[i]), values[j], failed)
+    for i in failed:
+        for col in values:
+            col[i] = None
     return OpenedRows(values, failed)
