@@ -33,6 +33,7 @@ __all__ = [
     "InputError",
     "AuditSinkError",
     "LakeLockedError",
+    "LakeLockLostError",
 ]
 
 
@@ -131,6 +132,10 @@ class LakeError(KeyturnError):
 
 class LakeLockedError(LakeError):
     """Another keyturn job holds the lake lock; wait for it to finish (or remove a stale lock)."""
+
+
+class LakeLockLostError(LakeLockedError):
+    """An S3 lake lease expired unrenewed and another job took the lake over while this one ran."""
 
 
 class InputError(KeyturnError, ValueError):

@@ -44,6 +44,8 @@ __all__ = [
     "AttemptCounter",
     "FakeClock",
     "shorten_backoff",
+    "requests_seen",
+    "REQUESTS",
 ]
 
 HOST = "127.0.0.1"
@@ -57,8 +59,17 @@ _refs = 0
 _saved_env: dict[str, str | None] = {}
 
 
+REQUESTS: Counter[str] = Counter()
+"""Requests the test servers answered, by JSON target (``TrentService.Decrypt`` for KMS), else the HTTP method."""
+
+
+def requests_seen(prefix: str = "TrentService.") -> int:
+    """How many requests whose target starts with `prefix` (default: every KMS call) the servers answered so far."""
+    return sum(n for target, n in REQUESTS.items() if target.startswith(prefix))
+
+
 class _OneRequestAtATime:
-    """WSGI wrapper: runs one request at a time and reads its whole body under the lock."""
+    """WSGI wrapper: runs one request at a time and reads its whole body under the lock; counts requests."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -66,6 +77,7 @@ class _OneRequestAtATime:
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         with self.lock:
+            REQUESTS[environ.get("HTTP_X_AMZ_TARGET") or environ.get("REQUEST_METHOD", "?")] += 1
             result = self.app(environ, start_response)
             try:
                 return [b"".join(result)]

@@ -8,10 +8,10 @@ re-encrypt), read everything back, retire the old version against the
 inventory, write side outputs. A crash just before the swap, in a separate
 process, must leave every row readable exactly once, and a rerun must finish.
 
-What the lake layer still lacks for S3 is pinned by strict xfails (see
-docs/AWS.md, "S3 lakes"): a `Lake` with an injected filesystem loses it when
-pickled, an ``s3://`` URI plus a filesystem keeps the scheme in its root,
-and the lake lock is local-only.
+A `Lake` with an injected S3 filesystem keeps it when pickled, an
+``s3://`` URI with an injected filesystem is rooted at ``bucket/prefix``,
+and the lake lock works on S3 (a conditional-write lease; its own tests are
+in test_aws_s3_lock.py; the CLI flow on S3 is test_aws_cli_flow.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from aws_support import client, moto_url, new_kms_key, unique  # noqa: F401  (mo
 from keyturn.arrow_codec import decrypt_batch, encrypt_batch
 from keyturn.aws.dynamodb_registry import DynamoDbKeyRegistry, create_table
 from keyturn.aws.kms import AwsKms
-from keyturn.errors import LakeError, VersionInUseError
+from keyturn.errors import LakeLockedError, VersionInUseError
 from keyturn.lake import Lake, footer_for, read_file_summary, take_inventory, write_parquet_atomically
 from keyturn.lake.rewrite import rewrite_file
 from keyturn.lake.sideoutputs import read_side_outputs, write_side_output
@@ -305,15 +305,18 @@ def test_crash_during_a_rewrite_loses_nothing_and_a_rerun_finishes(world, point)
     assert_every_row_once(lake, kms, policy, source)
 
 
-# --------------------------------------------------------------------------- what the lake layer still lacks
+# --------------------------------------------------------------------------- injected filesystems, the lock
 
 
-def test_lake_lock_is_local_only_for_now(world):
-    with pytest.raises(LakeError, match="local lakes only"):
-        world["lake"].lock()
+def test_lake_lock_works_on_an_injected_s3_filesystem(world):
+    lake = world["lake"]
+    with lake.lock(exclusive=True, owner="job a"):
+        with pytest.raises(LakeLockedError, match="job a"):
+            lake.lock(exclusive=False).acquire()
+        assert any(k == "lake/_keyturn/lock" for k in objects(world["s3"], world["bucket"]))
+    assert not any(k == "lake/_keyturn/lock" for k in objects(world["s3"], world["bucket"]))
 
 
-@pytest.mark.xfail(strict=True, reason="Lake.__reduce__ keeps only the URI: an injected S3 filesystem is lost (becomes a local path)")
 def test_pickled_lake_keeps_its_s3_filesystem(world):
     lake = world["lake"]
     write_parquet_atomically(lake, lake.new_data_path("region=1"), pa.table({"id": [1]}), None)
@@ -322,7 +325,6 @@ def test_pickled_lake_keeps_its_s3_filesystem(world):
     assert len(clone.data_files()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="Lake('s3://bucket/prefix', filesystem=fs) keeps the scheme in its root path")
 def test_s3_uri_with_an_injected_filesystem(world):
     lake = Lake(f"s3://{world['bucket']}/lake", filesystem=world["fs"])
     assert lake.root == f"{world['bucket']}/lake"

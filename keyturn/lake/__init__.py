@@ -1,5 +1,7 @@
 """The lake: layout, footers and file summaries, atomic writes, inventory, lock, crashpoints, rewrites.
 
+Local directories and S3 (`keyturn.lake.s3`, `keyturn.lake.s3lock`).
+
 Beam-free. See `keyturn.lake.layout` for the directory layout and
 `keyturn.lake.footer` for the ``keyturn`` footer every encrypted file carries.
 """
@@ -16,11 +18,15 @@ from keyturn.lake.footer import (
     read_file_summary,
 )
 from keyturn.lake.inventory import Inventory, take_inventory
-from keyturn.lake.layout import KEYTURN_DIR, TEMP_PREFIX, DataFile, Lake, is_hidden, is_temp_name
-from keyturn.lake.lock import LakeLock
+from keyturn.lake.layout import KEYTURN_DIR, TEMP_PREFIX, DataFile, Lake, as_lake, is_hidden, is_temp_name
+from keyturn.lake.lock import LakeLock, open_lock
+from keyturn.lake.s3 import S3Settings
 
 __all__ = [
     "Lake",
+    "as_lake",
+    "S3Settings",
+    "open_lock",
     "DataFile",
     "KEYTURN_DIR",
     "TEMP_PREFIX",

@@ -8,9 +8,14 @@ leaves either the old file or the new one, never a mix; the directory is
 fsynced so the rename survives a power cut. Leftover temp files of crashed
 writers are removed by `Lake.remove_temp_files` (under the lake lock).
 
-On an object store (S3, later) a "move" is copy-then-delete: the new object
-appears whole, but the original path is briefly absent; the S3 backend
-will address that.
+On S3 there is no rename: Arrow's move is a server-side CopyObject of the
+finished (and, in a rewrite, verified) temp object onto the final key,
+then a DeleteObject of the temp. A PUT or copy of a whole object is atomic
+per key, so readers of the final key see the old object or the new one,
+never a partial one, and the key is never absent. A crash leaves at most a
+hidden temp object (removed by the next run under the lock) or, mid-upload,
+an incomplete multipart upload (needs a bucket lifecycle rule); see
+docs/AWS.md, "Atomic replacement on S3".
 
 The ``keyturn`` footer (`keyturn.lake.footer`) is added to the file's
 key-value metadata when the file is finished, so a writer that streams row

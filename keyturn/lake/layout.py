@@ -12,8 +12,9 @@ and ``_keyturn/`` are invisible to other readers. Partition columns are not
 stored inside the files; readers take them from the path.
 
 All file access goes through a `pyarrow.fs.FileSystem`, so the same code
-serves a local directory now and S3 later; only fsync and the lock
-special-case the local filesystem.
+serves a local directory and S3 (see `keyturn.lake.s3`); only fsync and
+the lock special-case the filesystem (flock locally, a conditional-write
+lease on S3).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow.fs as pafs
 
 from keyturn.errors import LakeError
+from keyturn.lake.s3 import S3Settings, parse_s3_uri
 
-__all__ = ["Lake", "DataFile", "TEMP_PREFIX", "KEYTURN_DIR", "is_hidden", "is_temp_name", "temp_name_for"]
+__all__ = ["Lake", "DataFile", "TEMP_PREFIX", "KEYTURN_DIR", "is_hidden", "is_temp_name", "temp_name_for", "as_lake"]
 
 TEMP_PREFIX = ".keyturn-tmp-"
 KEYTURN_DIR = "_keyturn"
@@ -61,26 +64,65 @@ class DataFile:
 
 
 class Lake:
-    """A Parquet lake rooted at `uri` (a local path, or a URI pyarrow.fs understands)."""
+    """A Parquet lake rooted at `uri`: a local path, ``s3://bucket/prefix``, or another `pyarrow.fs` URI.
 
-    def __init__(self, uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> None:
+    ``s3://`` lakes get their endpoint and region from `s3` (an
+    `keyturn.lake.s3.S3Settings`), the URI's query, or the AWS endpoint
+    variables (see `keyturn.lake.s3`); the resolved settings are kept and
+    pickled, so a Beam worker rebuilds the same filesystem. `lock_options`
+    go to the S3 lease lock (``lease_seconds``...). An injected
+    `filesystem` is used as is (a scheme and query in `uri` are stripped
+    from the root) and is pickled with the lake.
+    """
+
+    def __init__(
+        self,
+        uri: str | os.PathLike[str],
+        filesystem: pafs.FileSystem | None = None,
+        *,
+        s3: S3Settings | None = None,
+        lock_options: dict[str, Any] | None = None,
+    ) -> None:
         uri = os.fspath(uri)
         if not uri:
             raise ValueError("the lake path must be non-empty")
+        self.uri = uri
+        self.s3: S3Settings | None = None
+        self.lock_options: dict[str, Any] = dict(lock_options or {})
+        self._injected = filesystem is not None
         if filesystem is not None:
-            self.fs, self.root = filesystem, uri.rstrip("/") or "/"
+            if s3 is not None:
+                raise ValueError("give a filesystem or S3 settings, not both")
+            root = _strip_scheme(uri) if "://" in uri else uri
+            self.fs, self.root = filesystem, root.rstrip("/") or "/"
+        elif uri.startswith("s3://"):
+            self.s3, self.root = parse_s3_uri(uri, s3)
+            self.fs = self.s3.filesystem()
         elif "://" in uri:
             self.fs, root = pafs.FileSystem.from_uri(uri)
             self.root = root.rstrip("/")
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
-        self.uri = uri
 
     def __repr__(self) -> str:
         return f"Lake({self.uri!r})"
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (Lake, (self.uri,))
+        fs = self.fs if self._injected or (self.s3 is None and not self.is_local) else None
+        return (_restore_lake, (self.uri, self.root, self.s3, fs, self.lock_options))
+
+    def sub(self, path: str, uri: str | None = None) -> Lake:
+        """A lake on the same filesystem (same settings) rooted at `path`, a filesystem path (staging, outputs)."""
+        other = object.__new__(Lake)
+        other.uri = uri or (f"s3://{path}" if self.s3 is not None else path)
+        other.s3, other._injected, other.fs = self.s3, self._injected, self.fs
+        other.lock_options = dict(self.lock_options)
+        other.root = path.rstrip("/") or "/"
+        return other
+
+    @property
+    def is_s3(self) -> bool:
+        return isinstance(self.fs, pafs.S3FileSystem)
 
     @property
     def is_local(self) -> bool:
@@ -172,8 +214,36 @@ class Lake:
             removed.append(self.relpath(path))
         return removed
 
-    def lock(self, *, exclusive: bool = True, owner: str = "keyturn"):  # type: ignore[no-untyped-def]
-        """The lake lock (see `keyturn.lake.lock.LakeLock`)."""
-        from keyturn.lake.lock import LakeLock
+    def lock(self, *, exclusive: bool = True, owner: str = "keyturn", **options: Any):  # type: ignore[no-untyped-def]
+        """The lake lock: `flock` on a local lake, a conditional-write lease on S3 (see `keyturn.lake.lock`)."""
+        from keyturn.lake.lock import open_lock
 
-        return LakeLock(self, exclusive=exclusive, owner=owner)
+        if self.is_s3:
+            options = {**self.lock_options, **options}
+        return open_lock(self, exclusive=exclusive, owner=owner, **options)
+
+
+def _strip_scheme(uri: str) -> str:
+    """``s3://bucket/prefix?query`` -> ``bucket/prefix``."""
+    rest = uri.split("://", 1)[1]
+    return rest.split("?", 1)[0]
+
+
+def _restore_lake(
+    uri: str, root: str, s3: S3Settings | None, fs: pafs.FileSystem | None, lock_options: dict[str, Any] | None = None
+) -> Lake:
+    lake = object.__new__(Lake)
+    lake.lock_options = dict(lock_options or {})
+    lake.uri, lake.root, lake.s3, lake._injected = uri, root, s3, fs is not None and s3 is None
+    if fs is not None:
+        lake.fs = fs
+    elif s3 is not None:
+        lake.fs = s3.filesystem()
+    else:
+        lake.fs = pafs.LocalFileSystem()
+    return lake
+
+
+def as_lake(lake: Lake | str | os.PathLike[str]) -> Lake:
+    """`lake` itself if it is a `Lake`, else `Lake(lake)`."""
+    return lake if isinstance(lake, Lake) else Lake(lake)

@@ -1,15 +1,21 @@
 """The lake lock: one rewriting job at a time, and no rewrite under a running writer.
 
-``<lake>/_keyturn/lock`` is locked with ``flock``: a job that replaces
-existing files (reencrypt) takes it exclusively; jobs that only add new
-files (encrypt, ingest) may take it shared, so they run side by side but
-never while a rewrite (and its temp-file cleanup) runs. The lock is never
-waited for: a second job fails at once with `LakeLockedError`, naming the
-holder recorded in the file. The kernel drops the lock when its process
-dies, so a crashed job never leaves the lake locked.
+A job that replaces existing files (reencrypt) takes the lock exclusively;
+jobs that only add new files or read (encrypt, ingest, decrypt) take it
+shared, so they run side by side but never while a rewrite (and its
+temp-file cleanup) runs. The lock is never waited for: a second job fails
+at once with `LakeLockedError`, naming the holder.
 
-Only local lakes are supported for now; an object store needs a
-conditional-write lock and comes with the S3 backend.
+- Local lakes (`LakeLock`): ``<lake>/_keyturn/lock`` is locked with
+  ``flock``. The kernel drops the lock when its process dies, so a crashed
+  job never leaves the lake locked.
+- S3 lakes (`keyturn.lake.s3lock.S3LeaseLock`): a lease object at the same
+  key, written with S3 conditional writes (``If-None-Match: *`` to create,
+  ``If-Match: <etag>`` to change), holding each holder's owner, mode and
+  expiry; renewed while the job runs; an expired lease is taken over.
+
+`open_lock(lake, ...)` picks the right one; other filesystems are refused
+(`LakeError`).
 """
 
 from __future__ import annotations
@@ -19,19 +25,33 @@ import json
 import os
 import socket
 import time
+from typing import Any
 
 from keyturn.errors import LakeError, LakeLockedError
 from keyturn.lake.layout import Lake
 
-__all__ = ["LakeLock"]
+__all__ = ["LakeLock", "open_lock"]
+
+
+def open_lock(lake: Lake, *, exclusive: bool = True, owner: str = "keyturn", **options: Any) -> Any:
+    """The lock for `lake`: `LakeLock` (local, flock) or `S3LeaseLock` (S3; `options` go to it)."""
+    if lake.is_local:
+        if options:
+            raise TypeError(f"the local lake lock takes no options ({', '.join(sorted(options))})")
+        return LakeLock(lake, exclusive=exclusive, owner=owner)
+    if lake.is_s3:
+        from keyturn.lake.s3lock import S3LeaseLock
+
+        return S3LeaseLock(lake, exclusive=exclusive, owner=owner, **options)
+    raise LakeError(f"the lake lock supports local and S3 lakes, not {type(lake.fs).__name__} ({lake.uri})")
 
 
 class LakeLock:
-    """Context manager holding the lake lock (exclusive or shared) for one job."""
+    """Context manager holding the lock of a local lake (exclusive or shared) for one job."""
 
     def __init__(self, lake: Lake, *, exclusive: bool = True, owner: str = "keyturn") -> None:
         if not lake.is_local:
-            raise LakeError("the lake lock supports local lakes only for now")
+            raise LakeError("LakeLock is the local lake lock; use lake.lock() for an S3 lake")
         self.lake = lake
         self.exclusive = exclusive
         self.owner = owner
