@@ -2,7 +2,8 @@
 
 The file follows the usual envelope-encryption template, in seven parts:
 `dataset`, `encryption`, `key_hierarchy`, `dek`, `lifecycle`,
-`version_tracking` and `audit`. Every field has a default, so an empty file
+`version_tracking` and `audit`, plus an optional `lake` section (how S3
+lakes are reached). Every field has a default, so an empty file
 (or `{}`) is a valid config for the embedded local setup: a local keystore,
 a SQLite registry and a file audit log. `docs/config.example.yaml` lists and
 explains every field.
@@ -63,6 +64,7 @@ __all__ = [
     "LifecycleConfig",
     "VersionTrackingConfig",
     "AuditConfig",
+    "LakeConfig",
     "load_config",
     "parse_config",
     "dump_config",
@@ -336,6 +338,35 @@ class AuditConfig(BaseModel):
         return self
 
 
+class LakeConfig(BaseModel):
+    """How lakes on S3 are reached and locked (local lakes need none of it). --s3-endpoint-url overrides the endpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    lock_lease_seconds: float = Field(120.0, ge=3, le=3600, allow_inf_nan=False)
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _clean_text(value, max_len=2048)
+        if not value.startswith(("http://", "https://")) or any(ch.isspace() for ch in value):
+            raise _problem("must be an http:// or https:// URL without spaces")
+        if "/" in value.split("://", 1)[1].rstrip("/") or "?" in value:
+            raise _problem("must be a scheme and host[:port] only, without a path")
+        return value
+
+    @field_validator("s3_region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if value is not None and not (len(value) <= 64 and _REGION.fullmatch(value)):
+            raise _problem("must be an AWS region name such as us-east-1")
+        return value
+
+
 class KeyturnConfig(BaseModel):
     """The whole configuration; `default_config()` is the embedded local setup."""
 
@@ -348,8 +379,9 @@ class KeyturnConfig(BaseModel):
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
     version_tracking: VersionTrackingConfig = Field(default_factory=VersionTrackingConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    lake: LakeConfig = Field(default_factory=LakeConfig)
 
-    @field_validator("encryption", "key_hierarchy", "dek", "lifecycle", "version_tracking", "audit", mode="before")
+    @field_validator("encryption", "key_hierarchy", "dek", "lifecycle", "version_tracking", "audit", "lake", mode="before")
     @classmethod
     def _empty_section(cls, value: Any) -> Any:
         return _none_means_defaults(value)

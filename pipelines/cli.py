@@ -99,6 +99,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _endpoint_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text.rstrip("/")
+
+
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """--home, --json, --debug: accepted before the verb and after it."""
     default: Any = argparse.SUPPRESS
@@ -113,6 +119,14 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
     parser.add_argument(
         "--debug", action="store_true", default=False if top else default, help="show tracebacks on errors"
+    )
+    parser.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        type=_endpoint_url,
+        default=None if top else default,
+        help="S3 endpoint for s3:// lakes, e.g. http://127.0.0.1:9000 (default: the config's lake.s3_endpoint_url, "
+        "else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)",
     )
 
 
@@ -132,10 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub, top=False)
         return sub
 
-    p = verb("init", "create a key home: local keystore, registry with version 1 active, config file")
+    p = verb("init", "create a key home: a KMS key registered as version 1 (active), registry, config file")
     p.add_argument("--dataset", default="default", help="dataset name bound into every ciphertext (default: default)")
     p.add_argument("--rotation-interval-days", type=_positive_int, default=None, metavar="N",
                    help="rotation cadence that `rotate --if-due` follows (default: 90)")
+    p.add_argument("--provider", choices=("local", "aws_kms"), default="local",
+                   help="local: a keystore file in the home (single node); aws_kms: an AWS KMS key (--key-id)")
+    p.add_argument("--key-id", metavar="KEY", default=None, help="aws_kms: key id, key ARN, alias or alias ARN (version 1)")
+    p.add_argument("--region", metavar="REGION", default=None, help="aws_kms: region of the key, table and log group")
+    p.add_argument("--endpoint-url", metavar="URL", type=_endpoint_url, default=None, help="aws_kms: KMS endpoint")
+    p.add_argument("--registry-table", metavar="TABLE", default=None,
+                   help="aws_kms: DynamoDB registry table, created if missing (default: registry.sqlite in the home)")
+    p.add_argument("--log-group", metavar="GROUP", default=None,
+                   help="also send audit events to this CloudWatch Logs group (audit.log stays in the home)")
+    p.add_argument("--log-stream", metavar="STREAM", default=None, help="CloudWatch log stream (with --log-group)")
 
     p = verb("encrypt", "encrypt plain Parquet or Avro into an encrypted, hive-partitioned Parquet lake")
     p.add_argument("--source", required=True, metavar="PATH", help="plain Parquet or Avro file, or a directory of them")
@@ -146,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("rotate", "make a new KEK version active; the previous one becomes decrypt-only")
     p.add_argument("--reason", default="scheduled rotation", help="why (recorded in the registry and the audit log)")
     p.add_argument("--if-due", action="store_true", help="rotate only when rotation_interval_days have passed")
+    p.add_argument("--new-key", metavar="KEY", default=None,
+                   help="aws_kms: the KMS key of the new version (default: rotate the active key's material "
+                   "on demand and keep its id)")
 
     p = verb("reencrypt", "bring stale lake files onto the current key version, lazily and crash-safely")
     p.add_argument("--lake", required=True, metavar="PATH")
@@ -250,6 +277,10 @@ class _Context:
 
         return KeyHome.open(self.home_path, clock=self.clock, check_keys=check_keys)
 
+    def lake(self, home: Any, uri: str) -> Any:
+        """The lake at `uri` (a local path or s3://...), with --s3-endpoint-url or the home's lake config."""
+        return home.lake(uri, s3_endpoint_url=getattr(self.args, "s3_endpoint_url", None))
+
     @property
     def show_progress(self) -> bool:
         return not self.args.json and sys.stderr.isatty()
@@ -303,26 +334,54 @@ def _cmd_init(ctx: _Context) -> tuple[dict[str, Any], str]:
     from pipelines.home import KeyHome
 
     a = ctx.args
+    if a.provider == "aws_kms" and not a.key_id:
+        raise UsageError("init --provider aws_kms needs --key-id (a KMS key id, ARN or alias)")
+    if a.log_stream and not a.log_group:
+        raise UsageError("--log-stream needs --log-group")
     home = KeyHome.init(
         ctx.home_path,
         dataset=a.dataset,
         rotation_interval_days=a.rotation_interval_days,
+        provider=a.provider,
+        key_id=a.key_id,
+        region=a.region,
+        endpoint_url=a.endpoint_url,
+        registry_table=a.registry_table,
+        log_group=a.log_group,
+        log_stream=a.log_stream,
+        s3_endpoint_url=getattr(a, "s3_endpoint_url", None),
         actor=ctx.actor,
         clock=ctx.clock,
     )
     active = home.registry().active()
+    cfg = home.config
     report = {
         "home": home.path,
         "dataset": home.dataset,
+        "provider": cfg.key_hierarchy.cmk.provider,
+        "registry": cfg.version_tracking.storage,
+        "registry_table": cfg.version_tracking.table,
+        "audit_sink": cfg.audit.sink,
         "active_version": active.version,
         "kek_id": active.kek_id,
-        "rotation_interval_days": home.config.key_hierarchy.rotation_interval_days,
+        "rotation_interval_days": cfg.key_hierarchy.rotation_interval_days,
     }
-    text = (
-        f"Created key home {home.path}\n"
-        f"  dataset {home.dataset!r}; key version {active.version} is active (KEK {active.kek_id}).\n"
-        f"  The keystore is a local single-node file; keep root.key (mode 0600) secret and backed up."
-    )
+    if home.is_aws:
+        where = (f"DynamoDB table {cfg.version_tracking.table}" if cfg.version_tracking.storage == "dynamodb"
+                 else "registry.sqlite")
+        text = (
+            f"Created key home {home.path} on AWS KMS\n"
+            f"  dataset {home.dataset!r}; key version {active.version} is active (KMS key {active.kek_id}); "
+            f"registry in {where}.\n"
+            f"  No key material is stored in the home; audit.log keeps the control-plane events"
+            + (f" (also sent to CloudWatch Logs {cfg.audit.log_group})." if cfg.audit.sink == "cloudwatch" else ".")
+        )
+    else:
+        text = (
+            f"Created key home {home.path}\n"
+            f"  dataset {home.dataset!r}; key version {active.version} is active (KEK {active.kek_id}).\n"
+            f"  The keystore is a local single-node file; keep root.key (mode 0600) secret and backed up."
+        )
     return report, text
 
 
@@ -350,18 +409,22 @@ def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
             )
     new = rotate(
         registry,
-        home.provision_kek,
+        home.provisioner(ctx.args.new_key),
         home.chain(),
         actor=ctx.actor,
         reason=ctx.args.reason,
         clock=ctx.clock,
         dataset=home.dataset,
     )
+    model = None
+    if home.is_aws:
+        model = "new_key" if ctx.args.new_key else "kms_rotation"
     report = {
         "rotated": True,
         "version_from": new.version - 1,
         "version_to": new.version,
         "kek_id": new.kek_id,
+        "rotation_model": model,
         "reason": ctx.args.reason,
         "next_due": next_rotation_due(registry, interval).isoformat(),
     }
@@ -375,10 +438,24 @@ def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
 def _pipeline(ctx: _Context, module: Any, label: str, **kwargs: Any) -> tuple[dict[str, Any], str]:
     """Run `module.run(home=<home path>, **kwargs)` and render its report (its own `render` if it has one)."""
     home = ctx.home()  # open and validate here, so a broken home fails before any pipeline starts
+    for name in ("lake", "out"):  # an s3:// lake goes as a Lake: it carries --s3-endpoint-url to the workers
+        if isinstance(kwargs.get(name), str) and kwargs[name].startswith("s3://"):
+            kwargs[name] = ctx.lake(home, kwargs[name])
     report = _call_run(module.run, ctx, label, home=home.path, **kwargs)
+    _forward_audit(home, ctx.lake(home, kwargs["lake"]) if isinstance(kwargs.get("lake"), str) else kwargs.get("lake"), report)
     render = getattr(module, "render", None)
     verb = module.__name__.rsplit(".", 1)[-1]
     return report, (render(report) if callable(render) else _render_pipeline(verb, report))
+
+
+def _forward_audit(home: Any, lake: Any, report: dict[str, Any]) -> None:
+    """With ``audit.sink: cloudwatch``, send the run's audit events (``_keyturn/audit/<run-id>.avro``) to CloudWatch too."""
+    if home.config.audit.sink != "cloudwatch" or lake is None or not report.get("run_id") or report.get("dry_run"):
+        return
+    from keyturn.lake.sideoutputs import read_side_outputs
+    from pipelines.home import forward_audit
+
+    report["audit_events_forwarded"] = forward_audit(home, read_side_outputs(lake, "audit", run_id=report["run_id"]))
 
 
 def _cmd_encrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
@@ -428,18 +505,18 @@ def _cmd_status(ctx: _Context) -> tuple[dict[str, Any], str]:
 
     home = ctx.home()
     with ctx.progress("reading lake footers"):
-        report = status.run(home=home, lake=ctx.args.lake, report_path=ctx.args.report, clock=ctx.clock)
+        report = status.run(home=home, lake=ctx.lake(home, ctx.args.lake), report_path=ctx.args.report, clock=ctx.clock)
     return report, status.render_text(report)
 
 
-def _lake_inventory(lakes: Sequence[str], policy: Any) -> Any:
+def _lake_inventory(ctx: _Context, home: Any, lakes: Sequence[str], policy: Any) -> Any:
     """The combined inventory of every lake; a lake that does not exist is an error, never "no data"."""
-    from keyturn.lake import Lake, take_inventory
+    from keyturn.lake import take_inventory
     from keyturn.rotation import CombinedInventory
 
     inventories = []
     for uri in lakes:
-        lake = Lake(uri)
+        lake = ctx.lake(home, uri)
         lake.require()
         inventories.append(take_inventory(lake, policy))
     return CombinedInventory(inventories)
@@ -452,7 +529,7 @@ def _cmd_retire(ctx: _Context) -> tuple[dict[str, Any], str]:
     home = ctx.home()
     registry = home.registry()
     registry.get(a.version)  # UnknownVersionError before any lake is read
-    inventory = _lake_inventory(a.lake, home.policy())
+    inventory = _lake_inventory(ctx, home, a.lake, home.policy())
     version = retire(
         registry, a.version, home.chain(), inventory=inventory,
         actor=ctx.actor, reason=a.reason, clock=ctx.clock, dataset=home.dataset,
@@ -472,7 +549,7 @@ def _cmd_schedule_deletion(ctx: _Context) -> tuple[dict[str, Any], str]:
     registry = home.registry()
     registry.get(a.version)
     days = a.days if a.days is not None else home.config.key_hierarchy.pending_deletion_days
-    inventory = _lake_inventory(a.lake, home.policy())
+    inventory = _lake_inventory(ctx, home, a.lake, home.policy())
     version = schedule_deletion(
         registry, a.version, home.chain(), inventory=inventory, pending_days=days,
         actor=ctx.actor, reason=a.reason, clock=ctx.clock, dataset=home.dataset,

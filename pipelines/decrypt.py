@@ -50,6 +50,7 @@ from pipelines.lake_io import (
     ReadLakeFiles,
     WriteLakeFiles,
     WriteSideOutput,
+    lake_of,
     new_run_id,
     pipeline_options,
     side_output_records,
@@ -102,28 +103,31 @@ def _route(columns: Sequence[str] | None) -> Callable[[Keyed, int], int]:
     return route
 
 
-def _check_out(out: str, lake: Lake) -> tuple[pafs.FileSystem, str]:
-    if "://" in out:
-        fs, root = pafs.FileSystem.from_uri(out)
-    else:
-        fs, root = pafs.LocalFileSystem(), os.path.abspath(out)
+def _check_out(out: str | Lake, lake: Lake, home: Any = None) -> Lake:
+    """The output directory as a `Lake` (local or S3); `InputError` if it overlaps the lake, is a file or not empty."""
+    target = lake_of(out, home)
+    fs, root = target.fs, target.root
+    if target.is_local and lake.is_local:
         lake_root = os.path.realpath(lake.root)
         real = os.path.realpath(root)
         if real == lake_root or real.startswith(lake_root + "/") or lake_root.startswith(real + "/"):
-            raise InputError(f"--out {out!r} overlaps the lake; choose a directory outside it")
+            raise InputError(f"--out {target.uri!r} overlaps the lake; choose a directory outside it")
+    elif not target.is_local and not lake.is_local and type(target.fs) is type(lake.fs):
+        if root == lake.root or root.startswith(lake.root + "/") or lake.root.startswith(root + "/"):
+            raise InputError(f"--out {target.uri!r} overlaps the lake; choose a prefix outside it")
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
-        raise InputError(f"--out {out!r} is a file; give a directory")
+        raise InputError(f"--out {target.uri!r} is a file; give a directory")
     if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(root)):
-        raise InputError(f"--out {out!r} is not empty; decrypt into a new or empty directory")
-    return fs, root
+        raise InputError(f"--out {target.uri!r} is not empty; decrypt into a new or empty directory")
+    return target
 
 
 def run(
     *,
     home: Any,
-    lake: str,
-    out: str,
+    lake: str | Lake,
+    out: str | Lake,
     columns: Sequence[str] | str | None = None,
     partitions: Sequence[str] | None = None,
     beam_args: Sequence[str] | None = None,
@@ -144,9 +148,11 @@ def run(
     home = _open_home(home)
     if isinstance(columns, str):
         columns = [c for c in columns.split(",") if c]
-    the_lake = Lake(lake)
+    the_lake = lake_of(lake, home)
+    lake = the_lake.uri
     the_lake.require()
-    out_fs, out_root = _check_out(out, the_lake)
+    out_lake = _check_out(out, the_lake, home)
+    out, out_fs, out_root = out_lake.uri, out_lake.fs, out_lake.root
     if columns is not None:
         columns = check_columns(the_lake, columns)
     run_id = new_run_id()
@@ -162,7 +168,7 @@ def run(
         say(f"decrypting {len(files)} file(s)")
         keys = home.key_source()
         dataset = home.dataset
-        lake_uri = the_lake.root
+        lake_uri = the_lake
         pipeline = beam.Pipeline(options=pipeline_options(beam_args))
         read = (
             pipeline
@@ -181,7 +187,7 @@ def run(
         written = (
             [d.main for d in decrypted]
             | "Plain" >> beam.Flatten()
-            | "Write" >> beam.ParDo(WriteLakeFiles(out_root if "://" not in out else out, footer_dataset=None))
+            | "Write" >> beam.ParDo(WriteLakeFiles(out_lake, footer_dataset=None))
         )
         _ = [d.version_mismatch for d in decrypted] | "Mismatch" >> beam.Flatten() | "WriteMismatch" >> WriteSideOutput(lake_uri, "mismatch", run_id)
         _ = (

@@ -63,12 +63,13 @@ from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
 from keyturn.audit.events import build_quarantine
 from keyturn.errors import InputError
 from keyturn.lake.crash import crashpoint
-from keyturn.lake.layout import Lake, is_hidden
+from keyturn.lake.layout import Lake, as_lake, is_hidden
 from keyturn.scope import ScopeLimits
 from pipelines.lake_io import (
     MAX_QUARANTINE_BYTES,
     WriteLakeFiles,
     WriteSideOutput,
+    lake_of,
     new_run_id,
     pipeline_options,
     read_footer,
@@ -420,8 +421,8 @@ def quarantine_source(source: SourceFile, dataset: str, exc: BaseException) -> d
     ).to_dict()
 
 
-def _write_json(lake_uri: str, path: str, items: list[Any]) -> int:
-    lake = Lake(lake_uri)
+def _write_json(lake_uri: str | Lake, path: str, items: list[Any]) -> int:
+    lake = as_lake(lake_uri)
     counts: dict[str, int] = {}
     for item in items:
         partition, rows = item if isinstance(item, tuple) else (item, 1)
@@ -441,8 +442,8 @@ def build_pipeline(
     dataset: str,
     columns: Sequence[str],
     limits: ScopeLimits,
-    lake_uri: str,
-    staging_uri: str,
+    lake_uri: str | Lake,
+    staging_uri: str | Lake,
     run_id: str,
     batch_rows: int,
     file_rows: int,
@@ -470,7 +471,7 @@ def build_pipeline(
     if audit:
         _ = enc.audit | "Audit" >> WriteSideOutput(lake_uri, "audit", run_id)
     for tag, name in ((_ReadSplit.SKIPPED, SKIPPED_FILE), (_ReadSplit.FAILED, FAILED_FILE)):
-        target = posixpath.join(staging_uri, name)
+        target = posixpath.join(as_lake(staging_uri).root, name)
         _ = (
             pieces[tag]
             | f"Gather-{tag}" >> beam.combiners.ToList()
@@ -518,8 +519,8 @@ def encrypt_files(
             dataset=home.dataset,
             columns=list(columns),
             limits=ScopeLimits(max_cells=dek.max_cells, max_bytes=dek.max_bytes),
-            lake_uri=lake.root,
-            staging_uri=staging_uri,
+            lake_uri=lake,
+            staging_uri=lake.sub(staging_uri),
             run_id=run_id,
             batch_rows=batch_rows,
             file_rows=file_rows,
@@ -567,7 +568,7 @@ def run(
     *,
     home: Any,
     source: str,
-    lake: str,
+    lake: str | Lake,
     columns: Sequence[str],
     partition_by: str | Sequence[str] | None = None,
     beam_args: Sequence[str] | None = None,
@@ -583,12 +584,13 @@ def run(
     home = _open_home(home)
     columns = _names(columns)
     partition_by = _names(partition_by)
+    the_lake = lake_of(lake, home)
+    lake = the_lake.uri
     if _overlap(source, lake):
         raise InputError(f"the source {source!r} and the lake {lake!r} overlap; encrypt into a separate lake directory")
     say("checking the source")
     the_plan = plan(source, columns, partition_by)
 
-    the_lake = Lake(lake)
     the_lake.fs.create_dir(the_lake.root, recursive=True)
     run_id = new_run_id()
     with the_lake.lock(exclusive=False, owner=f"encrypt {run_id}"):

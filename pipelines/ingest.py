@@ -76,7 +76,7 @@ from pipelines.encrypt import (
     record_sources,
     recover_staging,
 )
-from pipelines.lake_io import new_run_id, read_footer
+from pipelines.lake_io import lake_of, new_run_id, read_footer
 from pipelines.sources import DEFAULT_BATCH_ROWS, SourceFile, hive_segments, list_source_files, resolve
 
 __all__ = ["run", "main", "Watcher", "lake_columns", "lake_partition_keys"]
@@ -174,7 +174,7 @@ def run(
     *,
     home: Any,
     watch: str,
-    lake: str,
+    lake: str | Lake,
     columns: Sequence[str] | str | None = None,
     partition_by: Sequence[str] | str | None = None,
     until_idle: float | None = None,
@@ -199,9 +199,10 @@ def run(
     fs, watch_root = resolve(watch)
     if fs.get_file_info(watch_root).type != pafs.FileType.Directory:
         raise InputError(f"--watch {watch!r} is not a directory")
+    the_lake = lake_of(lake, home)
+    lake = the_lake.uri
     if _overlap(watch, lake):
         raise InputError(f"--watch {watch!r} and the lake {lake!r} overlap; watch a separate landing directory")
-    the_lake = Lake(lake)
     the_lake.fs.create_dir(the_lake.root, recursive=True)
     columns = _names(columns) or lake_columns(the_lake)
     if not columns:

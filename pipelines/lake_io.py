@@ -15,6 +15,10 @@
   `<lake>/_keyturn/<kind>/<run-id>.avro` with the shipped schema
   (`keyturn.lake.sideoutputs`); nothing is written when the output is empty.
 
+Each takes the lake as a `keyturn.lake.Lake` (or a local path): a `Lake`
+pickles with its filesystem settings, so workers reach an ``s3://`` lake at
+the same endpoint as the driver.
+
 `pipeline_options(beam_args)` builds the `PipelineOptions` every lake
 pipeline uses. When `beam_args` names no `--runner`, the pipeline runs on
 the FnApiRunner, the DirectRunner's in-process batch engine: Beam 2.77's
@@ -39,14 +43,16 @@ from apache_beam.pvalue import TaggedOutput
 import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
 from keyturn.arrow_codec import VERSION_COLUMN, encrypted_columns
 from keyturn.audit.events import build_quarantine
-from keyturn.lake import Lake, crashpoint
+from keyturn.lake import Lake, as_lake, crashpoint
 from keyturn.lake import footer_for as lake_footer_for
 from keyturn.lake import write_parquet_atomically as lake_write_parquet
 from keyturn.lake.footer import FOOTER_FORMAT, FOOTER_KEY
 from keyturn.lake.sideoutputs import read_side_outputs, write_side_output
+from pipelines.home import lake_of
 from transforms.tags import QUARANTINE
 
 __all__ = [
+    "lake_of",
     "FOOTER_KEY",
     "FOOTER_FORMAT",
     "MAX_QUARANTINE_BYTES",
@@ -146,8 +152,8 @@ def side_output_records(lake: Lake, kind: str, run_id: str | None = None) -> lis
 class ReadLakeFiles(beam.DoFn):
     """`(partition, path)` -> `(partition, RecordBatch)`; unreadable files -> `quarantine`."""
 
-    def __init__(self, lake_uri: str, dataset: str, *, batch_rows: int = 65_536, columns: Sequence[str] | None = None) -> None:
-        self.lake_uri = lake_uri
+    def __init__(self, lake_uri: str | Lake, dataset: str, *, batch_rows: int = 65_536, columns: Sequence[str] | None = None) -> None:
+        self.lake_uri = lake_uri  # a Lake pickles its filesystem settings (S3 endpoint) to the workers
         self.dataset = dataset
         self.batch_rows = batch_rows
         self.columns = None if columns is None else list(columns)
@@ -157,7 +163,7 @@ class ReadLakeFiles(beam.DoFn):
         return {**self.__dict__, "_lake": None}
 
     def setup(self) -> None:
-        self._lake = Lake(self.lake_uri)
+        self._lake = as_lake(self.lake_uri)
 
     def process(self, element: tuple[str, str]) -> Iterator[Any]:
         partition, path = element
@@ -205,7 +211,7 @@ class WriteLakeFiles(beam.DoFn):
 
     def __init__(
         self,
-        root_uri: str,
+        root_uri: str | Lake,
         *,
         footer_dataset: str | None,
         name_fn: Callable[[str, pa.RecordBatch], str] | None = None,
@@ -219,7 +225,7 @@ class WriteLakeFiles(beam.DoFn):
         return {**self.__dict__, "_lake": None}
 
     def setup(self) -> None:
-        self._lake = Lake(self.root_uri)
+        self._lake = as_lake(self.root_uri)
 
     def process(self, element: Keyed) -> Iterator[Dict[str, Any]]:
         partition, batch = element
@@ -242,7 +248,7 @@ class WriteSideOutput(beam.PTransform):
     `(event, rows)` are written as their event. Outputs the record count.
     """
 
-    def __init__(self, lake_uri: str, kind: str, run_id: str) -> None:
+    def __init__(self, lake_uri: str | Lake, kind: str, run_id: str) -> None:
         super().__init__()
         if kind not in SIDE_OUTPUT_SCHEMAS:
             raise ValueError(f"kind must be one of {sorted(SIDE_OUTPUT_SCHEMAS)}, not {kind!r}")
@@ -264,7 +270,7 @@ def _event_of(element: Any) -> dict[str, Any]:
     return element[0] if isinstance(element, tuple) else element
 
 
-def _write_side_output(records: list[dict[str, Any]], lake_uri: str, kind: str, run_id: str) -> int:
+def _write_side_output(records: list[dict[str, Any]], lake_uri: str | Lake, kind: str, run_id: str) -> int:
     records = sorted(records, key=lambda r: json.dumps({k: v for k, v in r.items() if k != "payload"}, sort_keys=True, default=str))
-    write_side_output(Lake(lake_uri), kind, run_id, records)
+    write_side_output(as_lake(lake_uri), kind, run_id, records)
     return len(records)

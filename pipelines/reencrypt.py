@@ -61,7 +61,7 @@ from keyturn.audit.events import build_mismatch, utc_now
 from keyturn.config import KeyturnConfig, default_config
 from keyturn.errors import KmsError, KmsUnavailableError
 from keyturn.keysource import KeySource
-from keyturn.lake import DataFile, Lake, crashpoint, take_inventory
+from keyturn.lake import DataFile, Lake, as_lake, crashpoint, take_inventory
 from keyturn.lake.inventory import Inventory
 from keyturn.lake.rewrite import MODES, rewrite_file
 from keyturn.lake.throttle import RateLimitedKms
@@ -133,7 +133,7 @@ class RewritePartitionFn(beam.DoFn):
     def __init__(
         self,
         keys: KeySource,
-        lake_uri: str,
+        lake_uri: str | Lake,
         dataset: str,
         *,
         mode: str,
@@ -184,7 +184,7 @@ class RewritePartitionFn(beam.DoFn):
     def process(self, element: tuple[str, list[str]]):  # type: ignore[no-untyped-def]
         partition, relpaths = element
         policy = KeyPolicy.from_registry(self._registry)
-        lake = Lake(self.lake_uri)
+        lake = as_lake(self.lake_uri)
         stop: list[str] = []
 
         def one(rel: str) -> dict[str, Any]:
@@ -232,12 +232,12 @@ class RewritePartitionFn(beam.DoFn):
 
 
 
-def _write_results(lake_uri: str, run_id: str):  # type: ignore[no-untyped-def]
+def _write_results(lake_uri: str | Lake, run_id: str):  # type: ignore[no-untyped-def]
     def write(results: list[dict[str, Any]]) -> None:
         from keyturn.lake.atomic import fsync_dir
         from keyturn.lake.layout import temp_name_for
 
-        lake = Lake(lake_uri)
+        lake = as_lake(lake_uri)
         directory = lake.keyturn_path("runs")
         lake.fs.create_dir(directory, recursive=True)
         path = lake.keyturn_path("runs", f"{run_id}.json")
@@ -261,7 +261,7 @@ def _run_beam(
             | "Spread" >> beam.Reshuffle()
             | "Rewrite" >> beam.ParDo(dofn)
             | "Collect" >> beam.combiners.ToList()
-            | "Results" >> beam.Map(_write_results(lake.uri, run_id))
+            | "Results" >> beam.Map(_write_results(lake, run_id))
         )
     path = lake.keyturn_path("runs", f"{run_id}.json")
     with lake.fs.open_input_file(path) as f:
@@ -272,17 +272,17 @@ def _run_beam(
 
 
 def _resolve_keys(
-    home: str | None, keys: KeySource | None, dataset: str | None, config: KeyturnConfig | None
-) -> tuple[KeySource, str, KeyturnConfig]:
+    home: Any, keys: KeySource | None, dataset: str | None, config: KeyturnConfig | None
+) -> tuple[KeySource, str, KeyturnConfig, Any]:
     if keys is None:
         if home is None:
             raise ValueError("give a key home (home=) or a key source (keys=) and dataset")
         from pipelines.home import KeyHome
 
-        key_home = KeyHome.open(home)
-        return key_home.key_source(), dataset or key_home.dataset, config or key_home.config
+        key_home = home if isinstance(home, KeyHome) else KeyHome.open(home)
+        return key_home.key_source(), dataset or key_home.dataset, config or key_home.config, key_home
     cfg = config or default_config()
-    return keys, dataset or cfg.dataset, cfg
+    return keys, dataset or cfg.dataset, cfg, None
 
 
 def _mismatch_events(inventory: Inventory, now: Callable[[], datetime]) -> list[dict[str, Any]]:
@@ -320,9 +320,9 @@ def _mismatch_events(inventory: Inventory, now: Callable[[], datetime]) -> list[
 
 
 def run(
-    lake: str,
+    lake: str | Lake,
     *,
-    home: str | None = None,
+    home: Any = None,
     keys: KeySource | None = None,
     dataset: str | None = None,
     config: KeyturnConfig | None = None,
@@ -350,7 +350,7 @@ def run(
     mid-run (files done so far stay done; run again to finish).
     """
     say = progress or (lambda _msg: None)
-    keys, dataset, cfg = _resolve_keys(home, keys, dataset, config)
+    keys, dataset, cfg, key_home = _resolve_keys(home, keys, dataset, config)
     mode = mode or cfg.lifecycle.rewrap_mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -358,7 +358,10 @@ def run(
         raise ValueError("--max-files must be >= 0")
     workers = workers or cfg.lifecycle.max_concurrent_reencryption_workers
     run_id = run_id or new_run_id()
-    the_lake = Lake(lake)
+    from pipelines.home import lake_of
+
+    the_lake = lake_of(lake, key_home)
+    lake = the_lake.uri
     the_lake.require()
     policy = KeyPolicy.from_registry(keys.open_registry())
     report: dict[str, Any] = {
@@ -403,7 +406,7 @@ def run(
             say(f"rewriting {report['plan']['files']} files in {len(groups)} partitions ({mode}, {workers} at a time)")
             dofn = RewritePartitionFn(
                 keys,
-                the_lake.uri,
+                the_lake,
                 dataset,
                 mode=mode,
                 workers=workers,

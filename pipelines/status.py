@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from keyturn.lake import Lake, take_inventory
+from pipelines.home import lake_of
 
 __all__ = ["run", "render_text", "write_html", "main", "STATUSES", "MAX_CHART_PARTITIONS"]
 
@@ -58,7 +59,7 @@ def _percent(part: int, whole: int) -> float:
 def run(
     *,
     home: Any,
-    lake: str,
+    lake: str | Lake,
     report_path: str | None = None,
     clock: Callable[[], datetime] | None = None,
     beam_args: Sequence[str] | None = None,
@@ -66,7 +67,8 @@ def run(
     """Inventory `lake` under `home`'s key policy; optionally write the HTML report. Reads footers only."""
     if beam_args:
         raise ValueError("status runs no Beam pipeline; it takes no Beam options")
-    the_lake = Lake(lake)
+    the_lake = lake_of(lake, home)
+    lake = the_lake.uri
     the_lake.require()
     policy = home.policy()
     inventory = take_inventory(the_lake, policy, dataset=home.dataset)
