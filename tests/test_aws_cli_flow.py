@@ -238,3 +238,36 @@ def test_lock_refuses_a_concurrent_run_and_a_crash_mid_rewrite_loses_nothing(aws
     assert ok(cli(aws, "decrypt", "--lake", lake_uri, "--out", str(out)))["rows_by_status"]["current"] == ROWS
     assert read_plain(out).equals(source.sort_by("id"))
     assert ok(cli(aws, "reencrypt", "--lake", lake_uri))["kms_calls"] == 0
+
+
+def test_init_refuses_a_registry_with_another_history_and_adopts_its_own(aws, tmp_path):
+    ok(cli(aws, "init", "--provider", "aws_kms", "--key-id", aws["alias"], "--registry-table", aws["table"]))
+    ok(cli(aws, "rotate"))
+    other = str(tmp_path / "other-home")
+    clash = run_cli("--home", other, "init", "--provider", "aws_kms", "--key-id", aws["alias"],
+                    "--registry-table", aws["table"])
+    assert clash.code == exitcodes.USAGE and "already holds 2 key version(s)" in clash.err
+    assert not os.path.exists(os.path.join(other, "config.yaml"))
+
+    # an init interrupted after registering version 1 (no config written yet) can simply be run again
+    table = unique("keyturn-cli-registry")
+    from keyturn.aws.dynamodb_registry import DynamoDbKeyRegistry, create_table
+
+    create_table(table, client=client("dynamodb", aws["url"]))
+    DynamoDbKeyRegistry(table, client=client("dynamodb", aws["url"])).initialize(aws["alias"], actor="t", reason="t")
+    again = ok(run_cli("--home", str(tmp_path / "third"), "--json", "init", "--provider", "aws_kms",
+                       "--key-id", aws["alias"], "--registry-table", table))
+    assert (again["active_version"], again["kek_id"]) == (1, aws["alias"])
+    assert ok(run_cli("--home", str(tmp_path / "third"), "--json", "audit", "verify"))["entries"] == 1
+
+
+def test_aws_options_are_checked(aws, tmp_path):
+    missing_key = run_cli("--home", str(tmp_path / "h1"), "init", "--provider", "aws_kms")
+    assert missing_key.code == exitcodes.USAGE and "--key-id" in missing_key.err
+    local = str(tmp_path / "local")
+    assert run_cli("--home", local, "init").code == 0
+    refused = run_cli("--home", local, "rotate", "--new-key", aws["key_b"]["Arn"])
+    assert refused.code == exitcodes.USAGE and "--new-key needs provider 'aws_kms'" in refused.err
+    bad_key = run_cli("--home", str(tmp_path / "h2"), "init", "--provider", "aws_kms", "--key-id", "alias/does-not-exist",
+                      "--registry-table", unique("keyturn-cli-registry"))
+    assert bad_key.code == exitcodes.UNAVAILABLE and not os.path.exists(str(tmp_path / "h2" / "config.yaml"))
