@@ -14,6 +14,11 @@ exit with a code from `pipelines.exitcodes`; ``--debug`` adds the
 traceback. Long local runs show a rich spinner on stderr when it is a
 terminal and ``--json`` is off.
 
+Lakes: every ``--lake`` (and decrypt's ``--out``) is a local path or
+``s3://bucket/prefix``; ``--s3-endpoint-url`` (any verb) or the home
+config's ``lake.s3_endpoint_url`` names the S3 endpoint, which travels with
+the `keyturn.lake.Lake` to the Beam workers.
+
 Testing aid: ``KEYTURN_NOW`` (ISO-8601; naive means UTC) replaces the
 current time for the control-plane verbs (init, rotate, retire,
 schedule-deletion, status), so ``rotate --if-due`` can be tested without
