@@ -1,0 +1,207 @@
+"""Benchmark 1: cells per second of `encrypt_batch` / `decrypt_batch` against bare AES-GCM.
+
+Data: one record batch of `rows` rows with an `id` int64 column (left in
+clear) and a `value` string column (encrypted) of random ASCII alphanumeric
+strings, 16 to 32 bytes each (uniform), no nulls, from a fixed seed.
+
+Subject (encrypt): one `DekScope` on `CountingKms(LocalKms.in_memory(...))`
+with default caps, `encrypt_batch(batch, ["value"], scope)`; the timed run
+includes opening the scope, its one GenerateDataKey call, the Arrow -> bytes
+conversion, sealing, and building the encrypted record batch.
+
+Baseline (encrypt): the practical per-cell limit in Python: one `AESGCM`
+object (random 256-bit key), a list comprehension that calls
+`encrypt(i.to_bytes(12, "big"), value, aad)` once per value, with a fixed
+100-byte AAD (random bytes, made once; about the size of keyturn's per-column
+cell AAD), collecting the ciphertexts in a list. Its input is the same
+values, already a Python list of `bytes` (made before timing).
+
+Subject (decrypt): a fresh `DekReader` (one KMS Decrypt call) and
+`decrypt_batch` of the encrypted batch (classification, envelope checks,
+cell decryption, rebuilding the Arrow column). Baseline (decrypt): a list
+comprehension calling `decrypt(nonce, ciphertext, aad)` on the baseline's own
+ciphertexts, with nonces and ciphertexts already in separate lists.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from benchmarks.common import measure_rounds, profile_share, profile_top, random_strings, rate, ratio
+from keyturn.arrow_codec import decrypt_batch, encrypt_batch
+from keyturn.kms.base import CountingKms
+from keyturn.kms.local import LocalKms
+from keyturn.policy import KeyPolicy
+from keyturn.reader import DekReader
+from keyturn.registry.base import KeyState, KeyVersion
+from keyturn.scope import DekScope, KekRef, Location
+
+__all__ = ["run", "make_batch", "DEFAULT_ROWS", "QUICK_ROWS", "SEED", "ENCRYPT_TARGET"]
+
+DEFAULT_ROWS = 1_000_000
+QUICK_ROWS = 50_000
+SEED = 20240601
+COLUMN = "value"
+MIN_LEN, MAX_LEN = 16, 32
+BASELINE_AAD_BYTES = 100
+ENCRYPT_TARGET = 0.8  # keyturn cells/s over bare AES-GCM cells/s
+KMS_TARGET_PER_SCOPE = 1
+KEK_ID = "bench-kek"
+
+
+def make_batch(rows: int, seed: int = SEED) -> pa.RecordBatch:
+    """`id` (int64) and `value` (string, 16..32 random bytes) columns."""
+    rng = np.random.default_rng(seed)
+    return pa.record_batch(
+        [pa.array(np.arange(rows, dtype=np.int64)), random_strings(rows, rng, MIN_LEN, MAX_LEN)],
+        names=["id", COLUMN],
+    )
+
+
+def _policy() -> KeyPolicy:
+    now = datetime.now(timezone.utc)
+    return KeyPolicy.from_versions(
+        [KeyVersion(version=1, kek_id=KEK_ID, state=KeyState.ACTIVE, created_at=now, actor="bench", reason="bench", state_changed_at=now)]
+    )
+
+
+def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int = SEED, profile: bool = True) -> dict[str, Any]:
+    """Run the cells benchmark; return a JSON-able result (see BENCHMARKS.md for the fields)."""
+    batch = make_batch(rows, seed)
+    kms = CountingKms(LocalKms.in_memory({KEK_ID: os.urandom(32)}))
+    kek = KekRef(1, KEK_ID)
+    location = Location("bench", "p0")
+    policy = _policy()
+
+    # -- encrypt -----------------------------------------------------------
+    generate_calls: list[int] = []
+
+    def keyturn_encrypt() -> pa.RecordBatch:
+        before = kms.calls.generate
+        with DekScope(kms, kek, location) as scope:
+            out = encrypt_batch(batch, [COLUMN], scope)
+        generate_calls.append(kms.calls.generate - before)
+        return out
+
+    values: list[bytes] = batch.column(COLUMN).cast(pa.binary()).to_pylist()
+    aead = AESGCM(AESGCM.generate_key(bit_length=256))
+    aad = os.urandom(BASELINE_AAD_BYTES)
+
+    def bare_encrypt() -> list[bytes]:
+        encrypt = aead.encrypt
+        return [encrypt(i.to_bytes(12, "big"), v, aad) for i, v in enumerate(values)]
+
+    def check_encrypt(name: str, result: Any) -> None:
+        n = result.num_rows if name == "keyturn" else len(result)
+        if n != rows:
+            raise AssertionError(f"{name} encrypt returned {n} rows, expected {rows}")
+
+    enc = measure_rounds({"keyturn": keyturn_encrypt, "baseline": bare_encrypt}, runs=runs, warmup=warmup, check=check_encrypt)
+
+    # -- decrypt -----------------------------------------------------------
+    encrypted = keyturn_encrypt()
+    generate_calls.pop()
+    nonces = [i.to_bytes(12, "big") for i in range(rows)]
+    ciphertexts = bare_encrypt()
+    decrypt_calls: list[int] = []
+    expected = batch.column(COLUMN)
+
+    def keyturn_decrypt() -> Any:
+        before = kms.calls.decrypt
+        with DekReader(kms) as reader:
+            out = decrypt_batch(encrypted, reader, policy, location)
+        decrypt_calls.append(kms.calls.decrypt - before)
+        return out
+
+    def bare_decrypt() -> list[bytes]:
+        decrypt = aead.decrypt
+        return [decrypt(n, c, aad) for n, c in zip(nonces, ciphertexts)]
+
+    def check_decrypt(name: str, result: Any) -> None:
+        if name == "keyturn":
+            if result.plain.num_rows != rows or not result.plain.column(COLUMN).equals(expected):
+                raise AssertionError("keyturn decrypt did not return the original values")
+        elif len(result) != rows:
+            raise AssertionError("bare decrypt returned the wrong number of values")
+
+    dec = measure_rounds({"keyturn": keyturn_decrypt, "baseline": bare_decrypt}, runs=runs, warmup=warmup, check=check_decrypt)
+
+    # -- profile (untimed) ---------------------------------------------------
+    profiles: dict[str, Any] = {}
+    if profile:
+        mark = len(generate_calls)
+        prof = profile_top(keyturn_encrypt, repeat=3)
+        del generate_calls[mark:]
+        is_aes = lambda label: "AESGCM" in label and "encrypt" in label  # noqa: E731
+        profiles["encrypt_batch"] = {
+            "total_s": prof["total_s"],
+            "top": prof["top"],
+            "aes_gcm_share": profile_share(prof, is_aes),
+            "keyturn_python_share": profile_share(prof, lambda label: label.startswith("keyturn")),
+        }
+        prof = profile_top(bare_encrypt, repeat=3, top=5)
+        profiles["bare_encrypt"] = {
+            "total_s": prof["total_s"],
+            "top": prof["top"],
+            "aes_gcm_share": profile_share(prof, is_aes),
+        }
+        mark = len(decrypt_calls)
+        prof = profile_top(keyturn_decrypt, repeat=2)
+        del decrypt_calls[mark:]
+        profiles["decrypt_batch"] = {
+            "total_s": prof["total_s"],
+            "top": prof["top"],
+            "aes_gcm_share": profile_share(prof, lambda label: "AESGCM" in label and "decrypt" in label),
+            "keyturn_python_share": profile_share(prof, lambda label: label.startswith("keyturn")),
+        }
+
+    enc_ratio = ratio(enc["keyturn"], enc["baseline"])
+    dec_ratio = ratio(dec["keyturn"], dec["baseline"])
+    calls_per_run = max(generate_calls) if generate_calls else 0
+    return {
+        "name": "cells",
+        "params": {
+            "rows": rows,
+            "seed": seed,
+            "string_bytes": [MIN_LEN, MAX_LEN],
+            "plaintext_bytes": int(sum(len(v) for v in values)),
+            "runs": runs,
+            "warmup": warmup,
+            "baseline_aad_bytes": BASELINE_AAD_BYTES,
+            "scope_limits": "default (max_cells=2**32, max_bytes=2**36)",
+        },
+        "encrypt": {
+            "keyturn": enc["keyturn"].to_dict(),
+            "baseline": enc["baseline"].to_dict(),
+            "keyturn_cells_per_s": rate(rows, enc["keyturn"]),
+            "baseline_cells_per_s": rate(rows, enc["baseline"]),
+            "ratio": enc_ratio.to_dict(),
+            "target": ENCRYPT_TARGET,
+            "met": enc_ratio.median >= ENCRYPT_TARGET,
+        },
+        "decrypt": {
+            "keyturn": dec["keyturn"].to_dict(),
+            "baseline": dec["baseline"].to_dict(),
+            "keyturn_cells_per_s": rate(rows, dec["keyturn"]),
+            "baseline_cells_per_s": rate(rows, dec["baseline"]),
+            "ratio": dec_ratio.to_dict(),
+            "target": None,
+            "met": None,
+        },
+        "kms": {
+            "generate_calls_per_encrypt_run": generate_calls,
+            "scopes_per_run": 1,
+            "calls_per_scope": calls_per_run,
+            "calls_per_1m_cells": calls_per_run * 1_000_000 / rows if rows else 0.0,
+            "decrypt_calls_per_decrypt_run": decrypt_calls,
+            "target_per_scope": KMS_TARGET_PER_SCOPE,
+            "met": bool(generate_calls) and all(c == KMS_TARGET_PER_SCOPE for c in generate_calls),
+        },
+        "profile": profiles,
+    }

@@ -1,0 +1,435 @@
+"""Run keyturn's benchmarks, print their tables, write results JSON and BENCHMARKS.md.
+
+    python -m benchmarks.run                      # everything, full size (what `make bench` runs)
+    python -m benchmarks.run --only cells         # one benchmark: cells, beam_overhead, beam_streaming
+    python -m benchmarks.run --only beam          # both Beam benchmarks
+    python -m benchmarks.run --quick              # small sizes, a smoke test (BENCHMARKS.md untouched)
+
+Results go to bench-out/results.json (`--out`). A full run also rewrites the
+generated tables in BENCHMARKS.md, between the `<!-- bench:NAME:begin -->`
+and `<!-- bench:NAME:end -->` markers of the benchmarks that ran (`--no-md`
+to skip); the prose around the markers is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from benchmarks.common import command_line, machine_info, machine_line
+
+__all__ = ["main", "BENCHMARKS", "SIZES", "render", "update_markdown"]
+
+BENCHMARKS = ("cells", "beam_overhead", "beam_streaming")
+GROUPS = {"all": BENCHMARKS, "beam": ("beam_overhead", "beam_streaming")}
+SIZES: dict[str, dict[str, dict[str, int]]] = {
+    "full": {
+        "cells": {"rows": 1_000_000},
+        "beam_overhead": {"rows": 1_000_000, "batch_rows": 10_000, "partitions": 10},
+        "beam_streaming": {"records": 1_000_000, "source_rows": 100, "batch_rows": 10_000, "partitions": 10},
+    },
+    "quick": {
+        "cells": {"rows": 50_000},
+        "beam_overhead": {"rows": 100_000, "batch_rows": 10_000, "partitions": 10},
+        "beam_streaming": {"records": 100_000, "source_rows": 100, "batch_rows": 10_000, "partitions": 10},
+    },
+}
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join("bench-out", "results.json")
+DEFAULT_MD = "BENCHMARKS.md"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run_one(name: str, size: Mapping[str, int], runs: int, warmup: int) -> dict[str, Any]:
+    if name == "cells":
+        from benchmarks import bench_cells
+
+        return bench_cells.run(runs=runs, warmup=warmup, **size)
+    if name == "beam_overhead":
+        from benchmarks import bench_beam
+
+        return bench_beam.run_overhead(runs=runs, warmup=warmup, **size)
+    if name == "beam_streaming":
+        from benchmarks import bench_beam
+
+        return bench_beam.run_streaming(**size)
+    raise ValueError(f"unknown benchmark {name!r}")
+
+
+def _select(only: Sequence[str] | None) -> list[str]:
+    if not only:
+        return list(BENCHMARKS)
+    chosen: list[str] = []
+    for item in only:
+        for name in item.split(","):
+            name = name.strip()
+            if not name:
+                continue
+            names = GROUPS.get(name, (name,))
+            for n in names:
+                if n not in BENCHMARKS:
+                    raise SystemExit(f"unknown benchmark {n!r}; choose from {', '.join(BENCHMARKS + tuple(GROUPS))}")
+                if n not in chosen:
+                    chosen.append(n)
+    return [n for n in BENCHMARKS if n in chosen]
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _si(value: float, unit: str = "") -> str:
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.3g} {unit}".strip()
+
+
+def _rate_cells(r: Mapping[str, float], unit: str) -> tuple[str, str]:
+    return _si(r["median"], unit), f"{_si(r['min'], unit)} – {_si(r['max'], unit)}"
+
+
+def _ratio(r: Mapping[str, Any]) -> str:
+    return f"{r['median']:.2f} ({r['min']:.2f} – {r['max']:.2f})"
+
+
+def _met(value: bool | None) -> str:
+    return "—" if value is None else ("**yes**" if value else "**no**")
+
+
+def _secs(t: Mapping[str, Any]) -> tuple[str, str]:
+    return f"{t['median_s']:.3f} s", f"{t['min_s']:.3f} – {t['max_s']:.3f} s (IQR {t['q1_s']:.3f} – {t['q3_s']:.3f})"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _run_line(meta: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+    info = meta["machine"]
+    commit = info.get("git_commit") or "unknown"
+    if info.get("git_dirty"):
+        commit += " (with uncommitted changes)"
+    load = info.get("load_avg_start")
+    load_text = f", load average at start {load[0]:.2f}" if load else ""
+    return (
+        f"Machine: {machine_line(info)}{load_text}.  \n"
+        f"Command: `{meta['command']}` · run {info['date_utc']} · commit {commit} · "
+        f"took {result.get('elapsed_s', 0):.0f} s."
+    )
+
+
+def _profile_table(profile: Mapping[str, Any], top: int = 8) -> str:
+    rows = [
+        [f"`{r['function']}`", f"{r['ncalls']:,}", f"{r['tottime_s']:.3f} s", f"{100 * r['share']:.1f} %"]
+        for r in profile["top"][:top]
+    ]
+    return _table(["Function (cProfile, by own time)", "Calls", "Own time", "Share"], rows)
+
+
+def render_cells(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    p, enc, dec, kms = result["params"], result["encrypt"], result["decrypt"], result["kms"]
+    ek, eks = _rate_cells(enc["keyturn_cells_per_s"], "cells/s")
+    eb, _ = _rate_cells(enc["baseline_cells_per_s"], "cells/s")
+    dk, dks = _rate_cells(dec["keyturn_cells_per_s"], "cells/s")
+    db, _ = _rate_cells(dec["baseline_cells_per_s"], "cells/s")
+    et, ets = _secs(enc["keyturn"])
+    bt, _ = _secs(enc["baseline"])
+    dt, dts = _secs(dec["keyturn"])
+    dbt, _ = _secs(dec["baseline"])
+    calls = kms["generate_calls_per_encrypt_run"]
+    rows = [
+        ["`encrypt_batch` throughput", ek, eks, eb, _ratio(enc["ratio"]), f"≥ {enc['target']:.2f}", _met(enc["met"])],
+        ["`encrypt_batch` time", et, ets, bt, "", "", ""],
+        ["`decrypt_batch` throughput", dk, dks, db, _ratio(dec["ratio"]), "none set", "—"],
+        ["`decrypt_batch` time", dt, dts, dbt, "", "", ""],
+        [
+            f"KMS GenerateDataKey calls for all {p['rows']:,} cells (one scope, default caps)",
+            f"{kms['calls_per_scope']}",
+            f"{min(calls)} – {max(calls)} over {len(calls)} runs" if calls else "",
+            "",
+            "",
+            f"{kms['target_per_scope']} per scope",
+            _met(kms["met"]),
+        ],
+    ]
+    parts = [
+        _run_line(meta, result),
+        "",
+        f"{p['rows']:,} cells of {p['string_bytes'][0]}–{p['string_bytes'][1]} random bytes "
+        f"({p['plaintext_bytes'] / 1e6:.1f} MB), seed {p['seed']}, {p['warmup']} warm-up + {p['runs']} timed rounds.",
+        "",
+        _table(["Measurement", "keyturn median", "keyturn spread (min – max)", "Baseline median", "Ratio median (min – max of rounds)", "Target", "Met"], rows),
+    ]
+    prof = result.get("profile", {}).get("encrypt_batch")
+    if prof:
+        parts += [
+            "",
+            f"cProfile of one `encrypt_batch` call ({prof['total_s']:.2f} s under the profiler; "
+            f"AES-GCM `encrypt` {100 * prof['aes_gcm_share']:.0f} % of own time, keyturn's Python "
+            f"{100 * prof['keyturn_python_share']:.0f} %):",
+            "",
+            _profile_table(prof),
+        ]
+    bare = result.get("profile", {}).get("bare_encrypt")
+    if bare:
+        items = ", ".join(f"`{r['function']}` {r['tottime_s']:.3f} s" for r in bare["top"][:3])
+        parts += ["", f"The bare AES-GCM loop under the same profiler: {bare['total_s']:.2f} s per call ({items})."]
+    prof = result.get("profile", {}).get("decrypt_batch")
+    if prof:
+        parts += [
+            "",
+            f"cProfile of one `decrypt_batch` call ({prof['total_s']:.2f} s under the profiler; "
+            f"AES-GCM `decrypt` {100 * prof['aes_gcm_share']:.0f} % of own time, keyturn's Python "
+            f"{100 * prof['keyturn_python_share']:.0f} %):",
+            "",
+            _profile_table(prof, top=6),
+        ]
+    return "\n".join(parts)
+
+
+def render_beam_overhead(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    p, kms = result["params"], result["kms"]
+    core, core_s = _rate_cells(result["core_rows_per_s"], "rows/s")
+    pipe, pipe_s = _rate_cells(result["pipeline_rows_per_s"], "rows/s")
+    ct, cts = _secs(result["core"])
+    pt, pts = _secs(result["pipeline"])
+    it, its = _secs(result["identity_pipeline"])
+    counters = kms.get("pipeline_counters_last_run", {})
+    core_calls = kms.get("core_calls_per_run", [])
+    rows = [
+        ["Core loop (`DekScope` + `encrypt_batch`)", core, core_s, "", "", ""],
+        ["`EncryptBatches` pipeline, end to end", pipe, pipe_s, _ratio(result["ratio"]), f"≥ {result['target']:.2f}", _met(result["met"])],
+        ["Core loop time", ct, cts, "", "", ""],
+        ["Pipeline time (construction to `wait_until_finish`)", pt, pts, "", "", ""],
+        ["Identity pipeline time (Beam's fixed cost, no keyturn)", it, its, "", "", ""],
+        [
+            "Ratio without Beam's fixed cost: core / (pipeline − identity)",
+            "",
+            "",
+            _ratio(result["ratio_without_fixed_cost"]),
+            "(for reference)",
+            "",
+        ],
+        [
+            "KMS calls per run: core loop / pipeline (`keyturn` counter `kms_calls`)",
+            f"{max(core_calls) if core_calls else '?'} / {counters.get('kms_calls', '?')}",
+            f"{p['partitions']} partitions, one bundle",
+            "",
+            "",
+            "",
+        ],
+    ]
+    parts = [
+        _run_line(meta, result),
+        "",
+        f"{p['rows']:,} rows in {p['batches']} batches of {p['batch_rows']:,} over {p['partitions']} partitions, "
+        f"column `email` encrypted, {p['runner']}, {p['warmup']} warm-up + {p['runs']} timed rounds.",
+        "",
+        _table(["Measurement", "Median", "Spread (min – max)", "Ratio median (min – max of rounds)", "Target", "Met"], rows),
+    ]
+    return "\n".join(parts)
+
+
+def render_beam_streaming(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    p = result["params"]
+    g = result["with_partition_batches"]
+    n = result.get("without_partition_batches") or {}
+
+    def counters(r: Mapping[str, Any]) -> str:
+        c = r.get("runner_counters", {})
+        if not c:
+            return "none reported"
+        return f"kms_calls={c.get('kms_calls', 0)}, deks_generated={c.get('deks_generated', 0)}, rows_encrypted={c.get('rows_encrypted', 0):,}"
+
+    def spread(r: Mapping[str, Any]) -> str:
+        values = list(r["kms_calls_per_partition"].values())
+        return f"{min(values)} – {max(values)}"
+
+    reduction = result.get("reduction")
+    rows = [
+        [
+            "KMS calls per partition (KMS tally), max",
+            g["kms_calls_per_partition_max"],
+            n.get("kms_calls_per_partition_max", "—"),
+            f"≤ {result['target_per_partition']}",
+            _met(result["met"]),
+        ],
+        ["KMS calls per partition, mean (min – max)", f"{g['kms_calls_per_partition_mean']:g} ({spread(g)})", f"{n['kms_calls_per_partition_mean']:g} ({spread(n)})" if n else "—", "", ""],
+        ["KMS calls in total (KMS tally = audit events)", f"{g['kms_calls_total']:,}", f"{n['kms_calls_total']:,}" if n else "—", "", ""],
+        ["KMS calls per 1M records", f"{g['kms_calls_per_1m_records']:,.0f}", f"{n['kms_calls_per_1m_records']:,.0f}" if n else "—", f"reduction {reduction:.0f}×" if reduction else "", ""],
+        ["DEK scopes (audit events)", f"{g['scopes']:,}", f"{n['scopes']:,}" if n else "—", "", ""],
+        ["`keyturn` counters in the pipeline result", counters(g), counters(n) if n else "—", "see note", ""],
+        ["Wall time", f"{g['wall_s']:.1f} s", f"{n['wall_s']:.1f} s" if n else "—", "", ""],
+    ]
+    parts = [
+        _run_line(meta, result),
+        "",
+        f"{p['records']:,} records over {p['partitions']} partitions, arriving as {g['elements']:,} micro-batches of "
+        f"{p['source_rows']} rows ({g['arrivals']:,} arrivals, one micro-batch per partition each, "
+        f"{p['rate_rows_per_s_per_partition']:g} rows/s per partition), {p['partition_batches']}, {p['runner']}.",
+        "",
+        _table(["Measurement", "With PartitionBatches", "Without (baseline)", "Ratio / note", "Met"], rows),
+    ]
+    return "\n".join(parts)
+
+
+def render_machine(meta: Mapping[str, Any]) -> str:
+    info = meta["machine"]
+    v = info["versions"]
+    rows = [
+        ["CPU", f"{info['cpu_model']}{' (AES-NI)' if info.get('aes_ni') else ''}"],
+        ["Cores (logical / usable)", f"{info['logical_cores']} / {info['usable_cores']}"],
+        ["Memory", f"{info['memory_gib']} GiB" if info.get("memory_gib") else "unknown"],
+        ["OS", info["os"]],
+        ["Python", info["python"]],
+        ["pyarrow / cryptography / OpenSSL", f"{v['pyarrow']} / {v['cryptography']} / {v['openssl']}"],
+        ["apache-beam / numpy", f"{v['apache-beam']} / {v['numpy']}"],
+        ["Load average at start / end", _load(info)],
+        ["Commit", f"{info.get('git_commit')}{' (with uncommitted changes)' if info.get('git_dirty') else ''}"],
+        ["Date (UTC)", info["date_utc"]],
+        ["Command", f"`{meta['command']}`"],
+    ]
+    return _table(["", "Last full run"], rows)
+
+
+def _load(info: Mapping[str, Any]) -> str:
+    start, end = info.get("load_avg_start"), info.get("load_avg_end")
+    fmt = lambda x: "?" if not x else f"{x[0]:.2f}"  # noqa: E731
+    return f"{fmt(start)} / {fmt(end)} (1-minute)"
+
+
+RENDERERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], str]] = {
+    "cells": render_cells,
+    "beam_overhead": render_beam_overhead,
+    "beam_streaming": render_beam_streaming,
+}
+
+
+def render(results: Mapping[str, Any]) -> dict[str, str]:
+    """The generated Markdown for each benchmark in `results`, and for the machine."""
+    sections = {"machine": render_machine(results)}
+    for name, result in results["benchmarks"].items():
+        sections[name] = RENDERERS[name](result, results)
+    return sections
+
+
+def _marker(name: str, which: str) -> str:
+    return f"<!-- bench:{name}:{which} -->"
+
+
+def update_markdown(text: str, sections: Mapping[str, str]) -> str:
+    """Replace the text between each section's begin/end markers; `ValueError` if markers are missing."""
+    for name, body in sections.items():
+        pattern = re.compile(re.escape(_marker(name, "begin")) + r".*?" + re.escape(_marker(name, "end")), re.DOTALL)
+        if len(pattern.findall(text)) != 1:
+            raise ValueError(f"BENCHMARKS.md needs exactly one {_marker(name, 'begin')} ... {_marker(name, 'end')} block")
+        replacement = f"{_marker(name, 'begin')}\n{body.strip()}\n{_marker(name, 'end')}"
+        text = pattern.sub(lambda _m: replacement, text)
+    return text
+
+
+def summary(results: Mapping[str, Any]) -> str:
+    """A short plain-text table for the terminal: one line per target."""
+    lines = [f"{'benchmark':<16} {'measurement':<46} {'value':>14} {'target':>10}  met"]
+    b = results["benchmarks"]
+    if "cells" in b:
+        r = b["cells"]
+        lines.append(f"{'cells':<16} {'encrypt_batch / bare AES-GCM (cells/s)':<46} {r['encrypt']['ratio']['median']:>14.3f} {'>= ' + str(r['encrypt']['target']):>10}  {r['encrypt']['met']}")
+        lines.append(f"{'cells':<16} {'encrypt_batch cells/s':<46} {r['encrypt']['keyturn_cells_per_s']['median']:>14,.0f} {'':>10}")
+        lines.append(f"{'cells':<16} {'decrypt_batch / bare AES-GCM (cells/s)':<46} {r['decrypt']['ratio']['median']:>14.3f} {'-':>10}  -")
+        lines.append(f"{'cells':<16} {'decrypt_batch cells/s':<46} {r['decrypt']['keyturn_cells_per_s']['median']:>14,.0f} {'':>10}")
+        lines.append(f"{'cells':<16} {'KMS calls per 1M cells':<46} {r['kms']['calls_per_1m_cells']:>14g} {'1':>10}  {r['kms']['met']}")
+    if "beam_overhead" in b:
+        r = b["beam_overhead"]
+        lines.append(f"{'beam_overhead':<16} {'pipeline / core loop (rows/s)':<46} {r['ratio']['median']:>14.3f} {'>= ' + str(r['target']):>10}  {r['met']}")
+        lines.append(f"{'beam_overhead':<16} {'same, without Beam fixed cost':<46} {r['ratio_without_fixed_cost']['median']:>14.3f} {'':>10}")
+        lines.append(f"{'beam_overhead':<16} {'pipeline rows/s':<46} {r['pipeline_rows_per_s']['median']:>14,.0f} {'':>10}")
+    if "beam_streaming" in b:
+        r = b["beam_streaming"]
+        g = r["with_partition_batches"]
+        lines.append(f"{'beam_streaming':<16} {'KMS calls per partition (max)':<46} {g['kms_calls_per_partition_max']:>14} {'<= ' + str(r['target_per_partition']):>10}  {r['met']}")
+        if r.get("without_partition_batches"):
+            lines.append(f"{'beam_streaming':<16} {'same without PartitionBatches (baseline)':<46} {r['without_partition_batches']['kms_calls_per_partition_max']:>14} {'':>10}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", metavar="NAME", help=f"benchmarks to run (repeat or comma-separate): {', '.join(BENCHMARKS)}, beam, all")
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke test; leaves BENCHMARKS.md alone")
+    parser.add_argument("--runs", type=int, default=7, help="timed rounds per timing benchmark (default 7; use >= 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds (default 1)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
+    parser.add_argument("--markdown", default=DEFAULT_MD, help=f"file whose generated tables are rewritten (default {DEFAULT_MD})")
+    parser.add_argument("--no-md", action="store_true", help="do not rewrite the Markdown tables")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        raise SystemExit("--runs must be >= 1 and --warmup >= 0")
+    selected = _select(args.only)
+    sizes = SIZES["quick" if args.quick else "full"]
+    info = machine_info()
+    info["load_avg_start"] = list(os.getloadavg())
+    results: dict[str, Any] = {
+        "command": command_line(argv),
+        "quick": args.quick,
+        "machine": info,
+        "benchmarks": {},
+    }
+    print(f"keyturn benchmarks: {', '.join(selected)} ({'quick' if args.quick else 'full'} size)", flush=True)
+    print(f"machine: {machine_line(info)}; load average {info['load_avg_start'][0]:.2f}", flush=True)
+    if info["load_avg_start"][0] > 0.5 * (info.get("usable_cores") or 1):
+        print("warning: the machine is busy; timings will be noisy", flush=True)
+    for name in selected:
+        print(f"-- {name} ...", flush=True)
+        started = time.perf_counter()
+        result = _run_one(name, sizes[name], args.runs, args.warmup)
+        result["elapsed_s"] = round(time.perf_counter() - started, 1)
+        results["benchmarks"][name] = result
+        print(f"   done in {result['elapsed_s']:.0f} s", flush=True)
+    info["load_avg_end"] = list(os.getloadavg())
+
+    out = args.out if os.path.isabs(args.out) else os.path.join(os.getcwd(), args.out)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+    sections = render(results)
+    if selected != list(BENCHMARKS):
+        sections.pop("machine")  # the machine table describes the last full run
+    print()
+    print(summary(results))
+    print()
+    for name in selected:
+        print(f"## {name}\n\n{sections[name]}\n")
+    print(f"results: {args.out}")
+
+    if not args.quick and not args.no_md:
+        md = args.markdown if os.path.isabs(args.markdown) else os.path.join(_ROOT, args.markdown)
+        with open(md, encoding="utf-8") as fh:
+            text = fh.read()
+        with open(md, "w", encoding="utf-8") as fh:
+            fh.write(update_markdown(text, sections))
+        print(f"tables rewritten in {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

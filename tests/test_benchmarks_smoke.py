@@ -1,0 +1,120 @@
+"""Smoke tests for the benchmark suite: each benchmark at a tiny size, result structure only.
+
+No timing is asserted anywhere: these tests only check that the benchmarks
+run, verify their own outputs, and return (and render) the documented fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmarks import bench_beam, bench_cells, run
+from benchmarks.common import Timing, machine_info, measure_rounds, random_strings, ratio
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _timing_shape(t: dict) -> None:
+    assert set(t) >= {"runs", "n", "median_s", "min_s", "max_s", "q1_s", "q3_s"}
+    assert t["n"] == len(t["runs"]) >= 1
+    assert all(isinstance(x, float) for x in t["runs"])
+
+
+def _ratio_shape(r: dict) -> None:
+    assert set(r) >= {"per_round", "median", "min", "max"}
+    assert r["min"] <= r["median"] <= r["max"]
+
+
+def test_common_helpers() -> None:
+    import numpy as np
+
+    strings = random_strings(100, np.random.default_rng(1), 16, 32)
+    assert len(strings) == 100 and strings.null_count == 0
+    assert all(16 <= len(s) <= 32 for s in strings.to_pylist())
+    timings = measure_rounds({"a": lambda: 1, "b": lambda: 2}, runs=2, warmup=0)
+    assert set(timings) == {"a", "b"} and all(len(t.runs) == 2 for t in timings.values())
+    assert len(ratio(timings["a"], timings["b"]).values) == 2
+    assert Timing([1.0, 2.0, 3.0]).median == 2.0
+    info = machine_info()
+    assert {"cpu_model", "logical_cores", "python", "versions"} <= set(info)
+    assert {"pyarrow", "cryptography", "apache-beam"} <= set(info["versions"])
+
+
+def test_cells_structure() -> None:
+    result = bench_cells.run(rows=2_000, runs=1, warmup=0)
+    assert result["name"] == "cells"
+    for part in ("encrypt", "decrypt"):
+        _timing_shape(result[part]["keyturn"])
+        _timing_shape(result[part]["baseline"])
+        _ratio_shape(result[part]["ratio"])
+        assert set(result[part]["keyturn_cells_per_s"]) == {"median", "min", "max"}
+    assert result["encrypt"]["target"] == bench_cells.ENCRYPT_TARGET
+    assert isinstance(result["encrypt"]["met"], bool)
+    kms = result["kms"]
+    assert kms["calls_per_scope"] == 1  # a count, not a timing: one GenerateDataKey per scope
+    assert kms["met"] is True
+    for name in ("encrypt_batch", "decrypt_batch"):
+        prof = result["profile"][name]
+        assert prof["top"] and {"function", "ncalls", "tottime_s", "share"} <= set(prof["top"][0])
+        assert not any(os.path.isabs(r["function"].split(":")[0]) for r in prof["top"])
+    json.dumps(result)
+
+
+@pytest.mark.beam
+def test_beam_overhead_structure() -> None:
+    result = bench_beam.run_overhead(rows=4_000, batch_rows=1_000, partitions=2, runs=1, warmup=0, profile=False)
+    assert result["name"] == "beam_overhead"
+    for part in ("core", "pipeline", "identity_pipeline"):
+        _timing_shape(result[part])
+    _ratio_shape(result["ratio"])
+    _ratio_shape(result["ratio_without_fixed_cost"])
+    assert isinstance(result["met"], bool)
+    assert result["kms"]["core_calls_per_run"] == [2]
+    assert result["kms"]["pipeline_counters_last_run"]["rows_encrypted"] == 4_000
+    json.dumps(result)
+
+
+@pytest.mark.beam
+def test_beam_streaming_structure() -> None:
+    result = bench_beam.run_streaming(records=4_000, source_rows=100, batch_rows=1_000, partitions=2)
+    assert result["name"] == "beam_streaming"
+    grouped, naive = result["with_partition_batches"], result["without_partition_batches"]
+    for r in (grouped, naive):
+        assert set(r["kms_calls_per_partition"]) == {"p0", "p1"}
+        assert r["kms_calls_total"] == sum(r["kms_calls_per_partition"].values()) == r["audit_kms_calls"]
+        assert r["scopes"] >= 1 and isinstance(r["runner_counters"], dict)
+    assert isinstance(result["met"], bool)
+    json.dumps(result)
+
+
+def test_render_and_markdown_update(tmp_path) -> None:
+    cells = bench_cells.run(rows=1_000, runs=1, warmup=0, profile=False)
+    results = {"command": "python -m benchmarks.run --only cells", "quick": True, "machine": machine_info(), "benchmarks": {"cells": cells}}
+    results["machine"]["load_avg_start"] = [0.0, 0.0, 0.0]
+    sections = run.render(results)
+    assert set(sections) == {"machine", "cells"}
+    assert "| Measurement |" in sections["cells"]
+    text = "intro\n<!-- bench:cells:begin -->\nold\n<!-- bench:cells:end -->\noutro\n"
+    updated = run.update_markdown(text, {"cells": sections["cells"]})
+    assert "old" not in updated and updated.startswith("intro") and updated.endswith("outro\n")
+    assert run.update_markdown(updated, {"cells": sections["cells"]}) == updated
+    with pytest.raises(ValueError):
+        run.update_markdown("no markers", {"cells": "x"})
+
+
+def test_main_quick_writes_results(tmp_path) -> None:
+    out = tmp_path / "results.json"
+    assert run.main(["--only", "cells", "--quick", "--runs", "1", "--warmup", "0", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and list(data["benchmarks"]) == ["cells"]
+
+
+def test_benchmarks_md_has_every_marker() -> None:
+    with open(os.path.join(ROOT, "BENCHMARKS.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    for name in ("machine", *run.BENCHMARKS):
+        assert text.count(f"<!-- bench:{name}:begin -->") == 1
+        assert text.count(f"<!-- bench:{name}:end -->") == 1
