@@ -47,14 +47,13 @@ Contracts:
 
 from __future__ import annotations
 
-import operator
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
@@ -62,13 +61,19 @@ from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
 from keyturn.aws.clients import ClientSettings, error_code, make_client
 from keyturn.errors import (
     ConcurrentModificationError,
-    InvalidTransitionError,
     RegistryError,
     RegistryInvariantError,
     UnknownVersionError,
-    VersionInUseError,
 )
-from keyturn.registry.base import ALLOWED_TRANSITIONS, Inventory, KeyState, KeyVersion, check_invariants
+from keyturn.registry.base import (
+    ALLOWED_TRANSITIONS,
+    Inventory,
+    KeyState,
+    KeyVersion,
+    check_invariants,
+    find_version,
+    plan_transition,
+)
 
 __all__ = ["DynamoDbKeyRegistry", "create_table", "SCHEMA_VERSION", "HEAD_SK"]
 
@@ -78,13 +83,6 @@ HEAD_SK = "#head"
 _VERSION_PREFIX = "v#"
 _HISTORY_PREFIX = "h#"
 _SNAPSHOT_TRIES = 20
-
-_SOURCES: dict[str, tuple[frozenset[KeyState], KeyState]] = {
-    "retire": (frozenset({KeyState.DECRYPT_ONLY}), KeyState.RETIRED),
-    "schedule_deletion": (frozenset({KeyState.RETIRED}), KeyState.PENDING_DELETION),
-    "reinstate": (frozenset({KeyState.RETIRED, KeyState.PENDING_DELETION}), KeyState.DECRYPT_ONLY),
-}
-
 
 def utc_now() -> datetime:
     """The current time, timezone-aware UTC (the default clock)."""
@@ -571,9 +569,7 @@ class DynamoDbKeyRegistry:
 
     @staticmethod
     def _find(versions: list[KeyVersion], version: int) -> KeyVersion:
-        if 1 <= version <= len(versions):
-            return versions[version - 1]  # validated 1..n, ascending
-        raise UnknownVersionError(f"no key version {version} (registry has {len(versions)})")
+        return find_version(versions, version)
 
     @staticmethod
     def _history_row(version: int, src: KeyState | None, dst: KeyState, now: datetime, actor: str, reason: str) -> dict[str, Any]:
@@ -603,33 +599,11 @@ class DynamoDbKeyRegistry:
         inventory: Inventory | None = None,
         pending_days: int | None = None,
     ) -> KeyVersion:
-        sources, dst = _SOURCES[op]
-
         def apply(versions: list[KeyVersion], now: datetime) -> _Plan:
-            current = self._find(versions, version)
+            current, dst, delete_after = plan_transition(
+                versions, version, op, inventory=inventory, now=now, pending_days=pending_days
+            )
             src = current.state
-            if src not in sources or (src, dst) not in ALLOWED_TRANSITIONS:
-                hint = (
-                    "the active version leaves that state only through rotate()"
-                    if src is KeyState.ACTIVE
-                    else f"{op} needs a version in state {' or '.join(sorted(s.value for s in sources))}"
-                )
-                raise InvalidTransitionError(
-                    f"cannot {op} version {version}: transition {src.value} -> {dst.value} is not allowed ({hint})"
-                )
-            if inventory is not None:
-                raw = inventory.references(version)
-                try:
-                    refs = operator.index(raw)
-                except TypeError:
-                    refs = -1
-                if isinstance(raw, bool) or refs < 0:
-                    raise ValueError(f"inventory.references({version}) must return an int >= 0, got {raw!r}")
-                if refs > 0:
-                    raise VersionInUseError(
-                        f"cannot {op} version {version}: the inventory still finds {refs} reference(s) under it"
-                    )
-            delete_after = None if pending_days is None else now + timedelta(days=pending_days)
             changed = replace(current, state=dst, state_changed_at=now, delete_after=delete_after)
             return _Plan(
                 result=version,

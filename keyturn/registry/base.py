@@ -20,14 +20,25 @@ it inside its write transaction before committing.
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from keyturn.errors import RegistryInvariantError
+from keyturn.errors import InvalidTransitionError, RegistryInvariantError, UnknownVersionError, VersionInUseError
 
-__all__ = ["KeyState", "KeyVersion", "Inventory", "KeyRegistry", "check_invariants", "ALLOWED_TRANSITIONS"]
+__all__ = [
+    "KeyState",
+    "KeyVersion",
+    "Inventory",
+    "KeyRegistry",
+    "check_invariants",
+    "ALLOWED_TRANSITIONS",
+    "TRANSITIONS_BY_OPERATION",
+    "find_version",
+    "plan_transition",
+]
 
 
 class KeyState(str, enum.Enum):
@@ -131,3 +142,60 @@ def check_invariants(versions: Sequence[KeyVersion]) -> None:
             raise RegistryInvariantError(f"version {v.version} has no kek_id")
         if v.state is KeyState.PENDING_DELETION and v.delete_after is None:
             raise RegistryInvariantError(f"version {v.version} is pending deletion without delete_after")
+
+
+# Which states each lifecycle operation starts from, and where it leads.
+TRANSITIONS_BY_OPERATION: dict[str, tuple[frozenset[KeyState], KeyState]] = {
+    "retire": (frozenset({KeyState.DECRYPT_ONLY}), KeyState.RETIRED),
+    "schedule_deletion": (frozenset({KeyState.RETIRED}), KeyState.PENDING_DELETION),
+    "reinstate": (frozenset({KeyState.RETIRED, KeyState.PENDING_DELETION}), KeyState.DECRYPT_ONLY),
+}
+
+
+def find_version(versions: Sequence[KeyVersion], version: int) -> KeyVersion:
+    """`version` from a validated (1..n, ascending) list; `UnknownVersionError` if absent."""
+    if 1 <= version <= len(versions):
+        return versions[version - 1]
+    raise UnknownVersionError(f"no key version {version} (registry has {len(versions)})")
+
+
+def plan_transition(
+    versions: Sequence[KeyVersion],
+    version: int,
+    op: str,
+    *,
+    inventory: Inventory | None,
+    now: datetime,
+    pending_days: int | None = None,
+) -> tuple[KeyVersion, KeyState, datetime | None]:
+    """Check that `op` may move `version` and return (current, new state, delete_after).
+
+    The one place every registry backend decides a lifecycle change:
+    `InvalidTransitionError` for a move not allowed from the current state,
+    `VersionInUseError` while `inventory` finds data under the version, and
+    `ValueError` for an inventory that answers anything but an int >= 0.
+    """
+    sources, dst = TRANSITIONS_BY_OPERATION[op]
+    current = find_version(versions, version)
+    src = current.state
+    if src not in sources or (src, dst) not in ALLOWED_TRANSITIONS:
+        hint = (
+            "the active version leaves that state only through rotate()"
+            if src is KeyState.ACTIVE
+            else f"{op} needs a version in state {' or '.join(sorted(s.value for s in sources))}"
+        )
+        raise InvalidTransitionError(
+            f"cannot {op} version {version}: transition {src.value} -> {dst.value} is not allowed ({hint})"
+        )
+    if inventory is not None:
+        raw = inventory.references(version)
+        try:
+            refs = operator.index(raw)
+        except TypeError:
+            refs = -1
+        if isinstance(raw, bool) or refs < 0:
+            raise ValueError(f"inventory.references({version}) must return an int >= 0, got {raw!r}")
+        if refs > 0:
+            raise VersionInUseError(f"cannot {op} version {version}: the inventory still finds {refs} reference(s) under it")
+    delete_after = None if pending_days is None else now + timedelta(days=pending_days)
+    return current, dst, delete_after

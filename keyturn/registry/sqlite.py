@@ -31,21 +31,26 @@ Contracts:
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from keyturn.errors import (
-    InvalidTransitionError,
     RegistryError,
     RegistryInvariantError,
     UnknownVersionError,
-    VersionInUseError,
 )
-from keyturn.registry.base import ALLOWED_TRANSITIONS, Inventory, KeyState, KeyVersion, check_invariants
+from keyturn.registry.base import (
+    ALLOWED_TRANSITIONS,
+    Inventory,
+    KeyState,
+    KeyVersion,
+    check_invariants,
+    find_version,
+    plan_transition,
+)
 
 __all__ = ["SqliteKeyRegistry", "SCHEMA_VERSION"]
 
@@ -95,13 +100,6 @@ _VERSION_COLUMNS = "version, kek_id, state, created_at, actor, reason, state_cha
 
 # Which source states each public operation accepts. ALLOWED_TRANSITIONS is
 # checked as well; the active -> decrypt_only edge is reachable only by rotate.
-_SOURCES: dict[str, tuple[frozenset[KeyState], KeyState]] = {
-    "retire": (frozenset({KeyState.DECRYPT_ONLY}), KeyState.RETIRED),
-    "schedule_deletion": (frozenset({KeyState.RETIRED}), KeyState.PENDING_DELETION),
-    "reinstate": (frozenset({KeyState.RETIRED, KeyState.PENDING_DELETION}), KeyState.DECRYPT_ONLY),
-}
-
-
 def utc_now() -> datetime:
     """The current time, timezone-aware UTC (the default clock)."""
     return datetime.now(timezone.utc)
@@ -314,9 +312,7 @@ class SqliteKeyRegistry:
 
     @staticmethod
     def _find(versions: list[KeyVersion], version: int) -> KeyVersion:
-        if 1 <= version <= len(versions):
-            return versions[version - 1]  # validated 1..n, ascending
-        raise UnknownVersionError(f"no key version {version} (registry has {len(versions)})")
+        return find_version(versions, version)
 
     @staticmethod
     def _set_state(
@@ -360,34 +356,11 @@ class SqliteKeyRegistry:
         inventory: Inventory | None = None,
         pending_days: int | None = None,
     ) -> KeyVersion:
-        sources, dst = _SOURCES[op]
-
         def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> KeyVersion:
-            current = self._find(versions, version)
-            src = current.state
-            if src not in sources or (src, dst) not in ALLOWED_TRANSITIONS:
-                hint = (
-                    "the active version leaves that state only through rotate()"
-                    if src is KeyState.ACTIVE
-                    else f"{op} needs a version in state {' or '.join(sorted(s.value for s in sources))}"
-                )
-                raise InvalidTransitionError(
-                    f"cannot {op} version {version}: transition {src.value} -> {dst.value} is not allowed ({hint})"
-                )
-            if inventory is not None:
-                raw = inventory.references(version)
-                try:
-                    refs = operator.index(raw)
-                except TypeError:
-                    refs = -1
-                if isinstance(raw, bool) or refs < 0:
-                    raise ValueError(f"inventory.references({version}) must return an int >= 0, got {raw!r}")
-                if refs > 0:
-                    raise VersionInUseError(
-                        f"cannot {op} version {version}: the inventory still finds {refs} reference(s) under it"
-                    )
-            delete_after = None if pending_days is None else now + timedelta(days=pending_days)
-            self._set_state(conn, version, src, dst, now, actor, reason, delete_after)
+            current, dst, delete_after = plan_transition(
+                versions, version, op, inventory=inventory, now=now, pending_days=pending_days
+            )
+            self._set_state(conn, version, current.state, dst, now, actor, reason, delete_after)
             return self._find(self._load(conn), version)
 
         return self._write(apply)
