@@ -74,6 +74,8 @@ __all__ = [
     "make_batch",
     "OVERHEAD_TARGET",
     "STREAMING_TARGET_PER_PARTITION",
+    "run_workers",
+    "WORKERS_TARGET",
 ]
 
 DATASET = "bench"
@@ -454,4 +456,114 @@ def run_streaming(
         "target_per_partition": STREAMING_TARGET_PER_PARTITION,
         "met": worst <= STREAMING_TARGET_PER_PARTITION,
         "elapsed_s": round(elapsed, 2),
+    }
+
+
+# --------------------------------------------------------------------------- workers (1 vs 2 processes)
+
+WORKERS_TARGET = 1.6  # rows/s with 2 worker processes over rows/s with 1 worker
+
+
+def _num_rows(element: tuple[str, pa.RecordBatch]) -> int:
+    return element[1].num_rows
+
+
+def _write_total(total: int, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(str(total))
+
+
+def _workers_pipeline(keys: LocalKeySource, n_batches: int, maker: _MicroBatch, options: PipelineOptions, out_path: str) -> int:
+    p = beam.Pipeline(options=options)
+    (
+        p
+        | "Indices" >> beam.Create(list(range(n_batches)))
+        | "Spread" >> beam.Reshuffle()
+        | "Build" >> beam.Map(maker)
+        | "Encrypt" >> EncryptBatches(keys, DATASET, COLUMNS)
+    ).main | "Rows" >> beam.Map(_num_rows) | "Sum" >> beam.CombineGlobally(sum) | "Write" >> beam.Map(_write_total, out_path)
+    p.run().wait_until_finish()
+    with open(out_path, encoding="utf-8") as fh:
+        return int(fh.read())
+
+
+def run_workers(
+    *,
+    rows: int = 1_000_000,
+    batch_rows: int = 10_000,
+    partitions: int = 10,
+    runs: int = 5,
+    warmup: int = 1,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """EncryptBatches rows/s on the FnApiRunner with 1 worker (in-process) and 2 worker processes."""
+    if rows % batch_rows:
+        raise ValueError("rows must be a multiple of batch_rows")
+    n_batches = rows // batch_rows
+    maker = _MicroBatch(batch_rows, partitions, seed)
+    with tempfile.TemporaryDirectory(prefix="keyturn-bench-") as home:
+        keys = build_key_home(home)
+        out_path = os.path.join(home, "rows.txt")
+        one = PipelineOptions(flags=[], runner="DirectRunner", direct_num_workers=1, direct_running_mode="in_memory")
+        two = PipelineOptions(flags=[], runner="DirectRunner", direct_num_workers=2, direct_running_mode="multi_processing")
+        # the same work without Beam: build and encrypt every batch in this process
+        kms = keys.open_kms()
+        policy = KeyPolicy.from_registry(keys.open_registry())
+
+        def core() -> int:
+            scopes: dict[str, DekScope] = {}
+            n = 0
+            try:
+                for i in range(n_batches):
+                    partition, batch = maker(i)
+                    scope = scopes.get(partition)
+                    if scope is None:
+                        scope = scopes[partition] = DekScope(kms, policy.active, Location(DATASET, partition))
+                    n += encrypt_batch(batch, COLUMNS, scope).num_rows
+            finally:
+                for s in scopes.values():
+                    s.close()
+            return n
+
+        def check(name: str, n: int) -> None:
+            if n != rows:
+                raise AssertionError(f"{name}: {n} rows, expected {rows}")
+
+        timings = measure_rounds(
+            {
+                "one_worker": lambda: _workers_pipeline(keys, n_batches, maker, one, out_path),
+                "two_workers": lambda: _workers_pipeline(keys, n_batches, maker, two, out_path),
+                "core": core,
+            },
+            runs=runs,
+            warmup=warmup,
+            check=check,
+        )
+        close = getattr(kms, "close", None)
+        if close is not None:
+            close()
+    speedup = ratio(timings["two_workers"], timings["one_worker"])
+    return {
+        "name": "beam_workers",
+        "params": {
+            "rows": rows,
+            "batch_rows": batch_rows,
+            "batches": n_batches,
+            "partitions": partitions,
+            "runs": runs,
+            "warmup": warmup,
+            "seed": seed,
+            "one_worker": "DirectRunner (FnApiRunner), direct_num_workers=1, direct_running_mode=in_memory",
+            "two_workers": "DirectRunner (FnApiRunner), direct_num_workers=2, direct_running_mode=multi_processing",
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        },
+        "one_worker": timings["one_worker"].to_dict(),
+        "two_workers": timings["two_workers"].to_dict(),
+        "core": timings["core"].to_dict(),
+        "one_worker_rows_per_s": rate(rows, timings["one_worker"]),
+        "two_workers_rows_per_s": rate(rows, timings["two_workers"]),
+        "core_rows_per_s": rate(rows, timings["core"]),
+        "speedup": speedup.to_dict(),
+        "target": WORKERS_TARGET,
+        "met": speedup.median >= WORKERS_TARGET,
     }

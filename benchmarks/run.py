@@ -26,18 +26,28 @@ from benchmarks.common import command_line, machine_info, machine_line
 
 __all__ = ["main", "BENCHMARKS", "SIZES", "render", "update_markdown"]
 
-BENCHMARKS = ("cells", "beam_overhead", "beam_streaming")
-GROUPS = {"all": BENCHMARKS, "beam": ("beam_overhead", "beam_streaming")}
+BENCHMARKS = ("cells", "peers", "kms", "beam_overhead", "beam_streaming", "beam_workers", "lake", "memory")
+GROUPS = {"all": BENCHMARKS, "beam": ("beam_overhead", "beam_streaming", "beam_workers")}
 SIZES: dict[str, dict[str, dict[str, int]]] = {
     "full": {
         "cells": {"rows": 1_000_000},
         "beam_overhead": {"rows": 1_000_000, "batch_rows": 10_000, "partitions": 10},
         "beam_streaming": {"records": 1_000_000, "source_rows": 100, "batch_rows": 10_000, "partitions": 10},
+        "peers": {"rows": 1_000_000, "esdk_rows": 2_000},
+        "kms": {"records": 1_000_000, "partitions": 10, "per_record_subset": 1_000_000},
+        "beam_workers": {"rows": 1_000_000, "batch_rows": 10_000, "partitions": 10},
+        "lake": {"rows": 1_000_000, "partitions": 10},
+        "memory": {"rows": 200_000, "scale": 4, "partitions": 10},
     },
     "quick": {
         "cells": {"rows": 50_000},
         "beam_overhead": {"rows": 100_000, "batch_rows": 10_000, "partitions": 10},
         "beam_streaming": {"records": 100_000, "source_rows": 100, "batch_rows": 10_000, "partitions": 10},
+        "peers": {"rows": 50_000, "esdk_rows": 200},
+        "kms": {"records": 100_000, "partitions": 10, "per_record_subset": 10_000},
+        "beam_workers": {"rows": 100_000, "batch_rows": 10_000, "partitions": 10},
+        "lake": {"rows": 50_000, "partitions": 10},
+        "memory": {"rows": 20_000, "scale": 4, "partitions": 10},
     },
 }
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +71,26 @@ def _run_one(name: str, size: Mapping[str, int], runs: int, warmup: int) -> dict
         from benchmarks import bench_beam
 
         return bench_beam.run_streaming(**size)
+    if name == "beam_workers":
+        from benchmarks import bench_beam
+
+        return bench_beam.run_workers(runs=runs, warmup=warmup, **size)
+    if name == "peers":
+        from benchmarks import bench_peers
+
+        return bench_peers.run(runs=runs, warmup=warmup, **size)
+    if name == "kms":
+        from benchmarks import bench_kms
+
+        return bench_kms.run(**size)
+    if name == "lake":
+        from benchmarks import bench_lake
+
+        return bench_lake.run_lake(runs=min(runs, 5) if runs >= 5 else runs, **size)
+    if name == "memory":
+        from benchmarks import bench_lake
+
+        return bench_lake.run_memory(runs=min(runs, 5) if runs >= 5 else runs, **size)
     raise ValueError(f"unknown benchmark {name!r}")
 
 
@@ -308,7 +338,174 @@ def _load(info: Mapping[str, Any]) -> str:
     return f"{fmt(start)} / {fmt(end)} (1-minute)"
 
 
+def render_peers(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    p = result["params"]
+    names = {
+        "keyturn": "keyturn `encrypt_batch` / `decrypt_batch`",
+        "bare_aesgcm": "bare `AESGCM` loop",
+        "tink": "Tink AEAD, per record",
+        "esdk": f"AWS Encryption SDK, per record ({p['esdk_rows']:,}-record subset)",
+        "esdk_cached": f"AWS Encryption SDK + caching CMM ({p['esdk_rows']:,}-record subset)",
+    }
+    targets = result["targets"]
+    rows = []
+    for name, label in names.items():
+        e, d = result["encrypt"][name], result["decrypt"][name]
+        er, ers = _rate_cells(e["cells_per_s"], "cells/s")
+        dr, _ = _rate_cells(d["cells_per_s"], "cells/s")
+        if name == "keyturn":
+            rows.append([label, f"{e['cells']:,}", er, ers, "1 (subject)", dr, "", "", ""])
+            continue
+        t = targets.get(name, {})
+        target = t.get("target")
+        rows.append([
+            label, f"{e['cells']:,}", er, ers, _ratio(e["keyturn_ratio"]), dr, _ratio(d["keyturn_ratio"]),
+            f"≥ {target:g}" if target else "none set", _met(t.get("met")),
+        ])
+    parts = [
+        _run_line(meta, result),
+        "",
+        f"{p['rows']:,} cells of 16–32 random bytes, seed {p['seed']}, {p['warmup']} warm-up + {p['runs']} timed rounds, "
+        f"every subject in every round. {p['tink']}. {p['esdk']}; with the cache: {p['esdk_cache']}. "
+        f"The ESDK runs on the first {p['esdk_rows']:,} values only; its figures are per-cell throughput on that subset.",
+        "",
+        _table(["Subject", "Cells per run", "Encrypt median", "Encrypt spread (min – max)", "keyturn ÷ subject, encrypt (min – max)", "Decrypt median", "keyturn ÷ subject, decrypt", "Target (encrypt)", "Met"], rows),
+    ]
+    prof = result.get("profile", {}).get("esdk_encrypt")
+    if prof:
+        parts += ["", f"cProfile of {prof['records']} ESDK encrypt calls ({prof['total_s']:.2f} s under the profiler):", "", _profile_table(prof, top=6)]
+    prof = result.get("profile", {}).get("tink_encrypt")
+    if prof:
+        parts += ["", f"cProfile of the Tink loop ({prof['total_s']:.2f} s under the profiler):", "", _profile_table(prof, top=4)]
+    return "\n".join(parts)
+
+
+def render_kms(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    p, k, n = result["params"], result["keyturn"], result["per_record"]
+    how = (
+        f"measured on {n['records_measured']:,} records and extrapolated linearly" if p["extrapolated"]
+        else f"all {n['records_measured']:,} calls made and counted"
+    )
+    rows = [
+        [f"keyturn, one DEK scope per partition ({p['partitions']} partitions × 1 scope)", f"{k['calls']:,}", f"{k['calls_per_1m_records']:,.0f}", f"{k['seconds']:.2f} s (encrypting all records)", _fmt_fraction(result["fraction"]), f"≤ 1/{round(1 / result['target_fraction']):,}", _met(result["met"])],
+        [f"per record: one GenerateDataKey per record ({how})", f"{n['calls_measured']:,}", f"{n['calls_per_1m_records']:,.0f}", f"{n['seconds_measured']:.2f} s ({n['us_per_call']:.1f} µs per call, local KMS)", "1", "", ""],
+    ]
+    parts = [
+        _run_line(meta, result),
+        "",
+        f"{p['records']:,} records, counted at {p['kms']}.",
+        "",
+        _table(["Approach", "GenerateDataKey calls counted", "Calls per 1M records", "Time", "Calls ÷ per-record calls", "Target", "Met"], rows),
+    ]
+    return "\n".join(parts)
+
+
+def _fmt_fraction(x: float) -> str:
+    return f"1/{round(1 / x):,}" if x else "0"
+
+
+def render_beam_workers(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    p = result["params"]
+    one, one_s = _rate_cells(result["one_worker_rows_per_s"], "rows/s")
+    two, two_s = _rate_cells(result["two_workers_rows_per_s"], "rows/s")
+    core, core_s = _rate_cells(result["core_rows_per_s"], "rows/s")
+    rows = [
+        ["1 worker (in-process)", one, one_s, f"{result['one_worker']['median_s']:.2f} s", "", "", ""],
+        ["2 workers (multi_processing)", two, two_s, f"{result['two_workers']['median_s']:.2f} s", _ratio(result["speedup"]), f"≥ {result['target']:g}", _met(result["met"])],
+        ["core loop, no Beam (same batches built and encrypted in one process)", core, core_s, f"{result['core']['median_s']:.2f} s", "", "", ""],
+    ]
+    parts = [
+        _run_line(meta, result),
+        "",
+        f"{p['rows']:,} rows in {p['batches']} batches of {p['batch_rows']:,} over {p['partitions']} partitions, column `email` encrypted, "
+        f"batches built inside the pipeline; {p['usable_cores']} usable cores; {p['warmup']} warm-up + {p['runs']} timed rounds.",
+        "",
+        _table(["Runner", "Rows/s median", "Spread (min – max)", "Time median", "2 workers ÷ 1 worker (min – max)", "Target", "Met"], rows),
+    ]
+    return "\n".join(parts)
+
+
+def render_lake(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    p, t, r = result["params"], result["timings"], result["ratios"]
+    labels = {
+        "encrypt": "keyturn encrypt (`pipelines.encrypt.run`)",
+        "rewrap": "rewrap rotation (`pipelines.reencrypt.run`, mode rewrap)",
+        "reencrypt": "reencrypt rotation (`pipelines.reencrypt.run`, mode reencrypt)",
+        "plain_rewrite": "plain pyarrow read-and-rewrite of the encrypted lake",
+        "pme_write": "pyarrow Parquet Modular Encryption write of the source",
+    }
+    rows = []
+    for name, label in labels.items():
+        rate_m, rate_s = _rate_cells(result["rows_per_s"][name], "rows/s")
+        med, spread = _secs(t[name])
+        rows.append([label, med, spread, rate_m, f"{result['mb_per_s'][name]['median']:.1f} MB/s"])
+    rot = result["rotation"]
+    rot_rows = [
+        [mode, f"{rot[mode]['files_rewritten']}", f"{rot[mode]['bytes_rewritten'] / 1e6:,.1f} MB", f"{rot[mode]['payload_bytes_decrypted'] / 1e6:,.1f} MB", f"{rot[mode]['cells_decrypted']:,}", f"{rot[mode]['kms_calls']}"]
+        for mode in ("rewrap", "reencrypt")
+    ]
+    ratio_rows = [
+        ["reencrypt time ÷ rewrap time (rewrap is N× faster)", _ratio(r["reencrypt_over_rewrap_time"]), f"≥ {result['target']:g}", _met(result["met"])],
+        ["rewrap time ÷ plain pyarrow rewrite time", _ratio(r["rewrap_over_plain_time"]), "(for reference)", ""],
+        ["keyturn encrypt time ÷ PME write time", _ratio(r["encrypt_over_pme_time"]), "(for reference)", ""],
+    ]
+    parts = [
+        _run_line(meta, result),
+        "",
+        f"Lake: {p['rows']:,} rows, {p['partitions']} partitions, {p['lake_files']} files, {p['lake_bytes'] / 1e6:,.0f} MB encrypted "
+        f"(source {p['source_bytes'] / 1e6:,.0f} MB plain Parquet in {p['source_files']} files; PME output {p['pme_bytes'] / 1e6:,.0f} MB); "
+        f"sensitive columns {', '.join(p['sensitive'])}; seed {p['seed']}; {p['runs']} timed rounds, no warm-up. PME: {p['pme']}.",
+        "",
+        _table(["Step", "Time median", "Spread", "Rows/s", "Encrypted-lake MB/s"], rows),
+        "",
+        _table(["Rotation mode", "Files rewritten", "Bytes rewritten", "Payload bytes decrypted", "Cells decrypted", "KMS calls"], rot_rows),
+        "",
+        _table(["Ratio", "Median (min – max of rounds)", "Target", "Met"], ratio_rows),
+    ]
+    for mode in ("rewrap", "reencrypt"):
+        prof = result.get("profile", {}).get(mode)
+        if prof:
+            parts += ["", f"cProfile of one {mode} rotation ({prof['total_s']:.2f} s under the profiler):", "", _profile_table(prof, top=8)]
+    return "\n".join(parts)
+
+
+def render_memory(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    p = result["params"]
+    med = result["median_peak_rss_bytes"]
+    big = f"{p['scale']}x"
+    rows = [
+        ["floor: a child that only imports", "", "", f"{med['floor'] / 2**20:,.0f} MiB", _spread_mib(result["peak_rss_bytes"]["floor"]), "", "", ""],
+    ]
+    for label in ("1x", big):
+        lake = p["lakes"][label]
+        rows.append([
+            f"reencrypt, {label} lake", f"{lake['rows']:,} rows, {lake['files']} files, {lake['bytes'] / 1e6:,.0f} MB",
+            f"{result['seconds'][label]['median_s']:.1f} s", f"{med[label] / 2**20:,.0f} MiB", _spread_mib(result["peak_rss_bytes"][label]),
+            f"{result['above_floor_bytes'][label] / 2**20:,.0f} MiB",
+            _ratio(result["ratio"]) if label == big else "", (f"≤ {result['target']:g} " + _met(result["met"])) if label == big else "",
+        ])
+    above = result.get("ratio_above_floor")
+    parts = [
+        _run_line(meta, result),
+        "",
+        f"Peak RSS (`ru_maxrss` of the child, from `os.wait4`) of `pipelines.reencrypt.run(mode=\"reencrypt\")` in a child process, {p['runs']} runs each. "
+        f"Above the import floor, {big} ÷ 1x = {above:.2f}." if above else "",
+        "",
+        _table(["Run", "Lake", "Time median", "Peak RSS median", "Spread", "Above floor", f"{big} ÷ 1x (min – max)", "Target / met"], rows),
+    ]
+    return "\n".join(parts)
+
+
+def _spread_mib(values: Sequence[int]) -> str:
+    return f"{min(values) / 2**20:,.0f} – {max(values) / 2**20:,.0f} MiB"
+
+
 RENDERERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], str]] = {
+    "peers": render_peers,
+    "kms": render_kms,
+    "beam_workers": render_beam_workers,
+    "lake": render_lake,
+    "memory": render_memory,
     "cells": render_cells,
     "beam_overhead": render_beam_overhead,
     "beam_streaming": render_beam_streaming,
@@ -360,6 +557,26 @@ def summary(results: Mapping[str, Any]) -> str:
         lines.append(f"{'beam_streaming':<16} {'KMS calls per partition (max)':<46} {g['kms_calls_per_partition_max']:>14} {'<= ' + str(r['target_per_partition']):>10}  {r['met']}")
         if r.get("without_partition_batches"):
             lines.append(f"{'beam_streaming':<16} {'same without PartitionBatches (baseline)':<46} {r['without_partition_batches']['kms_calls_per_partition_max']:>14} {'':>10}")
+    if "peers" in b:
+        r = b["peers"]
+        for peer, label in (("bare_aesgcm", "keyturn / bare AES-GCM (encrypt cells/s)"), ("tink", "keyturn / Tink per record"), ("esdk", "keyturn / AWS ESDK per record"), ("esdk_cached", "keyturn / AWS ESDK + caching CMM")):
+            t = r["targets"][peer]
+            lines.append(f"{'peers':<16} {label:<46} {t['measured']:>14.2f} {('>= ' + format(t['target'], 'g')) if t['target'] else '-':>10}  {t['met']}")
+    if "kms" in b:
+        r = b["kms"]
+        lines.append(f"{'kms':<16} {'keyturn KMS calls per 1M records':<46} {r['keyturn']['calls_per_1m_records']:>14,.0f} {'':>10}")
+        lines.append(f"{'kms':<16} {'per-record KMS calls per 1M records':<46} {r['per_record']['calls_per_1m_records']:>14,.0f} {'':>10}")
+        lines.append(f"{'kms':<16} {'keyturn / per-record':<46} {r['fraction']:>14.2e} {'<= 1e-04':>10}  {r['met']}")
+    if "beam_workers" in b:
+        r = b["beam_workers"]
+        lines.append(f"{'beam_workers':<16} {'2 workers / 1 worker (rows/s)':<46} {r['speedup']['median']:>14.2f} {'>= ' + format(r['target'], 'g'):>10}  {r['met']}")
+    if "lake" in b:
+        r = b["lake"]
+        lines.append(f"{'lake':<16} {'reencrypt time / rewrap time':<46} {r['ratios']['reencrypt_over_rewrap_time']['median']:>14.2f} {'>= ' + format(r['target'], 'g'):>10}  {r['met']}")
+        lines.append(f"{'lake':<16} {'lake MB':<46} {r['params']['lake_bytes'] / 1e6:>14,.0f} {'':>10}")
+    if "memory" in b:
+        r = b["memory"]
+        lines.append(f"{'memory':<16} {'peak RSS 4x lake / 1x lake':<46} {r['ratio']['median']:>14.2f} {'<= ' + format(r['target'], 'g'):>10}  {r['met']}")
     return "\n".join(lines)
 
 
