@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from benchmarks import bench_beam, bench_cells, run
+from benchmarks import bench_beam, bench_cells, bench_kms, bench_lake, bench_peers, run
 from benchmarks.common import Timing, machine_info, measure_rounds, random_strings, ratio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +86,73 @@ def test_beam_streaming_structure() -> None:
         assert set(r["kms_calls_per_partition"]) == {"p0", "p1"}
         assert r["kms_calls_total"] == sum(r["kms_calls_per_partition"].values()) == r["audit_kms_calls"]
         assert r["scopes"] >= 1 and isinstance(r["runner_counters"], dict)
+    assert isinstance(result["met"], bool)
+    json.dumps(result)
+
+
+def test_peers_structure() -> None:
+    result = bench_peers.run(rows=500, esdk_rows=5, runs=1, warmup=0)
+    assert result["name"] == "peers"
+    names = {"keyturn", "bare_aesgcm", "tink", "esdk", "esdk_cached"}
+    for part in ("encrypt", "decrypt"):
+        assert set(result[part]) == names
+        for name in names:
+            _timing_shape(result[part][name]["timing"])
+            assert set(result[part][name]["cells_per_s"]) == {"median", "min", "max"}
+            if name != "keyturn":
+                _ratio_shape(result[part][name]["keyturn_ratio"])
+    assert result["encrypt"]["esdk"]["cells"] == 5 and result["encrypt"]["tink"]["cells"] == 500
+    assert set(result["targets"]) == {"bare_aesgcm", "tink", "esdk", "esdk_cached"}
+    assert all(isinstance(result["targets"][k]["met"], bool) for k in ("bare_aesgcm", "tink", "esdk"))
+    json.dumps(result)
+
+
+def test_kms_structure() -> None:
+    result = bench_kms.run(records=2_000, partitions=4, batch_rows=500, per_record_subset=200)
+    assert result["name"] == "kms"
+    assert result["keyturn"]["calls"] == 4  # counts, not timings: one DEK per partition scope
+    assert result["per_record"]["calls_measured"] == 200 and result["params"]["extrapolated"] is True
+    assert result["per_record"]["calls_per_1m_records"] == 1_000_000
+    assert isinstance(result["met"], bool)
+    json.dumps(result)
+
+
+@pytest.mark.beam
+@pytest.mark.slow
+def test_beam_workers_structure() -> None:
+    result = bench_beam.run_workers(rows=2_000, batch_rows=500, partitions=2, runs=1, warmup=0)
+    assert result["name"] == "beam_workers"
+    for part in ("one_worker", "two_workers", "core"):
+        _timing_shape(result[part])
+    _ratio_shape(result["speedup"])
+    assert isinstance(result["met"], bool)
+    json.dumps(result)
+
+
+@pytest.mark.beam
+def test_lake_structure(tmp_path) -> None:
+    result = bench_lake.run_lake(rows=2_000, partitions=2, runs=1, out=str(tmp_path / "lake"), profile=False)
+    assert result["name"] == "lake"
+    assert set(result["timings"]) == {"encrypt", "rewrap", "reencrypt", "plain_rewrite", "pme_write"}
+    for t in result["timings"].values():
+        _timing_shape(t)
+    for r in result["ratios"].values():
+        _ratio_shape(r)
+    rot = result["rotation"]
+    assert rot["rewrap"]["payload_bytes_decrypted"] == 0  # a count: rewrap decrypts no payload
+    assert rot["reencrypt"]["payload_bytes_decrypted"] > 0 and rot["reencrypt"]["bytes_rewritten"] > 0
+    assert result["params"]["lake_bytes"] > 0 and isinstance(result["met"], bool)
+    json.dumps(result)
+
+
+@pytest.mark.beam
+@pytest.mark.slow
+def test_memory_structure(tmp_path) -> None:
+    result = bench_lake.run_memory(rows=1_000, scale=2, partitions=2, runs=1, out=str(tmp_path / "mem"))
+    assert result["name"] == "memory"
+    assert set(result["peak_rss_bytes"]) == {"floor", "1x", "2x"}
+    assert all(v[0] > 0 for v in result["peak_rss_bytes"].values())
+    _ratio_shape(result["ratio"])
     assert isinstance(result["met"], bool)
     json.dumps(result)
 
