@@ -34,8 +34,8 @@ wrapping the AES-GCM objects keyturn's `DekReader` makes; bytes rewritten
 come from the job's report.
 
 **memory** (`run_memory`): peak RSS of a `reencrypt` job in a child process
-(`python -m benchmarks.bench_lake --child ...`), read from the child's own
-rusage with `os.wait4` (`ru_maxrss`), on a lake of `rows` and of
+(`python -m benchmarks.bench_lake --child ...`), sampled every 5 ms with psutil
+(not `ru_maxrss`: a forked child keeps the parent's peak across exec), on a lake of `rows` and of
 `scale * rows` rows; plus the peak RSS of a child that only imports the same
 modules (the interpreter and library floor).
 """
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -405,18 +404,33 @@ _CHILD_IMPORTS = "import apache_beam, pyarrow.parquet, pipelines.reencrypt, pipe
 
 
 def _child_rss(args: list[str]) -> tuple[float, int]:
-    """Run `python -m benchmarks.bench_lake --child ...`; (seconds, peak RSS in bytes) of that child."""
+    """Run `python -m benchmarks.bench_lake --child ...`; (seconds, peak RSS in bytes) of that child.
+
+    The peak is sampled with psutil every 5 ms (the child's RSS plus its own
+    children's). Not `ru_maxrss`: on Linux a forked child's `ru_maxrss` keeps
+    the parent's RSS at fork time across exec, so it reports the benchmark
+    process's size, not the job's.
+    """
+    import psutil
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_lake", "--child", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.005)
     elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}): {err[-2000:]}")
-    return elapsed, usage.ru_maxrss * 1024  # Linux: kilobytes
+    return elapsed, peak
 
 
 def run_memory(*, rows: int = 250_000, scale: int = 4, partitions: int = 10, runs: int = 5, out: str = os.path.join("bench-out", "memory"), seed: int = SEED) -> dict[str, Any]:
@@ -460,7 +474,7 @@ def run_memory(*, rows: int = 250_000, scale: int = 4, partitions: int = 10, run
             "seed": seed,
             "lakes": {k: {kk: vv for kk, vv in v.items() if kk != "pristine"} for k, v in lakes.items()},
             "mode": "reencrypt",
-            "how": "child process, os.wait4 rusage ru_maxrss",
+            "how": "child process, RSS (with its children) sampled every 5 ms with psutil",
             "floor": f"a child that only runs `{_CHILD_IMPORTS}`",
         },
         "peak_rss_bytes": rss,

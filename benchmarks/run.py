@@ -488,7 +488,7 @@ def render_memory(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     parts = [
         _run_line(meta, result),
         "",
-        f"Peak RSS (`ru_maxrss` of the child, from `os.wait4`) of `pipelines.reencrypt.run(mode=\"reencrypt\")` in a child process, {p['runs']} runs each. "
+        f"Peak RSS (of the child and its children, sampled every 5 ms with psutil) of `pipelines.reencrypt.run(mode=\"reencrypt\")` in a child process, {p['runs']} runs each. "
         f"Above the import floor, {big} ÷ 1x = {above:.2f}." if above else "",
         "",
         _table(["Run", "Lake", "Time median", "Peak RSS median", "Spread", "Above floor", f"{big} ÷ 1x (min – max)", "Target / met"], rows),
