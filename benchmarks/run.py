@@ -36,7 +36,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "peers": {"rows": 1_000_000, "esdk_rows": 2_000},
         "kms": {"records": 1_000_000, "partitions": 10, "per_record_subset": 1_000_000},
         "beam_workers": {"rows": 1_000_000, "batch_rows": 10_000, "partitions": 10},
-        "lake": {"rows": 1_000_000, "partitions": 10},
+        "lake": {"rows": 5_600_000, "partitions": 10},  # ~1 GB of encrypted Parquet
         "memory": {"rows": 200_000, "scale": 4, "partitions": 10},
     },
     "quick": {
