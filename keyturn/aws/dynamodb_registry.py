@@ -71,8 +71,11 @@ from keyturn.registry.base import (
     KeyState,
     KeyVersion,
     check_invariants,
+    LifecycleMethods,
     find_version,
     plan_transition,
+    require_text,
+    require_version,
 )
 
 __all__ = ["DynamoDbKeyRegistry", "create_table", "SCHEMA_VERSION", "HEAD_SK"]
@@ -110,20 +113,6 @@ def _state(text: object, what: str) -> KeyState:
         return KeyState(text)
     except ValueError as e:
         raise RegistryInvariantError(f"stored {what} {text!r} is not a key state") from e
-
-
-def _require_text(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{name} must be a non-empty string")
-    return value
-
-
-def _require_version(version: object) -> int:
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise TypeError(f"version must be an int, got {type(version).__name__}")
-    return version
 
 
 def _name(state: KeyState | None) -> str:
@@ -334,7 +323,7 @@ class _Conflict(Exception):
 # ------------------------------------------------------------------ the registry
 
 
-class DynamoDbKeyRegistry:
+class DynamoDbKeyRegistry(LifecycleMethods):
     """`KeyRegistry` in one partition of a DynamoDB table; see the module docstring for contracts."""
 
     def __init__(
@@ -352,8 +341,8 @@ class DynamoDbKeyRegistry:
         max_conflict_retries: int = 50,
     ) -> None:
         """Use registry `name` in `table` through the injected boto3 DynamoDB `client`, or build one."""
-        self._table = _require_text("table", table)
-        self._pk = _require_text("name", name)
+        self._table = require_text("table", table)
+        self._pk = require_text("name", name)
         if not callable(clock):
             raise TypeError("clock must be callable")
         if isinstance(max_conflict_retries, bool) or not isinstance(max_conflict_retries, int) or max_conflict_retries < 0:
@@ -621,7 +610,7 @@ class DynamoDbKeyRegistry:
 
     def get(self, version: int) -> KeyVersion:
         """One version as stored; `UnknownVersionError` if absent."""
-        _require_version(version)
+        require_version(version)
         if version < 1:
             raise UnknownVersionError(f"no key version {version}")
         response = self._aws(
@@ -668,9 +657,9 @@ class DynamoDbKeyRegistry:
 
     def initialize(self, kek_id: str, *, actor: str, reason: str) -> KeyVersion:
         """Create version 1 as active if the registry is empty; else return the active version unchanged."""
-        _require_text("kek_id", kek_id)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
+        require_text("kek_id", kek_id)
+        require_text("actor", actor)
+        require_text("reason", reason)
 
         def apply(versions: list[KeyVersion], now: datetime) -> _Plan:
             if versions:
@@ -686,9 +675,9 @@ class DynamoDbKeyRegistry:
         `RegistryError` if the registry is empty (call `initialize` first).
         With KMS key rotation `kek_id` may equal the old version's.
         """
-        _require_text("kek_id", kek_id)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
+        require_text("kek_id", kek_id)
+        require_text("actor", actor)
+        require_text("reason", reason)
 
         def apply(versions: list[KeyVersion], now: datetime) -> _Plan:
             if not versions:
@@ -705,35 +694,6 @@ class DynamoDbKeyRegistry:
 
         return self._write(apply)
 
-    def retire(self, version: int, *, actor: str, reason: str, inventory: Inventory | None = None) -> KeyVersion:
-        """decrypt_only -> retired; `VersionInUseError` while `inventory` finds data under it."""
-        _require_version(version)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
-        return self._transition("retire", version, actor, reason, inventory=inventory)
-
-    def schedule_deletion(
-        self, version: int, *, actor: str, reason: str, inventory: Inventory, pending_days: int
-    ) -> KeyVersion:
-        """retired -> pending_deletion with delete_after = now + `pending_days`; refused while data remains."""
-        _require_version(version)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
-        if inventory is None:
-            raise ValueError("schedule_deletion needs an inventory to prove nothing references the version")
-        if isinstance(pending_days, bool) or not isinstance(pending_days, int):
-            raise TypeError(f"pending_days must be an int, got {type(pending_days).__name__}")
-        if pending_days < 0:
-            raise ValueError(f"pending_days must be >= 0, got {pending_days}")
-        return self._transition("schedule_deletion", version, actor, reason, inventory=inventory, pending_days=pending_days)
-
-    def reinstate(self, version: int, *, actor: str, reason: str) -> KeyVersion:
-        """retired or pending_deletion -> decrypt_only (rollback); clears delete_after."""
-        _require_version(version)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
-        return self._transition("reinstate", version, actor, reason)
-
 
 def create_table(
     table: str,
@@ -747,7 +707,7 @@ def create_table(
 
     With `wait`, returns once the table is ACTIVE. Failures raise `RegistryError`.
     """
-    _require_text("table", table)
+    require_text("table", table)
     if client is None:
         client = make_client("dynamodb", ClientSettings(region, endpoint_url))
     try:

@@ -38,6 +38,9 @@ __all__ = [
     "TRANSITIONS_BY_OPERATION",
     "find_version",
     "plan_transition",
+    "require_text",
+    "require_version",
+    "LifecycleMethods",
 ]
 
 
@@ -199,3 +202,73 @@ def plan_transition(
             raise VersionInUseError(f"cannot {op} version {version}: the inventory still finds {refs} reference(s) under it")
     delete_after = None if pending_days is None else now + timedelta(days=pending_days)
     return current, dst, delete_after
+
+
+def require_text(name: str, value: object) -> str:
+    """`value` if it is a non-blank str; `TypeError`/`ValueError` otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
+def require_version(version: object) -> int:
+    """`version` if it is an int (not a bool); `TypeError` otherwise."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"version must be an int, got {type(version).__name__}")
+    return version
+
+
+class LifecycleMethods:
+    """retire / schedule_deletion / reinstate for any backend with one `_transition`.
+
+    A backend implements `_transition(op, version, actor, reason, inventory=,
+    pending_days=)` as one atomic write that calls `plan_transition`; the
+    argument checks live here, once.
+    """
+
+    def _transition(
+        self,
+        op: str,
+        version: int,
+        actor: str,
+        reason: str,
+        inventory: Inventory | None = None,
+        pending_days: int | None = None,
+    ) -> KeyVersion:
+        raise NotImplementedError
+
+    def retire(self, version: int, *, actor: str, reason: str, inventory: Inventory | None = None) -> KeyVersion:
+        """decrypt_only -> retired; `VersionInUseError` while `inventory` finds data under it.
+
+        The active version can never be retired (`InvalidTransitionError`); rotate first.
+        """
+        require_version(version)
+        require_text("actor", actor)
+        require_text("reason", reason)
+        return self._transition("retire", version, actor, reason, inventory=inventory)
+
+    def schedule_deletion(
+        self, version: int, *, actor: str, reason: str, inventory: Inventory, pending_days: int
+    ) -> KeyVersion:
+        """retired -> pending_deletion with delete_after = now + `pending_days`; refused while data remains."""
+        require_version(version)
+        require_text("actor", actor)
+        require_text("reason", reason)
+        if inventory is None:
+            raise ValueError("schedule_deletion needs an inventory to prove nothing references the version")
+        if isinstance(pending_days, bool) or not isinstance(pending_days, int):
+            raise TypeError(f"pending_days must be an int, got {type(pending_days).__name__}")
+        if pending_days < 0:
+            raise ValueError(f"pending_days must be >= 0, got {pending_days}")
+        return self._transition(
+            "schedule_deletion", version, actor, reason, inventory=inventory, pending_days=pending_days
+        )
+
+    def reinstate(self, version: int, *, actor: str, reason: str) -> KeyVersion:
+        """retired or pending_deletion -> decrypt_only (rollback); clears delete_after."""
+        require_version(version)
+        require_text("actor", actor)
+        require_text("reason", reason)
+        return self._transition("reinstate", version, actor, reason)

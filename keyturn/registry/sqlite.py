@@ -48,8 +48,11 @@ from keyturn.registry.base import (
     KeyState,
     KeyVersion,
     check_invariants,
+    LifecycleMethods,
     find_version,
     plan_transition,
+    require_text,
+    require_version,
 )
 
 __all__ = ["SqliteKeyRegistry", "SCHEMA_VERSION"]
@@ -144,21 +147,7 @@ def _row_to_version(row: Sequence[Any]) -> KeyVersion:
     )
 
 
-def _require_text(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{name} must be a non-empty string")
-    return value
-
-
-def _require_version(version: object) -> int:
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise TypeError(f"version must be an int, got {type(version).__name__}")
-    return version
-
-
-class SqliteKeyRegistry:
+class SqliteKeyRegistry(LifecycleMethods):
     """`KeyRegistry` backed by one SQLite file; see the module docstring for contracts."""
 
     def __init__(
@@ -373,7 +362,7 @@ class SqliteKeyRegistry:
 
     def get(self, version: int) -> KeyVersion:
         """One version as stored; `UnknownVersionError` if absent."""
-        _require_version(version)
+        require_version(version)
 
         def one(conn: sqlite3.Connection) -> KeyVersion:
             row = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE version = ?", (version,)).fetchone()
@@ -427,9 +416,9 @@ class SqliteKeyRegistry:
 
     def initialize(self, kek_id: str, *, actor: str, reason: str) -> KeyVersion:
         """Create version 1 as active if the registry is empty; else return the active version unchanged."""
-        _require_text("kek_id", kek_id)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
+        require_text("kek_id", kek_id)
+        require_text("actor", actor)
+        require_text("reason", reason)
 
         def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> KeyVersion:
             if versions:
@@ -444,9 +433,9 @@ class SqliteKeyRegistry:
 
         `RegistryError` if the registry is empty (call `initialize` first).
         """
-        _require_text("kek_id", kek_id)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
+        require_text("kek_id", kek_id)
+        require_text("actor", actor)
+        require_text("reason", reason)
 
         def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> KeyVersion:
             if not versions:
@@ -458,40 +447,6 @@ class SqliteKeyRegistry:
             return self._find(self._load(conn), new)
 
         return self._write(apply)
-
-    def retire(self, version: int, *, actor: str, reason: str, inventory: Inventory | None = None) -> KeyVersion:
-        """decrypt_only -> retired; `VersionInUseError` while `inventory` finds data under it.
-
-        The active version can never be retired (`InvalidTransitionError`); rotate first.
-        """
-        _require_version(version)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
-        return self._transition("retire", version, actor, reason, inventory=inventory)
-
-    def schedule_deletion(
-        self, version: int, *, actor: str, reason: str, inventory: Inventory, pending_days: int
-    ) -> KeyVersion:
-        """retired -> pending_deletion with delete_after = now + `pending_days`; refused while data remains."""
-        _require_version(version)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
-        if inventory is None:
-            raise ValueError("schedule_deletion needs an inventory to prove nothing references the version")
-        if isinstance(pending_days, bool) or not isinstance(pending_days, int):
-            raise TypeError(f"pending_days must be an int, got {type(pending_days).__name__}")
-        if pending_days < 0:
-            raise ValueError(f"pending_days must be >= 0, got {pending_days}")
-        return self._transition(
-            "schedule_deletion", version, actor, reason, inventory=inventory, pending_days=pending_days
-        )
-
-    def reinstate(self, version: int, *, actor: str, reason: str) -> KeyVersion:
-        """retired or pending_deletion -> decrypt_only (rollback); clears delete_after."""
-        _require_version(version)
-        _require_text("actor", actor)
-        _require_text("reason", reason)
-        return self._transition("reinstate", version, actor, reason)
 
 
 def _name(state: KeyState | None) -> str:
