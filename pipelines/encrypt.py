@@ -62,6 +62,7 @@ import pyarrow.fs as pafs
 from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
 from keyturn.audit.events import build_quarantine
 from keyturn.errors import InputError
+from keyturn.lake.atomic import fsync_dir
 from keyturn.lake.crash import crashpoint
 from keyturn.lake.layout import Lake, as_lake, is_hidden
 from keyturn.scope import ScopeLimits
@@ -290,19 +291,10 @@ def _publish(lake: Lake, run_dir: str) -> list[str]:
     for staged, final in _staged_files(lake, run_dir):
         lake.fs.create_dir(posixpath.dirname(final), recursive=True)
         lake.fs.move(staged, final)
-        _fsync_dir(lake, posixpath.dirname(final))
+        fsync_dir(lake, posixpath.dirname(final))
         moved.append(final)
         crashpoint("encrypt:mid-publish")
     return moved
-
-
-def _fsync_dir(lake: Lake, directory: str) -> None:
-    if lake.is_local:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _write_marker(lake: Lake, path: str, payload: dict[str, Any]) -> None:
@@ -316,7 +308,7 @@ def _write_marker(lake: Lake, path: str, payload: dict[str, Any]) -> None:
         finally:
             os.close(fd)
     lake.fs.move(tmp, path)
-    _fsync_dir(lake, posixpath.dirname(path))
+    fsync_dir(lake, posixpath.dirname(path))
 
 
 def read_ledger(lake: Lake) -> dict[str, dict[str, Any]]:

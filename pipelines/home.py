@@ -50,6 +50,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from keyturn.fsutil import fsync_dir
 from keyturn.audit.chain import AuditChain
 from keyturn.audit.events import AuditAction, build_event, utc_now
 from keyturn.config import KeyturnConfig, dump_config, load_config, parse_config, resolve_paths
@@ -78,14 +79,6 @@ HOME_FILES = (CONFIG_NAME, ROOT_KEY_NAME, KEYSTORE_NAME, REGISTRY_NAME, AUDIT_NA
 def default_home() -> str:
     """``$KEYTURN_HOME`` if set and non-empty, else ``./.keyturn``."""
     return os.environ.get(HOME_ENV) or DEFAULT_HOME
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_new(path: str, text: str, mode: int = 0o644) -> None:
@@ -201,7 +194,7 @@ class KeyHome:
                 _send_to_sink(config, [event])
         # The config goes last: a home interrupted mid-init has no config and `open` says so.
         _write_new(os.path.join(home, CONFIG_NAME), _config_header() + dump_config(_relative(config, home)))
-        _fsync_dir(home)
+        fsync_dir(home)
         return cls.open(home, clock=clock)
 
     @staticmethod

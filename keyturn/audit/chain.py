@@ -51,6 +51,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from keyturn.fsutil import fsync_dir
 from keyturn.audit.events import AuditEvent
 from keyturn.errors import AuditChainError
 
@@ -255,14 +256,6 @@ def _read_tail(f: BinaryIO, size: int) -> bytes | None:
     return f.read(end - start)
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AuditChain:
     """An append-only hash-chained log at `path`, with its head in ``<path>.head``.
 
@@ -349,7 +342,7 @@ class AuditChain:
             except FileNotFoundError:
                 pass
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     def entries(self) -> list[ChainEntry]:
         """Every entry, after verifying the whole chain; [] if there is no log yet."""

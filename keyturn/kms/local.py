@@ -69,6 +69,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from keyturn.fsutil import fsync_dir
 from keyturn.context import encode_context
 from keyturn.errors import DecryptionError, KeystoreError, KmsAccessDeniedError, KmsClosedError, KmsKeyNotFoundError
 from keyturn.kms.base import GeneratedDataKey, RewrappedDataKey, UnwrappedDataKey
@@ -207,14 +208,6 @@ def _read_key_file(key_file: str | os.PathLike[str]) -> AESGCM:
         os.close(fd)
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_temp(directory: str, base: str, data: bytes) -> str:
     """Write `data` to a fresh 0600 temp file in `directory`, fsynced; returns its path."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")
@@ -238,7 +231,7 @@ def _publish_new(tmp: str, path: str) -> None:
         os.link(tmp, path)
     finally:
         os.unlink(tmp)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def generate_root_key_file(path: str | os.PathLike[str]) -> str:
@@ -606,7 +599,7 @@ class LocalKms:
                 except BaseException:
                     os.unlink(tmp)
                     raise
-                _fsync_dir(os.path.dirname(self._path))
+                fsync_dir(os.path.dirname(self._path))
             self._doc, self._raw = doc, new
 
     def _seal_kek(self, kek_id: str, kek: _Kek, material: bytes) -> None:

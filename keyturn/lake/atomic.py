@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from keyturn.fsutil import fsync_dir as local_fsync_dir
 from keyturn.lake.footer import FOOTER_KEY, Footer
 from keyturn.lake.layout import Lake, temp_name_for
 
@@ -39,13 +40,8 @@ __all__ = ["AtomicParquetWriter", "write_parquet_atomically", "fsync_dir"]
 
 def fsync_dir(lake: Lake, directory: str) -> None:
     """fsync a directory of a local lake (no-op elsewhere), so a rename in it is durable."""
-    if not lake.is_local:
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if lake.is_local:
+        local_fsync_dir(directory)
 
 
 def _strip_footer(schema: pa.Schema) -> pa.Schema:
