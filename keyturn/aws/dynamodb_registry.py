@@ -410,12 +410,6 @@ class DynamoDbKeyRegistry(LifecycleMethods):
         except BotoCoreError as exc:
             raise RegistryError(f"DynamoDB {operation} on {self._table!r} failed ({type(exc).__name__})") from exc
 
-    def _now(self) -> datetime:
-        now = self._clock()
-        if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
-            raise ValueError(f"clock must return a timezone-aware datetime, got {now!r}")
-        return now.astimezone(timezone.utc)
-
     def _get_head(self) -> _Head | None:
         response = self._aws(
             "get_item", TableName=self._table, Key={"pk": {"S": self._pk}, "sk": {"S": HEAD_SK}}, ConsistentRead=True
@@ -641,17 +635,6 @@ class DynamoDbKeyRegistry(LifecycleMethods):
         versions = snap.versions()
         _validate(snap.head, versions, snap.history())
         return versions
-
-    def due_for_deletion(self, now: datetime | None = None) -> list[KeyVersion]:
-        """Validated pending_deletion versions with delete_after <= `now` (default: the clock); never deleted here."""
-        when = self._now() if now is None else now
-        if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
-            raise ValueError(f"now must be a timezone-aware datetime, got {when!r}")
-        return [
-            v
-            for v in self.check()
-            if v.state is KeyState.PENDING_DELETION and v.delete_after is not None and v.delete_after <= when
-        ]
 
     # ------------------------------------------------------------------ writes
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import enum
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Protocol, runtime_checkable
 
 from keyturn.errors import InvalidTransitionError, RegistryInvariantError, UnknownVersionError, VersionInUseError
@@ -221,12 +221,39 @@ def require_version(version: object) -> int:
 
 
 class LifecycleMethods:
-    """retire / schedule_deletion / reinstate for any backend with one `_transition`.
+    """retire / schedule_deletion / reinstate / due_for_deletion for any backend.
 
-    A backend implements `_transition(op, version, actor, reason, inventory=,
-    pending_days=)` as one atomic write that calls `plan_transition`; the
-    argument checks live here, once.
+    A backend sets `self._clock`, implements `check()` (validated versions)
+    and `_transition(op, version, actor, reason, inventory=, pending_days=)`
+    as one atomic write that calls `plan_transition`; the argument checks and
+    the clock check live here, once.
     """
+
+    _clock: Callable[[], datetime]
+
+    def check(self) -> list[KeyVersion]:
+        raise NotImplementedError
+
+    def _now(self) -> datetime:
+        now = self._clock()
+        if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError(f"clock must return a timezone-aware datetime, got {now!r}")
+        return now.astimezone(timezone.utc)
+
+    def due_for_deletion(self, now: datetime | None = None) -> list[KeyVersion]:
+        """Validated pending_deletion versions with delete_after <= `now` (default: the clock).
+
+        The registry never deletes them; destroying the key material is the
+        caller's job, and the versions stay for audit.
+        """
+        when = self._now() if now is None else now
+        if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+            raise ValueError(f"now must be a timezone-aware datetime, got {when!r}")
+        return [
+            v
+            for v in self.check()
+            if v.state is KeyState.PENDING_DELETION and v.delete_after is not None and v.delete_after <= when
+        ]
 
     def _transition(
         self,

@@ -179,12 +179,6 @@ class SqliteKeyRegistry(LifecycleMethods):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _now(self) -> datetime:
-        now = self._clock()
-        if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
-            raise ValueError(f"clock must return a timezone-aware datetime, got {now!r}")
-        return now.astimezone(timezone.utc)
-
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
         """A fresh autocommit connection (transactions are explicit); sqlite errors become RegistryError."""
@@ -396,21 +390,6 @@ class SqliteKeyRegistry(LifecycleMethods):
             return versions
 
         return self._read(load_checked)
-
-    def due_for_deletion(self, now: datetime | None = None) -> list[KeyVersion]:
-        """Validated pending_deletion versions with delete_after <= `now` (default: the clock).
-
-        The registry never deletes them; destroying the key material is the
-        caller's job, and the rows stay for audit.
-        """
-        when = self._now() if now is None else now
-        if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
-            raise ValueError(f"now must be a timezone-aware datetime, got {when!r}")
-        return [
-            v
-            for v in self.check()
-            if v.state is KeyState.PENDING_DELETION and v.delete_after is not None and v.delete_after <= when
-        ]
 
     # ------------------------------------------------------------------ writes
 
