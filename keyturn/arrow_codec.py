@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from keyturn.arrow_values import (
     arrow_type_descriptor,
@@ -40,10 +41,11 @@ from keyturn.arrow_values import (
     to_plaintexts,
 )
 from keyturn.context import MAX_VALUE_BYTES
+from keyturn.contract import DatasetContract, check_arrow_write
 from keyturn.errors import DecryptionError
 from keyturn.format import DEK_FIELD, VERSION_FIELD
 from keyturn.kms.base import KmsBackend
-from keyturn.policy import KeyPolicy, ReadStatus, classify_rows, count_statuses
+from keyturn.policy import KeyPolicy, ReadStatus, RowKeys, classify_keys, classify_rows, count_statuses
 from keyturn.reader import DekReader, open_rows
 from keyturn.rewrap import rewrap_rows
 from keyturn.scope import DekScope, Location
@@ -56,6 +58,10 @@ __all__ = [
     "rewrap_batch",
     "reencrypt_batch",
     "encrypted_columns",
+    "contract_schema",
+    "contract_violations",
+    "conform",
+    "row_keys",
     "DecryptResult",
     "RewrapResult",
     "ReencryptResult",
@@ -131,15 +137,25 @@ def _column_names(value: Sequence[str], what: str) -> list[str]:
 
 
 def encrypt_batch(
-    batch: pa.RecordBatch, columns: Sequence[str], scope: DekScope, *, bind_columns: Sequence[str] = ()
+    batch: pa.RecordBatch,
+    columns: Sequence[str],
+    scope: DekScope,
+    *,
+    bind_columns: Sequence[str] = (),
+    contract: DatasetContract | None = None,
 ) -> pa.RecordBatch:
     """Encrypt `columns` of `batch` under `scope`'s DEK(s); see the module docstring for the layout.
 
     `bind_columns` are non-sensitive columns whose values are bound into each
-    row's cells. An empty batch makes no KMS call.
+    row's cells. With the dataset's `contract`, the batch is first checked
+    against it (`ContractError` before any KMS call if the columns, their
+    types or the bindings differ). An empty batch makes no KMS call.
     """
     if not isinstance(batch, pa.RecordBatch):
         raise TypeError(f"encrypt_batch needs a pyarrow.RecordBatch, not {type(batch).__name__}")
+    if contract is not None:
+        check_arrow_write(contract, batch.schema, columns, bind=bind_columns)
+        columns, bind_columns = contract.names, list(contract.bind)
     names = batch.schema.names
     columns = _column_names(columns, "columns")
     bind_columns = _column_names(bind_columns, "bind_columns")
@@ -193,7 +209,7 @@ def encrypt_batch(
 # -- reading: per-row classification -----------------------------------------
 
 
-def _row_keys(batch: pa.RecordBatch) -> tuple[list[int | None], list[bytes | None]]:
+def row_keys(batch: pa.RecordBatch) -> tuple[list[int | None], list[bytes | None]]:
     """Each row's version column value and envelope bytes (None where absent)."""
     n = batch.num_rows
     names = batch.schema.names
@@ -211,8 +227,129 @@ def _row_keys(batch: pa.RecordBatch) -> tuple[list[int | None], list[bytes | Non
 def _classify_rows(
     batch: pa.RecordBatch, policy: KeyPolicy
 ) -> tuple[list[ReadStatus], list[int | None], list[bytes | None]]:
-    versions, envelopes = _row_keys(batch)
+    versions, envelopes = row_keys(batch)
     return classify_rows(policy, versions, envelopes), versions, envelopes
+
+
+def _classify_keys(
+    batch: pa.RecordBatch, policy: KeyPolicy, reader: DekReader, location: Location
+) -> tuple[RowKeys, list[bytes | None]]:
+    """Classify every row, against the reader's DEK directory when it has one."""
+    versions, envelopes = row_keys(batch)
+    entries = reader.entries(envelopes)
+    keys = classify_keys(policy, versions, envelopes, entries=entries, location=location if entries is not None else None)
+    return keys, envelopes
+
+
+_SEALED, _PLAIN, _ABSENT = "sealed", "plain", "absent"
+
+
+def _binary(array: pa.Array) -> pa.Array:
+    """A ciphertext column as plain `binary` (engines write it as large_binary, binary_view or dictionary)."""
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    return array if array.type == pa.binary() else array.cast(pa.binary())
+
+
+def _is_binary_like(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or getattr(pa.types, "is_binary_view", lambda _: False)(t)
+
+
+@dataclass
+class _ReadLayout:
+    """Where the encrypted columns of a batch are, and as what they are read."""
+
+    sensitive: list[str]
+    plain_fields: dict[str, pa.Field]
+    types: dict[str, str]
+    binds: list[str]
+    modes: dict[str, str]
+    since: dict[str, int]
+    foreign: list[str]
+    broken: bool = False  # the metadata path could not describe a column: every readable row is corrupt
+
+
+def _layout_from_contract(schema: pa.Schema, contract: DatasetContract) -> _ReadLayout:
+    """The read layout a contract dictates; the file's own metadata is not consulted for any of it."""
+    plain_fields, types, modes, since = {}, {}, {}, {}
+    for c in contract.columns:
+        plain_fields[c.name] = c.arrow_field()
+        types[c.name] = c.type_descriptor
+        since[c.name] = c.since_revision
+        if c.name not in schema.names:
+            modes[c.name] = _ABSENT
+        elif _is_binary_like(schema.field(c.name).type):
+            modes[c.name] = _SEALED
+        else:
+            modes[c.name] = _PLAIN
+    foreign = [
+        f.name
+        for f in schema
+        if f.name not in contract.names and f.name not in _RESERVED and f.metadata and META_FORMAT in f.metadata
+    ]
+    return _ReadLayout(contract.names, plain_fields, types, list(contract.bind), modes, since, foreign)
+
+
+def _layout_from_metadata(schema: pa.Schema, wanted: Sequence[str]) -> _ReadLayout:
+    """The read layout the file's own field metadata describes (core use without a contract)."""
+    sensitive = encrypted_columns(schema)
+    layout = _ReadLayout(sensitive, {}, {}, [], {n: _SEALED for n in sensitive}, {n: 1 for n in sensitive}, _foreign_columns(schema))
+    try:
+        layout.binds = sorted({n for name in wanted for n in _bind_list(schema.field(name))})
+        for name in wanted:
+            f = decode_plain_field(schema.field(name).metadata[META_PLAIN])
+            if f.name != name:
+                raise DecryptionError()
+            layout.plain_fields[name] = f
+            # the type the plaintext will be read as, from the (untrusted) metadata: authenticated per cell
+            layout.types[name] = _type_descriptor(f.type)
+    except (DecryptionError, KeyError):
+        layout.broken = True
+    return layout
+
+
+def contract_violations(schema: pa.Schema, contract: DatasetContract) -> list[str]:
+    """Why a file with `schema` breaks `contract` (a contract column missing or not ciphertext); [] if it does not."""
+    out = []
+    for c in contract.columns:
+        if c.name not in schema.names:
+            out.append(f"contract column {c.name!r} is missing")
+        elif not _is_binary_like(schema.field(c.name).type):
+            out.append(f"contract column {c.name!r} holds {schema.field(c.name).type}, not ciphertext")
+    return out
+
+
+def contract_schema(schema: pa.Schema, contract: DatasetContract) -> pa.Schema:
+    """`schema` of an encrypted file with each contract column's field (and the key columns) as keyturn writes them.
+
+    Restores what another engine stripped (field metadata, dictionary
+    encoding of ``_keyturn_dek``), from the contract, never from the file.
+    """
+    bind_json = json.dumps(list(contract.bind)).encode()
+    fields = []
+    for f in schema:
+        if f.name in contract.names:
+            plain = contract.column(f.name).arrow_field()
+            meta = {META_FORMAT: b"1", META_PLAIN: encode_plain_field(plain), META_BIND: bind_json}
+            fields.append(pa.field(f.name, pa.binary(), nullable=True, metadata=meta))
+        elif f.name == VERSION_COLUMN:
+            fields.append(pa.field(VERSION_COLUMN, pa.int64(), nullable=True))
+        elif f.name == DEK_COLUMN:
+            fields.append(pa.field(DEK_COLUMN, _DEK_TYPE, nullable=True))
+        else:
+            fields.append(f)
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """`batch` with `schema` (same column names and order), casting columns whose type differs."""
+    if batch.schema.equals(schema, check_metadata=True):
+        return batch
+    return pa.RecordBatch.from_arrays(
+        [col if col.type == f.type else col.cast(f.type) for col, f in zip(batch.columns, schema)], schema=schema
+    )
 
 
 # -- decrypt ----------------------------------------------------------------
@@ -245,58 +382,107 @@ def decrypt_batch(
     location: Location,
     *,
     columns: Sequence[str] | None = None,
+    contract: DatasetContract | None = None,
 ) -> DecryptResult:
     """Decrypt the current and stale rows of `batch`; classify every row.
 
     `columns` limits which encrypted columns are decrypted; the others are
-    left out of `plain`. KMS outages raise; bad data never does.
+    left out of `plain`. With the dataset's `contract` (every keyturn job
+    passes one), the encrypted columns, their plain types and the bound
+    row-key columns come from the contract, never from the file: a contract
+    column that is missing or holds anything but ciphertext makes every row
+    that needs it `corrupt` (rows under a DEK born before the column joined
+    the contract read it as stored, or as null when absent), and a column
+    whose metadata another engine stripped reads normally when its cells
+    authenticate. Without a contract the file's field metadata describes the
+    columns. KMS outages raise; bad data never does.
     """
     if not isinstance(batch, pa.RecordBatch):
         raise TypeError(f"decrypt_batch needs a pyarrow.RecordBatch, not {type(batch).__name__}")
-    sensitive = encrypted_columns(batch.schema)
-    wanted = sensitive if columns is None else _column_names(columns, "columns")
-    unknown = set(wanted) - set(sensitive)
+    if contract is not None:
+        layout = _layout_from_contract(batch.schema, contract)
+        wanted = layout.sensitive if columns is None else _column_names(columns, "columns")
+    else:
+        sensitive = encrypted_columns(batch.schema)
+        wanted = sensitive if columns is None else _column_names(columns, "columns")
+    unknown = set(wanted) - set(layout.sensitive if contract is not None else sensitive)
     if unknown:
-        raise ValueError(f"not encrypted columns of this batch: {sorted(unknown)} (encrypted: {sensitive})")
+        known = layout.sensitive if contract is not None else sensitive
+        raise ValueError(f"not encrypted columns of this batch: {sorted(unknown)} (encrypted: {known})")
+    if contract is None:
+        layout = _layout_from_metadata(batch.schema, wanted)
 
-    status, versions, envelopes = _classify_rows(batch, policy)
-    foreign = _foreign_columns(batch.schema)
-    for name in foreign:  # cells this version cannot authenticate: never clear data
+    keys, envelopes = _classify_keys(batch, policy, reader, location)
+    status = keys.status
+    for name in layout.foreign:  # cells this version cannot authenticate: never clear data
         for i, valid in enumerate(batch.column(name).is_valid().to_pylist()):
             if valid:
                 status[i] = ReadStatus.CORRUPT
     readable = [i for i, s in enumerate(status) if s is _CURRENT or s is _STALE]
-    plain_fields: dict[str, pa.Field] = {}
-    values: list[list[bytes | None]] = []
-    types: list[str] = []
-    try:
-        binds = sorted({n for name in wanted for n in _bind_list(batch.schema.field(name))})
-        bindings = _bindings(batch, binds)
-        for name in wanted:
-            plain_fields[name] = decode_plain_field(batch.schema.field(name).metadata[META_PLAIN])
-            if plain_fields[name].name != name:
-                raise DecryptionError()
-            # the type the plaintext will be read as, from the (untrusted) metadata: authenticated per cell
-            types.append(_type_descriptor(plain_fields[name].type))
-    except (DecryptionError, KeyError):
+    missing_binds = [b for b in layout.binds if b not in batch.schema.names]
+    if layout.broken or missing_binds:
         for i in readable:
             status[i] = ReadStatus.CORRUPT
         readable = []
+
+    # which readable rows need each column as ciphertext, and which read it as stored (or as null)
+    passthrough: dict[str, list[int]] = {}
+    decrypt_rows: dict[str, list[int]] = {}
     if readable:
-        cells = [batch.column(name).to_pylist() for name in wanted]
-        opened = open_rows(reader, location, wanted, cells, envelopes, readable, bindings, types=types)
-        for i in opened.failed:
-            status[i] = ReadStatus.CORRUPT
-        readable = [i for i in readable if i not in opened.failed]
-        values = opened.values
+        for name in wanted if contract is None else layout.sensitive:
+            mode, since = layout.modes[name], layout.since[name]
+            plain_type = layout.plain_fields[name].type
+            needs = [i for i in readable if keys.revisions[i] is None or keys.revisions[i] >= since]
+            older = [i for i in readable if not (keys.revisions[i] is None or keys.revisions[i] >= since)]
+            if mode != _SEALED:
+                for i in needs:  # a downgrade: plaintext (or nothing) where the contract says ciphertext
+                    status[i] = ReadStatus.CORRUPT
+                as_stored = mode == _PLAIN and batch.schema.field(name).type == plain_type
+                if mode == _PLAIN and not as_stored:
+                    for i in older:
+                        status[i] = ReadStatus.CORRUPT
+                passthrough[name] = older
+                decrypt_rows[name] = []
+            elif older and batch.schema.field(name).type == plain_type:
+                passthrough[name] = older  # a binary column that was plain before it joined the contract
+                decrypt_rows[name] = needs
+            else:
+                passthrough[name] = []
+                decrypt_rows[name] = needs + older
+        readable = [i for i in readable if status[i] is _CURRENT or status[i] is _STALE]
+
+    values: dict[str, list[bytes | None]] = {}
+    if readable:
+        bindings = _bindings(batch, layout.binds)
+        for name in wanted:
+            rows = [i for i in decrypt_rows[name] if status[i].readable]
+            if not rows:
+                continue
+            cells = _binary(batch.column(name)).to_pylist()
+            opened = open_rows(
+                reader, location, [name], [cells], envelopes, rows, bindings, types=[layout.types[name]]
+            )
+            for i in opened.failed:
+                status[i] = ReadStatus.CORRUPT
+            values[name] = opened.values[0]
+        readable = [i for i in readable if status[i] is _CURRENT or status[i] is _STALE]
 
     take = pa.array(readable, pa.int64())
     rebuilt: dict[str, pa.Array] = {}
+    plain_fields = dict(layout.plain_fields)
     try:
-        for j, name in enumerate(wanted):
-            column_values = [values[j][i] for i in readable] if readable else []
-            rebuilt[name] = from_plaintexts(column_values, plain_fields.get(name, pa.field(name, pa.null())))
-    except DecryptionError:  # plaintext does not fit the declared type: refuse every row
+        for name in wanted:
+            field_ = plain_fields.get(name, pa.field(name, pa.null()))
+            column_values = values.get(name)
+            decoded = from_plaintexts([column_values[i] for i in readable] if column_values else [None] * len(readable), field_)
+            stored = passthrough.get(name) or []
+            if stored and layout.modes[name] != _ABSENT:
+                keep = set(stored)
+                mask = pa.array([i in keep for i in readable], pa.bool_())
+                as_stored = batch.column(name).take(take).cast(field_.type)
+                decoded = pc.if_else(mask, as_stored, decoded)
+            rebuilt[name] = decoded
+    except (DecryptionError, pa.ArrowException):  # plaintext does not fit the declared type: refuse every row
         for i in readable:
             status[i] = ReadStatus.CORRUPT
         readable, take = [], pa.array([], pa.int64())
@@ -309,17 +495,21 @@ def decrypt_batch(
                 rebuilt[name] = pa.nulls(0)
 
     arrays, fields = [], []
+    skip = set(_RESERVED) | set(layout.foreign) | (set(layout.sensitive) - set(rebuilt))
     for f in batch.schema:
-        if f.name in _RESERVED or f.name in foreign or (f.name in sensitive and f.name not in rebuilt):
+        if f.name in skip:
             continue
         if f.name in rebuilt:  # a column whose plain field could not be read comes out empty and null-typed
             fields.append(plain_fields.get(f.name, pa.field(f.name, pa.null())))
-            arrays.append(rebuilt[f.name])
+            arrays.append(rebuilt.pop(f.name))
         else:
             fields.append(f)
             arrays.append(batch.column(f.name).take(take))
+    for name, array in rebuilt.items():  # contract columns absent from the file (rows that did not need them)
+        fields.append(plain_fields[name])
+        arrays.append(array)
     plain = pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
-    return DecryptResult(plain, [status[i] for i in readable], status, versions, batch)
+    return DecryptResult(plain, [status[i] for i in readable], status, keys.versions, batch)
 
 
 # -- rewrap -----------------------------------------------------------------
@@ -376,6 +566,7 @@ class ReencryptResult:
 
     batch: pa.RecordBatch
     status: list[ReadStatus]
+    changed: bool = True
 
     def counts(self) -> dict[str, int]:
         """Rows per status, every status present (zeros included)."""
@@ -383,36 +574,60 @@ class ReencryptResult:
 
 
 def reencrypt_batch(
-    batch: pa.RecordBatch, reader: DekReader, scope: DekScope, policy: KeyPolicy, location: Location
+    batch: pa.RecordBatch,
+    reader: DekReader,
+    scope: DekScope,
+    policy: KeyPolicy,
+    location: Location,
+    *,
+    contract: DatasetContract | None = None,
 ) -> ReencryptResult:
     """Decrypt readable rows and seal them again under `scope` (a fresh DEK).
 
     Unreadable rows (retired, unknown, missing, corrupt) are kept byte for
-    byte, in place, so a lake rewrite never loses them. Row order is kept.
+    byte, in place, with the envelope their cells name, so a lake rewrite
+    never loses them. Row order is kept. With `contract`, the columns come
+    from it (see `decrypt_batch`); a batch in which a contract column is
+    missing or not ciphertext is returned unchanged (`changed` is False),
+    because its rows could not be written back in one schema.
     """
     if scope.location != location:
         raise ValueError("the scope must belong to the same location as the batch")
-    decrypted = decrypt_batch(batch, reader, policy, location)
-    sensitive = encrypted_columns(batch.schema)
+    decrypted = decrypt_batch(batch, reader, policy, location, contract=contract)
+    if contract is not None:
+        layout = _layout_from_contract(batch.schema, contract)
+        if any(mode != _SEALED for mode in layout.modes.values()):
+            return ReencryptResult(batch, decrypted.status, changed=False)
+        sensitive, binds = contract.names, list(contract.bind)
+    else:
+        sensitive = encrypted_columns(batch.schema)
+        binds = sorted({n for name in sensitive for n in _bind_list(batch.schema.field(name))})
     readable = [i for i, s in enumerate(decrypted.status) if s.readable]
     if not readable:
-        return ReencryptResult(batch, decrypted.status)
-    binds = sorted({n for name in sensitive for n in _bind_list(batch.schema.field(name))})
+        return ReencryptResult(batch, decrypted.status, changed=False)
     sealed = encrypt_batch(decrypted.plain, sensitive, scope, bind_columns=binds)
     # columns left out of `plain` (another keyturn format) are all null in readable rows: keep them as they are
     readable_take = pa.array(readable, pa.int64())
+    out_schema = pa.schema(
+        [sealed.schema.field(f.name) if f.name in sealed.schema.names else f for f in batch.schema],
+        metadata=batch.schema.metadata,
+    )
     sealed = pa.RecordBatch.from_arrays(
         [
             sealed.column(f.name) if f.name in sealed.schema.names else batch.column(f.name).take(readable_take)
             for f in batch.schema
         ],
-        schema=batch.schema,
+        schema=out_schema,
     )
     if len(readable) == batch.num_rows:
         return ReencryptResult(sealed, decrypted.status)
     readable_set = set(readable)
     others = [i for i in range(batch.num_rows) if i not in readable_set]
-    combined = pa.Table.from_batches([sealed, batch.take(pa.array(others, pa.int64()))]).combine_chunks()
+    kept = batch.take(pa.array(others, pa.int64()))
+    kept = pa.RecordBatch.from_arrays(
+        [col if col.type == f.type else col.cast(f.type) for col, f in zip(kept.columns, out_schema)], schema=out_schema
+    )
+    combined = pa.Table.from_batches([sealed, kept]).combine_chunks()
     position = np.empty(batch.num_rows, dtype=np.int64)
     position[np.array(readable + others)] = np.arange(batch.num_rows)
     out = combined.take(pa.array(position)).to_batches()

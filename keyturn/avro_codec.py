@@ -49,6 +49,23 @@ decode exactly (error or trailing bytes) makes its record corrupt, and so
 does a ``keyturn.plain_type`` edited to any other type (even one with an
 identical encoding, string vs bytes): the type is authenticated with each
 cell.
+
+Dataset contracts: `decrypt_records`, `reencrypt_records` and
+`encrypt_records` take the dataset's `DatasetContract` (codec ``avro``, from
+the key registry). With one, the sensitive fields, their plain types and
+descriptors and the bound fields come from the contract, never from the
+schema's ``keyturn.*`` properties: the schema is read as
+`contract_encrypted_schema` (every contract field ``["null", "bytes"]`` with
+the contract's properties). A record whose value in a contract field is
+anything but bytes or None (a forged plaintext), or that lacks a contract
+field its DEK's contract revision requires, is corrupt; a field with
+``keyturn.*`` properties that the contract does not name is never passed
+through as clear data (a record with a non-null value there is corrupt). A
+record whose DEK was born before a field joined the contract reads that
+field as stored (null when the schema lacks it). With a DEK directory on the
+reader, records are classified against the directory (`classify_keys`): a
+DEK it does not know is unknown, and the effective key version is the
+directory's.
 """
 
 from __future__ import annotations
@@ -58,20 +75,23 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastavro
 from fastavro.validation import validate as _avro_validate
 
 from keyturn.context import MAX_VALUE_BYTES
-from keyturn.errors import DecryptionError
+from keyturn.errors import ContractError, DecryptionError
 from keyturn.format import DEK_FIELD, VERSION_FIELD
 from keyturn.kms.base import KmsBackend
-from keyturn.policy import KeyPolicy, ReadStatus, classify_rows, count_statuses
+from keyturn.policy import KeyPolicy, ReadStatus, classify_keys, count_statuses
 from keyturn.reader import DekReader, open_rows
 from keyturn.rewrap import rewrap_rows
 from keyturn.scope import DekScope, Location
 from schemas import load_schema
+
+if TYPE_CHECKING:  # keyturn.contract imports pyarrow; this module must not
+    from keyturn.contract import DatasetContract
 
 __all__ = [
     "VERSION_FIELD",
@@ -80,6 +100,7 @@ __all__ = [
     "PLAIN_TYPE_PROP",
     "BIND_PROP",
     "derive_encrypted_schema",
+    "contract_encrypted_schema",
     "plain_schema_of",
     "encrypted_fields",
     "encrypt_records",
@@ -462,6 +483,156 @@ def plain_schema_of(encrypted_schema: Mapping[str, Any]) -> dict[str, Any]:
     return _layout(encrypted_schema).plain_schema
 
 
+# -- dataset contracts ----------------------------------------------------------
+
+
+def _has_props(f: Mapping[str, Any]) -> bool:
+    return any(str(k).startswith(_PROP_PREFIX) for k in f)
+
+
+def _sealed_field(name: str, rest: Mapping[str, Any], plain_type: Any, binds: Sequence[str]) -> dict[str, Any]:
+    """An encrypted field as `derive_encrypted_schema` writes it."""
+    return {
+        "name": name,
+        "type": ["null", "bytes"],
+        "default": None,
+        **copy.deepcopy(dict(rest)),
+        FORMAT_PROP: _FORMAT,
+        PLAIN_TYPE_PROP: copy.deepcopy(plain_type),
+        BIND_PROP: list(binds),
+    }
+
+
+@dataclass
+class _ContractPlan:
+    """How a contract reads records of one (untrusted) schema."""
+
+    schema: dict[str, Any]  # contract_encrypted_schema: what re-encrypted records conform to
+    layout_schema: dict[str, Any]  # the same with the keyturn properties of foreign fields removed (for `_layout`)
+    descriptors: dict[str, str]  # contract field -> the descriptor its cells are bound to
+    since: dict[str, int]  # contract field -> the contract revision that added it
+    absent: set[str]  # contract fields the schema does not have
+    as_stored: set[str]  # contract fields the schema declares in clear with the contract's plain type
+    foreign: list[str]  # fields with keyturn properties that the contract does not name
+    binds: list[str]
+
+
+def _contract_plan(encrypted_schema: object, contract: DatasetContract) -> _ContractPlan:
+    from keyturn.contract import DatasetContract
+
+    if not isinstance(contract, DatasetContract):
+        raise TypeError(f"contract must be a DatasetContract, not {type(contract).__name__}")
+    if contract.codec != "avro":
+        raise ContractError(
+            f"dataset {contract.dataset!r} holds {contract.codec} data; its contract cannot read Avro records"
+        )
+    fields = _record_fields(encrypted_schema, "encrypted_schema")
+    assert isinstance(encrypted_schema, Mapping)
+    plain_types: dict[str, Any] = {}
+    for c in contract.columns:
+        t = c.avro_type()
+        try:
+            descriptor: str | None = avro_type_descriptor(t)
+        except ValueError:
+            descriptor = None
+        if descriptor != c.type_descriptor:
+            raise ContractError(f"the contract's plain type of {c.name!r} does not match its type descriptor")
+        plain_types[c.name] = t
+    binds = list(contract.bind)
+    body: list[dict[str, Any]] = []
+    layout_body: list[dict[str, Any]] = []
+    reserved: dict[str, dict[str, Any]] = {}
+    as_stored: set[str] = set()
+    foreign: list[str] = []
+    for f in fields:
+        name = f["name"]
+        if name in (VERSION_FIELD, DEK_FIELD):
+            reserved[name] = copy.deepcopy(dict(f))
+        elif name in plain_types:
+            rest = {k: v for k, v in f.items() if k not in ("name", "type", "default") and not str(k).startswith(_PROP_PREFIX)}
+            sealed = _sealed_field(name, rest, plain_types[name], binds)
+            body.append(sealed)
+            layout_body.append(copy.deepcopy(sealed))
+            try:
+                stored_descriptor: str | None = avro_type_descriptor(f.get("type"))
+            except ValueError:
+                stored_descriptor = None
+            if not _has_props(f) and stored_descriptor == contract.column(name).type_descriptor:
+                as_stored.add(name)
+        elif _has_props(f):
+            foreign.append(name)
+            body.append(copy.deepcopy(dict(f)))
+            layout_body.append({k: copy.deepcopy(v) for k, v in f.items() if not str(k).startswith(_PROP_PREFIX)})
+        else:
+            body.append(copy.deepcopy(dict(f)))
+            layout_body.append(copy.deepcopy(dict(f)))
+    present = {f["name"] for f in fields}
+    absent = {name for name in plain_types if name not in present}
+    for name in contract.names:  # contract fields the schema lacks: null in every record
+        if name in absent:
+            sealed = _sealed_field(name, {}, plain_types[name], binds)
+            body.append(sealed)
+            layout_body.append(copy.deepcopy(sealed))
+    canonical = {f["name"]: f for f in _row_key_fields()}
+    tail = [reserved.get(n, canonical[n]) for n in (VERSION_FIELD, DEK_FIELD)]
+    top = {k: copy.deepcopy(v) for k, v in encrypted_schema.items() if k != "fields" and k not in _FASTAVRO_KEYS}
+    schema = {**top, "fields": body + copy.deepcopy(tail)}
+    layout_schema = {**copy.deepcopy(top), "fields": layout_body + copy.deepcopy(tail)}
+    return _ContractPlan(
+        schema,
+        layout_schema,
+        {c.name: c.type_descriptor for c in contract.columns},
+        {c.name: c.since_revision for c in contract.columns},
+        absent,
+        as_stored,
+        foreign,
+        binds,
+    )
+
+
+def contract_encrypted_schema(encrypted_schema: Mapping[str, Any], contract: DatasetContract) -> dict[str, Any]:
+    """The encrypted schema `contract` reads `encrypted_schema` as, and `reencrypt_records` writes.
+
+    Every contract field becomes ``["null", "bytes"]`` (default null) with
+    the contract's ``keyturn.plain_type`` and ``keyturn.bind``, whatever the
+    schema said; contract fields the schema lacks are added; the key-metadata
+    fields are added if missing. Other fields are kept as they are.
+    `ContractError` for a contract of another codec or a damaged contract.
+    """
+    return _contract_plan(encrypted_schema, contract).schema
+
+
+def _stored_values(
+    rec: Mapping[str, Any], index: int, revision: int | None, plan: _ContractPlan, types: _PlainTypes
+) -> dict[str, Any] | None:
+    """The contract fields of one readable record read as stored (not decrypted); None if the record is corrupt.
+
+    A field its DEK's contract revision requires must be ciphertext (bytes or
+    None) in a field the schema has. A field that joined the contract after
+    the DEK was born is read as stored when the schema declares it in clear
+    with the contract's type (it must validate), as null when the schema lacks
+    it, and is decrypted otherwise.
+    """
+    out: dict[str, Any] = {}
+    for name, since in plan.since.items():
+        required = revision is None or revision >= since
+        value = rec.get(name)
+        if name in plan.absent:
+            if required or not _accepts_null(types.fields[name]["type"]):
+                return None
+            out[name] = None
+        elif required or name not in plan.as_stored:
+            if value is not None and type(value) is not bytes:  # a forged plaintext where ciphertext belongs
+                return None
+        else:
+            try:
+                types.encode(rec, name, index)
+            except ValueError:
+                return None
+            out[name] = value
+    return out
+
+
 # -- encrypt ------------------------------------------------------------------
 
 
@@ -472,15 +643,29 @@ def encrypt_records(
     scope: DekScope,
     *,
     bind_fields: Sequence[str] = (),
+    contract: DatasetContract | None = None,
 ) -> list[dict[str, Any]]:
     """Encrypt `sensitive_fields` of `records` under `scope`, in one `seal_rows` call.
 
     Returns new dicts conforming to `derive_encrypted_schema(plain_schema,
     sensitive_fields, bind_fields=bind_fields)`; clear fields are copied as
     they are. `ValueError` (naming record and field, never the value) if a
-    sensitive or bind value does not match its Avro type. An empty list
-    makes no KMS call.
+    sensitive or bind value does not match its Avro type. With the dataset's
+    `contract`, the fields, their plain types and the bind fields are first
+    checked against it (`ContractError` before any KMS call), and exactly the
+    contract's fields and binds are encrypted. An empty list makes no KMS call.
     """
+    if contract is not None:
+        from keyturn.contract import check_avro_write
+
+        fields = _record_fields(plain_schema, "plain_schema")
+        check_avro_write(
+            contract,
+            {f["name"]: f["type"] for f in fields},
+            _name_list(sensitive_fields, "sensitive_fields"),
+            bind=_name_list(bind_fields, "bind_fields"),
+        )
+        sensitive_fields, bind_fields = list(contract.names), list(contract.bind)
     _, types, sensitive, binds = _derive(plain_schema, sensitive_fields, bind_fields)
     records = _record_list(records)
     for i, rec in enumerate(records):
@@ -509,24 +694,46 @@ def encrypt_records(
 # -- reading: per-record classification --------------------------------------
 
 
+@dataclass
+class _Keys:
+    status: list[ReadStatus]
+    versions: list[int | None]  # effective key versions (the directory's, with one); None where ill-typed
+    envelopes: list[bytes | None]  # the records' own (birth) envelopes
+    revisions: list[int | None]  # the DEKs' contract revisions; None without a directory
+
+
 def _classify(
-    records: Sequence[Mapping[str, Any]], policy: KeyPolicy
-) -> tuple[list[ReadStatus], list[int | None], list[bytes | None]]:
-    """Status, version and envelope of each record; ill-typed metadata classifies as corrupt."""
-    versions: list[int | None] = []
+    records: Sequence[Mapping[str, Any]],
+    policy: KeyPolicy,
+    reader: DekReader | None = None,
+    location: Location | None = None,
+) -> _Keys:
+    """Classify every record, against the reader's DEK directory when it has one.
+
+    Ill-typed metadata classifies as corrupt. Without a directory (or without
+    a `reader`), the records' own envelopes decide and `versions` are the
+    records' own.
+    """
+    own: list[int | None] = []
     checked: list[int | None] = []
     envelopes: list[bytes | None] = []
     for rec in records:
         v = rec.get(VERSION_FIELD)
         env = rec.get(DEK_FIELD)
         ok = v is None or (isinstance(v, int) and not isinstance(v, bool))
-        versions.append(v if ok else None)
+        own.append(v if ok else None)
         checked.append(v if ok else 0)  # 0 never matches an envelope's version: corrupt
         if env is None or isinstance(env, bytes):
             envelopes.append(env)
         else:
             envelopes.append(bytes(env) if isinstance(env, (bytearray, memoryview)) else b"")
-    return classify_rows(policy, checked, envelopes), versions, envelopes
+    entries = reader.entries(envelopes) if reader is not None and location is not None else None
+    keys = classify_keys(policy, checked, envelopes, entries=entries, location=location if entries is not None else None)
+    if entries is None:
+        versions = own
+    else:
+        versions = [None if own[i] is None else v for i, v in enumerate(keys.versions)]
+    return _Keys(keys.status, versions, envelopes, keys.revisions)
 
 
 # -- decrypt ------------------------------------------------------------------
@@ -539,7 +746,7 @@ class AvroDecryptResult:
     plain: list[dict[str, Any]] = field(repr=False)
     plain_status: list[ReadStatus]
     status: list[ReadStatus]
-    versions: list[int | None]
+    versions: list[int | None]  # effective key version per record (the directory's when the reader has one)
     schema: dict[str, Any] | None  # plain schema of `plain`; None if the schema's keyturn properties are damaged
     source: list[Mapping[str, Any]] = field(repr=False)
 
@@ -561,33 +768,65 @@ def decrypt_records(
     location: Location,
     *,
     fields: Sequence[str] | None = None,
+    contract: DatasetContract | None = None,
 ) -> AvroDecryptResult:
     """Decrypt the current and stale records; classify every record.
 
     `plain` holds the readable records in input order, conforming to
     `schema` (the plain schema, limited to `fields` if given). Damaged
     keyturn properties in `encrypted_schema` make every readable record
-    corrupt. KMS outages raise; bad data never does.
+    corrupt. With the dataset's `contract` (codec ``avro``), the encrypted
+    fields, their plain types and the bound fields come from the contract,
+    never from the schema's properties (see the module docstring); fields
+    with keyturn properties the contract does not name are left out of
+    `plain`. With a DEK directory on `reader`, records are classified against
+    it and `versions` are the directory's. KMS outages raise; bad data never
+    does.
     """
     records = _record_list(records)
-    sensitive = [f["name"] for f in _encrypted_record_fields(encrypted_schema) if FORMAT_PROP in f]
+    plan: _ContractPlan | None = None
+    if contract is not None:
+        plan = _contract_plan(encrypted_schema, contract)
+        sensitive = list(contract.names)
+        layout_schema: Mapping[str, Any] = plan.layout_schema
+    else:
+        sensitive = [f["name"] for f in _encrypted_record_fields(encrypted_schema) if FORMAT_PROP in f]
+        layout_schema = encrypted_schema
     wanted = sensitive if fields is None else _name_list(fields, "fields")
     unknown = [n for n in wanted if n not in sensitive]
     if unknown:
         raise ValueError(f"not encrypted fields of this schema: {unknown} (encrypted: {sensitive})")
 
-    status, versions, envelopes = _classify(records, policy)
+    keys = _classify(records, policy, reader, location)
+    status, envelopes = keys.status, keys.envelopes
+    if plan is not None and plan.foreign:
+        for i, rec in enumerate(records):  # cells no contract describes: never clear data
+            if any(rec.get(name) is not None for name in plan.foreign):
+                status[i] = ReadStatus.CORRUPT
     readable = [i for i, s in enumerate(status) if s.readable]
     try:
-        layout: _Layout | None = _layout(encrypted_schema)
+        layout: _Layout | None = _layout(layout_schema)
     except ValueError:
         layout = None
         for i in readable:
             status[i] = ReadStatus.CORRUPT
         readable = []
+    if layout is not None and plan is not None:
+        layout.types.descriptors.update(plan.descriptors)
+
+    stored: dict[int, dict[str, Any]] = {}  # contract fields read as stored, per record
+    if layout is not None and plan is not None:
+        for i in readable:
+            kept = _stored_values(records[i], i, keys.revisions[i], plan, layout.types)
+            if kept is None:
+                status[i] = ReadStatus.CORRUPT
+            else:
+                stored[i] = kept
+        readable = [i for i in readable if status[i].readable]
 
     plain: list[dict[str, Any]] = []
-    kept: list[int] = []
+    kept_rows: list[int] = []
+    drop = set(plan.foreign) - set(plan.binds) if plan is not None else set()
     if layout is not None and readable:
         types = layout.types
         bindings: list[dict[str, bytes]] | None = None
@@ -601,33 +840,45 @@ def decrypt_records(
                     continue
                 bindings[i] = {b: v for b, v in encoded.items() if v is not None}
             readable = [i for i in readable if status[i].readable]
-        cells = [[rec.get(name) for rec in records] for name in wanted]
-        descriptors = [types.descriptors[name] for name in wanted]  # from the (untrusted) schema: authenticated per cell
+        no_stored: dict[str, Any] = {}
+        cells = [
+            [None if name in stored.get(i, no_stored) else rec.get(name) for i, rec in enumerate(records)]
+            for name in wanted
+        ]
+        descriptors = [types.descriptors[name] for name in wanted]  # untrusted without a contract: authenticated per cell
         opened = open_rows(reader, location, wanted, cells, envelopes, readable, bindings, types=descriptors)
         for i in readable:
             if i in opened.failed:
                 status[i] = ReadStatus.CORRUPT
                 continue
+            as_stored = stored.get(i, no_stored)
             try:
-                values = {name: types.decode(name, opened.values[j][i]) for j, name in enumerate(wanted)}
+                values = {
+                    name: as_stored[name] if name in as_stored else types.decode(name, opened.values[j][i])
+                    for j, name in enumerate(wanted)
+                }
             except DecryptionError:
                 status[i] = ReadStatus.CORRUPT
                 continue
             row: dict[str, Any] = {}
             for key, value in records[i].items():
-                if key in (VERSION_FIELD, DEK_FIELD) or (key in sensitive and key not in values):
+                if key in (VERSION_FIELD, DEK_FIELD) or key in drop or (key in sensitive and key not in values):
                     continue
                 row[key] = values[key] if key in values else value
             for name in wanted:  # a sensitive field absent from the record decrypts as null
                 row.setdefault(name, values[name])
             plain.append(row)
-            kept.append(i)
+            kept_rows.append(i)
 
     schema = None
     if layout is not None:
         schema = dict(layout.plain_schema)
-        schema["fields"] = [f for f in schema["fields"] if f["name"] not in sensitive or f["name"] in wanted]
-    return AvroDecryptResult(plain, [status[i] for i in kept], status, versions, schema, records)
+        schema["fields"] = [
+            f
+            for f in schema["fields"]
+            if (f["name"] not in sensitive or f["name"] in wanted) and f["name"] not in drop
+        ]
+    return AvroDecryptResult(plain, [status[i] for i in kept_rows], status, keys.versions, schema, records)
 
 
 # -- rewrap -------------------------------------------------------------------
@@ -655,9 +906,12 @@ def rewrap_records(
     Rewrapped records are new dicts with the new envelope and version; every
     other record is returned as it was (the same object), and `status` says
     why (a rewrapped record reports `stale`, its status before the rewrap).
+    This re-wraps the envelopes the records carry; a DEK in a key home's
+    directory is re-wrapped in the directory instead (`rewrap_entries`).
     """
     records = _record_list(records)
-    status, _, envelopes = _classify(records, policy)
+    keys = _classify(records, policy)
+    status, envelopes = keys.status, keys.envelopes
     target = policy.active
     replaced, request_ids = rewrap_rows(kms, status, envelopes, location, target)
     out: list[Mapping[str, Any]] = list(records)
@@ -692,25 +946,38 @@ def reencrypt_records(
     scope: DekScope,
     policy: KeyPolicy,
     location: Location,
+    *,
+    contract: DatasetContract | None = None,
 ) -> AvroReencryptResult:
     """Decrypt readable records and seal them again under `scope` (a fresh DEK).
 
     Unreadable records (retired, unknown, missing, corrupt) are kept as they
-    were (the same objects), in place, so a rewrite never loses them. Order
-    is kept; outputs still conform to `encrypted_schema`.
+    were (the same objects, with the envelope their cells name), in place, so
+    a rewrite never loses them. Order is kept. Re-encrypted records conform
+    to `encrypted_schema`, or with the dataset's `contract` to
+    `contract_encrypted_schema(encrypted_schema, contract)`: the contract's
+    fields and binds are sealed (see `decrypt_records`).
     """
     if scope.location != location:
         raise ValueError("the scope must belong to the same location as the records")
     records = _record_list(records)
-    decrypted = decrypt_records(records, encrypted_schema, reader, policy, location)
+    decrypted = decrypt_records(records, encrypted_schema, reader, policy, location, contract=contract)
     readable = [i for i, s in enumerate(decrypted.status) if s.readable]
     if not readable:
         return AvroReencryptResult(list(records), decrypted.status)
-    layout = _layout(encrypted_schema)
-    sealed = encrypt_records(
-        decrypted.plain, layout.plain_schema, encrypted_fields(encrypted_schema), scope, bind_fields=layout.binds
-    )
+    foreign: list[str] = []
+    if contract is not None:
+        plan = _contract_plan(encrypted_schema, contract)
+        layout = _layout(plan.layout_schema)
+        sensitive, binds = list(contract.names), list(contract.bind)
+        foreign = [name for name in plan.foreign if name not in binds]
+    else:
+        layout = _layout(encrypted_schema)
+        sensitive, binds = encrypted_fields(encrypted_schema), layout.binds
+    sealed = encrypt_records(decrypted.plain, layout.plain_schema, sensitive, scope, bind_fields=binds, contract=contract)
     out: list[Mapping[str, Any]] = list(records)
     for i, rec in zip(readable, sealed):
+        for name in foreign:  # left out of `plain`; null in every readable record
+            rec.setdefault(name, None)
         out[i] = rec
     return AvroReencryptResult(out, decrypted.status)

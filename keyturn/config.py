@@ -254,7 +254,7 @@ class LifecycleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     reencryption_strategy: Literal["eager", "lazy", "batch_lazy"] = "batch_lazy"
-    rewrap_mode: Literal["rewrap", "reencrypt", "auto"] = "rewrap"
+    rewrap_mode: Literal["rewrap", "reencrypt", "auto"] = "reencrypt"
     max_concurrent_reencryption_workers: int = Field(4, ge=1, le=256)
     max_kms_requests_per_second: float = Field(50.0, gt=0, allow_inf_nan=False)
     dek_max_age_days: int = Field(365, ge=1)

@@ -32,6 +32,8 @@ __all__ = [
     "LakeError",
     "InputError",
     "AuditSinkError",
+    "ContractError",
+    "DirectoryError",
     "LakeLockedError",
     "LakeLockLostError",
 ]
@@ -144,3 +146,11 @@ class InputError(KeyturnError, ValueError):
 
 class AuditSinkError(KeyturnError):
     """An audit sink (for example CloudWatch Logs) could not deliver or was refused events."""
+
+
+class ContractError(InputError):
+    """Data or a request breaks the dataset contract the key registry holds (encrypted columns, types, bindings)."""
+
+
+class DirectoryError(RegistryError):
+    """The DEK directory refused an entry or holds one that does not match its envelope."""

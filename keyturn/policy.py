@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from keyturn.errors import DecryptionError
-from keyturn.format import parse_envelope
+from keyturn.directory import DekEntry, entry_matches
+from keyturn.format import Envelope, parse_envelope
 from keyturn.registry.base import KeyRegistry, KeyState, KeyVersion
-from keyturn.scope import KekRef
+from keyturn.scope import KekRef, Location
 
-__all__ = ["ReadStatus", "KeyPolicy", "classify_rows", "count_statuses"]
+__all__ = ["ReadStatus", "KeyPolicy", "RowKeys", "classify_rows", "classify_keys", "count_statuses"]
 
 
 class ReadStatus(str, enum.Enum):
@@ -76,45 +77,103 @@ class KeyPolicy:
         return KekRef(version, self.kek_ids[version])
 
 
-def classify_rows(policy: KeyPolicy, versions: Sequence[int | None], envelopes: Sequence[bytes | None]) -> list[ReadStatus]:
-    """Status of each row from its version metadata and DEK envelope.
+@dataclass(frozen=True, slots=True)
+class RowKeys:
+    """Per-row outcome of classification: status, effective key version, and DEK contract revision.
 
-    Missing metadata gives `missing`. An envelope that does not parse, whose
-    key version differs from the row's version field, or whose KEK id is not
-    the registry's KEK for that version, gives `corrupt` (so a tampered KEK
-    id never reaches the KMS). Otherwise the policy decides. Each distinct
-    envelope is parsed once.
+    `versions[i]` is the key version that wraps row i's DEK *now*: the
+    directory's, when classification had directory entries, else the row's
+    own. `revisions[i]` is the dataset-contract revision the DEK was born
+    under (None without a directory, or for a DEK registered without a
+    revision: every contract column is required of the row).
     """
-    parsed: dict[bytes, tuple[int, str] | None] = {}
 
-    def classify_one(version: int | None, env: bytes | None) -> ReadStatus:
-        if version is None or env is None:
-            return ReadStatus.MISSING
-        if env not in parsed:
-            try:
-                envelope = parse_envelope(env)
-                parsed[env] = (envelope.key_version, envelope.kek_id)
-            except DecryptionError:
-                parsed[env] = None
-        key = parsed[env]
-        if key is None or key[0] != version:
-            return ReadStatus.CORRUPT
-        row_status = policy.classify(version)
-        if row_status.readable and policy.kek_ids.get(version) != key[1]:
-            return ReadStatus.CORRUPT
-        return row_status
+    status: list[ReadStatus]
+    versions: list[int | None]
+    revisions: list[int | None]
 
+
+def classify_rows(
+    policy: KeyPolicy,
+    versions: Sequence[int | None],
+    envelopes: Sequence[bytes | None],
+    *,
+    entries: Mapping[bytes, DekEntry | None] | None = None,
+    location: Location | None = None,
+) -> list[ReadStatus]:
+    """Status of each row from its version metadata and DEK envelope (see `classify_keys`)."""
+    return classify_keys(policy, versions, envelopes, entries=entries, location=location).status
+
+
+def classify_keys(
+    policy: KeyPolicy,
+    versions: Sequence[int | None],
+    envelopes: Sequence[bytes | None],
+    *,
+    entries: Mapping[bytes, DekEntry | None] | None = None,
+    location: Location | None = None,
+) -> RowKeys:
+    """Classify every row; each distinct (version, envelope) pair is worked out once.
+
+    Missing metadata gives `missing`. An envelope that does not parse, or
+    whose key version differs from the row's version field, gives `corrupt`.
+    With directory `entries` (dek_id -> entry or None, see
+    `DekReader.entries`) and the data's `location`: a DEK the directory does
+    not know is `unknown`; an entry that does not match the row's (birth)
+    envelope or location is `corrupt`; otherwise the policy classifies the
+    *entry's* key version, so a DEK rewrapped in the directory is current
+    without any change to the row. Without entries the row's own envelope
+    decides. Either way a readable version whose KEK is not the registry's
+    KEK for it gives `corrupt` (so a tampered KEK id never reaches the KMS).
+    """
     if len(versions) != len(envelopes):
         raise ValueError("versions and envelopes must have one entry per row")
-    # rows share few (version, envelope) pairs: classify each pair once
-    by_pair: dict[tuple[int | None, bytes | None], ReadStatus] = {}
+    if entries is not None and location is None:
+        raise ValueError("classifying against directory entries needs the data's location")
+
+    def classify_one(version: int | None, env: bytes | None) -> tuple[ReadStatus, int | None, int | None]:
+        if version is None or env is None:
+            return ReadStatus.MISSING, version, None
+        try:
+            birth = parse_envelope(env)
+        except DecryptionError:
+            return ReadStatus.CORRUPT, version, None
+        if birth.key_version != version:
+            return ReadStatus.CORRUPT, version, None
+        current, revision = birth, None
+        if entries is not None:
+            entry = entries.get(birth.dek_id)
+            if entry is None:
+                return ReadStatus.UNKNOWN, version, None
+            if not _entry_matches(entry, birth, location):
+                return ReadStatus.CORRUPT, version, None
+            try:
+                current = parse_envelope(entry.envelope)
+            except DecryptionError:
+                return ReadStatus.CORRUPT, version, None
+            # a DEK registered without a contract revision (0) needs every contract column: the strictest reading
+            revision = entry.contract_revision or None
+        row_status = policy.classify(current.key_version)
+        if row_status.readable and policy.kek_ids.get(current.key_version) != current.kek_id:
+            return ReadStatus.CORRUPT, current.key_version, revision
+        return row_status, current.key_version, revision
+
+    by_pair: dict[tuple[int | None, bytes | None], tuple[ReadStatus, int | None, int | None]] = {}
     status: list[ReadStatus] = []
+    effective: list[int | None] = []
+    revisions: list[int | None] = []
     for pair in zip(versions, envelopes):
-        row_status = by_pair.get(pair)
-        if row_status is None:
-            row_status = by_pair[pair] = classify_one(*pair)
-        status.append(row_status)
-    return status
+        found = by_pair.get(pair)
+        if found is None:
+            found = by_pair[pair] = classify_one(*pair)
+        status.append(found[0])
+        effective.append(found[1])
+        revisions.append(found[2])
+    return RowKeys(status, effective, revisions)
+
+
+def _entry_matches(entry: DekEntry, birth: Envelope, location: Location | None) -> bool:
+    return location is not None and entry_matches(entry, birth, location)
 
 
 def count_statuses(status: Sequence[ReadStatus]) -> dict[str, int]:

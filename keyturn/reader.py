@@ -12,7 +12,7 @@ authenticate instead of raising, so callers can quarantine them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -20,6 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyturn.context import encode_context
+from keyturn.directory import DekDirectory, DekEntry, entry_matches
 from keyturn.errors import DecryptionError, KmsError, ScopeClosedError
 from keyturn.format import (
     CELL_HEADER_BYTES,
@@ -38,7 +39,7 @@ from keyturn.format import (
 from keyturn.kms.base import KmsBackend
 from keyturn.scope import Location, check_types
 
-__all__ = ["DekReader", "OpenedDek", "open_rows", "OpenedRows"]
+__all__ = ["DekReader", "OpenedDek", "open_rows", "OpenedRows", "envelope_dek_id", "entry_matches"]
 
 _PREFIX = 1 + DEK_ID_BYTES  # format version byte + dek_id
 _MAX_CELL = CELL_OVERHEAD + MAX_CELL_PLAINTEXT
@@ -77,7 +78,7 @@ class OpenedDek:
             cell = column[i]
             if cell is None:
                 continue
-            if not (CELL_OVERHEAD <= len(cell) <= _MAX_CELL and cell.startswith(prefix)):
+            if type(cell) is not bytes or not (CELL_OVERHEAD <= len(cell) <= _MAX_CELL and cell.startswith(prefix)):
                 failed.add(i)
                 continue
             try:
@@ -97,18 +98,62 @@ class ReaderStats:
     """What a reader did. Holds no key material."""
 
     unwraps: int = 0
+    lookups: int = 0
     kms_request_ids: list[str] = field(default_factory=list)
 
 
 class DekReader:
-    """Unwraps envelopes for one read scope (e.g. a bundle). Use as a context manager."""
+    """Unwraps envelopes for one read scope (e.g. a bundle). Use as a context manager.
 
-    def __init__(self, kms: KmsBackend) -> None:
+    With a `directory` (the key registry's DEK directory), the envelope a row
+    carries is only its *birth* envelope: the reader looks each DEK up in
+    the directory (`entries`, one round trip for all DEKs it has not seen
+    yet) and unwraps the directory's current envelope, so a DEK rewrapped in
+    the directory reads without any change to the data. A DEK the directory
+    does not know is never guessed at: `open` refuses it and classification
+    calls it ``unknown``. Entries are cached for the reader's life only.
+    Without a directory the row's envelope is unwrapped as it is (core use
+    without a key home).
+    """
+
+    def __init__(self, kms: KmsBackend, *, directory: DekDirectory | None = None) -> None:
         self._kms = kms
+        self._directory = directory
+        self._entries: dict[bytes, DekEntry | None] = {}
         self._opened: dict[tuple[bytes, str, str], OpenedDek] = {}
         self._failed: set[tuple[bytes, str, str]] = set()
         self._closed = False
         self.stats = ReaderStats()
+
+    @property
+    def has_directory(self) -> bool:
+        return self._directory is not None
+
+    def entries(self, envelopes: Iterable[bytes | None]) -> dict[bytes, DekEntry | None] | None:
+        """dek_id -> directory entry (None: not registered) for the DEKs these row envelopes name.
+
+        None when the reader has no directory. Envelopes that do not parse
+        are skipped (classification calls their rows corrupt). One directory
+        lookup for all dek ids not seen before by this reader.
+        """
+        if self._directory is None:
+            return None
+        if self._closed:
+            raise ScopeClosedError("this reader is closed")
+        ids: set[bytes] = set()
+        for env in set(envelopes):
+            if env is None:
+                continue
+            dek_id = envelope_dek_id(env)
+            if dek_id is not None:
+                ids.add(dek_id)
+        unseen = [d for d in ids if d not in self._entries]
+        if unseen:
+            found = self._directory.lookup_deks(unseen)
+            self.stats.lookups += 1
+            for d in unseen:
+                self._entries[d] = found.get(d)
+        return {d: self._entries[d] for d in ids}
 
     def __enter__(self) -> DekReader:
         return self
@@ -117,9 +162,10 @@ class DekReader:
         self.close()
 
     def close(self) -> None:
-        """Forget every opened DEK. Idempotent."""
+        """Forget every opened DEK and directory entry. Idempotent."""
         self._opened.clear()
         self._failed.clear()
+        self._entries.clear()
         self._closed = True
 
     def __reduce__(self) -> NoReturn:
@@ -152,6 +198,8 @@ class DekReader:
 
     def _unwrap(self, envelope_bytes: bytes, location: Location) -> OpenedDek:
         envelope = parse_envelope(envelope_bytes)
+        if self._directory is not None:
+            envelope = self._current(envelope, location)
         context = kms_context(
             dataset=location.dataset, partition=location.partition, dek_id=envelope.dek_id, key_version=envelope.key_version
         )
@@ -172,6 +220,23 @@ class DekReader:
             unwrapped.plaintext.wipe()
         del material
         return OpenedDek(envelope, aead)
+
+
+    def _current(self, birth: Envelope, location: Location) -> Envelope:
+        """The directory's current envelope for the DEK `birth` names; `DecryptionError` unless it matches."""
+        entries = self.entries([birth.to_bytes()]) or {}
+        entry = entries.get(birth.dek_id)
+        if entry is None or not entry_matches(entry, birth, location):
+            raise DecryptionError()
+        return parse_envelope(entry.envelope)
+
+
+def envelope_dek_id(envelope_bytes: bytes) -> bytes | None:
+    """The dek_id an envelope names, or None if it does not parse."""
+    try:
+        return parse_envelope(envelope_bytes).dek_id
+    except DecryptionError:
+        return None
 
 
 @dataclass(slots=True)

@@ -8,15 +8,18 @@ the plaintext DEK never enters this process on this path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
+from keyturn.directory import DekDirectory, DekEntry
 from keyturn.errors import DecryptionError, KmsError
 from keyturn.format import kms_context, parse_envelope
 from keyturn.kms.base import KmsBackend
+from keyturn.crash import crashpoint
 from keyturn.policy import ReadStatus
 from keyturn.scope import KekRef, Location
 
-__all__ = ["rewrap_envelope", "rewrap_rows"]
+__all__ = ["rewrap_envelope", "rewrap_rows", "rewrap_entries", "DirectoryRewrap"]
 
 
 def rewrap_envelope(kms: KmsBackend, envelope_bytes: bytes, location: Location, target: KekRef) -> tuple[bytes, str]:
@@ -73,3 +76,57 @@ def rewrap_rows(
         if replaced[env] is None:
             status[i] = ReadStatus.CORRUPT
     return replaced, request_ids
+
+
+@dataclass
+class DirectoryRewrap:
+    """What re-wrapping directory entries did. Holds no key material."""
+
+    moved: int = 0  # entries now wrapped under the target version
+    raced: int = 0  # entries someone else moved first (compare-and-set lost): nothing to do
+    failed: list[str] = field(default_factory=list)  # dek ids whose envelope the KMS would not re-wrap
+    kms_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def kms_calls(self) -> int:
+        return len(self.kms_request_ids)
+
+
+def rewrap_entries(
+    directory: DekDirectory,
+    kms: KmsBackend,
+    entries: Iterable[DekEntry],
+    target: KekRef,
+    *,
+    result: DirectoryRewrap | None = None,
+    on_entry: Callable[[DekEntry], None] | None = None,
+) -> DirectoryRewrap:
+    """Re-wrap each entry's current envelope onto `target` in the KMS and swap it in, one entry at a time.
+
+    One KMS call per entry (ReEncrypt on AWS: the DEK never enters this
+    process there). Each swap is a compare-and-set on the entry's envelope,
+    so a crash between the KMS call and the swap leaves the entry on its old
+    (still readable) wrapping and a rerun finishes it, and two concurrent
+    runs never overwrite each other. Entries already on `target` are skipped
+    without a KMS call. An envelope the KMS refuses (`DecryptionError`) is
+    listed in `failed` and left as it is; KMS outages raise.
+    """
+    out = result if result is not None else DirectoryRewrap()
+    for entry in entries:
+        if entry.key_version == target.version:
+            continue
+        location = Location(entry.dataset, entry.partition)
+        try:
+            new, request_id = rewrap_envelope(kms, entry.envelope, location, target)
+        except DecryptionError:
+            out.failed.append(entry.dek_id.hex())
+            continue
+        out.kms_request_ids.append(request_id)
+        crashpoint("rewrap:before-swap")
+        if directory.replace_wrapping(entry.dek_id, expected_envelope=entry.envelope, new_envelope=new):
+            out.moved += 1
+        else:
+            out.raced += 1
+        if on_entry is not None:
+            on_entry(entry)
+    return out

@@ -14,10 +14,16 @@ hash-chained log (`keyturn.audit.chain.AuditChain`):
 - `schedule_deletion` moves a retired version to pending deletion; event
   ``schedule_deletion`` with ``version_from`` = that version and the pending
   days in ``counts``.
+- `rewrap` moves every DEK directory entry wrapped under a decrypt-only
+  version onto the active one (one KMS ReEncrypt per DEK, each entry
+  swapped by compare-and-set); no lake byte changes. One event ``rewrap``
+  per run that moved anything, with the counts and KMS request ids.
 
-Retire and schedule-deletion consult an `Inventory` inside the registry's
-write transaction and raise `VersionInUseError` while it still finds data
-under the version; `CombinedInventory` adds up several (one per lake).
+Retire and schedule-deletion are refused (`VersionInUseError`) while the
+registry's DEK directory holds any DEK wrapped under the version; the
+registry counts that inside its own write transaction, so no lake path a
+caller passes (or omits) can change the answer. An optional `Inventory`
+(one or several lakes, `CombinedInventory`) is consulted as well.
 
 Ordering and crashes: each operation first verifies the whole audit chain
 (`AuditChainError` on a damaged log, before anything changes), then changes
@@ -34,14 +40,19 @@ returning an aware datetime) or `now`.
 
 from __future__ import annotations
 
+import hashlib
 import operator
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from keyturn.audit.chain import AuditChain
 from keyturn.audit.events import AuditAction, AuditEvent, build_event, utc_now
 from keyturn.errors import AuditChainError
-from keyturn.registry.base import Inventory, KeyRegistry, KeyVersion
+from keyturn.kms.base import KmsBackend
+from keyturn.policy import KeyPolicy
+from keyturn.registry.base import Inventory, KeyRegistry, KeyState, KeyVersion
+from keyturn.rewrap import DirectoryRewrap, rewrap_entries
 
 __all__ = [
     "rotate",
@@ -51,6 +62,7 @@ __all__ = [
     "next_rotation_due",
     "kek_id_for",
     "CombinedInventory",
+    "rewrap",
     "CONTROL_PLANE_PARTITION",
 ]
 
@@ -90,6 +102,8 @@ def _audit(
     version_to: int | None,
     counts: dict[str, int],
     clock: Callable[[], datetime],
+    kms_request_ids: Iterable[str] = (),
+    scope_key: str | None = None,
 ) -> AuditEvent:
     event = build_event(
         action,
@@ -100,7 +114,8 @@ def _audit(
         version_from=version_from,
         version_to=version_to,
         counts=counts,
-        scope_key=f"{action.value}:{version_from}:{version_to}",
+        kms_request_ids=kms_request_ids,
+        scope_key=scope_key or f"{action.value}:{version_from}:{version_to}",
         clock=clock,
     )
     try:
@@ -134,11 +149,14 @@ def rotate(
     Returns the new active version.
     """
     _check_chain(chain)
-    next_version = registry.active().version + 1  # the active version is always the newest
+    current = registry.active().version
+    next_version = current + 1  # the active version is always the newest
     kek_id = provision_kek(next_version)
     if not isinstance(kek_id, str) or not kek_id:
         raise TypeError(f"provision_kek must return a non-empty KEK id, got {kek_id!r}")
-    new = registry.rotate(kek_id, actor=actor, reason=reason)
+    # compare-and-set: a rotation that raced this one and committed first makes this one a refusal,
+    # so a KEK provisioned for version N never ends up under two versions
+    new = registry.rotate(kek_id, actor=actor, reason=reason, expect_active=current)
     # Another writer may have rotated in between: report the versions this rotation really joined.
     _audit(
         chain,
@@ -170,15 +188,14 @@ def retire(
     version: int,
     chain: AuditChain,
     *,
-    inventory: Inventory,
+    inventory: Inventory | None = None,
     actor: str,
     reason: str,
     clock: Callable[[], datetime] = utc_now,
     dataset: str = "default",
 ) -> KeyVersion:
-    """decrypt_only -> retired, refused (`VersionInUseError`) while `inventory` finds data; audited."""
-    if inventory is None:
-        raise ValueError("retire needs an inventory to prove no data is left under the version")
+    """decrypt_only -> retired; audited. Refused (`VersionInUseError`) while the DEK directory
+    holds a DEK wrapped under the version, or `inventory` (optional) finds data under it."""
     _check_chain(chain)
     retired = registry.retire(version, actor=actor, reason=reason, inventory=inventory)
     _audit(
@@ -200,7 +217,7 @@ def schedule_deletion(
     version: int,
     chain: AuditChain,
     *,
-    inventory: Inventory,
+    inventory: Inventory | None = None,
     pending_days: int,
     actor: str,
     reason: str,
@@ -225,6 +242,76 @@ def schedule_deletion(
         clock=clock,
     )
     return scheduled
+
+
+def rewrap(
+    registry: Any,
+    kms: KmsBackend,
+    chain: AuditChain,
+    *,
+    actor: str,
+    reason: str,
+    clock: Callable[[], datetime] = utc_now,
+    dataset: str = "default",
+    max_deks: int | None = None,
+    page: int = 500,
+) -> dict[str, Any]:
+    """Re-wrap the directory's DEKs from decrypt-only versions onto the active version; audited.
+
+    Resumable and idempotent: each run lists what is still under an older
+    readable version, so a rerun after a crash or a `max_deks` bound goes
+    on where the last stopped, and a run with nothing to move makes no KMS
+    call and logs nothing. Retired and pending-deletion versions are never
+    touched (policy refuses them). Returns a report (counts, no keys).
+    """
+    if max_deks is not None and max_deks < 0:
+        raise ValueError("max_deks must be >= 0")
+    _check_chain(chain)
+    policy = KeyPolicy.from_registry(registry)
+    target = policy.active
+    sources = sorted(v for v, state in policy.states.items() if state is KeyState.DECRYPT_ONLY)
+    result = DirectoryRewrap()
+    budget = max_deks
+    for version in sources:
+        after = None
+        while budget is None or budget > 0:
+            limit = page if budget is None else min(page, budget)
+            entries = registry.list_deks(key_version=version, after=after, limit=limit)
+            if not entries:
+                break
+            rewrap_entries(registry, kms, entries, target, result=result)
+            if budget is not None:
+                budget -= len(entries)
+            after = entries[-1].dek_id
+    remaining = {str(v): registry.dek_count(v) for v in sources}
+    report: dict[str, Any] = {
+        "active_version": target.version,
+        "from_versions": sources,
+        "deks_moved": result.moved,
+        "deks_raced": result.raced,
+        "deks_failed": result.failed,
+        "kms_calls": result.kms_calls,
+        "remaining": remaining,
+        "complete": not any(remaining.values()),
+        "lake_bytes_written": 0,
+    }
+    if result.moved or result.failed:
+        digest = hashlib.sha256(f"{target.version}:{result.moved}:{sorted(result.failed)}:{sources}".encode())
+        event = _audit(
+            chain,
+            AuditAction.REWRAP,
+            actor=actor,
+            reason=reason,
+            dataset=dataset,
+            version_from=sources[0] if sources else None,
+            version_to=target.version,
+            counts={"deks_moved": result.moved, "deks_failed": len(result.failed), "kms_calls": result.kms_calls},
+            clock=clock,
+            kms_request_ids=result.kms_request_ids,
+            scope_key=f"rewrap:{digest.hexdigest()}",
+        )
+        report["audit_event"] = event.event_id
+    return report
 
 
 class CombinedInventory:

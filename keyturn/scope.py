@@ -10,6 +10,10 @@ Nonces are a 96-bit big-endian counter per DEK, starting at 0. A DEK is
 random, used only inside the scope that generated it, and never rebuilt from
 its wrapped form for encryption, so a nonce can never repeat under a DEK.
 
+With a `directory` (the key registry's DEK directory), every DEK is
+registered, with its envelope, before the first cell is sealed under it; a
+registration failure stops the scope before any ciphertext exists.
+
 The plaintext DEK is used once to derive the cell key and the commitment,
 then wiped; the scope keeps only an `AESGCM` object, and drops it on
 `close()`. A scope refuses pickling and its repr shows no key material.
@@ -20,11 +24,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import NoReturn
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyturn.context import MAX_VALUE_BYTES, encode_context
+from keyturn.directory import DekDirectory, new_entry
 from keyturn.errors import ScopeClosedError
 from keyturn.format import (
     DEK_ID_BYTES,
@@ -42,6 +48,10 @@ from keyturn.kms.base import KmsBackend
 __all__ = ["KekRef", "ScopeLimits", "DekScope", "SealedRows", "Location"]
 
 _MAX_NONCE = (1 << (8 * NONCE_BYTES)) - 1
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
 _CHUNK = 1 << 16  # cells sealed per comprehension; bounds the temporary list of nonces
 
 
@@ -122,6 +132,7 @@ class ScopeStats:
     """What a scope did: for audit events and metrics. Holds no key material."""
 
     deks_generated: int = 0
+    deks_registered: int = 0
     rows: int = 0
     cells: int = 0
     bytes: int = 0
@@ -139,12 +150,20 @@ class DekScope:
         *,
         limits: ScopeLimits = ScopeLimits(),
         random_bytes: Callable[[int], bytes] = os.urandom,
+        directory: DekDirectory | None = None,
+        actor: str = "keyturn",
+        contract_revision: int = 0,
+        clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._kms = kms
         self.kek = kek
         self.location = location
         self.limits = limits
         self._random = random_bytes
+        self._directory = directory
+        self._actor = actor
+        self._contract_revision = contract_revision
+        self._clock = clock
         self._dek: _ActiveDek | None = None
         self._closed = False
         self.stats = ScopeStats()
@@ -192,6 +211,20 @@ class DekScope:
             generated.plaintext.wipe()
         del material
         envelope = Envelope(dek_id, self.kek.version, self.kek.kek_id, commitment, generated.wrapped).to_bytes()
+        if self._directory is not None:  # registered before any cell is sealed under it
+            self._directory.register_deks(
+                [
+                    new_entry(
+                        envelope,
+                        dataset=self.location.dataset,
+                        partition=self.location.partition,
+                        created_at=self._clock(),
+                        actor=self._actor,
+                        contract_revision=self._contract_revision,
+                    )
+                ]
+            )
+            self.stats.deks_registered += 1
         self.stats.deks_generated += 1
         self.stats.kms_request_ids.append(generated.request_id)
         return _ActiveDek(envelope, dek_id, aead)

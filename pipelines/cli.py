@@ -173,16 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("rotate", "make a new KEK version active; the previous one becomes decrypt-only")
     p.add_argument("--reason", default="scheduled rotation", help="why (recorded in the registry and the audit log)")
+    p.add_argument("--rewrap", action="store_true",
+                   help="then re-wrap every DEK of the directory onto the new version (`keyturn rewrap`); no lake byte changes")
     p.add_argument("--if-due", action="store_true", help="rotate only when rotation_interval_days have passed")
     p.add_argument("--new-key", metavar="KEY", default=None,
                    help="aws_kms: the KMS key of the new version (default: rotate the active key's material "
                    "on demand and keep its id)")
 
-    p = verb("reencrypt", "bring stale lake files onto the current key version, lazily and crash-safely")
+    p = verb("rewrap", "re-wrap the DEK directory's stale DEKs onto the active key version; no lake byte changes")
+    p.add_argument("--reason", default="re-wrap stale DEKs onto the active version",
+                   help="why (recorded in the audit log)")
+    p.add_argument("--max-deks", type=_nonneg_int, default=None, metavar="N",
+                   help="re-wrap at most N DEKs this run (a later run goes on)")
+
+    p = verb("reencrypt", "give lake files fresh DEKs (stale or over-age DEKs), lazily and crash-safely")
     p.add_argument("--lake", required=True, metavar="PATH")
     p.add_argument("--mode", choices=("rewrap", "reencrypt", "auto"), default=None,
-                   help="rewrap the DEKs only, re-encrypt payloads, or auto (re-encrypt DEKs older than "
-                   "lifecycle.dek_max_age_days); default: lifecycle.rewrap_mode")
+                   help="reencrypt: fresh DEKs for files whose DEKs are stale or older than lifecycle.dek_max_age_days; "
+                   "rewrap: the same as `keyturn rewrap` (no lake byte changes); auto: rewrap, then re-encrypt "
+                   "over-age files; default: lifecycle.rewrap_mode")
     p.add_argument("--dry-run", action="store_true", help="take the inventory and report; change nothing")
     p.add_argument("--max-files", type=_positive_int, default=None, metavar="N", help="rewrite at most N files this run")
 
@@ -197,17 +206,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE.html", default=None, help="also write an HTML report with a chart")
 
     for name, text in (
-        ("retire", "retire a decrypt-only key version (refused while any given lake has data under it)"),
-        ("schedule-deletion", "schedule a retired key version for deletion (refused while data remains)"),
+        ("retire", "retire a decrypt-only key version (refused while the DEK directory holds a DEK under it)"),
+        ("schedule-deletion", "schedule a retired key version for deletion (refused while a DEK is under it)"),
     ):
         p = verb(name, text)
         p.add_argument("version", type=_positive_int, metavar="VERSION")
-        p.add_argument("--lake", required=True, action="append", metavar="PATH",
-                       help="a lake to check for data under VERSION (repeat for every lake using this home)")
+        p.add_argument("--lake", action="append", default=[], metavar="PATH",
+                       help="also check this lake: refused while it holds rows under VERSION or rows whose DEK "
+                       "the directory does not know (repeatable; the directory decides either way)")
         p.add_argument("--reason", default=f"keyturn {name}", help="why (recorded in the registry and the audit log)")
         if name == "schedule-deletion":
             p.add_argument("--days", type=_nonneg_int, default=None, metavar="N",
                            help="pending period before deletion (default: key_hierarchy.pending_deletion_days)")
+
+    p = verb("directory", "the key registry's DEK directory")
+    dir_verbs = p.add_subparsers(dest="directory_verb", metavar="ACTION", required=True)
+    sub = dir_verbs.add_parser("show", help="DEKs per key version")
+    _common(sub, top=False)
+    sub = dir_verbs.add_parser("rebuild", help="recreate missing directory entries from a lake's birth envelopes")
+    _common(sub, top=False)
+    sub.add_argument("--lake", required=True, metavar="PATH")
+
+    p = verb("dataset", "the dataset contract: which columns are ciphertext, as what")
+    ds_verbs = p.add_subparsers(dest="dataset_verb", metavar="ACTION", required=True)
+    sub = ds_verbs.add_parser("show", help="the dataset's contract and its revisions")
+    _common(sub, top=False)
+    sub = ds_verbs.add_parser("add-column", help="encrypt one more column from now on (audited)")
+    _common(sub, top=False)
+    sub.add_argument("column", metavar="COLUMN")
+    sub.add_argument("--source", required=True, metavar="PATH",
+                     help="a plain Parquet or Avro file (or directory) to take the column's type from")
+    sub.add_argument("--reason", default="keyturn dataset add-column", help="why (recorded in the registry and audit log)")
 
     p = verb("audit", "control-plane audit log")
     audit_verbs = p.add_subparsers(dest="audit_verb", metavar="ACTION", required=True)
@@ -420,6 +449,7 @@ def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
         clock=ctx.clock,
         dataset=home.dataset,
     )
+    rewrapped = _rewrap(ctx, home, ctx.args.reason) if ctx.args.rewrap else None
     model = None
     if home.is_aws:
         model = "new_key" if ctx.args.new_key else "kms_rotation"
@@ -431,12 +461,129 @@ def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
         "rotation_model": model,
         "reason": ctx.args.reason,
         "next_due": next_rotation_due(registry, interval).isoformat(),
+        "rewrap": rewrapped,
     }
-    return report, (
+    text = (
         f"Rotated: key version {new.version} (KEK {new.kek_id}) is now active; "
         f"version {new.version - 1} is decrypt-only.\n"
-        f"  Existing data is untouched; run `keyturn reencrypt --lake ...` to bring it onto version {new.version}."
     )
+    if rewrapped is None:
+        text += f"  Existing data is untouched; run `keyturn rewrap` to move its DEKs onto version {new.version}."
+    else:
+        text += "  " + _render_rewrap(rewrapped)
+    return report, text
+
+
+def _rewrap(ctx: _Context, home: Any, reason: str) -> dict[str, Any]:
+    """`keyturn.rotation.rewrap` on the home: its registry, KMS (rate-limited) and audit log."""
+    from keyturn.lake.throttle import RateLimitedKms
+    from keyturn.rotation import rewrap
+
+    rate = home.config.lifecycle.max_kms_requests_per_second
+    with home.kms() as kms:
+        limited = RateLimitedKms(kms, rate) if rate and not home.is_aws else kms  # the AWS key source limits itself
+        with ctx.progress("re-wrapping DEKs"):
+            return rewrap(
+                home.registry(), limited, home.chain(), actor=ctx.actor, reason=reason, clock=ctx.clock,
+                dataset=home.dataset, max_deks=getattr(ctx.args, "max_deks", None),
+            )
+
+
+def _render_rewrap(r: Mapping[str, Any]) -> str:
+    left = sum(r["remaining"].values())
+    text = (
+        f"Re-wrapped {r['deks_moved']:,} DEK(s) onto key version {r['active_version']} with {r['kms_calls']} KMS "
+        f"call(s); 0 lake bytes written. "
+    )
+    text += "Every DEK is on the active version." if r["complete"] else f"{left:,} DEK(s) still on older versions."
+    if r["deks_failed"]:
+        text += f" {len(r['deks_failed'])} DEK(s) could not be re-wrapped (their envelopes did not authenticate)."
+    return text
+
+
+def _cmd_rewrap(ctx: _Context) -> tuple[dict[str, Any], str]:
+    home = ctx.home()
+    report = _rewrap(ctx, home, ctx.args.reason)
+    report["problems"] = [
+        {"path": None, "partition": None, "reason": "corrupt", "detail": f"DEK {d}: its envelope did not re-wrap"}
+        for d in report["deks_failed"]
+    ]
+    return report, _render_rewrap(report)
+
+
+def _cmd_directory(ctx: _Context) -> tuple[dict[str, Any], str]:
+    home = ctx.home()
+    registry = home.registry()
+    if ctx.args.directory_verb == "show":
+        counts = registry.deks_by_version()
+        states = {v.version: v.state.value for v in registry.versions()}
+        report = {"deks_by_version": {str(v): n for v, n in counts.items()}, "states": {str(v): s for v, s in states.items()}}
+        lines = [f"DEK directory: {sum(counts.values()):,} DEK(s)."]
+        lines += [f"  version {v} ({states.get(v, 'unknown')}): {n:,} DEK(s)" for v, n in counts.items()]
+        return report, "\n".join(lines)
+    from keyturn.lake.rebuild import rebuild_directory
+
+    lake = ctx.lake(home, ctx.args.lake)
+    with home.kms() as kms, ctx.progress("reading the lake's birth envelopes"):
+        report = rebuild_directory(lake, registry, kms, home.dataset, actor=ctx.actor, clock=ctx.clock)
+    text = (
+        f"Directory rebuild of {lake.uri}: {report['deks_in_lake']:,} DEK(s) in {report['files']} file(s), "
+        f"{report['deks_already_known']:,} already known, {report['deks_registered']:,} registered."
+    )
+    return report, text + "".join("\n" + _one_line(f"problem: {p['reason']}: {p.get('detail', '')}") for p in report["problems"][:20])
+
+
+def _cmd_dataset(ctx: _Context) -> tuple[dict[str, Any], str]:
+    from keyturn.contract import add_column
+    from keyturn.errors import ContractError
+
+    home = ctx.home()
+    registry = home.registry()
+    contract = registry.get_contract(home.dataset)
+    if ctx.args.dataset_verb == "show":
+        if contract is None:
+            return {"dataset": home.dataset, "contract": None}, (
+                f"Dataset {home.dataset!r} has no contract yet: its first write pins one."
+            )
+        history = [{"revision": h["revision"], "at": h["at"].isoformat(), "actor": h["actor"], "reason": h["reason"]}
+                   for h in registry.contract_history(home.dataset)]
+        return {"dataset": home.dataset, "contract": contract.to_json(), "history": history}, contract.describe()
+    if contract is None:
+        raise ContractError(f"dataset {home.dataset!r} has no contract yet; its first write pins one")
+    column = _column_from_source(ctx.args.source, ctx.args.column, contract)
+    new = registry.evolve_contract(
+        add_column(contract, column), expected_revision=contract.revision, actor=ctx.actor, reason=ctx.args.reason
+    )
+    _log_contract_change(home, ctx, new, ctx.args.reason)
+    return {"dataset": home.dataset, "contract": new.to_json()}, (
+        f"Dataset {home.dataset!r}: column {ctx.args.column!r} is encrypted from contract revision {new.revision} on. "
+        f"Rows under DEKs made before it read the column as stored."
+    )
+
+
+def _column_from_source(source: str, name: str, contract: Any) -> Any:
+    """The contract column for `name`, typed from the first source file's schema."""
+    from keyturn.contract import arrow_contract
+    from keyturn.errors import InputError
+    from pipelines.sources import file_schema, list_source_files
+
+    files = list_source_files(source)
+    schema = file_schema(files[0])
+    if name not in schema.names:
+        raise InputError(f"column {name!r} is not in {files[0].path!r} (columns: {', '.join(schema.names)})")
+    return arrow_contract(contract.dataset, schema, [name]).columns[0]
+
+
+def _log_contract_change(home: Any, ctx: _Context, contract: Any, reason: str) -> None:
+    from keyturn.audit.events import build_event
+    from keyturn.rotation import CONTROL_PLANE_PARTITION
+
+    event = build_event(
+        "contract", actor=ctx.actor, reason=reason, dataset=home.dataset, partition=CONTROL_PLANE_PARTITION,
+        version_from=None, version_to=None, counts={"revision": contract.revision},
+        scope_key=f"contract:{contract.revision}:{contract.to_text()}", clock=ctx.clock,
+    )
+    home.chain().append(event)
 
 
 def _pipeline(ctx: _Context, module: Any, label: str, **kwargs: Any) -> tuple[dict[str, Any], str]:
@@ -514,16 +661,34 @@ def _cmd_status(ctx: _Context) -> tuple[dict[str, Any], str]:
 
 
 def _lake_inventory(ctx: _Context, home: Any, lakes: Sequence[str], policy: Any) -> Any:
-    """The combined inventory of every lake; a lake that does not exist is an error, never "no data"."""
+    """The combined inventory of the lakes given (None for none); a lake that does not exist is an error.
+
+    The registry's DEK directory decides retire and deletion on its own; a
+    lake given here adds a check: its rows under the version (by the
+    directory's wrapping), plus rows whose DEK the directory does not know.
+    """
     from keyturn.lake import take_inventory
     from keyturn.rotation import CombinedInventory
 
+    if not lakes:
+        return None
     inventories = []
+    registry = home.registry()
     for uri in lakes:
         lake = ctx.lake(home, uri)
         lake.require()
-        inventories.append(take_inventory(lake, policy))
+        inventories.append(_StrictInventory(take_inventory(lake, policy, dataset=home.dataset, directory=registry)))
     return CombinedInventory(inventories)
+
+
+class _StrictInventory:
+    """A lake inventory for retire: rows under the version, plus rows whose DEK the directory does not know."""
+
+    def __init__(self, inventory: Any) -> None:
+        self.inventory = inventory
+
+    def references(self, version: int) -> int:
+        return self.inventory.references(version) + sum(f.unknown_rows for f in self.inventory.files)
 
 
 def _cmd_retire(ctx: _Context) -> tuple[dict[str, Any], str]:
@@ -539,8 +704,9 @@ def _cmd_retire(ctx: _Context) -> tuple[dict[str, Any], str]:
         actor=ctx.actor, reason=a.reason, clock=ctx.clock, dataset=home.dataset,
     )
     report = {"version": version.version, "state": version.state.value, "lakes": list(a.lake), "reason": a.reason}
+    checked = f" and in {len(a.lake)} lake(s)" if a.lake else ""
     return report, (
-        f"Retired key version {version.version}: no data under it in {len(a.lake)} lake(s); "
+        f"Retired key version {version.version}: no DEK of the directory is wrapped under it{checked}; "
         f"policy now refuses to decrypt with it."
     )
 
@@ -589,6 +755,9 @@ _HANDLERS: dict[str, Callable[[_Context], tuple[dict[str, Any], str]]] = {
     "encrypt": _cmd_encrypt,
     "rotate": _cmd_rotate,
     "reencrypt": _cmd_reencrypt,
+    "rewrap": _cmd_rewrap,
+    "directory": _cmd_directory,
+    "dataset": _cmd_dataset,
     "decrypt": _cmd_decrypt,
     "status": _cmd_status,
     "retire": _cmd_retire,

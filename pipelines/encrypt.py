@@ -32,7 +32,7 @@ The pipeline:
    `<lake>/<partition>/`. A crash before the marker leaves only staging,
    which the next run deletes; a crash after it is rolled forward by the
    next run. So a partition appears with all of this run's files or none,
-   and never twice. Crashpoints (test hooks, `keyturn.lake.crash`):
+   and never twice. Crashpoints (test hooks, `keyturn.crash`):
    ``encrypt:before-commit``, ``encrypt:mid-publish`` (after each moved
    file), ``encrypt:before-record`` (ingest's source ledger),
    ``encrypt:before-cleanup``. `encrypt_files` is this step, shared with
@@ -61,9 +61,10 @@ import pyarrow.fs as pafs
 
 from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
 from keyturn.audit.events import build_quarantine
+from keyturn.contract import settle_arrow_contract
 from keyturn.errors import InputError
 from keyturn.lake.atomic import fsync_dir
-from keyturn.lake.crash import crashpoint
+from keyturn.crash import crashpoint
 from keyturn.lake.layout import Lake, as_lake, is_hidden
 from keyturn.scope import ScopeLimits
 from pipelines.lake_io import (
@@ -499,6 +500,12 @@ def encrypt_files(
     `sources(failed_paths)` gives the ledger entries to record with the
     commit (ingest); returns what was written, skipped and failed.
     """
+    # the key home decides which columns are ciphertext: pin the contract on the first write, refuse a
+    # write that breaks it, all before any DEK exists
+    data_schema = pa.schema([f for f in the_plan.data_schema if f.name not in the_plan.split_columns])
+    settle_arrow_contract(
+        home.registry(), home.dataset, data_schema, list(columns), partition_by=the_plan.drop, actor=actor
+    )
     staging_uri = lake.keyturn_path(STAGING, run_id)
     lake.fs.create_dir(staging_uri, recursive=True)
     dek = home.config.dek

@@ -54,7 +54,15 @@ from keyturn.fsutil import fsync_dir
 from keyturn.audit.chain import AuditChain
 from keyturn.audit.events import AuditAction, build_event, utc_now
 from keyturn.config import KeyturnConfig, dump_config, load_config, parse_config, resolve_paths
-from keyturn.errors import AuditSinkError, ConfigError, HomeError, KeystoreError, KmsError, RegistryError
+from keyturn.errors import (
+    AuditSinkError,
+    ConcurrentModificationError,
+    ConfigError,
+    HomeError,
+    KeystoreError,
+    KmsError,
+    RegistryError,
+)
 from keyturn.keysource import KeySource, key_source_from_config
 from keyturn.lake.layout import Lake
 from keyturn.lake.s3 import S3Settings
@@ -391,7 +399,10 @@ class KeyHome:
                 return kms.create_kek(kek_id)
         users: list[KeyVersion] = [v for v in self.registry().versions() if v.kek_id == kek_id]
         if users:
-            raise KmsError(f"KEK {kek_id!r} already protects key version {users[0].version}; refusing to reuse it")
+            raise ConcurrentModificationError(
+                f"KEK {kek_id!r} already protects key version {users[0].version} (another rotation got there first); "
+                "nothing was changed"
+            )
         return kek_id
 
 

@@ -42,8 +42,11 @@ Ingest is therefore a **micro-batch loop** around bounded Beam pipelines:
 5. Stop after `--until-idle` seconds without a new or growing file, or on
    SIGINT/SIGTERM (after the batch in progress), and report.
 
-`--columns` defaults to the lake's encrypted columns and `--partition-by` to
-the lake's partition keys, so appending to an existing lake needs neither.
+`--columns` and `--partition-by` default to the dataset contract's (the
+key home's, never what the lake files say), so appending to an existing
+lake needs neither; each landed file is checked against the contract on
+its own (columns and plain types) and a file that breaks it is rejected
+and quarantined while the stream goes on.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from keyturn.contract import check_arrow_write
 from keyturn.errors import InputError, LakeLockedError
 from keyturn.lake.layout import Lake
 from keyturn.lake.sideoutputs import write_side_output
@@ -79,24 +83,10 @@ from pipelines.encrypt import (
 from pipelines.lake_io import lake_of, new_run_id, read_footer
 from pipelines.sources import DEFAULT_BATCH_ROWS, SourceFile, hive_segments, list_source_files, resolve
 
-__all__ = ["run", "main", "Watcher", "lake_columns", "lake_partition_keys"]
+__all__ = ["run", "main", "Watcher", "lake_partition_keys"]
 
 DEFAULT_POLL_SECONDS = 1.0
 DEFAULT_MAX_BATCH_FILES = 64
-
-
-def lake_columns(lake: Lake) -> list[str]:
-    """The encrypted columns of the lake's keyturn files (footers only), in first-seen order."""
-    out: list[str] = []
-    for data_file in lake.data_files():
-        try:
-            footer = read_footer(lake.fs, data_file.path)
-        except (OSError, pa.ArrowException, ValueError):
-            continue
-        for column in (footer or {}).get("encrypted_columns", []):
-            if column not in out:
-                out.append(column)
-    return out
 
 
 def lake_partition_keys(lake: Lake) -> list[str]:
@@ -204,10 +194,18 @@ def run(
     if _overlap(watch, lake):
         raise InputError(f"--watch {watch!r} and the lake {lake!r} overlap; watch a separate landing directory")
     the_lake.fs.create_dir(the_lake.root, recursive=True)
-    columns = _names(columns) or lake_columns(the_lake)
+    contract = home.registry().get_contract(home.dataset)  # the key home's word, not the lake files'
+    columns = _names(columns) or (contract.names if contract is not None else [])
     if not columns:
-        raise InputError("name the columns to encrypt (--columns a,b): the lake has no encrypted files to take them from")
-    partition_by = _names(partition_by) if partition_by is not None else lake_partition_keys(the_lake)
+        raise InputError(
+            f"name the columns to encrypt (--columns a,b): dataset {home.dataset!r} has no contract in the key home yet"
+        )
+    if partition_by is not None:
+        partition_by = _names(partition_by)
+    elif contract is not None and contract.partition_by is not None:
+        partition_by = list(contract.partition_by)
+    else:
+        partition_by = lake_partition_keys(the_lake)
 
     stop = stop or threading.Event()
     restore = _stop_on_signals(stop)
@@ -307,9 +305,14 @@ def _commit_batch(
 ) -> None:
     accepted: list[tuple[SourceFile, pa.Schema]] = []
     rejected: list[tuple[SourceFile, InputError]] = []
+    contract = home.registry().get_contract(home.dataset)
     for f in files:
         try:
-            accepted.append((f, plan_files([f], columns, partition_by).data_schema))
+            one = plan_files([f], columns, partition_by)
+            if contract is not None:  # each file on its own against the key home's contract (types included)
+                data = pa.schema([c for c in one.data_schema if c.name not in one.split_columns])
+                check_arrow_write(contract, data, columns, partition_by=one.drop)
+            accepted.append((f, one.data_schema))
         except InputError as exc:
             rejected.append((f, exc))
     # one schema per batch; files of another schema wait for the next poll

@@ -46,7 +46,7 @@ from keyturn.audit.events import build_quarantine
 from keyturn.lake import Lake, as_lake, crashpoint
 from keyturn.lake import footer_for as lake_footer_for
 from keyturn.lake import write_parquet_atomically as lake_write_parquet
-from keyturn.lake.footer import FOOTER_FORMAT, FOOTER_KEY
+from keyturn.lake.footer import FOOTER_FORMAT, FOOTER_KEY, dek_counts
 from keyturn.lake.sideoutputs import read_side_outputs, write_side_output
 from pipelines.home import lake_of
 from transforms.tags import QUARANTINE
@@ -107,6 +107,7 @@ def footer_for(batch: pa.RecordBatch | pa.Table, dataset: str, partition: str) -
         "rows": batch.num_rows,
         "versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0]))),
         "encrypted_columns": encrypted_columns(batch.schema),
+        "deks": {d.hex(): n for d, n in sorted(dek_counts(batch).items())},
     }
 
 
@@ -137,7 +138,10 @@ def write_parquet_atomically(lake: Lake, path: str, table: pa.Table | pa.RecordB
     parsed = None
     if footer is not None:
         versions = {int(v): n for v, n in footer["versions"].items()}
-        parsed = lake_footer_for(footer["dataset"], footer["partition"], versions, footer["rows"], footer["encrypted_columns"])
+        deks = None if footer.get("deks") is None else {bytes.fromhex(d): n for d, n in footer["deks"].items()}
+        parsed = lake_footer_for(
+            footer["dataset"], footer["partition"], versions, footer["rows"], footer["encrypted_columns"], deks
+        )
     lake_write_parquet(lake, path, table, parsed)
 
 

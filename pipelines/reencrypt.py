@@ -63,7 +63,7 @@ from keyturn.errors import KmsError, KmsUnavailableError
 from keyturn.keysource import KeySource
 from keyturn.lake import DataFile, Lake, as_lake, crashpoint, take_inventory
 from keyturn.lake.inventory import Inventory
-from keyturn.lake.rewrite import MODES, rewrite_file
+from keyturn.lake.rewrite import rewrite_file
 from keyturn.lake.throttle import RateLimitedKms
 from keyturn.lake.sideoutputs import SCHEMA_OF, compact_parts, part_name, read_side_outputs, write_side_output
 from keyturn.policy import KeyPolicy, ReadStatus
@@ -73,6 +73,11 @@ from pipelines.lake_io import pipeline_options
 __all__ = ["run", "main", "RewritePartitionFn", "plan_rewrites"]
 
 ACTOR = "keyturn reencrypt"
+JOB_MODES = ("reencrypt", "rewrap", "auto")
+"""``reencrypt``: fresh DEKs for files whose DEKs are stale or older than
+``dek_max_age_days``; ``rewrap``: an alias of `keyturn rewrap` (the directory
+only, no lake byte changes); ``auto``: ``rewrap``, then re-encrypt the files
+whose DEKs are over age."""
 _MAX_LISTED = 1000  # files listed by name in a report
 
 
@@ -84,11 +89,21 @@ def new_run_id(now: datetime | None = None) -> str:
 # -- the plan ----------------------------------------------------------------------
 
 
-def plan_rewrites(inventory: Inventory, max_files: int | None) -> list[tuple[str, list[str]]]:
-    """Stale files grouped by partition, in path order, at most `max_files` in all."""
+def plan_rewrites(
+    inventory: Inventory, max_files: int | None, *, aged_before: datetime | None = None
+) -> list[tuple[str, list[str]]]:
+    """Files to re-encrypt grouped by partition, in path order, at most `max_files` in all.
+
+    A file is due when it holds rows whose DEK is wrapped under a stale
+    version (the directory's), or, given `aged_before`, a DEK created
+    before that instant (DEK age policy).
+    """
     if max_files is not None and max_files < 0:
         raise ValueError("max_files must be >= 0")
-    stale = sorted(inventory.stale_files(), key=lambda f: (f.partition, f.relpath))
+    due = {f.relpath: f for f in inventory.stale_files()}
+    if aged_before is not None:
+        due.update((f.relpath, f) for f in inventory.aged_files(aged_before))
+    stale = sorted(due.values(), key=lambda f: (f.partition, f.relpath))
     if max_files is not None:
         stale = stale[:max_files]
     groups: dict[str, list[str]] = {}
@@ -170,7 +185,7 @@ class RewritePartitionFn(beam.DoFn):
         self._kms = self.keys.open_kms()
         if self.kms_rate:
             self._kms = RateLimitedKms(self._kms, self.kms_rate)
-        self._registry = self.keys.open_registry()
+        self._registry = self.keys.open_registry()  # also the DEK directory and the dataset contracts
         self._files = Metrics.counter("keyturn", "files_rewritten")
         self._rows = Metrics.counter("keyturn", "rows_moved")
         self._calls = Metrics.counter("keyturn", "kms_calls")
@@ -184,6 +199,7 @@ class RewritePartitionFn(beam.DoFn):
     def process(self, element: tuple[str, list[str]]):  # type: ignore[no-untyped-def]
         partition, relpaths = element
         policy = KeyPolicy.from_registry(self._registry)
+        contract = self._registry.get_contract(self.dataset)
         lake = as_lake(self.lake_uri)
         stop: list[str] = []
 
@@ -202,7 +218,8 @@ class RewritePartitionFn(beam.DoFn):
                     kms=self._kms,
                     policy=policy,
                     dataset=self.dataset,
-                    mode=self.mode,
+                    directory=self._registry,
+                    contract=contract,
                     limits=self.limits,
                     dek_max_age=self.dek_max_age,
                     actor=self.actor,
@@ -352,8 +369,8 @@ def run(
     say = progress or (lambda _msg: None)
     keys, dataset, cfg, key_home = _resolve_keys(home, keys, dataset, config)
     mode = mode or cfg.lifecycle.rewrap_mode
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode not in JOB_MODES:
+        raise ValueError(f"mode must be one of {', '.join(JOB_MODES)}, not {mode!r}")
     if max_files is not None and max_files < 0:
         raise ValueError("--max-files must be >= 0")
     workers = workers or cfg.lifecycle.max_concurrent_reencryption_workers
@@ -363,7 +380,14 @@ def run(
     the_lake = lake_of(lake, key_home)
     lake = the_lake.uri
     the_lake.require()
-    policy = KeyPolicy.from_registry(keys.open_registry())
+    registry = keys.open_registry()
+    directory_rewrap: dict[str, Any] | None = None
+    if mode in ("rewrap", "auto") and not dry_run:
+        # the control-plane half: re-wrap the directory's stale DEKs; no lake byte changes
+        say("re-wrapping stale DEKs in the key registry's directory")
+        directory_rewrap = _rewrap_directory(keys, registry, key_home, cfg, actor=actor, reason=reason, clock=clock)
+    policy = KeyPolicy.from_registry(registry)
+    aged_before = None if mode == "rewrap" else clock() - timedelta(days=cfg.lifecycle.dek_max_age_days)
     report: dict[str, Any] = {
         "run_id": run_id,
         "lake": lake,
@@ -373,12 +397,13 @@ def run(
         "max_files": max_files,
         "workers": workers,
         "active_version": policy.active.version,
+        "directory_rewrap": directory_rewrap,
     }
 
     if dry_run:
         say("taking the inventory (footers only)")
-        inventory = take_inventory(the_lake, policy, dataset=dataset)
-        groups = plan_rewrites(inventory, max_files)
+        inventory = take_inventory(the_lake, policy, dataset=dataset, directory=registry)
+        groups = [] if mode == "rewrap" else plan_rewrites(inventory, max_files, aged_before=aged_before)
         report.update(
             inventory=inventory.to_dict(),
             plan=_plan_report(inventory, groups),
@@ -386,7 +411,7 @@ def run(
             files_rewritten=0,
             kms_calls=0,
             problems=inventory.problems(),
-            complete=not inventory.stale_files(),
+            complete=not groups,
         )
         return report
 
@@ -397,9 +422,9 @@ def run(
             compact_parts(the_lake, kind)  # parts of crashed runs
         say(f"removed {len(removed)} leftover temp files" if removed else "no leftover temp files")
         say("taking the inventory (footers only)")
-        inventory = take_inventory(the_lake, policy, dataset=dataset)
+        inventory = take_inventory(the_lake, policy, dataset=dataset, directory=registry)
         crashpoint("run:after-inventory")
-        groups = plan_rewrites(inventory, max_files)
+        groups = [] if mode == "rewrap" else plan_rewrites(inventory, max_files, aged_before=aged_before)
         report.update(inventory_before=inventory.to_dict(), plan=_plan_report(inventory, groups), temp_files_removed=removed)
         results: list[dict[str, Any]] = []
         if groups:
@@ -408,7 +433,7 @@ def run(
                 keys,
                 the_lake,
                 dataset,
-                mode=mode,
+                mode="reencrypt",
                 workers=workers,
                 run_id=run_id,
                 limits=ScopeLimits(cfg.dek.max_cells, cfg.dek.max_bytes),
@@ -422,11 +447,13 @@ def run(
         crashpoint("run:before-report")
         for kind in ("audit", "quarantine"):
             compact_parts(the_lake, kind, run_id=run_id)
-        after = take_inventory(the_lake, KeyPolicy.from_registry(keys.open_registry()), dataset=dataset)
+        after = take_inventory(the_lake, KeyPolicy.from_registry(registry), dataset=dataset, directory=registry)
         mismatch = _mismatch_events(after, clock)
         write_side_output(the_lake, "mismatch", run_id, mismatch)
 
     report.update(_summarize(results, after, the_lake, run_id, mismatch))
+    if mode != "rewrap":
+        report["complete"] = not plan_rewrites(after, None, aged_before=aged_before)
     kms_failures = [r for r in results if r["result"] == "kms_error"]
     if kms_failures:
         raise KmsUnavailableError(
@@ -438,6 +465,34 @@ def run(
         f"{report['inventory']['stale_files']} stale files left"
     )
     return report
+
+
+def _rewrap_directory(
+    keys: KeySource, registry: Any, key_home: Any, cfg: KeyturnConfig, *, actor: str, reason: str, clock: Callable[[], datetime]
+) -> dict[str, Any]:
+    """`keyturn.rotation.rewrap` with the home's audit log (or a throwaway log when run without a home)."""
+    from keyturn.rotation import rewrap
+
+    kms = keys.open_kms()
+    if cfg.lifecycle.max_kms_requests_per_second:
+        kms = RateLimitedKms(kms, cfg.lifecycle.max_kms_requests_per_second)
+    try:
+        if key_home is not None:
+            chain = key_home.chain()
+        else:
+            import tempfile
+
+            from keyturn.audit.chain import AuditChain
+
+            chain = AuditChain(os.path.join(tempfile.mkdtemp(prefix="keyturn-rewrap-"), "audit.log"))
+        return rewrap(
+            registry, kms, chain, actor=actor, reason=reason or "re-wrap stale DEKs onto the active version",
+            clock=clock, dataset=cfg.dataset,
+        )
+    finally:
+        close = getattr(kms, "close", None)
+        if close is not None:
+            close()
 
 
 def _summarize(
@@ -518,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.reencrypt", description=__doc__.split("\n")[0])
     parser.add_argument("--lake", required=True)
     parser.add_argument("--home", default=os.environ.get("KEYTURN_HOME", ".keyturn"))
-    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--mode", choices=JOB_MODES)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--max-files", type=int)
     parser.add_argument("--workers", type=int)

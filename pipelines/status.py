@@ -34,12 +34,13 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from keyturn.policy import KeyPolicy
 from keyturn.lake import Lake, take_inventory
 from pipelines.home import lake_of
 
 __all__ = ["run", "render_text", "write_html", "main", "STATUSES", "MAX_CHART_PARTITIONS"]
 
-STATUSES = ("current", "stale", "retired", "unknown", "missing")
+STATUSES = ("current", "stale", "retired", "unknown", "missing", "corrupt")
 MAX_CHART_PARTITIONS = 200
 """The HTML chart shows at most this many partitions: those furthest behind."""
 
@@ -49,6 +50,7 @@ _COLOURS = {
     "retired": "#c62828",
     "unknown": "#6a1b9a",
     "missing": "#757575",
+    "corrupt": "#000000",
 }
 
 
@@ -70,8 +72,11 @@ def run(
     the_lake = lake_of(lake, home)
     lake = the_lake.uri
     the_lake.require()
-    policy = home.policy()
-    inventory = take_inventory(the_lake, policy, dataset=home.dataset)
+    registry = home.registry()
+    policy = KeyPolicy.from_registry(registry)
+    # rows counted under the key version that wraps their DEK now (the directory's), not the files' birth versions
+    contract = registry.get_contract(home.dataset)
+    inventory = take_inventory(the_lake, policy, dataset=home.dataset, directory=registry, contract=contract)
     now = (clock or (lambda: datetime.now(timezone.utc)))()
 
     status_files = {s: 0 for s in STATUSES}
@@ -120,12 +125,26 @@ def run(
         "versions": versions,
         "partitions": partitions,
         "problems": inventory.problems(),
+        "directory": {str(v): n for v, n in registry.deks_by_version().items()},
+        "contract": _contract_summary(contract),
         "report": None,
     }
     if report_path is not None:
         report["report"] = os.path.abspath(report_path)
         write_html(report, report_path)
     return report
+
+
+def _contract_summary(contract: Any) -> dict[str, Any] | None:
+    if contract is None:
+        return None
+    return {
+        "revision": contract.revision,
+        "codec": contract.codec,
+        "columns": {c.name: c.type_descriptor for c in contract.columns},
+        "bind": list(contract.bind),
+        "partition_by": None if contract.partition_by is None else list(contract.partition_by),
+    }
 
 
 # --------------------------------------------------------------------------- text

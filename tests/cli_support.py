@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from keyturn.arrow_codec import encrypt_batch
+from keyturn.contract import settle_arrow_contract
+from keyturn.lake.footer import dek_counts
 from keyturn.lake import Lake, footer_for, write_parquet_atomically
 from keyturn.scope import DekScope, Location
 
@@ -68,10 +70,16 @@ def write_encrypted_file(home: Any, lake_dir: str, partition: str, batch: pa.Rec
     """Encrypt `batch` under the home's active version and write it as one lake file; returns its path."""
     lake = Lake(lake_dir)
     policy = home.policy()
+    registry = home.registry()
+    contract = settle_arrow_contract(registry, home.dataset, batch.schema, list(columns), actor="tests")
     where = Location(home.dataset, partition)
-    with home.kms() as kms, DekScope(kms, policy.active, where) as scope:
+    with home.kms() as kms, DekScope(
+        kms, policy.active, where, directory=registry, contract_revision=contract.revision
+    ) as scope:
         sealed = encrypt_batch(batch, list(columns), scope)
-    footer = footer_for(home.dataset, partition, {policy.active.version: batch.num_rows}, batch.num_rows, columns)
+    footer = footer_for(
+        home.dataset, partition, {policy.active.version: batch.num_rows}, batch.num_rows, columns, dek_counts(sealed)
+    )
     path = lake.path(partition, f"part-{uuid.uuid4().hex}.parquet")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_parquet_atomically(lake, path, pa.Table.from_batches([sealed]), footer)

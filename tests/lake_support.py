@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 
 from keyturn.arrow_codec import decrypt_batch, encrypt_batch
 from keyturn.keysource import LocalKeySource
+from keyturn.contract import settle_arrow_contract
 from keyturn.lake import Lake, footer_for, write_parquet_atomically
+from keyturn.lake.footer import dek_counts
 from keyturn.policy import KeyPolicy
 from keyturn.reader import DekReader
 from keyturn.scope import DekScope, KekRef, Location
@@ -67,6 +69,8 @@ def build_lake(
     """Encrypt `table` into `lake_dir` (partitioned by region) under the active key version."""
     lake = Lake(lake_dir)
     policy = home.policy()
+    registry = home.registry()
+    contract = pin_contract(home, table.drop_columns(["region"]).schema)
     with home.kms() as kms:
         for region in sorted(set(table.column("region").to_pylist())):
             part = table.filter(pc.equal(table["region"], region)).drop_columns(["region"])
@@ -74,9 +78,15 @@ def build_lake(
             step = -(-part.num_rows // files_per_partition)
             for start in range(0, part.num_rows, step):
                 chunk = part.slice(start, step).combine_chunks().to_batches()[0]
-                with DekScope(kms, policy.active, Location(DATASET, partition)) as scope:
+                with DekScope(
+                    kms, policy.active, Location(DATASET, partition), directory=registry,
+                    contract_revision=contract.revision,
+                ) as scope:
                     sealed = encrypt_batch(chunk, SENSITIVE, scope)
-                footer = footer_for(DATASET, partition, {policy.active.version: sealed.num_rows}, sealed.num_rows, SENSITIVE)
+                footer = footer_for(
+                    DATASET, partition, {policy.active.version: sealed.num_rows}, sealed.num_rows, SENSITIVE,
+                    dek_counts(sealed),
+                )
                 write_parquet_atomically(lake, lake.new_data_path(partition), sealed, footer, row_group_size=row_group_size)
     return lake
 
@@ -84,9 +94,15 @@ def build_lake(
 def write_encrypted_file(
     home: KeyHome, lake: Lake, partition: str, table: pa.Table, kek: KekRef, *, footer: bool = True
 ) -> str:
-    """One file encrypted under `kek` (which may be unknown to the registry)."""
+    """One file encrypted under `kek`; its DEK is registered unless the registry does not know `kek`'s version."""
+    registry = home.registry()
+    known = kek.version in {v.version for v in registry.versions() if v.state.readable}
+    contract = pin_contract(home, table.schema)
     with home.kms() as kms:
-        with DekScope(kms, kek, Location(DATASET, partition)) as scope:
+        with DekScope(
+            kms, kek, Location(DATASET, partition), directory=registry if known else None,
+            contract_revision=contract.revision,
+        ) as scope:
             sealed = encrypt_batch(table.combine_chunks().to_batches()[0], SENSITIVE, scope)
     path = lake.new_data_path(partition)
     meta = footer_for(DATASET, partition, {kek.version: sealed.num_rows}, sealed.num_rows, SENSITIVE) if footer else None
@@ -98,13 +114,15 @@ def lake_plaintext(home: KeyHome, lake_dir: str) -> tuple[pa.Table, Counter]:
     """Every readable row of the lake decrypted (region restored from the path), sorted by id; and status counts."""
     lake = Lake(lake_dir)
     policy = home.policy()
+    registry = home.registry()
+    contract = registry.get_contract(DATASET)
     tables = []
     statuses: Counter = Counter()
-    with home.kms() as kms, DekReader(kms) as reader:
+    with home.kms() as kms, DekReader(kms, directory=registry) as reader:
         for f in lake.data_files():
             table = pq.read_table(f.path)
             for batch in table.to_batches():
-                result = decrypt_batch(batch, reader, policy, Location(DATASET, f.partition))
+                result = decrypt_batch(batch, reader, policy, Location(DATASET, f.partition), contract=contract)
                 statuses.update(result.counts())
                 plain = pa.Table.from_batches([result.plain])
                 region = int(f.partition.split("=")[1])
@@ -114,6 +132,11 @@ def lake_plaintext(home: KeyHome, lake_dir: str) -> tuple[pa.Table, Counter]:
         return pa.table({"id": pa.array([], pa.int64())}), statuses
     out = pa.concat_tables(tables).replace_schema_metadata(None)
     return out.sort_by("id"), statuses
+
+
+def pin_contract(home: KeyHome, plain_schema: pa.Schema) -> Any:
+    """The dataset's contract (SENSITIVE encrypted), pinned from `plain_schema` on first use."""
+    return settle_arrow_contract(home.registry(), DATASET, plain_schema, SENSITIVE, actor="tests")
 
 
 def plain_equal(home: KeyHome, lake_dir: str, source: pa.Table) -> bool:

@@ -1,7 +1,7 @@
 """Crash safety: SIGKILL the reencrypt job at every crashpoint, then check nothing was lost.
 
 Each case runs ``python -m pipelines.reencrypt`` in a subprocess with
-``KEYTURN_CRASHPOINT`` set (see `keyturn.lake.crash`), checks the process
+``KEYTURN_CRASHPOINT`` set (see `keyturn.crash`), checks the process
 died by SIGKILL, and then checks the lake as any reader would find it:
 readable by pyarrow.dataset with the same non-sensitive data and layout,
 and every source row decrypting exactly once with its original values. A
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from keyturn.lake.crash import CRASHPOINTS
+from keyturn.crash import CRASHPOINTS
 from keyturn.lake.sideoutputs import read_side_outputs
 from lake_support import build_lake, file_versions, hive_view, make_home, plain_equal, rotate, source_table, temp_files
 from pipelines import reencrypt

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from keyturn import arrow_codec
+from keyturn.contract import DatasetContract, arrow_contract, avro_contract
 from keyturn.ipc import batch_to_ipc
-from keyturn.kms.base import KmsBackend
 from keyturn.policy import KeyPolicy, ReadStatus
 from keyturn.reader import DekReader
 from keyturn.scope import DekScope, Location
@@ -43,13 +43,29 @@ class PayloadAdapter(Protocol):
 
     def rows(self, payload: Any) -> int: ...
 
-    def encrypt(self, payload: Any, scope: DekScope) -> Any: ...
+    def propose_contract(self, dataset: str, payload: Any) -> DatasetContract:
+        """The contract a first write of `payload` pins for `dataset`."""
+        ...
 
-    def decrypt(self, payload: Any, reader: DekReader, policy: KeyPolicy, location: Location) -> Any: ...
+    def encrypt(self, payload: Any, scope: DekScope, contract: DatasetContract | None) -> Any: ...
 
-    def rewrap(self, payload: Any, kms: KmsBackend, policy: KeyPolicy, location: Location) -> Rewritten: ...
+    def decrypt(
+        self, payload: Any, reader: DekReader, policy: KeyPolicy, location: Location, contract: DatasetContract | None
+    ) -> Any: ...
 
-    def reencrypt(self, payload: Any, reader: DekReader, scope: DekScope, policy: KeyPolicy, location: Location) -> Rewritten: ...
+    def row_keys(self, payload: Any) -> tuple[list[int | None], list[bytes | None]]:
+        """Each row's `_keyturn_version` and DEK envelope (None where absent)."""
+        ...
+
+    def reencrypt(
+        self,
+        payload: Any,
+        reader: DekReader,
+        scope: DekScope,
+        policy: KeyPolicy,
+        location: Location,
+        contract: DatasetContract | None,
+    ) -> Rewritten: ...
 
     def take(self, payload: Any, rows: list[int]) -> Any: ...
 
@@ -92,20 +108,35 @@ class ArrowAdapter:
     def empty(self, payload: pa.RecordBatch) -> bool:
         return payload.num_rows == 0
 
-    def encrypt(self, payload: pa.RecordBatch, scope: DekScope) -> pa.RecordBatch:
-        return arrow_codec.encrypt_batch(payload, self.columns, scope, bind_columns=self.bind_columns)
+    def propose_contract(self, dataset: str, payload: pa.RecordBatch) -> DatasetContract:
+        return arrow_contract(dataset, payload.schema, self.columns, bind=self.bind_columns)
 
-    def decrypt(self, payload: pa.RecordBatch, reader: DekReader, policy: KeyPolicy, location: Location) -> arrow_codec.DecryptResult:
-        return arrow_codec.decrypt_batch(payload, reader, policy, location, columns=self.decrypt_columns)
+    def encrypt(self, payload: pa.RecordBatch, scope: DekScope, contract: DatasetContract | None) -> pa.RecordBatch:
+        return arrow_codec.encrypt_batch(payload, self.columns, scope, bind_columns=self.bind_columns, contract=contract)
 
-    def rewrap(self, payload: pa.RecordBatch, kms: KmsBackend, policy: KeyPolicy, location: Location) -> Rewritten:
-        result = arrow_codec.rewrap_batch(payload, kms, policy, location)
-        return Rewritten(result.batch, result.status, result.kms_request_ids, result.deks_rewrapped)
+    def decrypt(
+        self,
+        payload: pa.RecordBatch,
+        reader: DekReader,
+        policy: KeyPolicy,
+        location: Location,
+        contract: DatasetContract | None,
+    ) -> arrow_codec.DecryptResult:
+        return arrow_codec.decrypt_batch(payload, reader, policy, location, columns=self.decrypt_columns, contract=contract)
+
+    def row_keys(self, payload: pa.RecordBatch) -> tuple[list[int | None], list[bytes | None]]:
+        return arrow_codec.row_keys(payload)
 
     def reencrypt(
-        self, payload: pa.RecordBatch, reader: DekReader, scope: DekScope, policy: KeyPolicy, location: Location
+        self,
+        payload: pa.RecordBatch,
+        reader: DekReader,
+        scope: DekScope,
+        policy: KeyPolicy,
+        location: Location,
+        contract: DatasetContract | None,
     ) -> Rewritten:
-        result = arrow_codec.reencrypt_batch(payload, reader, scope, policy, location)
+        result = arrow_codec.reencrypt_batch(payload, reader, scope, policy, location, contract=contract)
         return Rewritten(result.batch, result.status, [])
 
     def take(self, payload: pa.RecordBatch, rows: list[int]) -> pa.RecordBatch:
@@ -168,26 +199,50 @@ class AvroAdapter:
     def empty(self, payload: list[dict]) -> bool:
         return not payload
 
-    def encrypt(self, payload: list[dict], scope: DekScope) -> list[dict]:
+    def propose_contract(self, dataset: str, payload: list[dict]) -> DatasetContract:
+        if self.plain_schema is None:
+            raise ValueError("encrypting Avro records needs the plain schema")
+        types = {f["name"]: f["type"] for f in self.plain_schema["fields"]}
+        return avro_contract(dataset, types, self.fields, bind=self.bind_fields)
+
+    def encrypt(self, payload: list[dict], scope: DekScope, contract: DatasetContract | None) -> list[dict]:
         from keyturn import avro_codec
 
-        return avro_codec.encrypt_records(payload, self.plain_schema, self.fields, scope, bind_fields=self.bind_fields)
+        return avro_codec.encrypt_records(
+            payload, self.plain_schema, self.fields, scope, bind_fields=self.bind_fields, contract=contract
+        )
 
-    def decrypt(self, payload: list[dict], reader: DekReader, policy: KeyPolicy, location: Location) -> Any:
+    def decrypt(
+        self, payload: list[dict], reader: DekReader, policy: KeyPolicy, location: Location, contract: DatasetContract | None
+    ) -> Any:
         from keyturn import avro_codec
 
-        return avro_codec.decrypt_records(payload, self.encrypted_schema, reader, policy, location, fields=self.decrypt_fields)
+        return avro_codec.decrypt_records(
+            payload, self.encrypted_schema, reader, policy, location, fields=self.decrypt_fields, contract=contract
+        )
 
-    def rewrap(self, payload: list[dict], kms: KmsBackend, policy: KeyPolicy, location: Location) -> Rewritten:
+    def row_keys(self, payload: list[dict]) -> tuple[list[int | None], list[bytes | None]]:
+        versions, envelopes = [], []
+        for r in payload:
+            v, env = r.get("_keyturn_version"), r.get("_keyturn_dek")
+            versions.append(v if isinstance(v, int) and not isinstance(v, bool) else None)
+            envelopes.append(bytes(env) if isinstance(env, (bytes, bytearray, memoryview)) else None)
+        return versions, envelopes
+
+    def reencrypt(
+        self,
+        payload: list[dict],
+        reader: DekReader,
+        scope: DekScope,
+        policy: KeyPolicy,
+        location: Location,
+        contract: DatasetContract | None,
+    ) -> Rewritten:
         from keyturn import avro_codec
 
-        result = avro_codec.rewrap_records(payload, kms, policy, location)
-        return Rewritten(result.records, result.status, result.kms_request_ids, result.deks_rewrapped)
-
-    def reencrypt(self, payload: list[dict], reader: DekReader, scope: DekScope, policy: KeyPolicy, location: Location) -> Rewritten:
-        from keyturn import avro_codec
-
-        result = avro_codec.reencrypt_records(payload, self.encrypted_schema, reader, scope, policy, location)
+        result = avro_codec.reencrypt_records(
+            payload, self.encrypted_schema, reader, scope, policy, location, contract=contract
+        )
         return Rewritten(result.records, result.status, [])
 
     def take(self, payload: list[dict], rows: list[int]) -> list[dict]:

@@ -26,10 +26,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 from keyturn.audit.events import AuditAction, MismatchReason, build_event, build_mismatch, build_quarantine
 from keyturn.kms.base import CountingKms
 from keyturn.keysource import KeySource
-from keyturn.policy import KeyPolicy, ReadStatus
-from keyturn.reader import DekReader
+from keyturn.contract import DatasetContract
+from keyturn.policy import KeyPolicy, ReadStatus, classify_keys
+from keyturn.reader import DekReader, envelope_dek_id
+from keyturn.rewrap import rewrap_entries
 from keyturn.scope import DekScope, Location, ScopeLimits
-from transforms.adapters import PayloadAdapter
+from transforms.adapters import PayloadAdapter, Rewritten
 from transforms.tags import AUDIT, QUARANTINE, VERSION_MISMATCH
 
 __all__ = ["EncryptFn", "DecryptFn", "ReencryptFn"]
@@ -93,7 +95,9 @@ class _KeyturnFn(beam.DoFn):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_kms=None, _registry=None, _ledgers={}, _counters={}, _policy=None, _reader=None, _rewraps=None)
+        state.update(
+            _kms=None, _registry=None, _ledgers={}, _counters={}, _policy=None, _reader=None, _contract=None, _rewrapped=set()
+        )
         return state
 
     def _count(self, name: str, n: int) -> None:
@@ -112,7 +116,26 @@ class _KeyturnFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._policy = KeyPolicy.from_registry(self._registry)
         self._ledgers = {}
-        self._reader = DekReader(self._kms) if self.uses_reader else None
+        self._contract = None
+        self._reader = DekReader(self._kms, directory=self._registry) if self.uses_reader else None
+
+    def _dataset_contract(self, payload: Any = None) -> DatasetContract | None:
+        """The dataset's contract from the registry, read once per bundle.
+
+        Given a `payload` (writers), a dataset without a contract gets one
+        pinned from it: the first write decides, and two first writers agree
+        on whichever registered first.
+        """
+        if self._contract is None:
+            contract = self._registry.get_contract(self.dataset)
+            if contract is None and payload is not None:
+                contract = self._registry.pin_contract(
+                    self.adapter.propose_contract(self.dataset, payload),
+                    actor=self.actor,
+                    reason=f"first write to dataset {self.dataset!r} pins its contract",
+                )
+            self._contract = contract
+        return self._contract
 
     def _ledger(self, partition: str, window: Any) -> _ScopeLedger:
         key = (partition, window)
@@ -121,10 +144,18 @@ class _KeyturnFn(beam.DoFn):
             ledger = self._ledgers[key] = _ScopeLedger(partition, window)
         return ledger
 
-    def _open_scope(self, ledger: _ScopeLedger) -> DekScope:
+    def _open_scope(self, ledger: _ScopeLedger, contract: DatasetContract | None) -> DekScope:
+        """The ledger's DEK scope; every DEK it makes is registered in the directory before use."""
         if ledger.scope is None:
             ledger.scope = DekScope(
-                self._kms, self._policy.active, Location(self.dataset, ledger.partition), limits=self.limits
+                self._kms,
+                self._policy.active,
+                Location(self.dataset, ledger.partition),
+                limits=self.limits,
+                directory=self._registry,
+                actor=self.actor,
+                contract_revision=contract.revision if contract is not None else 0,
+                clock=self.clock,
             )
         return ledger.scope
 
@@ -178,9 +209,20 @@ class _KeyturnFn(beam.DoFn):
         self._registry = None
 
     # -- side outputs for rows that are not current ------------------------
-    def _report(self, partition: str, payload: Any, status: list[ReadStatus], report_stale: bool) -> Iterator[Any]:
-        """Version-mismatch events (with rows) and quarantine records for non-current rows."""
-        versions = self.adapter.row_versions(payload)
+    def _report(
+        self,
+        partition: str,
+        payload: Any,
+        status: list[ReadStatus],
+        report_stale: bool,
+        versions: list[int | None] | None = None,
+    ) -> Iterator[Any]:
+        """Version-mismatch events (with rows) and quarantine records for non-current rows.
+
+        `versions` are the rows' effective key versions (the directory's); by default the rows' own.
+        """
+        if versions is None:
+            versions = self.adapter.row_versions(payload)
         groups: dict[tuple[ReadStatus, int | None], list[int]] = {}
         for i, s in enumerate(status):
             if s is ReadStatus.CURRENT or (s is ReadStatus.STALE and not report_stale):
@@ -229,9 +271,10 @@ class EncryptFn(_KeyturnFn):
     def process(self, element: tuple[str, Any], window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
         partition, payload = element
         ledger = self._ledger(partition, window)
-        scope = self._open_scope(ledger)
+        contract = self._dataset_contract(payload)
+        scope = self._open_scope(ledger, contract)
         before = scope.stats.cells
-        sealed = self.adapter.encrypt(payload, scope)
+        sealed = self.adapter.encrypt(payload, scope, contract)
         ledger.digests.append(self.adapter.fingerprint(payload, encrypted=False))
         rows = self.adapter.rows(payload)
         ledger.add(rows=rows)
@@ -264,12 +307,14 @@ class DecryptFn(_KeyturnFn):
         partition, payload = element
         ledger = self._ledger(partition, window)
         unwraps_before = len(self._reader.stats.kms_request_ids)
-        result = self.adapter.decrypt(payload, self._reader, self._policy, Location(self.dataset, partition))
+        result = self.adapter.decrypt(
+            payload, self._reader, self._policy, Location(self.dataset, partition), self._dataset_contract()
+        )
         new_ids = self._reader.stats.kms_request_ids[unwraps_before:]
         ledger.kms_request_ids.extend(new_ids)
         self._count("kms_calls", len(new_ids))
         ledger.digests.append(self.adapter.fingerprint(payload, encrypted=True))
-        versions = self.adapter.row_versions(payload)
+        versions = result.versions
         readable = [i for i, s in enumerate(result.status) if s.readable]
         ledger.versions_from.update(versions[i] for i in readable)
         counts = {s.value: 0 for s in ReadStatus}
@@ -282,43 +327,21 @@ class DecryptFn(_KeyturnFn):
         plain = self.adapter.select_plain(result, keep)
         if not self.adapter.empty(plain):
             yield partition, plain
-        yield from self._report(partition, payload, result.status, report_stale=True)
-
-
-class _BundleRewraps:
-    """The KMS as `rewrap` sees it for one bundle: each distinct wrapped DEK is re-wrapped once.
-
-    A partition's batches in one bundle usually share a DEK; re-wrapping it
-    per batch would cost one KMS call per batch and give the same DEK a
-    different envelope in every batch. Holds wrapped keys and request ids
-    only, never key material.
-    """
-
-    def __init__(self, kms: Any) -> None:
-        self._kms = kms
-        self._done: dict[tuple[Any, ...], Any] = {}
-        self.request_ids: list[str] = []
-
-    def rewrap(self, wrapped: bytes, **kwargs: Any) -> Any:
-        key = (bytes(wrapped),) + tuple(
-            sorted((k, tuple(sorted(v.items())) if isinstance(v, Mapping) else v) for k, v in kwargs.items())
-        )
-        result = self._done.get(key)
-        if result is None:
-            result = self._done[key] = self._kms.rewrap(wrapped, **kwargs)
-            self.request_ids.append(result.request_id)
-        return result
+        yield from self._report(partition, payload, result.status, report_stale=True, versions=versions)
 
 
 class ReencryptFn(_KeyturnFn):
     """Brings stale rows onto the active version; every input row stays in the main output.
 
-    `mode`: `rewrap` (only DEK envelopes change; one KMS call per distinct
-    stale DEK), `reencrypt` (fresh DEK per scope, payload bytes change), or
-    `auto` (re-encrypt when a stale row's key version is older than
-    `dek_max_age`, else rewrap). Retired, unknown, missing and corrupt rows
-    are kept unchanged in the main output, so writing it back loses nothing,
-    and are reported on `version_mismatch` / `quarantine` (a copy).
+    `mode`: `rewrap` (the stale DEKs' entries in the DEK directory are
+    re-wrapped onto the active version, one KMS call per distinct DEK per
+    bundle; the payload passes through byte for byte, because readers take
+    the wrapping from the directory), `reencrypt` (fresh DEK per scope,
+    payload bytes change), or `auto` (re-encrypt when a stale row's key
+    version is older than `dek_max_age`, else rewrap). Retired, unknown,
+    missing and corrupt rows are kept unchanged in the main output, so
+    writing it back loses nothing, and are reported on `version_mismatch` /
+    `quarantine` (a copy).
     """
 
     uses_reader = True
@@ -342,16 +365,11 @@ class ReencryptFn(_KeyturnFn):
         self.dek_max_age = dek_max_age
         self.limits = limits
         self.action = AuditAction.REWRAP if mode == "rewrap" else AuditAction.REENCRYPT
-        self._rewraps: _BundleRewraps | None = None
+        self._rewrapped: set[bytes] = set()
 
     def start_bundle(self) -> None:
         super().start_bundle()
-        self._rewraps = _BundleRewraps(self._kms)
-
-    def _close_bundle(self) -> None:
-        super()._close_bundle()
-        self._rewraps = None
-
+        self._rewrapped = set()
 
     def _too_old(self, versions: list[int | None], status: list[ReadStatus]) -> bool:
         cutoff = self.clock() - self.dek_max_age
@@ -360,24 +378,43 @@ class ReencryptFn(_KeyturnFn):
             s is ReadStatus.STALE and v in created and created[v] < cutoff for v, s in zip(versions, status)
         )
 
+    def _rewrap_in_directory(self, payload: Any, location: Location) -> tuple[Rewritten, list[int | None]]:
+        """Re-wrap the directory entries of the payload's stale DEKs; the payload itself is not changed."""
+        row_versions, envelopes = self.adapter.row_keys(payload)
+        entries = self._reader.entries(envelopes) or {}
+        keys = classify_keys(self._policy, row_versions, envelopes, entries=entries, location=location)
+        stale: dict[bytes, Any] = {}
+        for s, env in zip(keys.status, envelopes):
+            if s is ReadStatus.STALE and env is not None:
+                dek_id = envelope_dek_id(env)
+                entry = entries.get(dek_id) if dek_id is not None else None
+                if entry is not None and dek_id not in self._rewrapped:
+                    stale[dek_id] = entry
+        done = rewrap_entries(self._registry, self._kms, stale.values(), self._policy.active)
+        self._rewrapped.update(stale)
+        return Rewritten(payload, keys.status, done.kms_request_ids, done.moved), keys.versions
+
     def process(self, element: tuple[str, Any], window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
         partition, payload = element
         location = Location(self.dataset, partition)
         ledger = self._ledger(partition, window)
-        versions = self.adapter.row_versions(payload)
-        status = [self._policy.classify(v) if v is not None else ReadStatus.MISSING for v in versions]
+        row_versions, envelopes = self.adapter.row_keys(payload)
+        keys = classify_keys(
+            self._policy, row_versions, envelopes, entries=self._reader.entries(envelopes) or {}, location=location
+        )
         mode = self.mode
         if mode == "auto":
-            mode = "reencrypt" if self._too_old(versions, status) else "rewrap"
+            mode = "reencrypt" if self._too_old(keys.versions, keys.status) else "rewrap"
         if mode == "rewrap":
-            calls_before = len(self._rewraps.request_ids)
-            out = self.adapter.rewrap(payload, self._rewraps, self._policy, location)
-            out.kms_request_ids = self._rewraps.request_ids[calls_before:]  # KMS calls made for this payload
-            ledger.add(rewrapped_deks=len(out.kms_request_ids))
+            out, versions = self._rewrap_in_directory(payload, location)
+            ledger.add(rewrapped_deks=out.deks_rewrapped)
         else:
             unwraps_before = len(self._reader.stats.kms_request_ids)
-            out = self.adapter.reencrypt(payload, self._reader, self._open_scope(ledger), self._policy, location)
+            contract = self._dataset_contract()
+            scope = self._open_scope(ledger, contract)
+            out = self.adapter.reencrypt(payload, self._reader, scope, self._policy, location, contract)
             out.kms_request_ids.extend(self._reader.stats.kms_request_ids[unwraps_before:])
+            versions = keys.versions
         ledger.kms_request_ids.extend(out.kms_request_ids)
         self._count("kms_calls", len(out.kms_request_ids))
         ledger.digests.append(self.adapter.fingerprint(payload, encrypted=True))
@@ -388,4 +425,4 @@ class ReencryptFn(_KeyturnFn):
             counts[s.value] += 1
         ledger.add(rows=len(out.status), **counts)
         yield partition, out.payload
-        yield from self._report(partition, payload, out.status, report_stale=False)
+        yield from self._report(partition, payload, out.status, report_stale=False, versions=versions)

@@ -77,6 +77,7 @@ class AuditAction(str, enum.Enum):
     SCHEDULE_DELETION = "schedule_deletion"
     REINSTATE = "reinstate"
     QUARANTINE = "quarantine"
+    CONTRACT = "contract"  # a dataset contract changed (keyturn dataset add-column)
 
 
 class MismatchReason(str, enum.Enum):

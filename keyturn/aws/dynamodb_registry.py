@@ -1,15 +1,38 @@
 """A key registry in a DynamoDB table: the same interface and invariants as `SqliteKeyRegistry`.
 
 Table layout (`create_table` makes it): partition key ``pk`` (S), sort key
-``sk`` (S), on-demand billing. One table can hold several registries; each
-is one partition, ``pk`` = the registry `name`:
+``sk`` (S), on-demand billing, no secondary index. One table can hold several
+registries; registry `name` owns partition ``pk = name`` and a few partitions
+named after it:
 
-- ``sk = "#head"``: the registry head: ``rev`` (bumped by every write),
-  ``max_version``, ``active_version`` (0 while empty), ``history_count`` and
-  ``schema``;
-- ``sk = "v#0000000001"``...: one item per key version (the `KeyVersion`
-  fields; timestamps as fixed-width ISO-8601 UTC text);
-- ``sk = "h#000000000001"``...: one item per history row, ids 1..n.
+- ``pk = name``, ``sk = "#head"``: the registry head: ``rev`` (bumped by
+  every version write), ``max_version``, ``active_version`` (0 while empty),
+  ``history_count`` and ``schema``;
+- ``pk = name``, ``sk = "v#0000000001"``...: one item per key version (the
+  `KeyVersion` fields; timestamps as fixed-width ISO-8601 UTC text);
+- ``pk = name``, ``sk = "h#000000000001"``...: one item per history row, ids 1..n;
+- ``pk = name + "#dek"``, ``sk = "e#" + dek_id.hex()``: one DEK directory
+  entry per DEK (the `DekEntry` fields, ids and envelopes as binary, plus
+  ``updated_at``); `lookup_deks` reads these with BatchGetItem and
+  `list_deks()` queries this partition in dek_id order;
+- ``pk = name + "#dek#v0000000001"``..., ``sk = "x#" + dek_id.hex()``: a copy
+  of each entry in the partition of the key version that wraps it now, so
+  `list_deks(key_version=n)` is one Query of that partition, in dek_id order;
+- ``pk = name + "#dek#n"``, ``sk = "n#0000000001"``...: per version, ``count``
+  = the entries wrapped under it (absent = 0); `dek_count` and
+  `deks_by_version` read only these;
+- ``pk = name + "#contract"``: ``sk = "c#" + dataset`` holds a dataset's
+  current contract (``revision``, ``contract`` = `DatasetContract.to_text`),
+  ``sk = "ch#" + dataset + "#0000000001"``... its append-only history.
+
+Directory and contract items live outside ``pk = name``, so the snapshot
+every version write reads stays as small as the version history. Every kind
+of item has its own ``sk`` prefix, so partitions of differently named
+registries can never hold the same item. The directory and contracts only
+add items: a table and registries made before they existed keep working, and
+`SCHEMA_VERSION` is unchanged (an older keyturn ignores the new items, so it
+would not refuse to retire a version that still wraps DEKs: do not mix
+versions on one registry).
 
 Contracts:
 
@@ -23,26 +46,64 @@ Contracts:
   being in the state it was read in. So the validated result is exactly what
   gets stored, and two concurrent rotations can never both commit: the loser
   re-reads and retries (jittered backoff) up to `max_conflict_retries` times,
-  then raises `ConcurrentModificationError`.
+  then raises `ConcurrentModificationError`. `rotate(expect_active=n)` re-runs
+  `check_rotation` on every retry, so a loser that expected the version the
+  winner demoted is refused instead of rotating again.
 - An `Inventory` is consulted after the read and before the conditional
   write; if the version changed in between, the condition fails and the
   whole step (inventory included) runs again.
+- The DEK directory (see `keyturn.directory`) keeps its counters exact by
+  changing them only in the transaction that adds or moves entries:
+  `register_deks` puts each entry (``attribute_not_exists``) and its
+  per-version copy, adds to the version's counter and checks that the
+  version item is still ``active`` or ``decrypt_only``; `replace_wrapping`
+  updates the entry on condition that it still holds the expected envelope,
+  moves the copy, moves one count from the old version's counter to the new
+  one and checks that the new version is readable. `retire` and
+  `schedule_deletion` read the version's counter (``VersionInUseError`` while
+  it is > 0, via `plan_transition`) and condition their transaction on it
+  still being 0, so a registration or rewrap racing a retire either lands
+  first (and the retire is refused on its retry) or finds the version no
+  longer readable (and is refused on its retry).
+- `register_deks` writes at most `_TRANSACT_MAX` actions per transaction
+  (two per entry, two per key version involved): a batch of more than ~49
+  DEKs is several transactions. Each is atomic; if one fails, the entries of
+  the earlier ones stay registered, which is harmless because registering
+  them again is a no-op, and a DEK is only used once `register_deks` returned.
+- `lookup_deks` asks BatchGetItem for at most `LOOKUP_BATCH` ids per request
+  (strongly consistent), retrying unprocessed keys a bounded number of times.
+- Contracts: `pin_contract` is a conditional put (insert-if-absent, the
+  stored contract wins), `evolve_contract` a put conditional on the stored
+  revision; each also puts its history item (``attribute_not_exists``) in
+  the same transaction. A contract item must fit DynamoDB's 400 KB item limit.
 - Reads are consistent snapshots: a strongly consistent Query of the
   partition (head first, by sort order), then a strongly consistent read of
-  the head; if ``rev`` moved, the read is repeated.
+  the head; if ``rev`` moved, the read is repeated. Directory and contract
+  reads are strongly consistent reads of their own items.
 - ``versions()``, ``get()`` and ``history()`` return what is stored;
   ``active()``, ``due_for_deletion()``, ``check()`` and every write validate
   and raise `RegistryInvariantError` on a damaged registry (for example two
   active versions, a gap, a head that disagrees with the items, or states
-  that disagree with history).
-- keyturn never deletes items. DynamoDB cannot forbid it the way SQLite
-  triggers do, so deny ``dynamodb:DeleteItem`` on the table in IAM (see
-  docs/AWS.md); a deleted item is detected as damage.
+  that disagree with history). Directory and contract writes validate the
+  registry first too, like the SQLite backend.
+- keyturn never deletes items, except that `replace_wrapping` deletes the
+  entry's copy under its old version (inside its transaction). DynamoDB
+  cannot forbid deletes the way SQLite triggers do, so deny
+  ``dynamodb:DeleteItem`` in IAM on every partition but the per-version copy
+  partitions (condition key ``dynamodb:LeadingKeys`` not like
+  ``*#dek#v*``); a blanket deny makes every rewrap fail with `RegistryError`.
+  A deleted version or history item is detected as damage; a deleted copy
+  only hides an entry from `list_deks(key_version=...)`, never from the
+  counter that guards `retire`.
 - Without an injected client the registry holds only names and settings and
   pickles cleanly (each process builds its own client on first use).
 - AWS failures (a missing table, no credentials, an unreachable endpoint
   after retries) raise `RegistryError`. If a write's outcome is unknown (the
   connection dropped after sending), re-read before repeating it.
+- moto (the test server) applies TransactWriteItems without a lock, so two
+  concurrent transactions can both pass their conditions there; the test
+  suite serializes moto's requests (tests/aws_support.py). Real DynamoDB
+  transactions are serializable, which the conditions above rely on.
 """
 
 from __future__ import annotations
@@ -51,7 +112,8 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -59,8 +121,12 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
 
 from keyturn.aws.clients import ClientSettings, error_code, make_client
+from keyturn.contract import DatasetContract
+from keyturn.directory import LOOKUP_BATCH, DekEntry, check_new_entries, check_rewrap
 from keyturn.errors import (
     ConcurrentModificationError,
+    ContractError,
+    DirectoryError,
     RegistryError,
     RegistryInvariantError,
     UnknownVersionError,
@@ -72,6 +138,7 @@ from keyturn.registry.base import (
     KeyVersion,
     check_invariants,
     LifecycleMethods,
+    check_rotation,
     find_version,
     plan_transition,
     require_text,
@@ -86,6 +153,14 @@ HEAD_SK = "#head"
 _VERSION_PREFIX = "v#"
 _HISTORY_PREFIX = "h#"
 _SNAPSHOT_TRIES = 20
+_DEK_PREFIX = "e#"  # directory entries, in partition <name>#dek
+_COPY_PREFIX = "x#"  # per-version copies, in partition <name>#dek#v<version>
+_COUNT_PREFIX = "n#"  # per-version entry counters, in partition <name>#dek#n
+_CONTRACT_PREFIX = "c#"  # current contracts, in partition <name>#contract
+_CONTRACT_HISTORY_PREFIX = "ch#"  # contract history, same partition
+_TRANSACT_MAX = 100  # DynamoDB's cap on actions per TransactWriteItems
+_BATCH_GET_TRIES = 8  # BatchGetItem attempts while keys come back unprocessed
+_READABLE = (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
 
 def utc_now() -> datetime:
     """The current time, timezone-aware UTC (the default clock)."""
@@ -225,6 +300,77 @@ def _history_to_item(pk: str, h: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
+def _b(item: dict[str, Any], key: str, what: str) -> bytes:
+    attr = item.get(key)
+    if not isinstance(attr, dict) or "B" not in attr:
+        raise RegistryInvariantError(f"stored {what} has no binary {key!r}")
+    return bytes(attr["B"])
+
+
+def _count_sk(version: int) -> str:
+    return f"{_COUNT_PREFIX}{version:010d}"
+
+
+def _contract_history_sk(dataset: str, revision: int) -> str:
+    return f"{_CONTRACT_HISTORY_PREFIX}{dataset}#{revision:010d}"
+
+
+def _entry_to_item(pk: str, prefix: str, e: DekEntry, updated_at: datetime) -> dict[str, Any]:
+    """One directory entry (``prefix`` = `_DEK_PREFIX`) or its per-version copy (`_COPY_PREFIX`)."""
+    return {
+        "pk": {"S": pk},
+        "sk": {"S": prefix + e.dek_id.hex()},
+        "dek_id": {"B": e.dek_id},
+        "dataset": {"S": e.dataset},
+        "partition": {"S": e.partition},
+        "key_version": {"N": str(e.key_version)},
+        "envelope": {"B": e.envelope},
+        "birth_version": {"N": str(e.birth_version)},
+        "birth_commitment": {"B": e.birth_commitment},
+        "created_at": {"S": _to_text(e.created_at)},
+        "actor": {"S": e.actor},
+        "contract_revision": {"N": str(e.contract_revision)},
+        "updated_at": {"S": _to_text(updated_at)},
+    }
+
+
+def _item_to_entry(item: dict[str, Any], prefix: str) -> DekEntry:
+    sk = item.get("sk", {}).get("S", "")
+    what = f"directory item {sk!r}"
+    dek_id = _b(item, "dek_id", what)
+    if sk != prefix + dek_id.hex():
+        raise RegistryInvariantError(f"stored {what} holds DEK {dek_id.hex()}")
+    return DekEntry(
+        dek_id=dek_id,
+        dataset=_s(item, "dataset", what) or "",
+        partition=_s(item, "partition", what) or "",
+        key_version=_n(item, "key_version", what),
+        envelope=_b(item, "envelope", what),
+        birth_version=_n(item, "birth_version", what),
+        birth_commitment=_b(item, "birth_commitment", what),
+        created_at=_from_text(_s(item, "created_at", what), f"created_at of DEK {dek_id.hex()}"),
+        actor=_s(item, "actor", what) or "",
+        contract_revision=_n(item, "contract_revision", what),
+    )
+
+
+def _same_birth(a: DekEntry, b: DekEntry) -> bool:
+    """Registering `b` over `a` is a no-op (the SQLite backend compares the same fields)."""
+    return (a.dataset, a.partition, a.birth_version, a.birth_commitment) == (
+        b.dataset,
+        b.partition,
+        b.birth_version,
+        b.birth_commitment,
+    )
+
+
+def _stored_contract(dataset: str, text: object) -> DatasetContract:
+    contract = DatasetContract.from_text(text)  # type: ignore[arg-type]
+    if contract.dataset != dataset:
+        raise ContractError(f"the stored contract of dataset {dataset!r} names dataset {contract.dataset!r}")
+    return contract
+
+
 @dataclass
 class _Head:
     rev: int
@@ -273,6 +419,7 @@ class _Plan:
     result: int
     changed: list[tuple[KeyVersion, KeyState | None]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    conditions: list[dict[str, Any]] = field(default_factory=list)  # extra ConditionCheck actions
 
 
 def _validate(head: _Head | None, versions: list[KeyVersion], history: list[dict[str, Any]]) -> None:
@@ -469,12 +616,19 @@ class DynamoDbKeyRegistry(LifecycleMethods):
             )
             _validate(new_head, new_versions, history + new_history)  # the result, before it is committed
             try:
-                self._commit(snap.head, new_head, plan.changed, new_history)
+                self._commit(snap.head, new_head, plan.changed, new_history, plan.conditions)
             except _Conflict:
-                time.sleep(random.uniform(0, min(0.25, 0.005 * 2**attempt)))
+                self._backoff(attempt)
                 continue
             return after[plan.result]
-        raise ConcurrentModificationError(
+        raise self._too_many_conflicts()
+
+    @staticmethod
+    def _backoff(attempt: int) -> None:
+        time.sleep(random.uniform(0, min(0.25, 0.005 * 2**attempt)))
+
+    def _too_many_conflicts(self) -> ConcurrentModificationError:
+        return ConcurrentModificationError(
             f"registry {self._pk!r}: {self._max_conflict_retries + 1} attempts lost to concurrent writers; try again"
         )
 
@@ -484,6 +638,7 @@ class DynamoDbKeyRegistry(LifecycleMethods):
         new: _Head,
         changed: list[tuple[KeyVersion, KeyState | None]],
         history: list[dict[str, Any]],
+        conditions: Sequence[dict[str, Any]] = (),
     ) -> None:
         head_item = {
             "pk": {"S": self._pk},
@@ -531,6 +686,11 @@ class DynamoDbKeyRegistry(LifecycleMethods):
                     }
                 }
             )
+        items.extend(conditions)
+        self._transact(items)
+
+    def _transact(self, items: list[dict[str, Any]]) -> None:
+        """One TransactWriteItems; `_Conflict` if a condition failed or another transaction was in the way."""
         try:
             self.client.transact_write_items(TransactItems=items, ClientRequestToken=uuid.uuid4().hex)
         except ClientError as exc:
@@ -582,9 +742,14 @@ class DynamoDbKeyRegistry(LifecycleMethods):
         inventory: Inventory | None = None,
         pending_days: int | None = None,
     ) -> KeyVersion:
+        guarded = op in ("retire", "schedule_deletion")
+
         def apply(versions: list[KeyVersion], now: datetime) -> _Plan:
+            # The counter is read here and the commit is conditional on it still being 0,
+            # so no registration or rewrap onto the version can slip in between.
+            refs = self._dek_refs(version) if guarded and 1 <= version <= len(versions) else 0
             current, dst, delete_after = plan_transition(
-                versions, version, op, inventory=inventory, now=now, pending_days=pending_days
+                versions, version, op, inventory=inventory, now=now, pending_days=pending_days, directory_refs=refs
             )
             src = current.state
             changed = replace(current, state=dst, state_changed_at=now, delete_after=delete_after)
@@ -592,6 +757,7 @@ class DynamoDbKeyRegistry(LifecycleMethods):
                 result=version,
                 changed=[(changed, src)],
                 history=[self._history_row(version, src, dst, now, actor, reason)],
+                conditions=[self._no_entries_check(version)] if guarded else [],
             )
 
         return self._write(apply)
@@ -652,11 +818,13 @@ class DynamoDbKeyRegistry(LifecycleMethods):
 
         return self._write(apply)
 
-    def rotate(self, kek_id: str, *, actor: str, reason: str) -> KeyVersion:
+    def rotate(self, kek_id: str, *, actor: str, reason: str, expect_active: int | None = None) -> KeyVersion:
         """Atomically add version max+1 as active and demote the old active to decrypt_only.
 
         `RegistryError` if the registry is empty (call `initialize` first).
-        With KMS key rotation `kek_id` may equal the old version's.
+        With KMS key rotation `kek_id` may equal the old version's. With
+        `expect_active`, `ConcurrentModificationError` unless that version is
+        still the active one (checked again on every conflict retry).
         """
         require_text("kek_id", kek_id)
         require_text("actor", actor)
@@ -666,6 +834,7 @@ class DynamoDbKeyRegistry(LifecycleMethods):
             if not versions:
                 raise self._empty_error()
             old = next(v for v in versions if v.state is KeyState.ACTIVE)
+            check_rotation(versions, old, kek_id, expect_active)
             demoted = replace(old, state=KeyState.DECRYPT_ONLY, state_changed_at=now, delete_after=None)
             number = len(versions) + 1
             new, row = self._new_active(number, kek_id, now, actor, reason)
@@ -676,6 +845,409 @@ class DynamoDbKeyRegistry(LifecycleMethods):
             )
 
         return self._write(apply)
+
+    # ------------------------------------------------------------------ DEK directory: items and actions
+
+    def _dek_pk(self) -> str:
+        return f"{self._pk}#dek"
+
+    def _copy_pk(self, version: int) -> str:
+        return f"{self._pk}#dek#v{version:010d}"
+
+    def _count_pk(self) -> str:
+        return f"{self._pk}#dek#n"
+
+    def _contract_pk(self) -> str:
+        return f"{self._pk}#contract"
+
+    def _entry_key(self, dek_id: bytes) -> dict[str, Any]:
+        return {"pk": {"S": self._dek_pk()}, "sk": {"S": _DEK_PREFIX + dek_id.hex()}}
+
+    def _count_key(self, version: int) -> dict[str, Any]:
+        return {"pk": {"S": self._count_pk()}, "sk": {"S": _count_sk(version)}}
+
+    def _count_add(self, version: int, delta: int) -> dict[str, Any]:
+        """Update action: add `delta` to the entry counter of `version` (created at 0 if absent)."""
+        return {
+            "Update": {
+                "TableName": self._table,
+                "Key": self._count_key(version),
+                "UpdateExpression": "ADD #c :d SET #v = :v",
+                "ExpressionAttributeNames": {"#c": "count", "#v": "version"},
+                "ExpressionAttributeValues": {":d": {"N": str(delta)}, ":v": {"N": str(version)}},
+            }
+        }
+
+    def _readable_check(self, version: int) -> dict[str, Any]:
+        """ConditionCheck action: `version` is still active or decrypt_only."""
+        return {
+            "ConditionCheck": {
+                "TableName": self._table,
+                "Key": {"pk": {"S": self._pk}, "sk": {"S": _version_sk(version)}},
+                "ConditionExpression": "#st = :a OR #st = :d",
+                "ExpressionAttributeNames": {"#st": "state"},
+                "ExpressionAttributeValues": {":a": {"S": _READABLE[0].value}, ":d": {"S": _READABLE[1].value}},
+            }
+        }
+
+    def _no_entries_check(self, version: int) -> dict[str, Any]:
+        """ConditionCheck action: no directory entry is wrapped under `version` (counter absent or 0)."""
+        return {
+            "ConditionCheck": {
+                "TableName": self._table,
+                "Key": self._count_key(version),
+                "ConditionExpression": "attribute_not_exists(#c) OR #c = :zero",
+                "ExpressionAttributeNames": {"#c": "count"},
+                "ExpressionAttributeValues": {":zero": {"N": "0"}},
+            }
+        }
+
+    @staticmethod
+    def _count_of(item: dict[str, Any] | None, version: int) -> int:
+        if item is None:
+            return 0
+        count = _n(item, "count", f"DEK counter of version {version}")
+        if count < 0:
+            raise RegistryInvariantError(f"the DEK counter of version {version} is negative ({count})")
+        return count
+
+    def _dek_refs(self, version: int) -> int:
+        """Entries wrapped under `version`, from its counter (one strongly consistent read)."""
+        if version < 1:
+            return 0
+        response = self._aws("get_item", TableName=self._table, Key=self._count_key(version), ConsistentRead=True)
+        return self._count_of(response.get("Item"), version)
+
+    def _query_prefix(
+        self, pk: str, prefix: str, *, after: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Items of partition `pk` whose sk starts with `prefix` (and sorts after prefix+`after`), in sk order."""
+        params: dict[str, Any] = {
+            "TableName": self._table,
+            "KeyConditionExpression": "pk = :pk AND sk > :lo",
+            "ExpressionAttributeValues": {":pk": {"S": pk}, ":lo": {"S": prefix + (after or "")}},
+            "ConsistentRead": True,
+        }
+        out: list[dict[str, Any]] = []
+        while True:
+            if limit is not None:
+                params["Limit"] = limit - len(out)
+            page = self._aws("query", **params)
+            for item in page.get("Items", []):
+                if not item.get("sk", {}).get("S", "").startswith(prefix):
+                    return out  # sorted: nothing further has the prefix
+                out.append(item)
+                if limit is not None and len(out) >= limit:
+                    return out
+            if not page.get("LastEvaluatedKey"):
+                return out
+            params["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _batch_get(self, keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Strongly consistent BatchGetItem, `LOOKUP_BATCH` keys per request, unprocessed keys retried (bounded)."""
+        items: list[dict[str, Any]] = []
+        for lo in range(0, len(keys), LOOKUP_BATCH):
+            request = {self._table: {"Keys": keys[lo : lo + LOOKUP_BATCH], "ConsistentRead": True}}
+            for attempt in range(_BATCH_GET_TRIES):
+                response = self._aws("batch_get_item", RequestItems=request)
+                items.extend(response.get("Responses", {}).get(self._table, []))
+                left = ((response.get("UnprocessedKeys") or {}).get(self._table) or {}).get("Keys")
+                if not left:
+                    break
+                if attempt + 1 == _BATCH_GET_TRIES:
+                    raise RegistryError(
+                        f"DynamoDB BatchGetItem on {self._table!r} left {len(left)} key(s) unprocessed "
+                        f"after {_BATCH_GET_TRIES} attempts (throttled); try again"
+                    )
+                request = {self._table: {"Keys": left, "ConsistentRead": True}}
+                time.sleep(random.uniform(0, min(1.0, 0.02 * 2**attempt)))
+        return items
+
+    def _get_entries(self, dek_ids: Sequence[bytes]) -> dict[bytes, DekEntry]:
+        out: dict[bytes, DekEntry] = {}
+        for item in self._batch_get([self._entry_key(d) for d in dek_ids]):
+            entry = _item_to_entry(item, _DEK_PREFIX)
+            out[entry.dek_id] = entry
+        return out
+
+    @staticmethod
+    def _register_chunks(entries: list[DekEntry]) -> list[list[DekEntry]]:
+        """Split so each transaction holds at most `_TRANSACT_MAX` actions (2 per entry, 2 per version)."""
+        chunks: list[list[DekEntry]] = []
+        chunk: list[DekEntry] = []
+        versions: set[int] = set()
+        for e in entries:
+            grown = versions | {e.key_version}
+            if chunk and 2 * (len(chunk) + 1) + 2 * len(grown) > _TRANSACT_MAX:
+                chunks.append(chunk)
+                chunk, grown = [], {e.key_version}
+            chunk.append(e)
+            versions = grown
+        if chunk:
+            chunks.append(chunk)
+        return chunks
+
+    def _register_actions(self, chunk: list[DekEntry], now: datetime) -> list[dict[str, Any]]:
+        actions: list[dict[str, Any]] = []
+        for e in chunk:
+            actions.append(
+                {
+                    "Put": {
+                        "TableName": self._table,
+                        "Item": _entry_to_item(self._dek_pk(), _DEK_PREFIX, e, now),
+                        "ConditionExpression": "attribute_not_exists(sk)",
+                    }
+                }
+            )
+            actions.append(
+                {"Put": {"TableName": self._table, "Item": _entry_to_item(self._copy_pk(e.key_version), _COPY_PREFIX, e, now)}}
+            )
+        for version, n in sorted(Counter(e.key_version for e in chunk).items()):
+            actions.append(self._count_add(version, n))
+            actions.append(self._readable_check(version))
+        return actions
+
+    def _rewrap_actions(self, entry: DekEntry, moved: DekEntry, now: datetime) -> list[dict[str, Any]]:
+        actions: list[dict[str, Any]] = [
+            {
+                "Put": {
+                    "TableName": self._table,
+                    "Item": _entry_to_item(self._dek_pk(), _DEK_PREFIX, moved, now),
+                    "ConditionExpression": "#env = :expected",
+                    "ExpressionAttributeNames": {"#env": "envelope"},
+                    "ExpressionAttributeValues": {":expected": {"B": entry.envelope}},
+                }
+            },
+            {"Put": {"TableName": self._table, "Item": _entry_to_item(self._copy_pk(moved.key_version), _COPY_PREFIX, moved, now)}},
+            self._readable_check(moved.key_version),
+        ]
+        if moved.key_version != entry.key_version:
+            old_copy = {"pk": {"S": self._copy_pk(entry.key_version)}, "sk": {"S": _COPY_PREFIX + entry.dek_id.hex()}}
+            actions.append({"Delete": {"TableName": self._table, "Key": old_copy}})
+            actions.append(self._count_add(entry.key_version, -1))
+            actions.append(self._count_add(moved.key_version, 1))
+        return actions
+
+    # ------------------------------------------------------------------ DEK directory
+
+    def register_deks(self, entries: Sequence[DekEntry]) -> None:
+        """Register new DEKs (see `keyturn.directory`); identical re-registration is a no-op.
+
+        Every entry is validated against the registry (`check_new_entries`:
+        a readable version, the registry's KEK for it); a dek_id already
+        registered (or given twice) with another birth raises
+        `DirectoryError` and registers nothing. Each transaction also checks
+        that the versions are still readable, so a racing retire either
+        refuses or makes this refuse. Up to ~49 entries are one transaction
+        (module docstring).
+        """
+        entries = list(entries)
+        if not entries:
+            return
+        for attempt in range(self._max_conflict_retries + 1):
+            versions = self.check()
+            check_new_entries(
+                entries, {v.version: v.kek_id for v in versions}, [v.version for v in versions if v.state.readable]
+            )
+            todo: dict[bytes, DekEntry] = {}
+            for e in entries:
+                first = todo.setdefault(e.dek_id, e)
+                if not _same_birth(first, e):
+                    raise DirectoryError(f"DEK {e.dek_id.hex()} is given twice with different births")
+            for dek_id, stored in self._get_entries(sorted(todo)).items():
+                if not _same_birth(stored, todo[dek_id]):
+                    raise DirectoryError(f"DEK {dek_id.hex()} is already registered with another birth")
+                del todo[dek_id]
+            if not todo:
+                return
+            now = self._now()
+            try:
+                for chunk in self._register_chunks([todo[d] for d in sorted(todo)]):
+                    self._transact(self._register_actions(chunk, now))
+            except _Conflict:  # registered meanwhile, or a version stopped being readable: re-read
+                self._backoff(attempt)
+                continue
+            return
+        raise self._too_many_conflicts()
+
+    def lookup_deks(self, dek_ids: Iterable[bytes]) -> dict[bytes, DekEntry]:
+        """Registered entries of `dek_ids` (absent ids left out): one BatchGetItem per `LOOKUP_BATCH` ids."""
+        wanted = sorted({bytes(d) for d in dek_ids})
+        return self._get_entries(wanted) if wanted else {}
+
+    def list_deks(self, *, key_version: int | None = None, after: bytes | None = None, limit: int = 1000) -> list[DekEntry]:
+        """Entries in dek_id order after `after` (optionally only those under `key_version`), at most `limit`.
+
+        One Query (paged by DynamoDB's 1 MB pages) of the entry partition, or
+        of the version's copy partition: O(`limit`), whatever the directory's size.
+        """
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        if key_version is None:
+            pk, prefix = self._dek_pk(), _DEK_PREFIX
+        else:
+            pk, prefix = self._copy_pk(require_version(key_version)), _COPY_PREFIX
+        items = self._query_prefix(pk, prefix, after=None, limit=limit)
+        out = [_item_to_entry(i, prefix) for i in items]
+        for e in out:
+            if key_version is not None and e.key_version != key_version:
+                raise RegistryInvariantError(f"the copy of DEK {e.dek_id.hex()} under version {key_version} says {e.key_version}")
+        return out
+
+    def dek_count(self, key_version: int | None = None) -> int:
+        """Entries wrapped under `key_version` (all entries if None), from the per-version counters."""
+        if key_version is None:
+            return sum(self.deks_by_version().values())
+        return self._dek_refs(require_version(key_version))
+
+    def deks_by_version(self) -> dict[int, int]:
+        """Entries per current key version, ascending (versions without entries left out)."""
+        out: dict[int, int] = {}
+        for item in self._query_prefix(self._count_pk(), _COUNT_PREFIX):
+            what = f"DEK counter {item['sk']['S']!r}"
+            version = _n(item, "version", what)
+            if item["sk"]["S"] != _count_sk(version):
+                raise RegistryInvariantError(f"stored {what} counts version {version}")
+            count = self._count_of(item, version)
+            if count:
+                out[version] = count
+        return dict(sorted(out.items()))
+
+    def replace_wrapping(self, dek_id: bytes, *, expected_envelope: bytes, new_envelope: bytes) -> bool:
+        """Compare-and-set one entry's envelope (a validated rewrap of the same DEK onto a readable version).
+
+        False if the entry no longer holds `expected_envelope`; `DirectoryError`
+        if the DEK is not registered, the new envelope is not the same DEK
+        under the registry's KEK, or its version is not readable.
+        """
+        dek_id, expected = bytes(dek_id), bytes(expected_envelope)
+        for attempt in range(self._max_conflict_retries + 1):
+            versions = self.check()
+            item = self._aws("get_item", TableName=self._table, Key=self._entry_key(dek_id), ConsistentRead=True).get("Item")
+            if item is None:
+                raise DirectoryError(f"DEK {dek_id.hex()} is not in the directory")
+            entry = _item_to_entry(item, _DEK_PREFIX)
+            if entry.envelope != expected:
+                return False
+            moved = check_rewrap(entry, new_envelope, {v.version: v.kek_id for v in versions})
+            if not find_version(versions, moved.key_version).state.readable:
+                raise DirectoryError(f"cannot rewrap DEK {dek_id.hex()} onto version {moved.key_version}: it is not readable")
+            now = self._now()
+            try:
+                self._transact(self._rewrap_actions(entry, moved, now))
+            except _Conflict:  # moved meanwhile, or the version stopped being readable: re-read
+                self._backoff(attempt)
+                continue
+            return True
+        raise self._too_many_conflicts()
+
+    # ------------------------------------------------------------------ dataset contracts
+
+    def _contract_item(self, dataset: str) -> dict[str, Any] | None:
+        key = {"pk": {"S": self._contract_pk()}, "sk": {"S": _CONTRACT_PREFIX + dataset}}
+        return self._aws("get_item", TableName=self._table, Key=key, ConsistentRead=True).get("Item")
+
+    def _contract_actions(
+        self, contract: DatasetContract, now: datetime, actor: str, reason: str, expected_revision: int | None
+    ) -> list[dict[str, Any]]:
+        text, at = contract.to_text(), _to_text(now)
+        common = {
+            "pk": {"S": self._contract_pk()},
+            "dataset": {"S": contract.dataset},
+            "revision": {"N": str(contract.revision)},
+            "contract": {"S": text},
+        }
+        put: dict[str, Any] = {
+            "TableName": self._table,
+            "Item": {**common, "sk": {"S": _CONTRACT_PREFIX + contract.dataset}, "updated_at": {"S": at}},
+        }
+        if expected_revision is None:
+            put["ConditionExpression"] = "attribute_not_exists(sk)"
+        else:
+            put["ConditionExpression"] = "#r = :r"
+            put["ExpressionAttributeNames"] = {"#r": "revision"}
+            put["ExpressionAttributeValues"] = {":r": {"N": str(expected_revision)}}
+        history = {
+            **common,
+            "sk": {"S": _contract_history_sk(contract.dataset, contract.revision)},
+            "at": {"S": at},
+            "actor": {"S": actor},
+            "reason": {"S": reason},
+        }
+        return [
+            {"Put": put},
+            {"Put": {"TableName": self._table, "Item": history, "ConditionExpression": "attribute_not_exists(sk)"}},
+        ]
+
+    def get_contract(self, dataset: str) -> DatasetContract | None:
+        """The pinned contract of `dataset`, or None if nothing was ever written to it."""
+        require_text("dataset", dataset)
+        item = self._contract_item(dataset)
+        return None if item is None else _stored_contract(dataset, _s(item, "contract", f"contract of {dataset!r}"))
+
+    def pin_contract(self, contract: DatasetContract, *, actor: str, reason: str) -> DatasetContract:
+        """Store `contract` if its dataset has none yet (conditional put); return the stored one (the first writer's)."""
+        require_text("actor", actor)
+        require_text("reason", reason)
+        if contract.revision != 1:
+            raise ContractError("a first contract has revision 1")
+        for attempt in range(self._max_conflict_retries + 1):
+            self.check()
+            item = self._contract_item(contract.dataset)
+            if item is not None:
+                return _stored_contract(contract.dataset, _s(item, "contract", f"contract of {contract.dataset!r}"))
+            now = self._now()
+            try:
+                self._transact(self._contract_actions(contract, now, actor, reason, None))
+            except _Conflict:  # another first writer: return theirs on the next read
+                self._backoff(attempt)
+                continue
+            return contract
+        raise self._too_many_conflicts()
+
+    def evolve_contract(self, contract: DatasetContract, *, expected_revision: int, actor: str, reason: str) -> DatasetContract:
+        """Replace the dataset's contract with `contract` (revision `expected_revision` + 1), compare-and-set."""
+        require_text("actor", actor)
+        require_text("reason", reason)
+        for attempt in range(self._max_conflict_retries + 1):
+            self.check()
+            item = self._contract_item(contract.dataset)
+            if item is None:
+                raise ContractError(f"dataset {contract.dataset!r} has no contract yet; its first write pins one")
+            stored = _n(item, "revision", f"contract of {contract.dataset!r}")
+            if stored != expected_revision or contract.revision != expected_revision + 1:
+                raise ConcurrentModificationError(
+                    f"the contract of dataset {contract.dataset!r} is at revision {stored}, not {expected_revision}"
+                )
+            now = self._now()
+            try:
+                self._transact(self._contract_actions(contract, now, actor, reason, expected_revision))
+            except _Conflict:  # evolved meanwhile: the next read refuses
+                self._backoff(attempt)
+                continue
+            return contract
+        raise self._too_many_conflicts()
+
+    def contract_history(self, dataset: str) -> list[dict[str, Any]]:
+        """Every revision of `dataset`'s contract, oldest first (``revision``, ``contract``, ``at``, ``actor``, ``reason``)."""
+        rows = []
+        for item in self._query_prefix(self._contract_pk(), f"{_CONTRACT_HISTORY_PREFIX}{dataset}#"):
+            what = f"contract history item {item['sk']['S']!r}"
+            if _s(item, "dataset", what) != dataset:
+                continue  # a dataset whose name is this one's plus "#..."
+            revision = _n(item, "revision", what)
+            if item["sk"]["S"] != _contract_history_sk(dataset, revision):
+                raise RegistryInvariantError(f"stored {what} holds revision {revision}")
+            rows.append(
+                {
+                    "revision": revision,
+                    "contract": _stored_contract(dataset, _s(item, "contract", what)),
+                    "at": _from_text(_s(item, "at", what), "contract time"),
+                    "actor": _s(item, "actor", what),
+                    "reason": _s(item, "reason", what),
+                }
+            )
+        return sorted(rows, key=lambda r: r["revision"])
 
 
 def create_table(

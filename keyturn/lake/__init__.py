@@ -7,7 +7,7 @@ Beam-free. See `keyturn.lake.layout` for the directory layout and
 """
 
 from keyturn.lake.atomic import AtomicParquetWriter, fsync_dir, write_parquet_atomically
-from keyturn.lake.crash import crashpoint
+from keyturn.crash import crashpoint
 from keyturn.lake.footer import (
     FOOTER_KEY,
     FileSummary,

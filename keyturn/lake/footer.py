@@ -5,11 +5,18 @@ its footer metadata, key ``keyturn``, value JSON::
 
     {"format": 1, "dataset": "customers", "partition": "region=3",
      "rows": 1000, "versions": {"1": 400, "2": 600},
-     "encrypted_columns": ["email", "ssn"]}
+     "encrypted_columns": ["email", "ssn"],
+     "deks": {"9f1c...(32 hex)": 400, "03ab...": 600}}
 
-`versions` maps a key version to the number of rows under it; rows without
-version metadata (``missing``) are ``rows - sum(versions)``. An inventory
-therefore reads only footers (`pyarrow.parquet.read_metadata`), never data.
+`versions` maps a key version to the number of rows under it (the rows'
+own ``_keyturn_version``, the version their DEK was born under); rows
+without version metadata (``missing``) are ``rows - sum(versions)``.
+`deks` (optional; files written before it lack it) maps each dek_id to its
+rows, so an inventory can count rows under the key version that wraps each
+DEK *now*, from the key registry's DEK directory, reading only footers
+(`pyarrow.parquet.read_metadata`), never data. Without `deks` (or when it
+disagrees with the row count) the ``_keyturn_dek`` column is read instead:
+its dictionary pages and indices, a few KB per row group.
 
 `read_file_summary` trusts the footer only when it agrees with the Parquet
 column statistics of ``_keyturn_version`` (same metadata read, no data
@@ -31,7 +38,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from keyturn.format import VERSION_FIELD
+from datetime import datetime
+
+from keyturn.errors import DecryptionError
+from keyturn.format import DEK_FIELD, DEK_ID_BYTES, VERSION_FIELD, Envelope, parse_envelope
 from keyturn.lake.layout import DataFile, Lake
 from keyturn.policy import KeyPolicy, ReadStatus
 
@@ -46,6 +56,8 @@ __all__ = [
     "read_file_summary",
     "footer_for",
     "merge_counts",
+    "envelope_rows",
+    "dek_counts",
 ]
 
 FOOTER_KEY = b"keyturn"
@@ -62,6 +74,7 @@ class Footer:
     rows: int
     versions: dict[int, int]
     encrypted_columns: list[str]
+    deks: dict[bytes, int] | None = None
 
     @property
     def missing_rows(self) -> int:
@@ -75,6 +88,7 @@ class Footer:
             "rows": self.rows,
             "versions": {str(v): n for v, n in sorted(self.versions.items())},
             "encrypted_columns": list(self.encrypted_columns),
+            **({} if self.deks is None else {"deks": {d.hex(): n for d, n in sorted(self.deks.items())}}),
         }
 
     def to_bytes(self) -> bytes:
@@ -92,6 +106,7 @@ def parse_footer(raw: bytes | None) -> Footer | None:
         dataset, partition, rows = doc["dataset"], doc["partition"], doc["rows"]
         versions = {int(k): v for k, v in doc["versions"].items()}
         columns = doc["encrypted_columns"]
+        deks = None if doc.get("deks") is None else {bytes.fromhex(k): v for k, v in doc["deks"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     if not (isinstance(dataset, str) and isinstance(partition, str) and _count(rows)):
@@ -100,7 +115,11 @@ def parse_footer(raw: bytes | None) -> Footer | None:
         return None
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
         return None
-    return Footer(dataset, partition, rows, versions, columns)
+    if deks is not None and (
+        not all(len(d) == DEK_ID_BYTES and _count(n) for d, n in deks.items()) or sum(deks.values()) > rows
+    ):
+        return None
+    return Footer(dataset, partition, rows, versions, columns, deks)
 
 
 def _count(n: object) -> bool:
@@ -162,17 +181,27 @@ class FileSummary:
     dataset: str | None = None
     source: str = "none"
     error: str | None = None
+    dek_rows: dict[bytes, int] = field(default_factory=dict, repr=False)
+    births: dict[bytes, Envelope] | None = field(default=None, repr=False)
+    unknown_rows: int = 0
+    corrupt_rows: int = 0
+    effective: bool = False
+    oldest_dek: datetime | None = None
+    schema: pa.Schema | None = field(default=None, repr=False)
+    contract_problems: list[str] = field(default_factory=list)
 
     @property
     def readable(self) -> bool:
         return self.error is None
 
     def status_rows(self, policy: KeyPolicy) -> dict[str, int]:
-        """Rows per read status (current, stale, retired, unknown, missing; corrupt is always 0 here)."""
+        """Rows per read status (current, stale, retired, unknown, missing, corrupt)."""
         out = {s.value: 0 for s in ReadStatus}
         for version, n in self.versions.items():
             out[policy.classify(version).value] += n
         out[ReadStatus.MISSING.value] += self.missing_rows
+        out[ReadStatus.UNKNOWN.value] += self.unknown_rows
+        out[ReadStatus.CORRUPT.value] += self.corrupt_rows
         return out
 
     def stale_rows(self, policy: KeyPolicy) -> int:
@@ -199,6 +228,10 @@ class FileSummary:
             "dataset": self.dataset,
             "source": self.source,
             "error": self.error,
+            "unknown_rows": self.unknown_rows,
+            "corrupt_rows": self.corrupt_rows,
+            "versions_from": "directory" if self.effective else "file",
+            "contract_problems": list(self.contract_problems),
         }
         if policy is not None:
             out["status_rows"] = self.status_rows(policy)
@@ -287,6 +320,11 @@ def read_file_summary(lake: Lake, data_file: DataFile) -> FileSummary:
             summary.row_groups = md.num_row_groups
             footer = parse_footer((md.metadata or {}).get(FOOTER_KEY))
             col = _version_column_index(md)
+            summary.schema = pf.schema_arrow
+            if footer is not None and footer.deks is not None and sum(footer.deks.values()) == footer.rows - footer.missing_rows:
+                summary.dek_rows = dict(footer.deks)
+            else:
+                summary.dek_rows, summary.births = _dek_rows_from_column(pf)
             if footer is not None and _footer_agrees(footer, md, col):
                 summary.versions = dict(footer.versions)
                 summary.missing_rows = footer.missing_rows
@@ -309,14 +347,92 @@ def read_file_summary(lake: Lake, data_file: DataFile) -> FileSummary:
     return summary
 
 
+def envelope_rows(pf: pq.ParquetFile) -> dict[bytes, int]:
+    """Rows per DEK envelope, from the ``_keyturn_dek`` column alone (dictionary pages and indices)."""
+    if DEK_FIELD not in pf.schema_arrow.names:
+        return {}
+    out: dict[bytes, int] = {}
+    for g in range(pf.metadata.num_row_groups):
+        if pf.metadata.row_group(g).num_rows == 0:
+            continue
+        column = pf.read_row_group(g, columns=[DEK_FIELD]).column(0)
+        for chunk in column.chunks:
+            if pa.types.is_dictionary(chunk.type):
+                indices = chunk.indices.drop_null().to_numpy(zero_copy_only=False)
+                if len(indices) == 0:
+                    continue
+                counts = np.bincount(indices, minlength=len(chunk.dictionary))
+                for value, n in zip(chunk.dictionary.to_pylist(), counts.tolist()):
+                    if n and value is not None:
+                        out[bytes(value)] = out.get(bytes(value), 0) + n
+            else:
+                for item in chunk.value_counts().to_pylist():
+                    if item["values"] is not None:
+                        value = bytes(item["values"])
+                        out[value] = out.get(value, 0) + item["counts"]
+    return out
+
+
+def _dek_rows_from_column(pf: pq.ParquetFile) -> tuple[dict[bytes, int], dict[bytes, Envelope]]:
+    """(rows per dek_id, birth envelope per dek_id) from the ``_keyturn_dek`` column; unparseable envelopes are skipped."""
+    rows: dict[bytes, int] = {}
+    births: dict[bytes, Envelope] = {}
+    for env, n in envelope_rows(pf).items():
+        try:
+            birth = parse_envelope(env)
+        except DecryptionError:
+            continue
+        rows[birth.dek_id] = rows.get(birth.dek_id, 0) + n
+        births[birth.dek_id] = birth
+    return rows, births
+
+
+def dek_counts(table: pa.Table | pa.RecordBatch) -> dict[bytes, int]:
+    """Rows per dek_id of an encrypted table or batch (for its footer); unparseable envelopes are left out."""
+    if DEK_FIELD not in table.schema.names:
+        return {}
+    column = table.column(DEK_FIELD)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out: dict[bytes, int] = {}
+    for chunk in chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        indices = chunk.indices.drop_null().to_numpy(zero_copy_only=False)
+        if len(indices) == 0:
+            continue
+        counts = np.bincount(indices, minlength=len(chunk.dictionary))
+        for value, n in zip(chunk.dictionary.to_pylist(), counts.tolist()):
+            if n and value is not None:
+                try:
+                    dek_id = parse_envelope(value).dek_id
+                except DecryptionError:
+                    continue
+                out[dek_id] = out.get(dek_id, 0) + n
+    return out
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return (text[:300] + "...") if len(text) > 300 else (text or type(exc).__name__)
 
 
-def footer_for(dataset: str, partition: str, version_counts: Mapping[int, int], rows: int, encrypted: Iterable[str]) -> Footer:
-    """Build a footer (validated the same way a parsed one is)."""
-    footer = Footer(dataset, partition, rows, {int(v): int(n) for v, n in version_counts.items() if n}, list(encrypted))
+def footer_for(
+    dataset: str,
+    partition: str,
+    version_counts: Mapping[int, int],
+    rows: int,
+    encrypted: Iterable[str],
+    deks: Mapping[bytes, int] | None = None,
+) -> Footer:
+    """Build a footer (validated the same way a parsed one is); `deks` maps dek_id -> rows (see `dek_counts`)."""
+    footer = Footer(
+        dataset,
+        partition,
+        rows,
+        {int(v): int(n) for v, n in version_counts.items() if n},
+        list(encrypted),
+        None if deks is None else {bytes(d): int(n) for d, n in deks.items() if n},
+    )
     if parse_footer(footer.to_bytes()) is None:
         raise ValueError(f"invalid footer: {footer.to_json()}")
     return footer

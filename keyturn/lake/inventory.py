@@ -9,18 +9,22 @@ checks (`Inventory.references`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from keyturn.contract import DatasetContract
+from keyturn.directory import LOOKUP_BATCH, DekDirectory, DekEntry, entry_matches
 from keyturn.lake.footer import FileSummary, read_file_summary
+from keyturn.scope import Location
 from keyturn.lake.layout import Lake
 from keyturn.policy import KeyPolicy, ReadStatus
 
 __all__ = ["Inventory", "take_inventory"]
 
-_STATUSES = [s.value for s in ReadStatus if s is not ReadStatus.CORRUPT]
+_STATUSES = [s.value for s in ReadStatus]
 
 
 @dataclass
@@ -63,6 +67,15 @@ class Inventory:
         """Files holding stale rows (readable, on a decrypt-only version) of this dataset, by path."""
         foreign = {id(f) for f in self.foreign()}
         return [f for f in self.files if f.needs_rewrite(self.policy) and id(f) not in foreign]
+
+    def aged_files(self, cutoff: datetime) -> list[FileSummary]:
+        """Readable files of this dataset with a DEK created before `cutoff` (needs directory counts)."""
+        foreign = {id(f) for f in self.foreign()}
+        return [
+            f
+            for f in self.files
+            if f.readable and id(f) not in foreign and f.oldest_dek is not None and f.oldest_dek < cutoff
+        ]
 
     def current_files(self) -> list[FileSummary]:
         return [f for f in self.files if f.is_current(self.policy)]
@@ -134,8 +147,14 @@ class Inventory:
                     {"path": f.relpath, "partition": f.partition, "reason": "foreign_dataset",
                      "detail": f"footer names dataset {f.dataset!r}, not {self.dataset!r}; left untouched"}
                 )
+            if f.contract_problems:
+                out.append(
+                    {"path": f.relpath, "partition": f.partition, "reason": "contract_violation", "rows": f.rows,
+                     "detail": "; ".join(f.contract_problems) + " (the dataset contract says ciphertext); "
+                     "its rows are quarantined on read"}
+                )
             status = f.status_rows(self.policy)
-            for reason in ("retired", "unknown", "missing"):
+            for reason in ("retired", "unknown", "missing", "corrupt"):
                 if status[reason]:
                     out.append(
                         {"path": f.relpath, "partition": f.partition, "reason": reason, "rows": status[reason],
@@ -156,15 +175,31 @@ _WHY = {
     "retired": "are under a retired key version",
     "unknown": "are under a key version the registry does not know",
     "missing": "carry no key-version metadata",
+    "corrupt": "name a DEK whose directory entry does not match them",
 }
 
 
-def take_inventory(lake: Lake, policy: KeyPolicy, *, dataset: str | None = None, threads: int = 8) -> Inventory:
+def take_inventory(
+    lake: Lake,
+    policy: KeyPolicy,
+    *,
+    dataset: str | None = None,
+    threads: int = 8,
+    directory: DekDirectory | None = None,
+    contract: DatasetContract | None = None,
+) -> Inventory:
     """Read every data file's footer (in `threads` threads) and build the inventory.
 
     `dataset`, if given, marks files whose footer names another dataset as
-    foreign (reported, never rewritten). A missing lake directory is an
-    empty inventory; call `lake.require()` first to make it an error.
+    foreign (reported, never rewritten). With the key registry's DEK
+    `directory`, each file's rows are counted under the key version that
+    wraps their DEK *now* (the directory's), so a lake rewrapped in the
+    directory is current with every file untouched; rows whose DEK the
+    directory does not know are ``unknown``. With the dataset's `contract`,
+    a file whose schema breaks it (a contract column missing or not
+    ciphertext: a downgrade) is reported as a problem; its rows are not
+    counted as readable. A missing lake directory is an empty inventory;
+    call `lake.require()` first to make it an error.
     """
     data_files = lake.data_files()
     if threads > 1 and len(data_files) > 1:
@@ -172,4 +207,53 @@ def take_inventory(lake: Lake, policy: KeyPolicy, *, dataset: str | None = None,
             files = list(pool.map(lambda df: read_file_summary(lake, df), data_files))
     else:
         files = [read_file_summary(lake, df) for df in data_files]
+    if directory is not None:
+        apply_directory(files, directory, dataset)
+    if contract is not None:
+        from keyturn.arrow_codec import contract_violations
+
+        for f in files:
+            if f.readable and f.schema is not None and f.rows:
+                f.contract_problems = contract_violations(f.schema, contract)
+                if f.contract_problems:  # a downgraded file: none of its rows will be read as clear data
+                    f.corrupt_rows += sum(f.versions.values())
+                    f.versions = {}
     return Inventory(lake, policy, files, dataset)
+
+
+def apply_directory(files: Sequence[FileSummary], directory: DekDirectory, dataset: str | None) -> None:
+    """Recount each file's rows by the directory's key version of their DEK (one lookup per 100 DEKs).
+
+    A DEK the directory does not know counts as unknown; an entry for
+    another place (dataset, partition) than the file's, or (when the file's
+    birth envelopes were read) one that does not match its envelope, as
+    corrupt. Files that cannot be read are left as they are.
+    """
+    ids = sorted({d for f in files for d in f.dek_rows})
+    entries: dict[bytes, DekEntry] = {}
+    for lo in range(0, len(ids), LOOKUP_BATCH):
+        entries.update(directory.lookup_deks(ids[lo : lo + LOOKUP_BATCH]))
+    for f in files:
+        if not f.readable:
+            continue
+        where = Location(f.dataset or dataset or "?", f.partition)
+        versions: dict[int, int] = {}
+        unknown = corrupt = 0
+        oldest = None
+        for dek_id, n in f.dek_rows.items():
+            entry = entries.get(dek_id)
+            birth = None if f.births is None else f.births.get(dek_id)
+            if entry is None:
+                unknown += n
+            elif (entry.dataset, entry.partition) != (where.dataset, where.partition) or (
+                birth is not None and not entry_matches(entry, birth, where)
+            ):
+                corrupt += n
+            else:
+                versions[entry.key_version] = versions.get(entry.key_version, 0) + n
+                oldest = entry.created_at if oldest is None or entry.created_at < oldest else oldest
+        f.versions = dict(sorted(versions.items()))
+        f.unknown_rows, f.corrupt_rows = unknown, corrupt
+        f.missing_rows = max(0, f.rows - sum(versions.values()) - unknown - corrupt)
+        f.oldest_dek = oldest
+        f.effective = True

@@ -1,29 +1,34 @@
-"""Rewrite one lake file onto the active key version: read, rewrap or re-encrypt, verify, swap.
+"""Re-encrypt one lake file under fresh DEKs: read, re-encrypt, verify, swap.
 
-`rewrite_file` is the unit of work of the reencrypt job (Beam-free):
+`rewrite_file` is the unit of work of the reencrypt job (Beam-free). Key
+rotation itself never comes here: re-wrapping moves the DEK directory's
+entries onto the new key version (`keyturn rewrap`) and changes no lake
+byte. This is the other, payload-changing job, for DEK age policy and for
+data whose DEK is still under a stale version:
 
-1. read the file one row group at a time (memory stays bounded by a row
-   group), and pass each through `keyturn.arrow_codec.rewrap_batch` (only
-   stale DEK envelopes change; each distinct DEK is re-wrapped once per
-   file) or `reencrypt_batch` (readable rows sealed again under one fresh
-   DEK scope per file). Rows that are retired, unknown, missing or corrupt
-   stay byte for byte, in place; corrupt rows are also copied to the
-   quarantine side output;
-2. write every row group to a temp file next to the original
-   (``.keyturn-tmp-<uuid>-<name>``) with a new ``keyturn`` footer;
-3. verify the temp file as read back from storage: same row count and row
-   groups, every non-sensitive column identical; for rewrap every
-   sensitive cell identical and every new envelope unwraps (and matches its
-   commitment); for re-encrypt the decrypted plaintext equals the
-   original's and unreadable rows are identical;
-4. rename the temp file over the original path (same name), so a crash
+1. decide from the file's key columns alone (``_keyturn_version`` and the
+   dictionary of ``_keyturn_dek``) and the DEK directory whether any DEK of
+   the file is stale or older than ``dek_max_age``; if not, leave it;
+2. check the file against the dataset contract: a contract column that is
+   missing or not ciphertext leaves the file untouched and reported;
+3. read one row group at a time (memory stays bounded by a row group) and
+   pass each through `keyturn.arrow_codec.reencrypt_batch`: readable rows
+   sealed again under one fresh DEK scope per file (each DEK registered in
+   the directory before use); retired, unknown, missing and corrupt rows
+   stay byte for byte, in place, with the envelope their cells name;
+   corrupt rows are also copied to the quarantine side output;
+4. write every row group to a temp file next to the original (hidden name,
+   see `keyturn.lake.layout`) with a new ``keyturn`` footer, and verify it as
+   read back from storage: same row count and row groups, every
+   non-sensitive column identical, decrypted plaintext equal to the
+   original's, unreadable rows identical;
+5. rename the temp file over the original path (same name), so a crash
    before the rename leaves the old file and a crash after it the new one:
    every row exactly once.
 
-A file with no stale rows left (another run got there first) is not
-rewritten. Data problems (an unreadable row group, a failed verification)
-leave the original untouched and come back as a failed outcome with a
-quarantine record; KMS outages raise (`KmsError`), so the job stops.
+Data problems (an unreadable row group, a failed verification, a contract
+violation) leave the original untouched and come back as a failed outcome
+with a quarantine record; KMS outages raise (`KmsError`), so the job stops.
 """
 
 from __future__ import annotations
@@ -37,23 +42,32 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from keyturn.arrow_codec import decrypt_batch, encrypted_columns, reencrypt_batch, rewrap_batch
+from keyturn.arrow_codec import (
+    conform,
+    contract_schema,
+    contract_violations,
+    decrypt_batch,
+    encrypted_columns,
+    reencrypt_batch,
+)
+from keyturn.contract import DatasetContract
+from keyturn.directory import DekDirectory
 from keyturn.audit.events import AuditAction, build_event, build_quarantine, utc_now
 from keyturn.errors import DecryptionError, KmsError
-from keyturn.format import DEK_FIELD, VERSION_FIELD
+from keyturn.format import DEK_FIELD, VERSION_FIELD, parse_envelope
 from keyturn.ipc import batch_to_ipc
 from keyturn.kms.base import CountingKms, KmsBackend
 from keyturn.lake.atomic import AtomicParquetWriter
-from keyturn.lake.crash import crashpoint
-from keyturn.lake.footer import count_versions, footer_for, merge_counts
+from keyturn.crash import crashpoint
+from keyturn.lake.footer import count_versions, dek_counts, envelope_rows, footer_for, merge_counts
 from keyturn.lake.layout import DataFile, Lake
-from keyturn.policy import KeyPolicy, ReadStatus, count_statuses
+from keyturn.policy import KeyPolicy, ReadStatus, classify_keys, count_statuses
 from keyturn.reader import DekReader
 from keyturn.scope import DekScope, Location, ScopeLimits
 
-__all__ = ["RewriteOutcome", "rewrite_file", "choose_mode", "MODES"]
+__all__ = ["RewriteOutcome", "rewrite_file", "MODES"]
 
-MODES = ("rewrap", "reencrypt", "auto")
+MODES = ("reencrypt",)
 
 
 class _VerifyError(Exception):
@@ -101,41 +115,6 @@ class RewriteOutcome:
         }
 
 
-class _FileRewraps:
-    """The KMS as `rewrap_batch` sees it for one file: each distinct wrapped DEK is re-wrapped once.
-
-    Row groups of a file usually share DEKs; without this each row group
-    would cost a KMS call per DEK and give one DEK several envelopes. Holds
-    wrapped keys and request ids only, never key material.
-    """
-
-    def __init__(self, kms: KmsBackend) -> None:
-        self._kms = kms
-        self._done: dict[tuple[Any, ...], Any] = {}
-
-    def rewrap(self, wrapped: bytes, **kwargs: Any) -> Any:
-        key = (bytes(wrapped),) + tuple(
-            sorted((k, tuple(sorted(v.items())) if isinstance(v, Mapping) else v) for k, v in kwargs.items())
-        )
-        result = self._done.get(key)
-        if result is None:
-            result = self._done[key] = self._kms.rewrap(wrapped, **kwargs)
-        return result
-
-
-def choose_mode(mode: str, versions: Mapping[int, int], policy: KeyPolicy, now: datetime, dek_max_age: timedelta) -> str:
-    """`mode`, with ``auto`` resolved: re-encrypt if a stale version is older than `dek_max_age`, else rewrap."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if mode != "auto":
-        return mode
-    cutoff = now - dek_max_age
-    for v in versions:
-        if policy.classify(v) is ReadStatus.STALE and v in policy.created_at and policy.created_at[v] < cutoff:
-            return "reencrypt"
-    return "rewrap"
-
-
 def _row_group_batch(pf: pq.ParquetFile, g: int) -> pa.RecordBatch:
     table = pf.read_row_group(g).combine_chunks()
     batches = table.to_batches()
@@ -156,14 +135,28 @@ def rewrite_file(
     kms: KmsBackend,
     policy: KeyPolicy,
     dataset: str,
-    mode: str = "rewrap",
+    directory: DekDirectory | None = None,
+    contract: DatasetContract | None = None,
+    mode: str = "reencrypt",
     limits: ScopeLimits = ScopeLimits(),
     dek_max_age: timedelta = timedelta(days=365),
     actor: str = "keyturn reencrypt",
     reason: str = "",
     clock: Callable[[], datetime] = utc_now,
 ) -> RewriteOutcome:
-    """Bring `data_file`'s stale rows onto the active version in place (see the module docstring)."""
+    """Re-encrypt `data_file`'s readable rows under fresh DEKs in place (see the module docstring).
+
+    The file is rewritten when a DEK it uses is wrapped under a stale
+    (decrypt-only) version, as the `directory` says, or was created more
+    than `dek_max_age` ago. With the dataset's `contract`, a file in which a
+    contract column is missing or not ciphertext is not rewritten: it is
+    reported and left exactly as it is.
+    """
+    if mode not in MODES:
+        raise ValueError(
+            f"rewrite_file only re-encrypts (mode 'reencrypt'), not {mode!r}: re-wrapping is a directory "
+            "operation (`keyturn rewrap`) that changes no lake byte"
+        )
     location = Location(dataset, data_file.partition)
     counting = CountingKms(kms)
     outcome = RewriteOutcome(data_file.relpath, data_file.partition, "unchanged", mode, bytes_before=data_file.size)
@@ -192,7 +185,7 @@ def rewrite_file(
         source = lake.fs.open_input_file(data_file.path)
     except OSError as exc:
         return fail("unparseable", f"cannot open: {_one_line(exc)}")
-    with source:
+    with source, DekReader(counting, directory=directory) as reader:
         try:
             pf = pq.ParquetFile(source)
             schema = pf.schema_arrow
@@ -202,41 +195,48 @@ def rewrite_file(
         if VERSION_FIELD not in schema.names or DEK_FIELD not in schema.names:
             outcome.reason, outcome.detail = "missing", "no key-version columns: nothing to rewrite"
             return outcome
-        sensitive = encrypted_columns(schema)
+        sensitive = contract.names if contract is not None else encrypted_columns(schema)
         groups = [g for g in range(pf.num_row_groups) if pf.metadata.row_group(g).num_rows > 0]
 
-        # what the file holds, from its version column only (cheap, exact)
+        # what the file holds, from its version and DEK columns only (cheap, exact)
         try:
             before: dict[int, int] = {}
             for g in groups:
                 merge_counts(before, count_versions(pf.read_row_group(g, columns=[VERSION_FIELD]).column(0))[0])
+            envelopes = list(envelope_rows(pf))
         except (OSError, pa.ArrowException, ValueError) as exc:
-            return fail("unparseable", f"version column unreadable: {_one_line(exc)}")
+            return fail("unparseable", f"key columns unreadable: {_one_line(exc)}")
         outcome.versions_before = before
-        stale = {v for v in before if policy.classify(v) is ReadStatus.STALE}
-        if not stale:
-            outcome.reason, outcome.detail = "no_stale_rows", "no stale rows: left as it is"
+        due = _due_envelopes(envelopes, reader, policy, location, clock() - dek_max_age)
+        if not due:
+            outcome.reason, outcome.detail = "no_stale_rows", "no stale or over-age DEK: left as it is"
             return outcome
-        outcome.mode = mode = choose_mode(mode, before, policy, clock(), dek_max_age)
+        if contract is not None:
+            broken = contract_violations(schema, contract)
+            if broken:
+                return fail("contract_violation", "; ".join(broken))
+        target_schema = contract_schema(schema, contract) if contract is not None else schema
         crashpoint("rewrite:before-write")
 
         digest = hashlib.sha256(data_file.relpath.encode() + b"\0" + str(sorted(before.items())).encode())
         after: dict[int, int] = {}
-        with DekReader(counting) as reader, DekScope(counting, policy.active, location, limits=limits) as scope:
-            rewraps = _FileRewraps(counting)
-            with AtomicParquetWriter(lake, data_file.path, schema) as writer:
+        deks_after: dict[bytes, int] = {}
+        with DekScope(
+            counting, policy.active, location, limits=limits, directory=directory, actor=actor,
+            contract_revision=contract.revision if contract is not None else 0, clock=clock,
+        ) as scope:
+            with AtomicParquetWriter(lake, data_file.path, target_schema) as writer:
                 try:
                     for n, g in enumerate(groups):
                         batch = _row_group_batch(pf, g)
                         digest.update(str(batch.num_rows).encode())
-                        if mode == "rewrap":
-                            result = rewrap_batch(batch, rewraps, policy, location)
-                        else:
-                            result = reencrypt_batch(batch, reader, scope, policy, location)
+                        result = reencrypt_batch(batch, reader, scope, policy, location, contract=contract)
                         status = result.status
                         for k, v in result.counts().items():
                             statuses[k] += v
-                        corrupt = [i for i, s in enumerate(status) if s is ReadStatus.CORRUPT]
+                        if result.changed:
+                            outcome.rows_moved += sum(1 for st in status if st.readable)
+                        corrupt = [i for i, st in enumerate(status) if st is ReadStatus.CORRUPT]
                         if corrupt:
                             rows = batch.take(pa.array(corrupt, pa.int64()))
                             corrupt_records.append(
@@ -251,8 +251,10 @@ def rewrite_file(
                                     clock=clock,
                                 ).to_dict()
                             )
-                        writer.write(result.batch)
-                        merge_counts(after, count_versions(result.batch.column(VERSION_FIELD))[0])
+                        out = conform(result.batch, target_schema)
+                        writer.write(out)
+                        merge_counts(after, count_versions(out.column(VERSION_FIELD))[0])
+                        merge_counts(deks_after, dek_counts(out))
                         if n == 0:
                             writer.flush()
                             crashpoint("rewrite:mid-write")
@@ -262,18 +264,15 @@ def rewrite_file(
                     return fail("unparseable", f"row group unreadable: {_one_line(exc)}")
                 outcome.status_rows = statuses
                 outcome.versions_after = after
-                outcome.rows_moved = sum(n for v, n in before.items() if v in stale) - sum(
-                    n for v, n in after.items() if v in stale
-                )
-                if outcome.rows_moved == 0:  # every stale row turned out corrupt: nothing to gain
+                if outcome.rows_moved == 0:  # every row turned out unreadable: nothing to gain
                     outcome.quarantine = corrupt_records
-                    outcome.reason, outcome.detail = "nothing_moved", "no row could be moved onto the active version"
+                    outcome.reason, outcome.detail = "nothing_moved", "no row could be moved onto a fresh DEK"
                     outcome.kms_calls = counting.calls.total
                     return outcome
-                footer = footer_for(dataset, data_file.partition, after, outcome.rows, sensitive)
+                footer = footer_for(dataset, data_file.partition, after, outcome.rows, sensitive, deks_after)
                 temp = writer.finish(footer)
                 try:
-                    _verify(lake, pf, temp, mode, sensitive, reader, policy, location)
+                    _verify(lake, pf, temp, sensitive, reader, policy, location, contract)
                 except KmsError:
                     raise
                 except (_VerifyError, OSError, pa.ArrowException, ValueError, DecryptionError) as exc:
@@ -287,7 +286,7 @@ def rewrite_file(
         outcome.quarantine = corrupt_records
         outcome.kms_calls = counting.calls.total
         outcome.kms_request_ids = list(counting.calls.request_ids)
-        moved_from = sorted(v for v in stale if before.get(v, 0) > after.get(v, 0))
+        moved_from = sorted(v for v in before if v != policy.active.version)
         counts = {
             "rows": outcome.rows,
             "rows_moved": outcome.rows_moved,
@@ -298,9 +297,9 @@ def rewrite_file(
             "deks_generated": scope.stats.deks_generated,
         }
         outcome.audit = build_event(
-            AuditAction.REWRAP if mode == "rewrap" else AuditAction.REENCRYPT,
+            AuditAction.REENCRYPT,
             actor=actor,
-            reason=reason or f"{mode} {data_file.relpath} onto key version {policy.active.version}",
+            reason=reason or f"re-encrypt {data_file.relpath} under fresh DEKs on key version {policy.active.version}",
             dataset=dataset,
             partition=data_file.partition,
             version_from=moved_from[0] if moved_from else None,
@@ -311,6 +310,29 @@ def rewrite_file(
             clock=clock,
         ).to_dict()
         return outcome
+
+
+def _due_envelopes(
+    envelopes: list[bytes], reader: DekReader, policy: KeyPolicy, location: Location, cutoff: datetime
+) -> list[bytes]:
+    """The file's envelopes whose DEK is readable and stale, or readable and created before `cutoff`."""
+    versions = []
+    for env in envelopes:
+        try:
+            versions.append(parse_envelope(env).key_version)
+        except DecryptionError:
+            versions.append(None)
+    entries = reader.entries(envelopes)
+    keys = classify_keys(policy, versions, envelopes, entries=entries, location=location if entries is not None else None)
+    due = []
+    for env, st in zip(envelopes, keys.status):
+        if st is ReadStatus.STALE:
+            due.append(env)
+        elif st is ReadStatus.CURRENT and entries is not None:
+            entry = entries.get(parse_envelope(env).dek_id)
+            if entry is not None and entry.created_at < cutoff:
+                due.append(env)
+    return due
 
 
 def _decoded(array: pa.Array) -> pa.Array:
@@ -330,11 +352,11 @@ def _verify(
     lake: Lake,
     original: pq.ParquetFile,
     temp_path: str,
-    mode: str,
     sensitive: list[str],
     reader: DekReader,
     policy: KeyPolicy,
     location: Location,
+    contract: DatasetContract | None,
 ) -> None:
     """Read the temp file back and check it against the original; `_VerifyError` if anything differs."""
     with lake.fs.open_input_file(temp_path) as f:
@@ -345,8 +367,6 @@ def _verify(
         if new.num_row_groups != len(old_groups):
             raise _VerifyError("row groups differ")
         plain_columns = [n for n in original.schema_arrow.names if n not in sensitive and n not in (VERSION_FIELD, DEK_FIELD)]
-        checked: set[bytes] = set()
-        active = policy.active.version
         for g_new, g_old in enumerate(old_groups):
             old = _row_group_batch(original, g_old)
             fresh = _row_group_batch(new, g_new)
@@ -355,32 +375,14 @@ def _verify(
             for name in plain_columns:
                 if not _same(fresh.column(name), old.column(name)):
                     raise _VerifyError(f"column {name!r} changed")
-            if mode == "rewrap":
-                for name in sensitive:
-                    if not fresh.column(name).equals(old.column(name)):
-                        raise _VerifyError(f"sensitive column {name!r} changed in a rewrap")
-                versions = fresh.column(VERSION_FIELD).to_pylist()
-                for was, now in zip(old.column(VERSION_FIELD).to_pylist(), versions):
-                    if was != now and not (was is not None and policy.classify(was) is ReadStatus.STALE and now == active):
-                        raise _VerifyError("a row changed key version other than stale -> active")
-                deks = fresh.column(DEK_FIELD)
-                envelopes = deks.dictionary.to_pylist() if pa.types.is_dictionary(deks.type) else None
-                indices = deks.indices.to_pylist() if envelopes is not None else None
-                values = deks.to_pylist() if envelopes is None else None
-                for i, v in enumerate(versions):
-                    env = (envelopes[indices[i]] if indices[i] is not None else None) if envelopes is not None else values[i]
-                    if v == active and env is not None and env not in checked:
-                        reader.open(env, location)  # DecryptionError unless it unwraps and its commitment matches
-                        checked.add(env)
-            else:
-                old_read = decrypt_batch(old, reader, policy, location)
-                new_read = decrypt_batch(fresh, reader, policy, location)
-                if not new_read.plain.equals(old_read.plain):
-                    raise _VerifyError("decrypted plaintext differs")
-                if any(s.readable and t is not ReadStatus.CURRENT for s, t in zip(old_read.status, new_read.status)):
-                    raise _VerifyError("a readable row is not on the active version")
-                unread = [i for i, s in enumerate(old_read.status) if not s.readable]
-                if unread:
-                    take = pa.array(unread, pa.int64())
-                    if not _same(fresh.take(take), old.take(take)):
-                        raise _VerifyError("an unreadable row changed")
+            old_read = decrypt_batch(old, reader, policy, location, contract=contract)
+            new_read = decrypt_batch(fresh, reader, policy, location, contract=contract)
+            if not new_read.plain.equals(old_read.plain):
+                raise _VerifyError("decrypted plaintext differs")
+            if any(s.readable and t is not ReadStatus.CURRENT for s, t in zip(old_read.status, new_read.status)):
+                raise _VerifyError("a readable row is not on the active version")
+            unread = [i for i, s in enumerate(old_read.status) if not s.readable]
+            if unread:
+                take = pa.array(unread, pa.int64())
+                if not _same(fresh.take(take), old.take(take)):
+                    raise _VerifyError("an unreadable row changed")

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Protocol, runtime_checkable
 
-from keyturn.errors import InvalidTransitionError, RegistryInvariantError, UnknownVersionError, VersionInUseError
+from keyturn.errors import (
+    ConcurrentModificationError,
+    InvalidTransitionError,
+    RegistryInvariantError,
+    UnknownVersionError,
+    VersionInUseError,
+)
 
 __all__ = [
     "KeyState",
@@ -38,6 +44,7 @@ __all__ = [
     "TRANSITIONS_BY_OPERATION",
     "find_version",
     "plan_transition",
+    "check_rotation",
     "require_text",
     "require_version",
     "LifecycleMethods",
@@ -109,8 +116,11 @@ class KeyRegistry(Protocol):
         """Create version 1 as active if the registry is empty; else return the active version."""
         ...
 
-    def rotate(self, kek_id: str, *, actor: str, reason: str) -> KeyVersion:
-        """Atomically add version max+1 as active and demote the old active to decrypt_only."""
+    def rotate(self, kek_id: str, *, actor: str, reason: str, expect_active: int | None = None) -> KeyVersion:
+        """Atomically add version max+1 as active and demote the old active to decrypt_only.
+
+        With `expect_active`, refused (`ConcurrentModificationError`) unless that version is still active.
+        """
         ...
 
     def retire(self, version: int, *, actor: str, reason: str, inventory: Inventory | None = None) -> KeyVersion:
@@ -170,6 +180,7 @@ def plan_transition(
     inventory: Inventory | None,
     now: datetime,
     pending_days: int | None = None,
+    directory_refs: int = 0,
 ) -> tuple[KeyVersion, KeyState, datetime | None]:
     """Check that `op` may move `version` and return (current, new state, delete_after).
 
@@ -177,6 +188,9 @@ def plan_transition(
     `InvalidTransitionError` for a move not allowed from the current state,
     `VersionInUseError` while `inventory` finds data under the version, and
     `ValueError` for an inventory that answers anything but an int >= 0.
+    `directory_refs` is how many DEK directory entries the backend found
+    wrapped under the version inside the same write: retire and
+    schedule_deletion are refused while it is > 0, whatever any lake says.
     """
     sources, dst = TRANSITIONS_BY_OPERATION[op]
     current = find_version(versions, version)
@@ -190,6 +204,11 @@ def plan_transition(
         raise InvalidTransitionError(
             f"cannot {op} version {version}: transition {src.value} -> {dst.value} is not allowed ({hint})"
         )
+    if op in ("retire", "schedule_deletion") and directory_refs > 0:
+        raise VersionInUseError(
+            f"cannot {op} version {version}: the DEK directory holds {directory_refs} DEK(s) wrapped under it; "
+            "run `keyturn rewrap` to move them onto the active version first"
+        )
     if inventory is not None:
         raw = inventory.references(version)
         try:
@@ -202,6 +221,20 @@ def plan_transition(
             raise VersionInUseError(f"cannot {op} version {version}: the inventory still finds {refs} reference(s) under it")
     delete_after = None if pending_days is None else now + timedelta(days=pending_days)
     return current, dst, delete_after
+
+
+def check_rotation(versions: Sequence[KeyVersion], active: KeyVersion, kek_id: str, expect_active: int | None) -> None:
+    """What every backend checks before a rotation commits.
+
+    `ConcurrentModificationError` if `expect_active` is given and another
+    rotation already replaced that active version, so two racing rotations
+    never both commit (and never give two versions a KEK provisioned for one).
+    """
+    if expect_active is not None and active.version != expect_active:
+        raise ConcurrentModificationError(
+            f"another rotation got there first: version {active.version} is active now, not {expect_active}; "
+            "nothing was changed"
+        )
 
 
 def require_text(name: str, value: object) -> str:
@@ -277,14 +310,16 @@ class LifecycleMethods:
         return self._transition("retire", version, actor, reason, inventory=inventory)
 
     def schedule_deletion(
-        self, version: int, *, actor: str, reason: str, inventory: Inventory, pending_days: int
+        self, version: int, *, actor: str, reason: str, inventory: Inventory | None = None, pending_days: int
     ) -> KeyVersion:
-        """retired -> pending_deletion with delete_after = now + `pending_days`; refused while data remains."""
+        """retired -> pending_deletion with delete_after = now + `pending_days`; refused while data remains.
+
+        The backend refuses while its DEK directory holds a DEK wrapped under the version;
+        `inventory` (optional) adds a check of its own.
+        """
         require_version(version)
         require_text("actor", actor)
         require_text("reason", reason)
-        if inventory is None:
-            raise ValueError("schedule_deletion needs an inventory to prove nothing references the version")
         if isinstance(pending_days, bool) or not isinstance(pending_days, int):
             raise TypeError(f"pending_days must be an int, got {type(pending_days).__name__}")
         if pending_days < 0:

@@ -33,11 +33,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+from keyturn.contract import DatasetContract
+from keyturn.directory import LOOKUP_BATCH, DekEntry, check_new_entries, check_rewrap
 from keyturn.errors import (
+    ConcurrentModificationError,
+    ContractError,
+    DirectoryError,
     RegistryError,
     RegistryInvariantError,
     UnknownVersionError,
@@ -50,6 +55,7 @@ from keyturn.registry.base import (
     check_invariants,
     LifecycleMethods,
     find_version,
+    check_rotation,
     plan_transition,
     require_text,
     require_version,
@@ -58,7 +64,9 @@ from keyturn.registry.base import (
 __all__ = ["SqliteKeyRegistry", "SCHEMA_VERSION"]
 
 #: Stored in ``PRAGMA user_version``; a file with a newer schema is refused.
-SCHEMA_VERSION = 1
+#: 2 added the DEK directory (``deks``) and dataset contracts; a version-1
+#: file is upgraded in place when opened (the new tables start empty).
+SCHEMA_VERSION = 2
 
 _T = TypeVar("_T")
 
@@ -97,7 +105,52 @@ CREATE TRIGGER IF NOT EXISTS history_no_delete BEFORE DELETE ON history
 BEGIN
     SELECT RAISE(ABORT, 'history is append-only');
 END;
+CREATE TABLE IF NOT EXISTS deks (
+    dek_id            BLOB PRIMARY KEY CHECK (length(dek_id) = 16),
+    dataset           TEXT NOT NULL,
+    partition         TEXT NOT NULL,
+    key_version       INTEGER NOT NULL REFERENCES versions (version),
+    envelope          BLOB NOT NULL,
+    birth_version     INTEGER NOT NULL REFERENCES versions (version),
+    birth_commitment  BLOB NOT NULL,
+    created_at        TEXT NOT NULL,
+    actor             TEXT NOT NULL,
+    contract_revision INTEGER NOT NULL DEFAULT 0,
+    updated_at        TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deks_by_version ON deks (key_version, dek_id);
+CREATE TRIGGER IF NOT EXISTS deks_never_deleted BEFORE DELETE ON deks
+BEGIN
+    SELECT RAISE(ABORT, 'DEK directory entries are never deleted');
+END;
+CREATE TABLE IF NOT EXISTS contracts (
+    dataset    TEXT PRIMARY KEY,
+    revision   INTEGER NOT NULL CHECK (revision >= 1),
+    contract   TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS contract_history (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset  TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    contract TEXT NOT NULL,
+    at       TEXT NOT NULL,
+    actor    TEXT NOT NULL,
+    reason   TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS contract_history_no_update BEFORE UPDATE ON contract_history
+BEGIN
+    SELECT RAISE(ABORT, 'contract history is append-only');
+END;
+CREATE TRIGGER IF NOT EXISTS contract_history_no_delete BEFORE DELETE ON contract_history
+BEGIN
+    SELECT RAISE(ABORT, 'contract history is append-only');
+END;
 """
+
+_DEK_COLUMNS = (
+    "dek_id, dataset, partition, key_version, envelope, birth_version, birth_commitment, created_at, actor, contract_revision"
+)
 
 _VERSION_COLUMNS = "version, kek_id, state, created_at, actor, reason, state_changed_at, delete_after"
 
@@ -277,15 +330,21 @@ class SqliteKeyRegistry(LifecycleMethods):
             finally:
                 conn.execute("ROLLBACK")
 
-    def _write(self, fn: Callable[[sqlite3.Connection, list[KeyVersion], datetime], _T]) -> _T:
-        """Run `fn(conn, versions, now)` in one BEGIN IMMEDIATE transaction, validated before and after."""
+    def _write(
+        self, fn: Callable[[sqlite3.Connection, list[KeyVersion], datetime], _T], *, validate_after: bool = True
+    ) -> _T:
+        """Run `fn(conn, versions, now)` in one BEGIN IMMEDIATE transaction, validated before and after.
+
+        `validate_after=False` for writes that cannot change key versions (directory and contract writes).
+        """
         with self._connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 before = self._load(conn)
                 self._validate(conn, before)
                 result = fn(conn, before, self._now())
-                self._validate(conn, self._load(conn))
+                if validate_after:
+                    self._validate(conn, self._load(conn))
                 conn.execute("COMMIT")
                 return result
             except BaseException:
@@ -340,8 +399,9 @@ class SqliteKeyRegistry(LifecycleMethods):
         pending_days: int | None = None,
     ) -> KeyVersion:
         def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> KeyVersion:
+            refs = conn.execute("SELECT COUNT(*) FROM deks WHERE key_version = ?", (version,)).fetchone()[0]
             current, dst, delete_after = plan_transition(
-                versions, version, op, inventory=inventory, now=now, pending_days=pending_days
+                versions, version, op, inventory=inventory, now=now, pending_days=pending_days, directory_refs=refs
             )
             self._set_state(conn, version, current.state, dst, now, actor, reason, delete_after)
             return self._find(self._load(conn), version)
@@ -407,10 +467,12 @@ class SqliteKeyRegistry(LifecycleMethods):
 
         return self._write(apply)
 
-    def rotate(self, kek_id: str, *, actor: str, reason: str) -> KeyVersion:
+    def rotate(self, kek_id: str, *, actor: str, reason: str, expect_active: int | None = None) -> KeyVersion:
         """Atomically add version max+1 as active and demote the old active to decrypt_only.
 
         `RegistryError` if the registry is empty (call `initialize` first).
+        With `expect_active`, `ConcurrentModificationError` unless that
+        version is still the active one (another rotation got there first).
         """
         require_text("kek_id", kek_id)
         require_text("actor", actor)
@@ -420,12 +482,216 @@ class SqliteKeyRegistry(LifecycleMethods):
             if not versions:
                 raise RegistryError(f"key registry {self._path!r} is empty; call initialize() first")
             old = next(v for v in versions if v.state is KeyState.ACTIVE)
+            check_rotation(versions, old, kek_id, expect_active)
             self._set_state(conn, old.version, KeyState.ACTIVE, KeyState.DECRYPT_ONLY, now, actor, reason)
             new = len(versions) + 1
             self._insert_active(conn, new, kek_id, now, actor, reason)
             return self._find(self._load(conn), new)
 
         return self._write(apply)
+
+    # ------------------------------------------------------------------ DEK directory
+
+    def register_deks(self, entries: Sequence[DekEntry]) -> None:
+        """Register new DEKs in one transaction (see `keyturn.directory`); identical re-registration is a no-op."""
+        entries = list(entries)
+        if not entries:
+            return
+
+        def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> None:
+            check_new_entries(entries, {v.version: v.kek_id for v in versions}, [v.version for v in versions if v.state.readable])
+            stamp = _to_text(now)
+            for e in entries:
+                row = conn.execute(
+                    "SELECT dataset, partition, birth_version, birth_commitment FROM deks WHERE dek_id = ?", (e.dek_id,)
+                ).fetchone()
+                if row is not None:
+                    if tuple(row) != (e.dataset, e.partition, e.birth_version, e.birth_commitment):
+                        raise DirectoryError(f"DEK {e.dek_id.hex()} is already registered with another birth")
+                    continue
+                conn.execute(
+                    f"INSERT INTO deks ({_DEK_COLUMNS}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        e.dek_id, e.dataset, e.partition, e.key_version, e.envelope, e.birth_version,
+                        e.birth_commitment, _to_text(e.created_at), e.actor, e.contract_revision, stamp,
+                    ),
+                )
+
+        self._write(apply, validate_after=False)
+
+    def lookup_deks(self, dek_ids: Iterable[bytes]) -> dict[bytes, DekEntry]:
+        """Registered entries of `dek_ids` (absent ids left out), a few queries for any number of ids."""
+        wanted = sorted({bytes(d) for d in dek_ids})
+        if not wanted:
+            return {}
+
+        def load(conn: sqlite3.Connection) -> dict[bytes, DekEntry]:
+            out: dict[bytes, DekEntry] = {}
+            step = LOOKUP_BATCH * 5
+            for lo in range(0, len(wanted), step):
+                chunk = wanted[lo : lo + step]
+                marks = ", ".join("?" * len(chunk))
+                for row in conn.execute(f"SELECT {_DEK_COLUMNS} FROM deks WHERE dek_id IN ({marks})", chunk):
+                    entry = _row_to_entry(row)
+                    out[entry.dek_id] = entry
+            return out
+
+        return self._read(load)
+
+    def list_deks(self, *, key_version: int | None = None, after: bytes | None = None, limit: int = 1000) -> list[DekEntry]:
+        """Entries in dek_id order after `after` (optionally only those under `key_version`), at most `limit`."""
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        where, args = [], []
+        if key_version is not None:
+            where.append("key_version = ?")
+            args.append(require_version(key_version))
+        if after is not None:
+            where.append("dek_id > ?")
+            args.append(bytes(after))
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+
+        def load(conn: sqlite3.Connection) -> list[DekEntry]:
+            rows = conn.execute(f"SELECT {_DEK_COLUMNS} FROM deks {clause} ORDER BY dek_id LIMIT ?", (*args, limit))
+            return [_row_to_entry(r) for r in rows]
+
+        return self._read(load)
+
+    def dek_count(self, key_version: int | None = None) -> int:
+        """Entries wrapped under `key_version` (all entries if None)."""
+        if key_version is None:
+            return self._read(lambda conn: conn.execute("SELECT COUNT(*) FROM deks").fetchone()[0])
+        require_version(key_version)
+        return self._read(
+            lambda conn: conn.execute("SELECT COUNT(*) FROM deks WHERE key_version = ?", (key_version,)).fetchone()[0]
+        )
+
+    def deks_by_version(self) -> dict[int, int]:
+        """Entries per current key version, ascending."""
+        rows = self._read(
+            lambda conn: conn.execute("SELECT key_version, COUNT(*) FROM deks GROUP BY key_version ORDER BY key_version").fetchall()
+        )
+        return {int(v): int(n) for v, n in rows}
+
+    def replace_wrapping(self, dek_id: bytes, *, expected_envelope: bytes, new_envelope: bytes) -> bool:
+        """Compare-and-set one entry's envelope (a validated rewrap of the same DEK onto a readable version)."""
+        dek_id = bytes(dek_id)
+
+        def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> bool:
+            row = conn.execute(f"SELECT {_DEK_COLUMNS} FROM deks WHERE dek_id = ?", (dek_id,)).fetchone()
+            if row is None:
+                raise DirectoryError(f"DEK {dek_id.hex()} is not in the directory")
+            entry = _row_to_entry(row)
+            if entry.envelope != bytes(expected_envelope):
+                return False
+            moved = check_rewrap(entry, new_envelope, {v.version: v.kek_id for v in versions})
+            if not find_version(versions, moved.key_version).state.readable:
+                raise DirectoryError(f"cannot rewrap DEK {dek_id.hex()} onto version {moved.key_version}: it is not readable")
+            cur = conn.execute(
+                "UPDATE deks SET envelope = ?, key_version = ?, updated_at = ? WHERE dek_id = ? AND envelope = ?",
+                (moved.envelope, moved.key_version, _to_text(now), dek_id, entry.envelope),
+            )
+            return cur.rowcount == 1
+
+        return self._write(apply, validate_after=False)
+
+    # ------------------------------------------------------------------ dataset contracts
+
+    def get_contract(self, dataset: str) -> DatasetContract | None:
+        """The pinned contract of `dataset`, or None if nothing was ever written to it."""
+        require_text("dataset", dataset)
+        row = self._read(lambda conn: conn.execute("SELECT contract FROM contracts WHERE dataset = ?", (dataset,)).fetchone())
+        return None if row is None else _stored_contract(dataset, row[0])
+
+    def pin_contract(self, contract: DatasetContract, *, actor: str, reason: str) -> DatasetContract:
+        """Store `contract` if its dataset has none yet; return the stored one (the first writer's)."""
+        require_text("actor", actor)
+        require_text("reason", reason)
+        if contract.revision != 1:
+            raise ContractError("a first contract has revision 1")
+
+        def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> DatasetContract:
+            row = conn.execute("SELECT contract FROM contracts WHERE dataset = ?", (contract.dataset,)).fetchone()
+            if row is not None:
+                return _stored_contract(contract.dataset, row[0])
+            self._store_contract(conn, contract, now, actor, reason, insert=True)
+            return contract
+
+        return self._write(apply, validate_after=False)
+
+    def evolve_contract(self, contract: DatasetContract, *, expected_revision: int, actor: str, reason: str) -> DatasetContract:
+        """Replace the dataset's contract with `contract` (revision `expected_revision` + 1), compare-and-set."""
+        require_text("actor", actor)
+        require_text("reason", reason)
+
+        def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> DatasetContract:
+            row = conn.execute("SELECT revision FROM contracts WHERE dataset = ?", (contract.dataset,)).fetchone()
+            if row is None:
+                raise ContractError(f"dataset {contract.dataset!r} has no contract yet; its first write pins one")
+            if row[0] != expected_revision or contract.revision != expected_revision + 1:
+                raise ConcurrentModificationError(
+                    f"the contract of dataset {contract.dataset!r} is at revision {row[0]}, not {expected_revision}"
+                )
+            self._store_contract(conn, contract, now, actor, reason, insert=False)
+            return contract
+
+        return self._write(apply, validate_after=False)
+
+    def contract_history(self, dataset: str) -> list[dict[str, Any]]:
+        """Every revision of `dataset`'s contract, oldest first (``revision``, ``contract``, ``at``, ``actor``, ``reason``)."""
+        rows = self._read(
+            lambda conn: conn.execute(
+                "SELECT revision, contract, at, actor, reason FROM contract_history WHERE dataset = ? ORDER BY id",
+                (dataset,),
+            ).fetchall()
+        )
+        return [
+            {"revision": r, "contract": _stored_contract(dataset, c), "at": _from_text(at, "contract time"), "actor": a, "reason": why}
+            for r, c, at, a, why in rows
+        ]
+
+    @staticmethod
+    def _store_contract(
+        conn: sqlite3.Connection, contract: DatasetContract, now: datetime, actor: str, reason: str, *, insert: bool
+    ) -> None:
+        text, at = contract.to_text(), _to_text(now)
+        if insert:
+            conn.execute(
+                "INSERT INTO contracts (dataset, revision, contract, updated_at) VALUES (?, ?, ?, ?)",
+                (contract.dataset, contract.revision, text, at),
+            )
+        else:
+            conn.execute(
+                "UPDATE contracts SET revision = ?, contract = ?, updated_at = ? WHERE dataset = ?",
+                (contract.revision, text, at, contract.dataset),
+            )
+        conn.execute(
+            "INSERT INTO contract_history (dataset, revision, contract, at, actor, reason) VALUES (?, ?, ?, ?, ?, ?)",
+            (contract.dataset, contract.revision, text, at, actor, reason),
+        )
+
+
+def _row_to_entry(row: Sequence[Any]) -> DekEntry:
+    dek_id, dataset, partition, key_version, envelope, birth_version, commitment, created_at, actor, revision = row
+    return DekEntry(
+        dek_id=bytes(dek_id),
+        dataset=dataset,
+        partition=partition,
+        key_version=int(key_version),
+        envelope=bytes(envelope),
+        birth_version=int(birth_version),
+        birth_commitment=bytes(commitment),
+        created_at=_from_text(created_at, f"created_at of DEK {bytes(dek_id).hex()}"),
+        actor=actor,
+        contract_revision=int(revision),
+    )
+
+
+def _stored_contract(dataset: str, text: str) -> DatasetContract:
+    contract = DatasetContract.from_text(text)
+    if contract.dataset != dataset:
+        raise ContractError(f"the stored contract of dataset {dataset!r} names dataset {contract.dataset!r}")
+    return contract
 
 
 def _name(state: KeyState | None) -> str:

@@ -21,6 +21,10 @@ Points used by the reencrypt job (see `keyturn.lake.rewrite` and
 - ``rewrite:after-swap``: temp file renamed over the original;
 - ``rewrite:after-side-outputs``: the file's audit/quarantine records written;
 - ``run:before-report``: every file done, before the run's summary outputs.
+
+And by `keyturn rewrap` (`keyturn.rewrap.rewrap_entries`):
+
+- ``rewrap:before-swap``: the KMS re-wrapped a DEK, its directory entry not yet swapped.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ CRASHPOINTS = (
     "rewrite:after-swap",
     "rewrite:after-side-outputs",
     "run:before-report",
+    "rewrap:before-swap",
 )
 
 _hits: dict[str, int] = {}
