@@ -1,24 +1,30 @@
-"""The demo `make demo` runs (also `keyturn demo`): encrypt, rotate, lazily rewrap, status, decrypt a sample.
+"""The demo `make demo` runs (also `keyturn demo`): encrypt, rotate, rewrap in the key home, status, decrypt a sample.
 
     python -m pipelines.demo [--rows N] [--partitions P] [--out DIR] [-- beam options]
 
 Everything is local, on the embedded defaults: a key home (LocalKms keystore
-file, single node; SQLite key registry; hash-chained audit log), a Parquet
-lake under `--out` (default ./demo-out, wiped first), Beam's in-process
-runner. The steps call the same `run(...)` functions as the CLI verbs:
+file, single node; SQLite key registry with its DEK directory and dataset
+contracts; hash-chained audit log), a Parquet lake under `--out` (default
+./demo-out, wiped first), Beam's in-process runner. The steps call the same
+functions as the CLI verbs:
 
 1. a synthetic customer table with PII (email, ssn, phone), deterministic
    seed, `--rows` rows (default 1,000,000) across `--partitions` regions
    (default 10), written as plain Parquet files;
-2. `keyturn init`; 3. `keyturn encrypt --partition-by region`;
-4. `keyturn status`; 5. `keyturn rotate`; 6. `keyturn status`;
-7. `keyturn reencrypt --mode rewrap` lazily: a first run bounded by
-   `--max-files` (half the files), status, a second run that finishes, and a
-   third that finds nothing to do (zero KMS calls);
-8. `keyturn decrypt` of one partition, checked identical to the source;
+2. `keyturn init`; 3. `keyturn encrypt --partition-by region` (one DEK per
+   partition, each registered in the key home's DEK directory; the first
+   write pins the dataset contract);
+4. `keyturn status`; 5. `keyturn rotate`; 6. `keyturn status` (0% current);
+7. `keyturn rewrap`, batch-lazily: a first run bounded to half the DEKs,
+   status, a second run that finishes, and a third that finds nothing to
+   do (zero KMS calls). Rotation is a control-plane operation: the lake's
+   files are checked byte for byte and by mtime before and after, and not
+   one lake byte changes;
+8. `keyturn retire 1`: allowed, because the directory holds no DEK under it;
+9. `keyturn decrypt` of one partition, checked identical to the source;
 
-and then says in plain words what happened (rows, KMS calls, bytes
-rewritten versus the lake's size, time per step).
+and then says in plain words what happened (rows, KMS calls, lake bytes
+written, time per step).
 """
 
 from __future__ import annotations
@@ -78,6 +84,21 @@ def _lake_bytes(lake: str) -> int:
     return sum(f.size for f in Lake(lake).data_files())
 
 
+def _lake_snapshot(lake: str) -> dict[str, tuple[int, int, str]]:
+    """Every file under the lake: relative path -> (size, mtime_ns, sha256)."""
+    import hashlib
+
+    out = {}
+    for root, _dirs, files in os.walk(lake):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            st = os.stat(path)
+            out[os.path.relpath(path, lake)] = (st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
 def run(
     *,
     rows: int = DEFAULT_ROWS,
@@ -88,8 +109,8 @@ def run(
 ) -> dict[str, Any]:
     """Run the whole demo under `out` (wiped first); returns a JSON-able report with a plain-words `summary`."""
     try:  # the same run() functions the CLI verbs call
-        from keyturn.rotation import rotate
-        from pipelines import decrypt, encrypt, reencrypt, status
+        from keyturn.rotation import retire, rewrap, rotate
+        from pipelines import decrypt, encrypt, status
         from pipelines.home import KeyHome
     except ImportError as exc:  # pragma: no cover - only while the package is incomplete
         raise RuntimeError(f"the demo needs the lake pipelines and the key home ({exc})") from None
@@ -134,17 +155,27 @@ def run(
 
     step("rotate", "rotating the key", do_rotate)
     rotated = step("status_rotated", "status", lambda: status.run(home=home, lake=paths["lake"]))
-    half = max(1, enc["files_written"] // 2)
-    first = step("reencrypt_1", f"re-wrapping (first {half} files)", lambda: reencrypt.run(
-        paths["lake"], home=home.path, mode="rewrap", max_files=half, beam_args=beam_args, actor="demo", reason="keyturn demo: lazy rewrap",
-    ))
+    lake_before = _lake_snapshot(paths["lake"])
+    deks = home.registry().dek_count()
+    half = max(1, deks // 2)
+
+    def do_rewrap(reason: str, max_deks: int | None = None) -> dict[str, Any]:
+        with home.kms() as kms:
+            return rewrap(home.registry(), kms, home.chain(), actor="demo", reason=reason, dataset=home.dataset,
+                          max_deks=max_deks)
+
+    first = step("rewrap_1", f"re-wrapping (first {half} of {deks} DEKs)", lambda: do_rewrap("keyturn demo: lazy rewrap", half))
     middle = step("status_middle", "status", lambda: status.run(home=home, lake=paths["lake"]))
-    second = step("reencrypt_2", "re-wrapping the rest", lambda: reencrypt.run(
-        paths["lake"], home=home.path, mode="rewrap", beam_args=beam_args, actor="demo", reason="keyturn demo: lazy rewrap",
-    ))
-    third = step("reencrypt_3", "checking nothing is left", lambda: reencrypt.run(
-        paths["lake"], home=home.path, mode="rewrap", beam_args=beam_args, actor="demo", reason="keyturn demo: idempotency check",
-    ))
+    second = step("rewrap_2", "re-wrapping the rest", lambda: do_rewrap("keyturn demo: lazy rewrap"))
+    third = step("rewrap_3", "checking nothing is left", lambda: do_rewrap("keyturn demo: idempotency check"))
+    lake_untouched = _lake_snapshot(paths["lake"]) == lake_before
+
+    def do_retire() -> dict[str, Any]:
+        retired = retire(home.registry(), 1, home.chain(), actor="demo", reason="keyturn demo: version 1 unused",
+                         dataset=home.dataset)
+        return {"version": retired.version, "state": retired.state.value}
+
+    step("retire", "retiring key version 1", do_retire)
     after = step("status_after", "status", lambda: status.run(home=home, lake=paths["lake"], report_path=os.path.join(out, "status.html")))
 
     sample_partition = "region=0"
@@ -156,7 +187,6 @@ def run(
     plain = plain.select(source.column_names)
     identical = plain.cast(source.schema).equals(source)
     lake_bytes = _lake_bytes(paths["lake"])
-    rewritten = first["bytes_rewritten"] + second["bytes_rewritten"]
     report = {
         "command": "demo",
         "out": out,
@@ -172,13 +202,14 @@ def run(
             "after_second_rewrap": after["percent_current"],
         },
         "rewrap": {
-            "files": first["files_rewritten"] + second["files_rewritten"],
-            "rows": first["rows_moved"] + second["rows_moved"],
+            "deks": deks,
+            "deks_moved": first["deks_moved"] + second["deks_moved"],
             "kms_calls": first["kms_calls"] + second["kms_calls"],
-            "bytes_rewritten": rewritten,
+            "lake_bytes_written": 0 if lake_untouched else None,
+            "lake_untouched": lake_untouched,
             "lake_bytes": lake_bytes,
             "third_run_kms_calls": third["kms_calls"],
-            "third_run_files": third["files_rewritten"],
+            "third_run_deks": third["deks_moved"],
         },
         "sample": {
             "partition": sample_partition,
@@ -189,7 +220,7 @@ def run(
         "status_report": after.get("report"),
         "seconds": round(time.monotonic() - started, 2),
         "problems": list(after["problems"]) + (
-            [] if identical and after["percent_current"] == 100.0 and third["kms_calls"] == 0
+            [] if identical and after["percent_current"] == 100.0 and third["kms_calls"] == 0 and lake_untouched
             else [{"path": None, "partition": None, "reason": "demo_check_failed", "detail": "the demo's own checks failed"}]
         ),
     }
@@ -210,14 +241,16 @@ def render(report: dict[str, Any]) -> str:
         f"3. status: {pct['after_encrypt']:.0f}% of rows are on the current key version.",
         f"4. rotate: version {s['rotate']['version']} is now active and version 1 decrypt-only. "
         f"No data was touched, so {pct['after_rotate']:.0f}% of rows are current and all of it still reads.",
-        f"5. reencrypt (rewrap, batch-lazy): a first run limited to {s['reencrypt_1']['files_rewritten']} files brought the lake to "
-        f"{pct['after_first_rewrap']:.0f}% current; a second run finished it: {pct['after_second_rewrap']:.0f}% current.",
-        f"   Both runs together re-wrapped {rw['rows']:,} rows in {rw['files']} files with {rw['kms_calls']} KMS calls "
-        f"(per data key: one rewrap, one decrypt to verify the new file; none per row): only the wrapped keys "
-        f"changed, the encrypted payload bytes did not. Parquet files are "
-        f"immutable, so {_mb(rw['bytes_rewritten'])} of files were rewritten (the lake holds {_mb(rw['lake_bytes'])}), "
-        f"each atomically; time {s['reencrypt_1']['seconds'] + s['reencrypt_2']['seconds']:.1f} s.",
-        f"   A third run found nothing to do: {rw['third_run_files']} files rewritten, {rw['third_run_kms_calls']} KMS calls.",
+        f"5. rewrap (batch-lazy, in the key home): a first run limited to {s['rewrap_1']['deks_moved']} of {rw['deks']} data keys "
+        f"brought the lake to {pct['after_first_rewrap']:.0f}% current; a second run finished it: "
+        f"{pct['after_second_rewrap']:.0f}% current.",
+        f"   Both runs re-wrapped {rw['deks_moved']:,} wrapped data keys in the key registry's DEK directory with "
+        f"{rw['kms_calls']} KMS calls (one per data key, none per row) in "
+        f"{s['rewrap_1']['seconds'] + s['rewrap_2']['seconds']:.2f} s. "
+        + (f"Lake bytes written: 0 (every file of the {_mb(rw['lake_bytes'])} lake is byte-identical, same mtime)."
+           if rw["lake_untouched"] else "The lake CHANGED, which a rewrap must never do!"),
+        f"   A third run found nothing to do: {rw['third_run_deks']} data keys moved, {rw['third_run_kms_calls']} KMS calls.",
+        "   Retiring version 1 was then allowed: the directory holds no data key under it, whatever the lake files say.",
         f"6. decrypt: partition {sample['partition']} ({sample['rows']:,} rows) decrypted "
         + ("and is identical to the source." if sample["identical_to_source"] else "but DIFFERS from the source!"),
     ]

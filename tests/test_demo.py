@@ -31,16 +31,21 @@ def test_demo_run_tells_the_whole_story(tmp_path):
     assert pct["after_encrypt"] == 100 and pct["after_rotate"] == 0
     assert 0 < pct["after_first_rewrap"] < 100  # lazily: a bounded first run
     assert pct["after_second_rewrap"] == 100
-    assert report["rewrap"]["rows"] == 3000 and report["rewrap"]["third_run_kms_calls"] == 0
-    assert report["rewrap"]["third_run_files"] == 0
+    rw = report["rewrap"]
+    assert rw["deks"] == 10 and rw["deks_moved"] == 10 and rw["kms_calls"] == 10  # one KMS call per DEK
+    assert rw["lake_untouched"] is True and rw["lake_bytes_written"] == 0  # rotation never touches the lake
+    assert rw["third_run_kms_calls"] == 0 and rw["third_run_deks"] == 0
+    assert report["steps"]["retire"]["state"] == "retired"
     assert report["sample"]["identical_to_source"] and report["sample"]["rows"] == 300
     text = report["summary"]
-    for words in ("3,000 synthetic customers", "KMS calls", "50% current", "100% current", "identical to the source", "nothing to do"):
+    for words in ("3,000 synthetic customers", "KMS calls", "50% current", "100% current", "identical to the source",
+                  "nothing to do", "Lake bytes written: 0"):
         assert words in text, words
     # the lake it leaves is a real encrypted lake, plus an HTML status report
     assert (out / "status.html").read_text().lower().startswith("<!doctype html")
     some = next((out / "lake" / "region=3").glob("part-*.parquet"))
-    assert json.loads(pq.read_metadata(some).metadata[b"keyturn"])["versions"] == {"2": 300}
+    # the files still carry their birth version: the directory, not the file, says they are on version 2
+    assert json.loads(pq.read_metadata(some).metadata[b"keyturn"])["versions"] == {"1": 300}
     # running it again starts from scratch
     assert demo.run(rows=200, partitions=10, out=str(out))["encrypt"]["rows"] == 200
 
