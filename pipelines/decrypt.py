@@ -65,42 +65,15 @@ Keyed = Tuple[str, pa.RecordBatch]
 _PROBLEM_STATUSES = ("retired", "unknown", "missing", "corrupt")
 
 
-def check_columns(lake: Lake, columns: Sequence[str]) -> list[str]:
-    """`columns` if each is an encrypted column of some lake file (schemas only), else `InputError`."""
-    encrypted: set[str] = set()
-    plain: set[str] = set()
-    from keyturn.arrow_codec import encrypted_columns
-
-    for data_file in lake.data_files():
-        try:
-            with lake.fs.open_input_file(data_file.path) as f:
-                schema = pq.ParquetFile(f).schema_arrow
-        except (OSError, pa.ArrowException, ValueError):
-            continue  # an unreadable file is reported (quarantined) by the pipeline
-        sensitive = encrypted_columns(schema)
-        encrypted.update(sensitive)
-        plain.update(n for n in schema.names if n not in sensitive)
+def check_columns(contract: Any, columns: Sequence[str]) -> list[str]:
+    """`columns` if each is an encrypted column of the dataset contract (the key home's), else `InputError`."""
+    if contract is None:
+        raise InputError("the dataset has no contract in the key home, so it has no encrypted column to pick")
     for column in columns:
-        if column not in encrypted:
-            if column in plain:
-                raise InputError(f"column {column!r} is not encrypted in the lake (non-sensitive columns are always kept)")
-            known = ", ".join(sorted(encrypted)) or "none"
-            raise InputError(f"column {column!r} does not exist in the lake (encrypted columns: {known})")
+        if column not in contract.names:
+            known = ", ".join(contract.names) or "none"
+            raise InputError(f"column {column!r} is not an encrypted column of dataset {contract.dataset!r} (encrypted: {known})")
     return list(columns)
-
-
-def _route(columns: Sequence[str] | None) -> Callable[[Keyed, int], int]:
-    """0: the batch has every requested encrypted column; 1: it lacks some (decrypt none of its cells)."""
-    wanted = None if columns is None else set(columns)
-
-    def route(element: Keyed, _n: int) -> int:
-        if wanted is None:
-            return 0
-        from keyturn.arrow_codec import encrypted_columns
-
-        return 0 if wanted <= set(encrypted_columns(element[1].schema)) else 1
-
-    return route
 
 
 def _check_out(out: str | Lake, lake: Lake, home: Any = None) -> Lake:
@@ -153,8 +126,9 @@ def run(
     the_lake.require()
     out_lake = _check_out(out, the_lake, home)
     out, out_fs, out_root = out_lake.uri, out_lake.fs, out_lake.root
+    contract = home.registry().get_contract(home.dataset)
     if columns is not None:
-        columns = check_columns(the_lake, columns)
+        columns = check_columns(contract, columns)
     run_id = new_run_id()
     with the_lake.lock(exclusive=False, owner=f"decrypt {run_id}"):
         files = [(f.partition, f.path) for f in the_lake.data_files()]
@@ -179,11 +153,8 @@ def run(
             .with_output_types(Keyed)
             .with_outputs(QUARANTINE, main="main")
         )
-        full, partial = read.main | "Route" >> beam.Partition(_route(columns), 2)
-        decrypted = [
-            full | "Decrypt" >> DecryptBatches(keys, dataset, columns=columns, actor=actor, reason=reason),
-            partial | "DecryptNone" >> DecryptBatches(keys, dataset, columns=[], actor=actor, reason=reason),
-        ]
+        # which columns are ciphertext is the contract's word, not the files': every batch is read against it
+        decrypted = [read.main | "Decrypt" >> DecryptBatches(keys, dataset, columns=columns, actor=actor, reason=reason)]
         written = (
             [d.main for d in decrypted]
             | "Plain" >> beam.Flatten()

@@ -156,7 +156,23 @@ def rotate(source: LocalKeySource, kek_id: str = "kek-2") -> int:
 
 
 def retire(source: LocalKeySource, version: int) -> None:
+    """Retire `version`, refused by the registry while its DEK directory holds DEKs under it."""
     open_registry(source).retire(version, actor="tests", reason="retirement under test")
+
+
+def force_retire(source: LocalKeySource, version: int) -> None:
+    """Retire `version` behind the registry's back, DEKs still under it: someone with write access to the registry
+    file (or a registry restored from an old backup). Readers must still refuse the version's data."""
+    import sqlite3
+    from datetime import datetime, timezone
+
+    at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    with sqlite3.connect(source.registry) as conn:
+        conn.execute("UPDATE versions SET state = 'retired', state_changed_at = ? WHERE version = ?", (at, version))
+        conn.execute(
+            "INSERT INTO history (version, from_state, to_state, at, actor, reason) VALUES (?, 'decrypt_only', 'retired', ?, 'intruder', 'out of band')",
+            (version, at),
+        )
 
 
 # --------------------------------------------------------------------------- sample data

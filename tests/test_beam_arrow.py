@@ -26,6 +26,8 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pytest
+
+from keyturn.errors import VersionInUseError
 from apache_beam.runners import pipeline_context
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -49,6 +51,8 @@ from beam_support import (
     no_batch_pickling,  # noqa: F401  (fixture: pickling a RecordBatch fails in every test here)
     read_jsonl,
     read_ledger,
+    force_retire,
+    open_registry,
     retire,
     rotate,
     rows_of,
@@ -256,13 +260,15 @@ def test_reencrypt_after_rotation_moves_every_row_to_the_new_version(key_source,
             ),
         )
 
+    # rewrap moves the DEKs' directory entries onto version 2 and passes every row through byte for byte
+    # (its own, birth envelope under version 1); reencrypt gives the rows fresh DEKs under version 2
     expected_moved = [
         (
             p,
             tuple(b.column("id").to_pylist()),
-            (2,),
-            (2,),
-            ("kek-2",),
+            (1,) if mode == "rewrap" else (2,),
+            (1,) if mode == "rewrap" else (2,),
+            ("kek-1",) if mode == "rewrap" else ("kek-2",),
             "same dek" if mode == "rewrap" else "fresh dek",
             "cells identical" if mode == "rewrap" else "cells all differ",
         )
@@ -325,6 +331,8 @@ def test_reencrypt_after_rotation_moves_every_row_to_the_new_version(key_source,
         assert_that(
             dec.audit | "DecAudit" >> beam.Map(audit_view), equal_to(expected_decrypt_audit), label="AllCurrent"
         )
+    if mode == "rewrap":  # every DEK the data names is now wrapped under version 2, in the directory
+        assert open_registry(key_source).deks_by_version() == {2: sum(envelopes_per_partition.values())}
 
     c = counters(p.result)
     distinct = sum(envelopes_per_partition.values())
@@ -358,13 +366,16 @@ def test_reencrypt_keeps_unreadable_rows_unchanged_and_reports_them(key_source, 
             tuple(batch.column(arrow_codec.VERSION_COLUMN).to_pylist()),
         )
 
-    # Rewrap never reads cells: tampered cells ride along under the new wrapping (and fail at decrypt).
+    # Rewrap never reads cells and never changes a row: it moves the DEKs' directory entries, and every
+    # row passes through byte for byte (tampered cells fail at decrypt).
     # Re-encryption reads them: those rows are kept as they were and quarantined.
     if mode == "rewrap":
-        tampered_view = ("p1", 12, False, (2,) * 6)
+        stale_view = ("p1", 0, True, (1,) * 6)
+        tampered_view = ("p1", 12, True, (1,) * 6)
         quarantined = [("corrupt", "p1", "arrow_ipc", 6, tuple(rows_of(moved[1])))]
         counts = {"rows": 24, "stale": 12, "unknown": 6, "corrupt": 6, "current": 0}
     else:
+        stale_view = ("p1", 0, False, (2,) * 6)
         tampered_view = ("p1", 12, False, (1, 2, 1, 2, 2, 2))
         quarantined = [
             ("corrupt", "p1", "arrow_ipc", 2, tuple(rows_of(tampered[1].take(pa.array([0, 2]))))),
@@ -378,7 +389,7 @@ def test_reencrypt_keeps_unreadable_rows_unchanged_and_reports_them(key_source, 
         assert_that(
             out.main | "View" >> beam.Map(view),
             equal_to(
-                [("p1", 0, False, (2,) * 6), ("p1", 6, True, (99,) * 6), tampered_view, ("p1", 100, True, (1,) * 6)]
+                [stale_view, ("p1", 6, True, (99,) * 6), tampered_view, ("p1", 100, True, (1,) * 6)]
             ),
             label="EveryRowKept",
         )
@@ -445,11 +456,13 @@ def test_decrypt_reports_stale_rows(key_source, tmp_path, stale_to_main):
     assert c["rows_decrypted"] == total  # stale rows are readable either way; only routing differs
 
 
-def test_decrypt_refuses_retired_rows_without_unwrapping(key_source, tmp_path):
+def test_decrypt_refuses_rows_of_a_version_retired_behind_the_registrys_back(key_source, tmp_path):
     data = keyed_batches(PARTS, 2, 5)
     encrypted = encrypt_with_beam(key_source, data, tmp_path / "v1")
     rotate(key_source)
-    retire(key_source, 1)
+    with pytest.raises(VersionInUseError):  # the DEK directory still holds the data's DEKs under version 1
+        retire(key_source, 1)
+    force_retire(key_source, 1)  # retired behind the registry's back: readers must still refuse the data
     expected_mismatch = [("retired", p, 1, 2, b.num_rows, tuple(rows_of(b))) for p, b in encrypted]
     expected_audit = []
     for p in PARTS:

@@ -104,7 +104,7 @@ def test_debug_shows_traceback(tmp_path):
         (["reencrypt", "--lake", "x", "--max-files", "0"], "must be >= 1"),
         (["reencrypt", "--lake", "x", "--mode", "shred"], "invalid choice"),
         (["retire", "one", "--lake", "x"], "whole number"),
-        (["retire", "1"], "--lake"),
+        (["retire", "0"], "must be >= 1"),
         (["ingest", "--watch", "w", "--lake", "l", "--until-idle", "-1"], "positive"),
         ([], "required"),
     ],
@@ -293,7 +293,7 @@ def test_bad_keyturn_now(home_dir):
 
 @pytest.fixture
 def rotated_home(home_dir, tmp_path):
-    """v1 data in lake 'old', v2 data in lake 'new', v2 active."""
+    """v1 data in lake 'old', v2 data in lake 'new', v2 active; the DEK directory holds one DEK under each."""
     home = KeyHome.open(home_dir)
     write_encrypted_file(home, str(tmp_path / "old"), "region=0", customers(10))
     assert run_cli("--home", home_dir, "rotate").code == 0
@@ -301,25 +301,76 @@ def rotated_home(home_dir, tmp_path):
     return home_dir
 
 
-def test_retire_refused_while_any_lake_has_data(rotated_home, tmp_path):
+def write_unregistered_file(home: KeyHome, lake_dir: str, partition: str, rows: int, version: int) -> str:
+    """A lake file encrypted under `version` whose DEK was never registered in the home's directory."""
+    from keyturn.arrow_codec import encrypt_batch
+    from keyturn.lake import Lake, footer_for, write_parquet_atomically
+    from keyturn.lake.footer import dek_counts
+    from keyturn.scope import DekScope, KekRef, Location
+
+    kek = KekRef(version, home.registry().get(version).kek_id)
+    with home.kms() as kms, DekScope(kms, kek, Location(home.dataset, partition)) as scope:  # no directory=
+        sealed = encrypt_batch(customers(rows), ["email"], scope)
+    lake = Lake(lake_dir)
+    path = lake.path(partition, "part-unregistered.parquet")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    footer = footer_for(home.dataset, partition, {version: rows}, rows, ["email"], dek_counts(sealed))
+    write_parquet_atomically(lake, path, pa.Table.from_batches([sealed]), footer)
+    return path
+
+
+def test_retire_refused_while_the_directory_holds_a_dek_under_the_version(rotated_home, tmp_path):
     old, new = str(tmp_path / "old"), str(tmp_path / "new")
     before = snapshot(old)
-    result = run_cli("--home", rotated_home, "retire", "1", "--lake", new, "--lake", old)
-    assert_one_line_error(result, exitcodes.REFUSED, "cannot retire version 1", "10 reference")
+    # whatever --lake says (the v2-only lake, both lakes, or none), the directory decides
+    for lakes in (["--lake", new], ["--lake", new, "--lake", old], []):
+        result = run_cli("--home", rotated_home, "retire", "1", *lakes)
+        assert_one_line_error(result, exitcodes.REFUSED, "cannot retire version 1",
+                              "the DEK directory holds 1 DEK(s) wrapped under it", "keyturn rewrap")
     home = KeyHome.open(rotated_home)
     assert home.registry().get(1).state is KeyState.DECRYPT_ONLY
     assert [e.event.action.value for e in home.chain().entries()] == ["rotate", "rotate"]
     assert snapshot(old) == before
 
 
-def test_retire_and_schedule_deletion(rotated_home, tmp_path):
+def test_retire_without_lake_after_rewrap(rotated_home, tmp_path):
+    old = str(tmp_path / "old")
+    before = snapshot(old)
+    rewrap = run_cli("--home", rotated_home, "--json", "rewrap")
+    assert rewrap.code == 0, rewrap.err
+    r = rewrap.json()
+    assert (r["deks_moved"], r["kms_calls"], r["complete"], r["lake_bytes_written"]) == (1, 1, True, 0)
+    assert snapshot(old) == before  # rewrap changes no lake byte, not even an mtime
+    result = run_cli("--home", rotated_home, "--json", "retire", "1")
+    assert result.code == 0, result.err
+    assert result.json()["state"] == "retired" and result.json()["lakes"] == []
+    home = KeyHome.open(rotated_home)
+    assert home.registry().get(1).state is KeyState.RETIRED
+    assert [e.event.action.value for e in home.chain().entries()] == ["rotate", "rotate", "rewrap", "retire"]
+    # the v1-born rows stay readable: their DEK is wrapped under version 2 now
+    status = run_cli("--home", rotated_home, "--json", "status", "--lake", old)
+    assert status.code == 0, status.err
+    assert status.json()["status_rows"]["current"] == 10 and status.json()["percent_current"] == 100.0
+
+
+def test_retire_refused_while_a_lake_holds_rows_the_directory_does_not_know(rotated_home, tmp_path):
     new = str(tmp_path / "new")
+    assert run_cli("--home", rotated_home, "rewrap").code == 0
+    write_unregistered_file(KeyHome.open(rotated_home), new, "region=1", 7, version=1)
+    result = run_cli("--home", rotated_home, "retire", "1", "--lake", new)
+    assert_one_line_error(result, exitcodes.REFUSED, "cannot retire version 1", "the inventory still finds 7 reference(s)")
+    assert KeyHome.open(rotated_home).registry().get(1).state is KeyState.DECRYPT_ONLY
+
+
+def test_retire_and_schedule_deletion(rotated_home, tmp_path):
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
     early = run_cli("--home", rotated_home, "schedule-deletion", "1", "--lake", new)
     assert_one_line_error(early, exitcodes.REFUSED, "decrypt_only")
-    result = run_cli("--home", rotated_home, "--json", "retire", "1", "--lake", new, "--reason", "all moved",
-                     env=at(T0 + timedelta(days=200)))
+    assert run_cli("--home", rotated_home, "rewrap").code == 0
+    result = run_cli("--home", rotated_home, "--json", "retire", "1", "--lake", new, "--lake", old,
+                     "--reason", "all moved", env=at(T0 + timedelta(days=200)))
     assert result.code == 0, result.err
-    assert result.json()["state"] == "retired"
+    assert result.json()["state"] == "retired" and result.json()["lakes"] == [new, old]
     result = run_cli("--home", rotated_home, "--json", "schedule-deletion", "1", "--lake", new, "--days", "7",
                      env=at(T0 + timedelta(days=200)))
     assert result.code == 0, result.err
@@ -327,8 +378,27 @@ def test_retire_and_schedule_deletion(rotated_home, tmp_path):
     assert data["state"] == "pending_deletion" and data["pending_days"] == 7
     assert data["delete_after"] == (T0 + timedelta(days=207)).isoformat()
     events = [e.event for e in KeyHome.open(rotated_home).chain().entries()]
-    assert [e.action.value for e in events] == ["rotate", "rotate", "retire", "schedule_deletion"]
-    assert events[2].reason == "all moved" and events[2].version_from == 1
+    assert [e.action.value for e in events] == ["rotate", "rotate", "rewrap", "retire", "schedule_deletion"]
+    assert events[3].reason == "all moved" and events[3].version_from == 1
+
+
+def test_schedule_deletion_refused_while_the_directory_holds_a_dek(rotated_home, tmp_path):
+    """A version retired behind the registry's back while a DEK is still under it cannot be scheduled for deletion."""
+    import sqlite3
+
+    home = KeyHome.open(rotated_home)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    with sqlite3.connect(home.registry().path) as conn:
+        conn.execute("UPDATE versions SET state = 'retired', state_changed_at = ? WHERE version = 1", (stamp,))
+        conn.execute(
+            "INSERT INTO history (version, from_state, to_state, at, actor, reason) "
+            "VALUES (1, 'decrypt_only', 'retired', ?, 'intruder', 'out of band')",
+            (stamp,),
+        )
+    result = run_cli("--home", rotated_home, "schedule-deletion", "1")
+    assert_one_line_error(result, exitcodes.REFUSED, "cannot schedule_deletion version 1",
+                          "the DEK directory holds 1 DEK(s)")
+    assert KeyHome.open(rotated_home).registry().get(1).state is KeyState.RETIRED
 
 
 def test_retire_unknown_or_active_version(rotated_home, tmp_path):
@@ -339,11 +409,13 @@ def test_retire_unknown_or_active_version(rotated_home, tmp_path):
 
 def test_retire_counts_unreadable_files_as_references(rotated_home, tmp_path):
     new = str(tmp_path / "new")
+    assert run_cli("--home", rotated_home, "rewrap").code == 0  # the directory no longer blocks: the lake does
     with open(os.path.join(new, "region=0", "part-broken.parquet"), "wb") as f:
         f.write(b"not parquet")
     result = run_cli("--home", rotated_home, "retire", "1", "--lake", new)
-    assert_one_line_error(result, exitcodes.REFUSED, "reference")
+    assert_one_line_error(result, exitcodes.REFUSED, "the inventory still finds 1 reference(s)")
     assert os.path.exists(os.path.join(new, "region=0", "part-broken.parquet"))
+    assert KeyHome.open(rotated_home).registry().get(1).state is KeyState.DECRYPT_ONLY
 
 
 def test_retire_missing_lake_is_refused(rotated_home, tmp_path):

@@ -79,7 +79,7 @@ def test_default_values():
     assert (kh.auto_rotate, kh.rotation_interval_days, kh.pending_deletion_days, kh.transition_window_days) == (False, 90, 30, 30)
     assert (cfg.dek.scope, cfg.dek.max_cells, cfg.dek.max_bytes, cfg.dek.cache_plaintext) == ("partition_bundle", 2**32, 2**36, False)
     lc = cfg.lifecycle
-    assert (lc.reencryption_strategy, lc.rewrap_mode, lc.max_concurrent_reencryption_workers) == ("batch_lazy", "rewrap", 4)
+    assert (lc.reencryption_strategy, lc.rewrap_mode, lc.max_concurrent_reencryption_workers) == ("batch_lazy", "reencrypt", 4)
     assert (lc.max_kms_requests_per_second, lc.dek_max_age_days) == (50.0, 365)
     vt = cfg.version_tracking
     assert (vt.storage, vt.path, vt.table, vt.on_missing_version, vt.on_unknown_version) == ("sqlite", "registry.sqlite", None, "quarantine", "quarantine")

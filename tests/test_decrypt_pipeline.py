@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from keyturn.errors import InputError
+from keyturn.errors import InputError, VersionInUseError
 from keyturn.lake.layout import Lake
 from pipelines import decrypt, encrypt
 from pipelines.lake_io import side_output_records
@@ -20,10 +20,26 @@ pytestmark = pytest.mark.beam
 
 
 class NoData:
-    """An inventory that (wrongly) finds nothing: lets a test retire a version that still has data."""
+    """An inventory that (wrongly) finds nothing: the registry's DEK directory must still refuse the retire."""
 
     def references(self, version: int) -> int:
         return 0
+
+
+def force_retire(home, version: int) -> None:
+    """Retire `version` behind the registry's back, DEKs still under it (write access to the registry file,
+    or a registry restored from an old backup). Readers must still refuse the version's data."""
+    import sqlite3
+    from datetime import datetime, timezone
+
+    at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    with sqlite3.connect(home.registry().path) as conn:
+        conn.execute("UPDATE versions SET state = 'retired', state_changed_at = ? WHERE version = ?", (at, version))
+        conn.execute(
+            "INSERT INTO history (version, from_state, to_state, at, actor, reason) "
+            "VALUES (?, 'decrypt_only', 'retired', ?, 'intruder', 'out of band')",
+            (version, at),
+        )
 
 
 def rotate(home) -> int:
@@ -83,7 +99,11 @@ def test_columns_limits_what_is_decrypted(home, lake, table, tmp_path):
 
 @pytest.mark.parametrize(
     "columns, message",
-    [(["nope"], "'nope' does not exist"), (["spend"], "'spend' is not encrypted"), (["ssn", "region"], "'region' does not exist")],
+    [
+        (["nope"], "'nope' is not an encrypted column of dataset 'customers' \\(encrypted: email, ssn\\)"),
+        (["spend"], "'spend' is not an encrypted column"),
+        (["ssn", "region"], "'region' is not an encrypted column"),
+    ],
 )
 def test_unknown_column_is_refused_before_anything_is_written(home, lake, tmp_path, columns, message):
     with pytest.raises(InputError, match=message):
@@ -100,7 +120,7 @@ def test_out_must_be_new_or_empty_and_outside_the_lake(home, lake, tmp_path):
         decrypt.run(home=home, lake=str(lake), out=str(lake / "plain"))
 
 
-def test_after_rotation_old_rows_decrypt_as_stale_and_are_written_back_current(home, lake, table, tmp_path):
+def test_after_rotation_old_rows_decrypt_as_stale_and_read_as_current_after_a_rewrap(home, lake, table, tmp_path):
     rotate(home)
     report = decrypt.run(home=home, lake=str(lake), out=str(tmp_path / "out1"))
     assert report["rows_written"] == 1600
@@ -110,10 +130,13 @@ def test_after_rotation_old_rows_decrypt_as_stale_and_are_written_back_current(h
     assert {(e["found_version"], e["current_version"]) for e in events} == {(1, 2)}
     assert read_hive(tmp_path / "out1").column("email").to_pylist() == table.column("email").to_pylist()
 
-    # the lazy write-back: the reencrypt job moves them to version 2, then they read as current
+    # the control-plane write-back: a rewrap moves their DEKs to version 2 in the directory, not one lake byte
     from pipelines import reencrypt
 
-    reencrypt.run(str(lake), home=home.path, mode="rewrap")
+    before = snapshot(lake)
+    report = reencrypt.run(str(lake), home=home.path, mode="rewrap")
+    assert report["directory_rewrap"]["complete"] and report["files_rewritten"] == 0
+    assert snapshot(lake) == before
     again = decrypt.run(home=home, lake=str(lake), out=str(tmp_path / "out2"))
     assert again["rows_by_status"]["current"] == 1600 and again["rows_by_status"]["stale"] == 0
     assert read_hive(tmp_path / "out2").column("ssn").to_pylist() == table.column("ssn").to_pylist()
@@ -131,9 +154,12 @@ def test_bad_files_and_rows_go_to_side_outputs_and_nothing_is_deleted(home, lake
     src2 = write_parquet_source(tmp_path / "src2", customers(40, partitions=1, start=60_000), files=1)
     encrypt.run(home=other, source=src2, lake=str(tmp_path / "lake2"), columns=SENSITIVE, partition_by="region")
     shutil.copy(tmp_path / "lake2" / data_files(tmp_path / "lake2")[0], lake / "region=0" / "part-foreign.parquet")
-    # 4. a retired version: rotate, then (wrongly) retire version 1 while data remains
+    # 4. a retired version: rotate, then (wrongly) retire version 1 while data remains; the registry refuses
+    # whatever an inventory says, so the retire is made behind its back
     rotate(home)
-    home.registry().retire(1, actor="tests", reason="bad operator", inventory=NoData())
+    with pytest.raises(VersionInUseError, match="the DEK directory holds"):
+        home.registry().retire(1, actor="tests", reason="bad operator", inventory=NoData())
+    force_retire(home, 1)
     before = set(all_files(lake))
 
     out = tmp_path / "out"
@@ -175,4 +201,4 @@ def test_cli_decrypt_reports_data_problems_with_exit_code_3(home, lake, tmp_path
     assert proc.returncode == 3, proc.stderr
     assert '"files_unreadable": 1' in proc.stdout
     proc = run_cli(["decrypt", "--home", home.path, "--lake", str(lake), "--out", str(tmp_path / "o2"), "--columns", "zip"])
-    assert proc.returncode == 2 and "'zip' does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "'zip' is not an encrypted column" in proc.stderr and "Traceback" not in proc.stderr

@@ -267,33 +267,79 @@ def _sensitive_bytes(path):
     return pq.read_table(path, columns=SENSITIVE)
 
 
-def test_rewrap_moves_envelopes_only(lake, home, source):
+def _data_state(lake):
+    """Every data file: relative path -> (bytes, mtime_ns)."""
+    return {f.relpath: (open(f.path, "rb").read(), os.stat(f.path).st_mtime_ns) for f in lake.data_files()}
+
+
+def _rewrite(lake, home, data_file, kms, **kwargs):
+    """`rewrite_file` the way the reencrypt job calls it: with the registry's DEK directory and the dataset contract."""
+    registry = home.registry()
+    return rewrite_file(
+        lake, data_file, kms=kms, policy=home.policy(), dataset=DATASET, directory=registry,
+        contract=registry.get_contract(DATASET), **kwargs,
+    )
+
+
+def test_directory_rewrap_changes_no_lake_byte_and_makes_the_lake_current(lake, home, source):
+    from keyturn.rotation import rewrap
+
+    rotate(home)
+    before = _data_state(lake)
+    registry = home.registry()
+    assert take_inventory(lake, home.policy(), dataset=DATASET, directory=registry).totals()["current_fraction"] == 0.0
+    deks = registry.dek_count(1)
+    assert deks == len(before) == 6  # one DEK per file
+    with home.kms() as kms:
+        report = rewrap(registry, kms, home.chain(), actor="tests", reason="rotate", dataset=DATASET)
+    assert (report["deks_moved"], report["kms_calls"], report["complete"]) == (deks, deks, True)
+    assert report["lake_bytes_written"] == 0 and registry.deks_by_version() == {2: deks}
+    assert _data_state(lake) == before  # not one lake byte, not one mtime
+    assert lake.temp_files() == []
+    # the rows keep their birth version; the directory says they are on version 2 now
+    assert all(v == {1: 50} for v in file_versions(lake.uri).values())
+    inventory = take_inventory(lake, home.policy(), dataset=DATASET, directory=registry)
+    assert inventory.totals()["current_fraction"] == 1.0 and inventory.versions() == {2: 300}
+    assert inventory.stale_files() == [] and inventory.problems() == []
+    assert all(read_file_summary(lake, f).source == "footer" for f in lake.data_files())
+    event = home.chain().entries()[-1].event
+    assert (event.action.value, event.version_from, event.version_to) == ("rewrap", 1, 2)
+    assert len(event.kms_request_ids) == deks
+    got, statuses = lake_plaintext(home, lake.uri)
+    assert statuses["current"] == 300 and statuses["stale"] == 0
+    assert plain_equal(home, lake.uri, source)
+    # nothing is left for the lake job: a rewrapped file is current, not rewritten, and costs no KMS call
+    with home.kms() as kms:
+        out = _rewrite(lake, home, lake.data_files()[0], kms)
+    assert (out.result, out.reason, out.kms_calls) == ("unchanged", "no_stale_rows", 0)
+    assert _data_state(lake) == before
+
+
+def test_rewrite_file_refuses_the_rewrap_mode(lake, home):
     rotate(home)
     f = lake.data_files()[0]
-    before = _sensitive_bytes(f.path)
-    plain_before = pq.read_table(f.path, columns=["id", "spend"])
-    with home.kms() as kms:
-        out = rewrite_file(lake, f, kms=kms, policy=home.policy(), dataset=DATASET, mode="rewrap")
-    assert (out.result, out.rows_moved, out.versions_after) == ("rewritten", 50, {2: 50})
-    assert _sensitive_bytes(f.path).equals(before)  # payload bytes untouched
-    assert pq.read_table(f.path, columns=["id", "spend"]).equals(plain_before)
-    assert file_versions(lake.uri)[f.relpath] == {2: 50}
-    assert read_file_summary(lake, f).source == "footer"
-    assert out.audit["action"] == "rewrap" and out.audit["version_from"] == 1 and out.audit["version_to"] == 2
-    assert out.kms_calls == len(out.audit["kms_request_ids"]) >= 1
-    assert plain_equal(home, lake.uri, source)
-    assert lake.temp_files() == []
+    before = open(f.path, "rb").read()
+    with home.kms() as kms, pytest.raises(ValueError, match="keyturn rewrap"):
+        _rewrite(lake, home, f, kms, mode="rewrap")
+    assert open(f.path, "rb").read() == before and lake.temp_files() == []
 
 
 def test_reencrypt_changes_payload_not_plaintext(lake, home, source):
     rotate(home)
     f = lake.data_files()[1]
     before = _sensitive_bytes(f.path)
+    registry = home.registry()
     with home.kms() as kms:
-        out = rewrite_file(lake, f, kms=kms, policy=home.policy(), dataset=DATASET, mode="reencrypt")
+        out = _rewrite(lake, home, f, kms, mode="reencrypt")
     assert out.result == "rewritten" and out.audit["action"] == "reencrypt"
+    assert out.versions_after == {2: 50} and file_versions(lake.uri)[f.relpath] == {2: 50}
     assert not _sensitive_bytes(f.path).equals(before)
     assert pq.ParquetFile(f.path).num_row_groups == 2  # row group by row group
+    # the fresh DEK was registered under the active version before use
+    summary = read_file_summary(lake, f)
+    assert summary.source == "footer" and len(summary.dek_rows) == 1
+    [entry] = registry.lookup_deks(summary.dek_rows).values()
+    assert (entry.key_version, entry.birth_version, entry.partition) == (2, 2, f.partition)
     assert plain_equal(home, lake.uri, source)
 
 
@@ -313,7 +359,7 @@ def test_unreadable_rows_stay_in_place_and_corrupt_rows_are_quarantined(lake, ho
     write_parquet_atomically(lake, path, mixed, footer_for(DATASET, "region=0", {1: 30, 9: 5}, 35, SENSITIVE))
     data_file = next(f for f in lake.data_files() if f.path == path)
     with home.kms() as kms:
-        out = rewrite_file(lake, data_file, kms=kms, policy=home.policy(), dataset=DATASET, mode="reencrypt")
+        out = _rewrite(lake, home, data_file, kms, mode="reencrypt")
     assert out.result == "rewritten", (out.reason, out.detail)
     assert out.status_rows["unknown"] == 5 and out.status_rows["corrupt"] == 1
     assert out.versions_after == {2: 29, 1: 1, 9: 5}  # the corrupt row keeps its version and bytes
@@ -328,10 +374,10 @@ def test_failed_verification_keeps_the_original(lake, home, monkeypatch):
     rotate(home)
     import keyturn.lake.rewrite as rw
 
-    real = rw.rewrap_batch
+    real = rw.reencrypt_batch
 
-    def tampering(batch, kms, policy, location):
-        result = real(batch, kms, policy, location)
+    def tampering(batch, reader, scope, policy, location, **kwargs):
+        result = real(batch, reader, scope, policy, location, **kwargs)
         ssn = result.batch.column("ssn").to_pylist()
         i = next(k for k, v in enumerate(ssn) if v is not None)
         ssn[i] = ssn[i][:-1] + bytes([ssn[i][-1] ^ 1])  # a flipped payload bit must never reach the lake
@@ -339,11 +385,11 @@ def test_failed_verification_keeps_the_original(lake, home, monkeypatch):
                                                result.batch.schema.field("ssn"), pa.array(ssn, pa.binary()))
         return result
 
-    monkeypatch.setattr(rw, "rewrap_batch", tampering)
+    monkeypatch.setattr(rw, "reencrypt_batch", tampering)
     f = lake.data_files()[0]
     before = open(f.path, "rb").read()
     with home.kms() as kms:
-        out = rewrite_file(lake, f, kms=kms, policy=home.policy(), dataset=DATASET, mode="rewrap")
+        out = _rewrite(lake, home, f, kms, mode="reencrypt")
     assert (out.result, out.reason) == ("failed", "verify_failed")
     assert open(f.path, "rb").read() == before
     assert lake.temp_files() == []

@@ -67,16 +67,36 @@ def test_filters_on_partitions_and_public_columns_work(setup):
 
 
 def test_readers_still_see_the_same_after_a_rotation_and_rewrap(setup):
+    from pipelines import status
+
     home, table, src, lake = setup
     before = hive(lake)
     registry = home.registry()
     registry.rotate(home.provision_kek(registry.active().version + 1), actor="tests", reason="rotate")
-    reencrypt.run(str(lake), home=home.path, mode="rewrap")
+    report = reencrypt.run(str(lake), home=home.path, mode="rewrap")  # the directory only
+    assert report["directory_rewrap"]["deks_moved"] > 0 and report["files_rewritten"] == 0
+    after = hive(lake)
+    # every column, keyturn's own included, is exactly as it was: a rewrap writes no lake byte
+    assert after.equals(before)
+    assert set(after.column("_keyturn_version").to_pylist()) == {1}  # the birth version stays in the rows
+    assert status.run(home=home, lake=str(lake))["percent_current"] == 100.0  # ... the directory says version 2
+    assert not [f for f in ds.dataset(str(lake), format="parquet").files if "_keyturn" in f or ".keyturn-tmp" in f]
+
+
+def test_readers_still_see_the_same_after_a_rotation_and_reencrypt(setup):
+    home, table, src, lake = setup
+    before = hive(lake)
+    registry = home.registry()
+    registry.rotate(home.provision_kek(registry.active().version + 1), actor="tests", reason="rotate")
+    report = reencrypt.run(str(lake), home=home.path, mode="reencrypt")  # fresh DEKs: the payload changes
+    assert report["files_rewritten"] > 0 and report["complete"]
     after = hive(lake)
     for name in PUBLIC + ["region"]:
         assert after.column(name).to_pylist() == before.column(name).to_pylist(), name
-    assert after.column("ssn").to_pylist() == before.column("ssn").to_pylist()  # rewrap leaves payload bytes alone
+    assert after.column("ssn").null_count == before.column("ssn").null_count
+    assert after.column("ssn").to_pylist() != before.column("ssn").to_pylist()
     assert set(after.column("_keyturn_version").to_pylist()) == {2}
+    assert partitions(lake) == partitions(src)
     assert not [f for f in ds.dataset(str(lake), format="parquet").files if "_keyturn" in f or ".keyturn-tmp" in f]
 
 

@@ -81,12 +81,14 @@ def test_dry_run_max_files_then_finish(lake, home, source, tmp_path):
     assert all(v == {2: 50} for v in file_versions(lake.uri).values())
     assert plain_equal(home, lake.uri, source)
     assert temp_files(lake.uri) == []
-    # rewrap kept every ciphertext byte; other readers see the same non-sensitive data and layout
+    # the default mode re-encrypts: fresh DEKs, so every ciphertext changed; other readers see the same
+    # non-sensitive data and layout
     for f in lake.data_files():
-        assert pq.read_table(f.path, columns=SENSITIVE).equals(sensitive_before[f.relpath])
+        assert not pq.read_table(f.path, columns=SENSITIVE).equals(sensitive_before[f.relpath])
     assert hive_view(lake.uri).equals(hive_before)
+    assert first["mode"] == second["mode"] == "reencrypt" and first["directory_rewrap"] is None
     audit = read_side_outputs(lake, "audit")
-    assert len(audit) == 8 and {a["action"] for a in audit} == {"rewrap"}
+    assert len(audit) == 8 and {a["action"] for a in audit} == {"reencrypt"}
     assert sum(a["counts"]["rows_moved"] for a in audit) == 400
     assert os.path.isfile(lake.side_output_path("audit", second["run_id"]))
     assert second["kms_calls"] == sum(a["counts"]["kms_calls"] for a in read_side_outputs(lake, "audit", run_id=second["run_id"]))
@@ -110,6 +112,31 @@ def test_reencrypt_mode_changes_ciphertext_not_plaintext(lake, home, source):
         assert not pq.read_table(f.path, columns=["ssn"]).equals(before[f.relpath])
     assert plain_equal(home, lake.uri, source)
     assert {a["action"] for a in read_side_outputs(lake, "audit")} == {"reencrypt"}
+
+
+def test_rewrap_mode_moves_the_directory_only(lake, home, source, tmp_path):
+    """`reencrypt --mode rewrap` is an alias of `keyturn rewrap`: one KMS call per DEK, not one lake byte written."""
+    rotate(home)
+    versions_before = file_versions(lake.uri)
+    data_before = {rel: (data, os.stat(lake.path(rel)).st_mtime_ns) for rel, data in data_snapshot(lake.uri).items()}
+    keys = _counting(home, tmp_path)
+    report = reencrypt.run(lake.uri, keys=keys, dataset=DATASET, mode="rewrap")
+    rw = report["directory_rewrap"]
+    assert (rw["deks_moved"], rw["kms_calls"], rw["complete"], rw["lake_bytes_written"]) == (8, 8, True, 0)
+    assert keys.calls() == ["rewrap"] * 8  # one ReEncrypt per DEK; no DEK generated or unwrapped
+    assert report["files_rewritten"] == 0 and report["kms_calls"] == 0 and report["complete"]
+    assert report["problems"] == [] and report["inventory"]["current_fraction"] == 1.0
+    assert {rel: (data, os.stat(lake.path(rel)).st_mtime_ns) for rel, data in data_snapshot(lake.uri).items()} == data_before
+    assert file_versions(lake.uri) == versions_before  # the rows keep their birth version
+    assert home.registry().deks_by_version() == {2: 8}
+    got, statuses = lake_plaintext(home, lake.uri)
+    assert statuses["current"] == 400 and plain_equal(home, lake.uri, source)
+    assert read_side_outputs(lake, "mismatch", run_id=report["run_id"]) == []
+    again = reencrypt.run(lake.uri, keys=keys, dataset=DATASET, mode="rewrap")
+    assert again["directory_rewrap"]["kms_calls"] == 0 and len(keys.calls()) == 8
+    # nothing is left for the re-encrypting job either: every DEK is current and young
+    assert reencrypt.run(lake.uri, keys=keys, dataset=DATASET, mode="reencrypt")["plan"]["files"] == 0
+    assert len(keys.calls()) == 8
 
 
 def test_read_after_rotation_old_rows_decrypt_and_are_written_back_on_the_new_version(lake, home, source):

@@ -15,6 +15,7 @@ from keyturn.rotation import (
     kek_id_for,
     next_rotation_due,
     retire,
+    rewrap,
     rotate,
     rotation_due,
     schedule_deletion,
@@ -135,7 +136,7 @@ def test_rotation_due_is_measured_from_the_newest_version(registry, chain, clock
 def test_retire_refused_while_inventory_finds_data(registry, chain):
     rotate(registry, provisioner([]), chain, actor="a", reason="r")
     refs = Refs(v1=7)
-    with pytest.raises(VersionInUseError, match="7 reference"):
+    with pytest.raises(VersionInUseError, match="the inventory still finds 7 reference"):
         retire(registry, 1, chain, inventory=refs, actor="a", reason="done")
     assert refs.asked == [1]
     assert registry.get(1).state is KeyState.DECRYPT_ONLY
@@ -176,10 +177,83 @@ def test_invalid_transitions_write_no_event(registry, chain):
     with pytest.raises(InvalidTransitionError):
         schedule_deletion(registry, 1, chain, inventory=Refs(), pending_days=7, actor="a", reason="not retired yet")
     with pytest.raises(ValueError):
-        retire(registry, 1, chain, inventory=None, actor="a", reason="r")  # type: ignore[arg-type]
+        retire(registry, 1, chain, inventory=Refs(v1=-1), actor="a", reason="an inventory answering nonsense")
     with pytest.raises(ValueError):
         schedule_deletion(registry, 1, chain, inventory=Refs(), pending_days=-1, actor="a", reason="r")
     assert [e.event.action.value for e in chain.entries()] == ["rotate"]
+
+
+@pytest.fixture
+def kms():
+    import os
+
+    from keyturn.kms.local import LocalKms
+
+    return LocalKms.in_memory({kek_id_for(v): os.urandom(32) for v in (1, 2, 3)})
+
+
+def register_deks(registry, kms, n: int) -> None:
+    """Seal a cell under `n` fresh DEKs on the active version; each scope registers its DEK in the directory."""
+    import pyarrow as pa
+
+    from keyturn.arrow_codec import encrypt_batch
+    from keyturn.scope import DekScope, KekRef, Location
+
+    active = registry.active()
+    batch = pa.record_batch({"id": [1], "email": ["a@example.com"]})
+    for i in range(n):
+        with DekScope(kms, KekRef(active.version, active.kek_id), Location("sales", f"p={i}"), directory=registry) as scope:
+            encrypt_batch(batch, ["email"], scope)
+
+
+def test_retire_without_an_inventory_is_decided_by_the_directory(registry, chain, kms, clock):
+    register_deks(registry, kms, 3)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    assert registry.deks_by_version() == {1: 3}
+    for inventory in (None, Refs()):  # a lake finding nothing does not overrule the directory
+        with pytest.raises(VersionInUseError, match=r"the DEK directory holds 3 DEK\(s\) wrapped under it"):
+            retire(registry, 1, chain, inventory=inventory, actor="a", reason="done")
+    assert registry.get(1).state is KeyState.DECRYPT_ONLY
+    assert [e.event.action.value for e in chain.entries()] == ["rotate"]
+
+    report = rewrap(registry, kms, chain, actor="ops", reason="move DEKs", clock=clock)
+    assert (report["deks_moved"], report["kms_calls"], report["complete"]) == (3, 3, True)
+    assert report["lake_bytes_written"] == 0 and registry.deks_by_version() == {2: 3}
+    retired = retire(registry, 1, chain, actor="ops", reason="migrated", clock=clock)  # no inventory at all
+    assert retired.state is KeyState.RETIRED
+    events = [e.event for e in chain.entries()]
+    assert [e.action.value for e in events] == ["rotate", "rewrap", "retire"]
+    assert (events[1].version_from, events[1].version_to, events[1].counts["deks_moved"]) == (1, 2, 3)
+    assert len(events[1].kms_request_ids) == 3
+    assert verify_chain(chain.path) == 3
+
+
+def test_rewrap_is_bounded_resumable_and_idempotent(registry, chain, kms, clock):
+    register_deks(registry, kms, 5)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    first = rewrap(registry, kms, chain, actor="ops", reason="r", clock=clock, max_deks=2)
+    assert (first["deks_moved"], first["complete"], first["remaining"]) == (2, False, {"1": 3})
+    with pytest.raises(VersionInUseError, match="holds 3 DEK"):
+        retire(registry, 1, chain, actor="ops", reason="too early")
+    second = rewrap(registry, kms, chain, actor="ops", reason="r", clock=clock)
+    assert (second["deks_moved"], second["kms_calls"], second["complete"]) == (3, 3, True)
+    third = rewrap(registry, kms, chain, actor="ops", reason="r", clock=clock)
+    assert (third["deks_moved"], third["kms_calls"], third["complete"]) == (0, 0, True)
+    assert "audit_event" not in third  # nothing moved: nothing logged
+    assert [e.event.action.value for e in chain.entries()] == ["rotate", "rewrap", "rewrap"]
+    assert registry.deks_by_version() == {2: 5}
+
+
+def test_schedule_deletion_without_an_inventory_after_rewrap(registry, chain, kms, clock):
+    register_deks(registry, kms, 1)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    rewrap(registry, kms, chain, actor="ops", reason="r", clock=clock)
+    retire(registry, 1, chain, actor="ops", reason="r", clock=clock)
+    scheduled = schedule_deletion(registry, 1, chain, pending_days=3, actor="ops", reason="r", clock=clock)
+    assert scheduled.state is KeyState.PENDING_DELETION and scheduled.delete_after == clock.now + timedelta(days=3)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    with pytest.raises(VersionInUseError, match="holds 1 DEK"):  # version 2 now wraps the DEK
+        retire(registry, 2, chain, actor="ops", reason="r", clock=clock)
 
 
 def test_combined_inventory_sums_every_lake():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from xml.etree import ElementTree
@@ -16,7 +17,7 @@ from cli_support import (
     write_encrypted_file,
     write_versioned_plain_file,
 )
-from keyturn.errors import LakeError
+from keyturn.errors import LakeError, VersionInUseError
 from keyturn.rotation import rotate
 from pipelines import exitcodes, status
 from pipelines.home import KeyHome
@@ -48,8 +49,10 @@ def test_counts_per_version_and_partition(home, mixed_lake):
     assert (report["rows"], report["files"], report["partition_count"]) == (100, 4, 2)
     assert report["active_version"] == 2
     assert report["percent_current"] == 50.0
-    assert report["status_rows"] == {"current": 50, "stale": 50, "retired": 0, "unknown": 0, "missing": 0}
-    assert report["status_files"] == {"current": 2, "stale": 2, "retired": 0, "unknown": 0, "missing": 0, "unreadable": 0}
+    assert report["status_rows"] == {"current": 50, "stale": 50, "retired": 0, "unknown": 0, "missing": 0, "corrupt": 0}
+    assert report["status_files"] == {
+        "current": 2, "stale": 2, "retired": 0, "unknown": 0, "missing": 0, "corrupt": 0, "unreadable": 0
+    }
     assert (report["stale_files"], report["current_files"]) == (2, 2)
     assert report["versions"] == {
         "1": {"state": "decrypt_only", "rows": 50, "files": 2},
@@ -60,25 +63,78 @@ def test_counts_per_version_and_partition(home, mixed_lake):
     assert r0["percent_current"] == pytest.approx(100 * 10 / 60, abs=0.01)
     assert (r1["rows_by_version"], r1["percent_current"]) == ({"2": 40}, 100.0)
     assert report["problems"] == []
+    assert report["directory"] == {"1": 2, "2": 2}  # one DEK per file
     assert exitcodes.report_exit_code(report) == exitcodes.OK
 
 
-def test_retired_unknown_missing_and_unreadable_are_problems(tmp_path, home, mixed_lake):
+def test_after_a_rewrap_rows_count_under_the_directory_version(home, mixed_lake):
+    from keyturn.rotation import rewrap
+
+    before = snapshot(mixed_lake)
+    with home.kms() as kms:
+        moved = rewrap(home.registry(), kms, home.chain(), actor="test", reason="test", dataset=home.dataset)
+    assert moved["deks_moved"] == 2
+    assert snapshot(mixed_lake) == before  # no lake file was touched
+    report = status.run(home=home, lake=mixed_lake)
+    assert (report["rows"], report["percent_current"], report["stale_files"], report["current_files"]) == (100, 100.0, 0, 4)
+    assert report["status_rows"] == {"current": 100, "stale": 0, "retired": 0, "unknown": 0, "missing": 0, "corrupt": 0}
+    assert report["versions"] == {
+        "1": {"state": "decrypt_only", "rows": 0, "files": 0},
+        "2": {"state": "active", "rows": 100, "files": 4},
+    }
+    assert report["partitions"]["region=0"]["rows_by_version"] == {"2": 60}
+    assert report["directory"] == {"2": 4} and report["problems"] == []
+    # ...while the files still say version 1 in their footers and rows: their birth version
+    births = sorted(json.loads(pq.read_metadata(os.path.join(mixed_lake, rel)).metadata[b"keyturn"])["versions"].get("1", 0)
+                    for rel in before if rel.endswith(".parquet"))
+    assert births == [0, 0, 20, 30]
+
+
+def force_retire(home: KeyHome, version: int) -> None:
+    """Retire `version` behind the registry's back, DEKs still under it (write access to the registry file,
+    or a registry restored from an old backup): the registry itself refuses this."""
+    import sqlite3
+    from datetime import datetime, timezone
+
+    at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    with sqlite3.connect(home.registry().path) as conn:
+        conn.execute("UPDATE versions SET state = 'retired', state_changed_at = ? WHERE version = ?", (at, version))
+        conn.execute(
+            "INSERT INTO history (version, from_state, to_state, at, actor, reason) "
+            "VALUES (?, 'decrypt_only', 'retired', ?, 'intruder', 'out of band')",
+            (version, at),
+        )
+
+
+def test_retired_unknown_missing_corrupt_and_unreadable_are_problems(tmp_path, home, mixed_lake):
     _rotate(home)  # v3 active; v1, v2 decrypt-only
-    home.registry().retire(1, actor="t", reason="t")  # no inventory: simulates a retire done elsewhere
-    write_versioned_plain_file(mixed_lake, "region=2", 9, 5)  # a version the registry never had
-    write_versioned_plain_file(mixed_lake, "region=2", None, 7)  # no version metadata at all
+    with pytest.raises(VersionInUseError, match="the DEK directory holds 2 DEK"):
+        home.registry().retire(1, actor="t", reason="t")  # the registry refuses while DEKs are wrapped under v1
+    force_retire(home, 1)  # so it is simulated: a retire done behind the registry's back
+    other = KeyHome.init(tmp_path / "other-home", dataset="customers")
+    write_encrypted_file(other, mixed_lake, "region=2", customers(5, 100))  # a DEK this directory does not know
+    write_versioned_plain_file(mixed_lake, "region=2", 9, 5)  # a version column but no DEK envelope
+    write_versioned_plain_file(mixed_lake, "region=2", None, 7)  # no key metadata at all
+    # a downgrade: key columns intact, but the contract's ciphertext column holds plaintext
+    downgraded = write_encrypted_file(home, mixed_lake, "region=4", customers(6, 200))
+    table = pq.read_table(downgraded)
+    table = table.set_column(table.schema.get_field_index("email"), "email", customers(6, 200).column("email"))
+    pq.write_table(table, downgraded)
     bad = os.path.join(mixed_lake, "region=3", "part-bad.parquet")
     os.makedirs(os.path.dirname(bad))
     with open(bad, "wb") as f:
         f.write(b"PAR1 this is not parquet")
     report = status.run(home=home, lake=mixed_lake)
-    assert report["status_rows"] == {"current": 0, "stale": 50, "retired": 50, "unknown": 5, "missing": 7}
-    assert report["status_files"]["unreadable"] == 1
-    assert report["versions"]["9"] == {"state": "unknown", "rows": 5, "files": 1}
-    assert report["versions"]["1"]["state"] == "retired"
+    assert report["status_rows"] == {"current": 0, "stale": 50, "retired": 50, "unknown": 5, "missing": 12, "corrupt": 6}
+    assert report["status_files"]["unreadable"] == 1 and report["status_files"]["corrupt"] == 1
+    assert report["status_files"]["unknown"] == 1 and report["status_files"]["missing"] == 2
+    assert set(report["versions"]) == {"1", "2", "3"}  # only versions the directory wraps DEKs under, and the registry's
+    assert report["versions"]["1"] == {"state": "retired", "rows": 50, "files": 2}
+    assert report["versions"]["3"] == {"state": "active", "rows": 0, "files": 0}
     reasons = sorted(p["reason"] for p in report["problems"])
-    assert reasons == ["missing", "retired", "retired", "unknown", "unreadable"]
+    assert reasons == ["contract_violation"] * 3 + ["corrupt", "missing", "missing", "retired", "retired", "unknown", "unreadable"]
+    [violation] = [p for p in report["problems"] if p["reason"] == "contract_violation" and p["partition"] == "region=4"]
+    assert violation["rows"] == 6 and "'email'" in violation["detail"]
     assert exitcodes.report_exit_code(report) == exitcodes.DATA
 
 
@@ -89,8 +145,42 @@ def test_status_reads_footers_only(home, mixed_lake, monkeypatch):
     for name in ("read", "read_row_group", "read_row_groups", "iter_batches"):
         monkeypatch.setattr(pq.ParquetFile, name, no_data)
     monkeypatch.setattr(pq, "read_table", no_data)
+    report = status.run(home=home, lake=mixed_lake)  # every footer carries its "deks" map
+    assert report["rows"] == 100 and report["status_rows"]["current"] == 50
+
+
+def test_status_without_deks_in_the_footer_reads_only_the_dek_column(home, mixed_lake, monkeypatch):
+    """Files written before the footer's "deks" map: status reads their `_keyturn_dek` column, nothing else."""
+    for rel in snapshot(mixed_lake):
+        path = os.path.join(mixed_lake, rel)
+        table = pq.read_table(path)
+        meta = dict(pq.read_metadata(path).metadata)
+        meta.pop(b"ARROW:schema", None)
+        footer = json.loads(meta[b"keyturn"])
+        del footer["deks"]
+        meta[b"keyturn"] = json.dumps(footer).encode()
+        pq.write_table(table.replace_schema_metadata(meta), path)
+        assert "deks" not in json.loads(pq.read_metadata(path).metadata[b"keyturn"])
+    read: list[list[str]] = []
+    real = pq.ParquetFile.read_row_group
+
+    def only_dek_column(self, i, columns=None, **kwargs):
+        if columns != ["_keyturn_dek"]:
+            raise AssertionError(f"status read {columns or 'every column'}")
+        read.append(columns)
+        return real(self, i, columns=columns, **kwargs)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("status read data pages")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", only_dek_column)
+    for name in ("read", "read_row_groups", "iter_batches"):
+        monkeypatch.setattr(pq.ParquetFile, name, no_data)
+    monkeypatch.setattr(pq, "read_table", no_data)
     report = status.run(home=home, lake=mixed_lake)
-    assert report["rows"] == 100
+    assert len(read) >= 4  # at least one row group per file
+    assert report["rows"] == 100 and report["status_rows"]["current"] == 50 and report["status_rows"]["stale"] == 50
+    assert report["problems"] == []
 
 
 def test_status_changes_nothing(home, mixed_lake, tmp_path):

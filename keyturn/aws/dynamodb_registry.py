@@ -1087,7 +1087,7 @@ class DynamoDbKeyRegistry(LifecycleMethods):
             pk, prefix = self._dek_pk(), _DEK_PREFIX
         else:
             pk, prefix = self._copy_pk(require_version(key_version)), _COPY_PREFIX
-        items = self._query_prefix(pk, prefix, after=None, limit=limit)
+        items = self._query_prefix(pk, prefix, after=None if after is None else bytes(after).hex(), limit=limit)
         out = [_item_to_entry(i, prefix) for i in items]
         for e in out:
             if key_version is not None and e.key_version != key_version:
