@@ -427,45 +427,97 @@ def render_beam_workers(result: Mapping[str, Any], meta: Mapping[str, Any]) -> s
 
 def render_lake(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     p, t, r = result["params"], result["timings"], result["ratios"]
+    rot, read, targets = result["rotation"], result["read_path"], result["targets"]
+    rr, pr = rot["rotate_rewrap"]["rounds"], rot["pme_rotate"]["rounds"]
+
+    def spread_int(values: Sequence[int]) -> str:
+        lo, hi = min(values), max(values)
+        return f"{lo:,}" if lo == hi else f"{lo:,} – {hi:,}"
+
     labels = {
         "encrypt": "keyturn encrypt (`pipelines.encrypt.run`)",
-        "rewrap": "rewrap rotation (`pipelines.reencrypt.run`, mode rewrap)",
-        "reencrypt": "reencrypt rotation (`pipelines.reencrypt.run`, mode reencrypt)",
+        "reencrypt": "reencrypt rotation (`pipelines.reencrypt.run`, mode reencrypt, home rotated without rewrap)",
         "plain_rewrite": "plain pyarrow read-and-rewrite of the encrypted lake",
         "pme_write": "pyarrow Parquet Modular Encryption write of the source",
     }
     rows = []
     for name, label in labels.items():
-        rate_m, rate_s = _rate_cells(result["rows_per_s"][name], "rows/s")
+        rate_m, _ = _rate_cells(result["rows_per_s"][name], "rows/s")
         med, spread = _secs(t[name])
         rows.append([label, med, spread, rate_m, f"{result['mb_per_s'][name]['median']:.1f} MB/s"])
-    rot = result["rotation"]
     rot_rows = [
-        [mode, f"{rot[mode]['files_rewritten']}", f"{rot[mode]['bytes_rewritten'] / 1e6:,.1f} MB", f"{rot[mode]['payload_bytes_decrypted'] / 1e6:,.1f} MB", f"{rot[mode]['cells_decrypted']:,}", f"{rot[mode]['kms_calls']}"]
-        for mode in ("rewrap", "reencrypt")
+        [
+            "keyturn `rotate --rewrap` (`rotation.rotate` + `rotation.rewrap`, directory only)",
+            *_secs(t["rotate_rewrap"]),
+            spread_int([x["lake_bytes_written"] for x in rr]) + f" B in {spread_int([x['lake_files_written'] for x in rr])} of {rr[0]['lake_files']} files",
+            f"{spread_int([x['home_bytes_written'] for x in rr])} B in the key home ({spread_int([x['home_files_written'] for x in rr])} files)",
+            f"{spread_int([x['kms_calls'] for x in rr])} (ReEncrypt) for {spread_int([x['deks_on_old_version'] for x in rr])} DEKs",
+        ],
+        [
+            "PME `CryptoFactory.rotate_master_keys`, every file (external key material)",
+            *_secs(t["pme_rotate"]),
+            f"{spread_int([x['key_material_bytes_written'] for x in pr])} B of key material in {spread_int([x['key_material_files_written'] for x in pr])} files; "
+            f"{spread_int([x['parquet_bytes_written'] for x in pr])} B of Parquet",
+            "(key material lives in the lake)",
+            f"{spread_int([x['kms_unwrap_calls'] for x in pr])} unwrap + {spread_int([x['kms_wrap_calls'] for x in pr])} wrap "
+            f"for {p['pme_external']['files']} files",
+        ],
     ]
+    reen = rot["reencrypt"]
+    payload_rows = [
+        ["keyturn `rotate --rewrap`", "0", "0.0 MB", f"{rot['rotate_rewrap']['payload_bytes_decrypted'] / 1e6:,.1f} MB", f"{rot['rotate_rewrap']['cells_decrypted']:,}", f"{rot['rotate_rewrap']['kms_calls']}"],
+        ["reencrypt", f"{reen['files_rewritten']}", f"{reen['bytes_rewritten'] / 1e6:,.1f} MB", f"{reen['payload_bytes_decrypted'] / 1e6:,.1f} MB", f"{reen['cells_decrypted']:,}", f"{reen['kms_calls']}"],
+    ]
+    rd = read["timings"]
+    cps = read["cells_per_s"]
+    read_rows = [
+        ["`DekReader(kms, directory=registry)` + `contract=`", *_secs(rd["decrypt_directory"]), _rate_cells(cps["decrypt_directory"], "cells/s")[0],
+         spread_int(read["stats"]["decrypt_directory"]["kms_unwraps"]), spread_int(read["stats"]["decrypt_directory"]["directory_lookups"])],
+        ["`DekReader(kms)`, no directory, no contract", *_secs(rd["decrypt_no_directory"]), _rate_cells(cps["decrypt_no_directory"], "cells/s")[0],
+         spread_int(read["stats"]["decrypt_no_directory"]["kms_unwraps"]), spread_int(read["stats"]["decrypt_no_directory"]["directory_lookups"])],
+    ]
+
+    def target_row(label: str, key: str, ratio: Mapping[str, Any] | None) -> list[str]:
+        tg = targets[key]
+        value = _ratio(ratio) if ratio is not None else str(tg["measured"])
+        return [label, value, tg["target"], _met(tg["met"])]
+
     ratio_rows = [
-        ["reencrypt time ÷ rewrap time (rewrap is N× faster)", _ratio(r["reencrypt_over_rewrap_time"]), f"≥ {result['target']:g}", _met(result["met"])],
-        ["rewrap time ÷ plain pyarrow rewrite time", _ratio(r["rewrap_over_plain_time"]), "(for reference)", ""],
+        target_row("keyturn `rotate --rewrap` time ÷ PME `rotate_master_keys` time", "rotate_rewrap_over_pme_rotate_time", r["rotate_rewrap_over_pme_rotate_time"]),
+        target_row("reencrypt time ÷ `rotate --rewrap` time", "reencrypt_over_rotate_rewrap_time", r["reencrypt_over_rotate_rewrap_time"]),
+        ["KMS calls of the rewrap, per round (DEKs in the directory: " + f"{p['deks']:,})", ", ".join(str(x) for x in targets["rewrap_kms_calls_equal_deks"]["measured"]), "= DEKs", _met(targets["rewrap_kms_calls_equal_deks"]["met"])],
+        ["lake bytes written by `rotate --rewrap` (max over rounds)", f"{targets['rotate_rewrap_lake_bytes_written']['measured']:,}", "0", _met(targets["rotate_rewrap_lake_bytes_written"]["met"])],
+        target_row("decrypt throughput with the directory ÷ without", "decrypt_directory_over_no_directory_throughput", read["throughput_ratio"]),
+        ["reencrypt time ÷ plain pyarrow rewrite time", _ratio(r["reencrypt_over_plain_time"]), "(for reference)", ""],
         ["keyturn encrypt time ÷ PME write time", _ratio(r["encrypt_over_pme_time"]), "(for reference)", ""],
     ]
+    ext = p["pme_external"]
     parts = [
         _run_line(meta, result),
         "",
-        f"Lake: {p['rows']:,} rows, {p['partitions']} partitions, {p['lake_files']} files, {p['lake_bytes'] / 1e6:,.0f} MB encrypted "
-        f"(source {p['source_bytes'] / 1e6:,.0f} MB plain Parquet in {p['source_files']} files; PME output {p['pme_bytes'] / 1e6:,.0f} MB); "
-        f"sensitive columns {', '.join(p['sensitive'])}; seed {p['seed']}; {p['runs']} timed rounds, no warm-up. PME: {p['pme']}.",
+        f"Lake: {p['rows']:,} rows, {p['partitions']} partitions, {p['lake_files']} files, {p['lake_bytes'] / 1e6:,.0f} MB encrypted, "
+        f"{p['deks']:,} DEKs in the directory (source {p['source_bytes'] / 1e6:,.0f} MB plain Parquet in {p['source_files']} files; "
+        f"PME write output {p['pme_bytes'] / 1e6:,.0f} MB; PME lake with external key material {ext['bytes'] / 1e6:,.0f} MB in {ext['files']} files "
+        f"plus {ext['key_material_files']} key-material files, same layout as the keyturn lake); sensitive columns {', '.join(p['sensitive'])}; "
+        f"seed {p['seed']}; {p['runs']} timed rounds, no warm-up. PME: {p['pme']}. PME rotation: {p['pme_rotation']}. "
+        f"keyturn rotation: {p['rotate_rewrap']}; {p['rewrap_rate_limit']}.",
+        "",
+        _table(["Rotation", "Time median", "Spread", "Lake bytes written (snapshot: size, mtime, SHA-256 of every file)", "Other bytes written", "KMS calls"], rot_rows),
         "",
         _table(["Step", "Time median", "Spread", "Rows/s", "Encrypted-lake MB/s"], rows),
         "",
-        _table(["Rotation mode", "Files rewritten", "Bytes rewritten", "Payload bytes decrypted", "Cells decrypted", "KMS calls"], rot_rows),
+        _table(["Rotation (untimed counting run)", "Files rewritten", "Bytes rewritten", "Payload bytes decrypted", "Cells decrypted", "KMS calls"], payload_rows),
         "",
-        _table(["Ratio", "Median (min – max of rounds)", "Target", "Met"], ratio_rows),
+        f"Read path: `decrypt_batch` over the {read['files']} files' row groups ({read['cells']:,} cells), one reader per file, "
+        f"on the home after `rotate --rewrap` (directory on the new version, rows' birth envelopes on the old), interleaved file by file, outputs compared:",
+        "",
+        _table(["Reader", "Time median", "Spread", "Cells/s", "KMS unwraps per round", "Directory lookups per round"], read_rows),
+        "",
+        _table(["Ratio / count", "Median (min – max of rounds)", "Target", "Met"], ratio_rows),
     ]
-    for mode in ("rewrap", "reencrypt"):
-        prof = result.get("profile", {}).get(mode)
-        if prof:
-            parts += ["", f"cProfile of one {mode} rotation ({prof['total_s']:.2f} s under the profiler):", "", _profile_table(prof, top=8)]
+    prof = result.get("profile", {}).get("rotate_rewrap")
+    if prof:
+        parts += ["", f"cProfile of one `rotate --rewrap` ({prof['total_s']:.3f} s under the profiler):", "", _profile_table(prof, top=8)]
     return "\n".join(parts)
 
 
@@ -572,7 +624,16 @@ def summary(results: Mapping[str, Any]) -> str:
         lines.append(f"{'beam_workers':<16} {'2 workers / 1 worker (rows/s)':<46} {r['speedup']['median']:>14.2f} {'>= ' + format(r['target'], 'g'):>10}  {r['met']}")
     if "lake" in b:
         r = b["lake"]
-        lines.append(f"{'lake':<16} {'reencrypt time / rewrap time':<46} {r['ratios']['reencrypt_over_rewrap_time']['median']:>14.2f} {'>= ' + format(r['target'], 'g'):>10}  {r['met']}")
+        t = r["targets"]
+        for key, label in (
+            ("rotate_rewrap_over_pme_rotate_time", "rotate --rewrap time / PME rotate_master_keys"),
+            ("reencrypt_over_rotate_rewrap_time", "reencrypt time / rotate --rewrap time"),
+            ("decrypt_directory_over_no_directory_throughput", "decrypt with directory / without (throughput)"),
+        ):
+            lines.append(f"{'lake':<16} {label:<46} {t[key]['measured']:>14.2f} {t[key]['target']:>10}  {t[key]['met']}")
+        calls = t["rewrap_kms_calls_equal_deks"]["measured"]
+        lines.append(f"{'lake':<16} {'rewrap KMS calls (DEKs: ' + format(r['params']['deks'], ',') + ')':<46} {max(calls) if calls else 0:>14,} {'= DEKs':>10}  {t['rewrap_kms_calls_equal_deks']['met']}")
+        lines.append(f"{'lake':<16} {'rotate --rewrap lake bytes written':<46} {t['rotate_rewrap_lake_bytes_written']['measured']:>14,} {'0':>10}  {t['rotate_rewrap_lake_bytes_written']['met']}")
         lines.append(f"{'lake':<16} {'lake MB':<46} {r['params']['lake_bytes'] / 1e6:>14,.0f} {'':>10}")
     if "memory" in b:
         r = b["memory"]

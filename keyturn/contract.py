@@ -166,6 +166,14 @@ class DatasetContract:
                 raise
             raise ContractError(f"a stored dataset contract is damaged ({type(exc).__name__})") from None
 
+    @classmethod
+    def stored(cls, dataset: str, text: object) -> DatasetContract:
+        """A contract as a registry stored it for `dataset`; `ContractError` if damaged or another dataset's."""
+        contract = cls.from_text(text)  # type: ignore[arg-type]
+        if contract.dataset != dataset:
+            raise ContractError(f"the stored contract of dataset {dataset!r} names dataset {contract.dataset!r}")
+        return contract
+
     def describe(self) -> str:
         """One line for messages: dataset, codec, columns with types."""
         cols = ", ".join(f"{c.name} ({c.type_descriptor.split(':', 1)[-1]})" for c in self.columns)

@@ -133,16 +133,47 @@ def test_beam_workers_structure() -> None:
 def test_lake_structure(tmp_path) -> None:
     result = bench_lake.run_lake(rows=2_000, partitions=2, runs=1, out=str(tmp_path / "lake"), profile=False)
     assert result["name"] == "lake"
-    assert set(result["timings"]) == {"encrypt", "rewrap", "reencrypt", "plain_rewrite", "pme_write"}
+    assert set(result["timings"]) == {"encrypt", "rotate_rewrap", "pme_rotate", "reencrypt", "plain_rewrite", "pme_write"}
     for t in result["timings"].values():
         _timing_shape(t)
     for r in result["ratios"].values():
         _ratio_shape(r)
+    # counts, not timings: the control-plane rotation writes no lake byte and makes one KMS call per DEK
     rot = result["rotation"]
-    assert rot["rewrap"]["payload_bytes_decrypted"] == 0  # a count: rewrap decrypts no payload
+    deks = result["params"]["deks"]
+    assert deks >= 1
+    for r in rot["rotate_rewrap"]["rounds"]:
+        assert r["lake_bytes_written"] == 0 and r["lake_files_written"] == 0 and r["lake_files"] > 0
+        assert r["kms_calls"] == r["deks_moved"] == r["deks_on_old_version"] == deks
+    assert rot["rotate_rewrap"]["payload_bytes_decrypted"] == 0
+    for r in rot["pme_rotate"]["rounds"]:
+        assert r["parquet_bytes_written"] == 0 and r["key_material_bytes_written"] > 0
+        assert r["key_material_files_written"] == result["params"]["pme_external"]["key_material_files"] == result["params"]["lake_files"]
     assert rot["reencrypt"]["payload_bytes_decrypted"] > 0 and rot["reencrypt"]["bytes_rewritten"] > 0
+    assert rot["reencrypt"]["files_rewritten"] == result["params"]["lake_files"]
+    read = result["read_path"]
+    assert set(read["timings"]) == {"decrypt_directory", "decrypt_no_directory"}
+    for t in read["timings"].values():
+        _timing_shape(t)
+    _ratio_shape(read["throughput_ratio"])
+    assert read["stats"]["decrypt_directory"]["directory_lookups"][0] >= 1
+    assert read["stats"]["decrypt_no_directory"]["directory_lookups"][0] == 0
+    assert set(result["targets"]) == {
+        "reencrypt_over_rotate_rewrap_time",
+        "rotate_rewrap_over_pme_rotate_time",
+        "rewrap_kms_calls_equal_deks",
+        "rotate_rewrap_lake_bytes_written",
+        "decrypt_directory_over_no_directory_throughput",
+    }
+    assert all(isinstance(t["met"], bool) for t in result["targets"].values())
+    assert result["targets"]["rewrap_kms_calls_equal_deks"]["met"] and result["targets"]["rotate_rewrap_lake_bytes_written"]["met"]
     assert result["params"]["lake_bytes"] > 0 and isinstance(result["met"], bool)
     json.dumps(result)
+    meta = {"command": "python -m benchmarks.run --only lake", "machine": machine_info()}
+    meta["machine"]["load_avg_start"] = [0.0, 0.0, 0.0]
+    text = run.render_lake({**result, "elapsed_s": 1.0}, meta)
+    assert "rotate --rewrap" in text and "rotate_master_keys" in text
+    assert run.summary({"benchmarks": {"lake": result}})
 
 
 @pytest.mark.beam

@@ -364,13 +364,6 @@ def _same_birth(a: DekEntry, b: DekEntry) -> bool:
     )
 
 
-def _stored_contract(dataset: str, text: object) -> DatasetContract:
-    contract = DatasetContract.from_text(text)  # type: ignore[arg-type]
-    if contract.dataset != dataset:
-        raise ContractError(f"the stored contract of dataset {dataset!r} names dataset {contract.dataset!r}")
-    return contract
-
-
 @dataclass
 class _Head:
     rev: int
@@ -1183,7 +1176,7 @@ class DynamoDbKeyRegistry(LifecycleMethods):
         """The pinned contract of `dataset`, or None if nothing was ever written to it."""
         require_text("dataset", dataset)
         item = self._contract_item(dataset)
-        return None if item is None else _stored_contract(dataset, _s(item, "contract", f"contract of {dataset!r}"))
+        return None if item is None else DatasetContract.stored(dataset, _s(item, "contract", f"contract of {dataset!r}"))
 
     def pin_contract(self, contract: DatasetContract, *, actor: str, reason: str) -> DatasetContract:
         """Store `contract` if its dataset has none yet (conditional put); return the stored one (the first writer's)."""
@@ -1195,7 +1188,7 @@ class DynamoDbKeyRegistry(LifecycleMethods):
             self.check()
             item = self._contract_item(contract.dataset)
             if item is not None:
-                return _stored_contract(contract.dataset, _s(item, "contract", f"contract of {contract.dataset!r}"))
+                return DatasetContract.stored(contract.dataset, _s(item, "contract", f"contract of {contract.dataset!r}"))
             now = self._now()
             try:
                 self._transact(self._contract_actions(contract, now, actor, reason, None))
@@ -1241,7 +1234,7 @@ class DynamoDbKeyRegistry(LifecycleMethods):
             rows.append(
                 {
                     "revision": revision,
-                    "contract": _stored_contract(dataset, _s(item, "contract", what)),
+                    "contract": DatasetContract.stored(dataset, _s(item, "contract", what)),
                     "at": _from_text(_s(item, "at", what), "contract time"),
                     "actor": _s(item, "actor", what),
                     "reason": _s(item, "reason", what),

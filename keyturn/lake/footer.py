@@ -324,7 +324,7 @@ def read_file_summary(lake: Lake, data_file: DataFile) -> FileSummary:
             if footer is not None and footer.deks is not None and sum(footer.deks.values()) == footer.rows - footer.missing_rows:
                 summary.dek_rows = dict(footer.deks)
             else:
-                summary.dek_rows, summary.births = _dek_rows_from_column(pf)
+                summary.dek_rows, summary.births = _by_dek_id(envelope_rows(pf))
             if footer is not None and _footer_agrees(footer, md, col):
                 summary.versions = dict(footer.versions)
                 summary.missing_rows = footer.missing_rows
@@ -347,37 +347,36 @@ def read_file_summary(lake: Lake, data_file: DataFile) -> FileSummary:
     return summary
 
 
+def _envelope_counts(column: pa.Array | pa.ChunkedArray, into: dict[bytes, int]) -> dict[bytes, int]:
+    """Add rows per envelope of a ``_keyturn_dek`` column (dictionary-encoded or not) to `into`."""
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        indices = chunk.indices.drop_null().to_numpy(zero_copy_only=False)
+        if len(indices) == 0:
+            continue
+        counts = np.bincount(indices, minlength=len(chunk.dictionary))
+        for value, n in zip(chunk.dictionary.to_pylist(), counts.tolist()):
+            if n and value is not None:
+                into[bytes(value)] = into.get(bytes(value), 0) + n
+    return into
+
+
 def envelope_rows(pf: pq.ParquetFile) -> dict[bytes, int]:
     """Rows per DEK envelope, from the ``_keyturn_dek`` column alone (dictionary pages and indices)."""
-    if DEK_FIELD not in pf.schema_arrow.names:
-        return {}
     out: dict[bytes, int] = {}
-    for g in range(pf.metadata.num_row_groups):
-        if pf.metadata.row_group(g).num_rows == 0:
-            continue
-        column = pf.read_row_group(g, columns=[DEK_FIELD]).column(0)
-        for chunk in column.chunks:
-            if pa.types.is_dictionary(chunk.type):
-                indices = chunk.indices.drop_null().to_numpy(zero_copy_only=False)
-                if len(indices) == 0:
-                    continue
-                counts = np.bincount(indices, minlength=len(chunk.dictionary))
-                for value, n in zip(chunk.dictionary.to_pylist(), counts.tolist()):
-                    if n and value is not None:
-                        out[bytes(value)] = out.get(bytes(value), 0) + n
-            else:
-                for item in chunk.value_counts().to_pylist():
-                    if item["values"] is not None:
-                        value = bytes(item["values"])
-                        out[value] = out.get(value, 0) + item["counts"]
+    if DEK_FIELD in pf.schema_arrow.names:
+        for g in range(pf.metadata.num_row_groups):
+            if pf.metadata.row_group(g).num_rows:
+                _envelope_counts(pf.read_row_group(g, columns=[DEK_FIELD]).column(0), out)
     return out
 
 
-def _dek_rows_from_column(pf: pq.ParquetFile) -> tuple[dict[bytes, int], dict[bytes, Envelope]]:
-    """(rows per dek_id, birth envelope per dek_id) from the ``_keyturn_dek`` column; unparseable envelopes are skipped."""
+def _by_dek_id(envelopes: Mapping[bytes, int]) -> tuple[dict[bytes, int], dict[bytes, Envelope]]:
+    """(rows per dek_id, birth envelope per dek_id) of rows per envelope; unparseable envelopes are left out."""
     rows: dict[bytes, int] = {}
     births: dict[bytes, Envelope] = {}
-    for env, n in envelope_rows(pf).items():
+    for env, n in envelopes.items():
         try:
             birth = parse_envelope(env)
         except DecryptionError:
@@ -391,24 +390,7 @@ def dek_counts(table: pa.Table | pa.RecordBatch) -> dict[bytes, int]:
     """Rows per dek_id of an encrypted table or batch (for its footer); unparseable envelopes are left out."""
     if DEK_FIELD not in table.schema.names:
         return {}
-    column = table.column(DEK_FIELD)
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    out: dict[bytes, int] = {}
-    for chunk in chunks:
-        if not pa.types.is_dictionary(chunk.type):
-            chunk = chunk.dictionary_encode()
-        indices = chunk.indices.drop_null().to_numpy(zero_copy_only=False)
-        if len(indices) == 0:
-            continue
-        counts = np.bincount(indices, minlength=len(chunk.dictionary))
-        for value, n in zip(chunk.dictionary.to_pylist(), counts.tolist()):
-            if n and value is not None:
-                try:
-                    dek_id = parse_envelope(value).dek_id
-                except DecryptionError:
-                    continue
-                out[dek_id] = out.get(dek_id, 0) + n
-    return out
+    return _by_dek_id(_envelope_counts(table.column(DEK_FIELD), {}))[0]
 
 
 def _one_line(exc: BaseException) -> str:

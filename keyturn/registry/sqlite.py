@@ -26,6 +26,14 @@ Contracts:
   the lock for at most `busy_timeout` seconds.
 - `sqlite3` failures (a locked file past the timeout, a missing directory)
   surface as `RegistryError`.
+- The same file holds the DEK directory (table ``deks``, see
+  `keyturn.directory`; entries are never deleted) and the dataset contracts
+  (``contracts``, with an append-only ``contract_history``). Retire and
+  schedule-deletion count the directory entries under the version inside
+  their own ``BEGIN IMMEDIATE`` transaction, and a DEK registers only under
+  a readable version, in one transaction as well, so neither can slip past
+  the other. A schema-1 file is upgraded in place (the new tables start
+  empty: run `keyturn directory rebuild` for data written before).
 """
 
 from __future__ import annotations
@@ -601,7 +609,7 @@ class SqliteKeyRegistry(LifecycleMethods):
         """The pinned contract of `dataset`, or None if nothing was ever written to it."""
         require_text("dataset", dataset)
         row = self._read(lambda conn: conn.execute("SELECT contract FROM contracts WHERE dataset = ?", (dataset,)).fetchone())
-        return None if row is None else _stored_contract(dataset, row[0])
+        return None if row is None else DatasetContract.stored(dataset, row[0])
 
     def pin_contract(self, contract: DatasetContract, *, actor: str, reason: str) -> DatasetContract:
         """Store `contract` if its dataset has none yet; return the stored one (the first writer's)."""
@@ -613,7 +621,7 @@ class SqliteKeyRegistry(LifecycleMethods):
         def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> DatasetContract:
             row = conn.execute("SELECT contract FROM contracts WHERE dataset = ?", (contract.dataset,)).fetchone()
             if row is not None:
-                return _stored_contract(contract.dataset, row[0])
+                return DatasetContract.stored(contract.dataset, row[0])
             self._store_contract(conn, contract, now, actor, reason, insert=True)
             return contract
 
@@ -646,7 +654,7 @@ class SqliteKeyRegistry(LifecycleMethods):
             ).fetchall()
         )
         return [
-            {"revision": r, "contract": _stored_contract(dataset, c), "at": _from_text(at, "contract time"), "actor": a, "reason": why}
+            {"revision": r, "contract": DatasetContract.stored(dataset, c), "at": _from_text(at, "contract time"), "actor": a, "reason": why}
             for r, c, at, a, why in rows
         ]
 
@@ -685,13 +693,6 @@ def _row_to_entry(row: Sequence[Any]) -> DekEntry:
         actor=actor,
         contract_revision=int(revision),
     )
-
-
-def _stored_contract(dataset: str, text: str) -> DatasetContract:
-    contract = DatasetContract.from_text(text)
-    if contract.dataset != dataset:
-        raise ContractError(f"the stored contract of dataset {dataset!r} names dataset {contract.dataset!r}")
-    return contract
 
 
 def _name(state: KeyState | None) -> str:
