@@ -310,10 +310,17 @@ def _layout_from_metadata(schema: pa.Schema, wanted: Sequence[str]) -> _ReadLayo
     return layout
 
 
-def contract_violations(schema: pa.Schema, contract: DatasetContract) -> list[str]:
-    """Why a file with `schema` breaks `contract` (a contract column missing or not ciphertext); [] if it does not."""
+def contract_violations(schema: pa.Schema, contract: DatasetContract, revision: int | None = None) -> list[str]:
+    """Why a file with `schema` breaks `contract` (a contract column missing or not ciphertext); [] if it does not.
+
+    `revision` is the newest contract revision among the file's DEKs: columns
+    added to the contract after it are not required of the file. None (or 0)
+    requires every contract column.
+    """
     out = []
     for c in contract.columns:
+        if revision and c.since_revision > revision:
+            continue
         if c.name not in schema.names:
             out.append(f"contract column {c.name!r} is missing")
         elif not _is_binary_like(schema.field(c.name).type):
@@ -328,18 +335,25 @@ def contract_schema(schema: pa.Schema, contract: DatasetContract) -> pa.Schema:
     encoding of ``_keyturn_dek``), from the contract, never from the file.
     """
     bind_json = json.dumps(list(contract.bind)).encode()
+
+    def sealed_field(name: str) -> pa.Field:
+        meta = {META_FORMAT: b"1", META_PLAIN: encode_plain_field(contract.column(name).arrow_field()), META_BIND: bind_json}
+        return pa.field(name, pa.binary(), nullable=True, metadata=meta)
+
     fields = []
+    absent = [name for name in contract.names if name not in schema.names]  # added to the contract after the file
     for f in schema:
         if f.name in contract.names:
-            plain = contract.column(f.name).arrow_field()
-            meta = {META_FORMAT: b"1", META_PLAIN: encode_plain_field(plain), META_BIND: bind_json}
-            fields.append(pa.field(f.name, pa.binary(), nullable=True, metadata=meta))
+            fields.append(sealed_field(f.name))
         elif f.name == VERSION_COLUMN:
+            fields.extend(sealed_field(name) for name in absent)
+            absent = []
             fields.append(pa.field(VERSION_COLUMN, pa.int64(), nullable=True))
         elif f.name == DEK_COLUMN:
             fields.append(pa.field(DEK_COLUMN, _DEK_TYPE, nullable=True))
         else:
             fields.append(f)
+    fields.extend(sealed_field(name) for name in absent)
     return pa.schema(fields, metadata=schema.metadata)
 
 
@@ -594,28 +608,33 @@ def reencrypt_batch(
     if scope.location != location:
         raise ValueError("the scope must belong to the same location as the batch")
     decrypted = decrypt_batch(batch, reader, policy, location, contract=contract)
+    readable = [i for i, s in enumerate(decrypted.status) if s.readable]
     if contract is not None:
         layout = _layout_from_contract(batch.schema, contract)
-        if any(mode != _SEALED for mode in layout.modes.values()):
+        # a contract column not (yet) ciphertext here: only rows under DEKs older than the column can be
+        # readable; they are sealed with it now, but unreadable rows could not share their schema
+        if any(mode != _SEALED for mode in layout.modes.values()) and len(readable) < batch.num_rows:
             return ReencryptResult(batch, decrypted.status, changed=False)
         sensitive, binds = contract.names, list(contract.bind)
     else:
         sensitive = encrypted_columns(batch.schema)
         binds = sorted({n for name in sensitive for n in _bind_list(batch.schema.field(name))})
-    readable = [i for i, s in enumerate(decrypted.status) if s.readable]
     if not readable:
         return ReencryptResult(batch, decrypted.status, changed=False)
     sealed = encrypt_batch(decrypted.plain, sensitive, scope, bind_columns=binds)
     # columns left out of `plain` (another keyturn format) are all null in readable rows: keep them as they are
     readable_take = pa.array(readable, pa.int64())
-    out_schema = pa.schema(
-        [sealed.schema.field(f.name) if f.name in sealed.schema.names else f for f in batch.schema],
-        metadata=batch.schema.metadata,
-    )
+    if contract is not None:
+        out_schema = contract_schema(batch.schema, contract)
+    else:
+        out_schema = pa.schema(
+            [sealed.schema.field(f.name) if f.name in sealed.schema.names else f for f in batch.schema],
+            metadata=batch.schema.metadata,
+        )
     sealed = pa.RecordBatch.from_arrays(
         [
             sealed.column(f.name) if f.name in sealed.schema.names else batch.column(f.name).take(readable_take)
-            for f in batch.schema
+            for f in out_schema
         ],
         schema=out_schema,
     )

@@ -187,6 +187,7 @@ class FileSummary:
     corrupt_rows: int = 0
     effective: bool = False
     oldest_dek: datetime | None = None
+    dek_revision: int | None = None
     schema: pa.Schema | None = field(default=None, repr=False)
     contract_problems: list[str] = field(default_factory=list)
 

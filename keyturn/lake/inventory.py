@@ -214,7 +214,7 @@ def take_inventory(
 
         for f in files:
             if f.readable and f.schema is not None and f.rows:
-                f.contract_problems = contract_violations(f.schema, contract)
+                f.contract_problems = contract_violations(f.schema, contract, f.dek_revision)
                 if f.contract_problems:  # a downgraded file: none of its rows will be read as clear data
                     f.corrupt_rows += sum(f.versions.values())
                     f.versions = {}
@@ -240,6 +240,7 @@ def apply_directory(files: Sequence[FileSummary], directory: DekDirectory, datas
         versions: dict[int, int] = {}
         unknown = corrupt = 0
         oldest = None
+        revision: int | None = 0  # the newest contract revision of its DEKs; None once one DEK has none
         for dek_id, n in f.dek_rows.items():
             entry = entries.get(dek_id)
             birth = None if f.births is None else f.births.get(dek_id)
@@ -252,8 +253,11 @@ def apply_directory(files: Sequence[FileSummary], directory: DekDirectory, datas
             else:
                 versions[entry.key_version] = versions.get(entry.key_version, 0) + n
                 oldest = entry.created_at if oldest is None or entry.created_at < oldest else oldest
+                if revision is not None:
+                    revision = max(revision, entry.contract_revision) if entry.contract_revision else None
         f.versions = dict(sorted(versions.items()))
         f.unknown_rows, f.corrupt_rows = unknown, corrupt
         f.missing_rows = max(0, f.rows - sum(versions.values()) - unknown - corrupt)
         f.oldest_dek = oldest
+        f.dek_revision = revision or None
         f.effective = True

@@ -212,7 +212,7 @@ def rewrite_file(
             outcome.reason, outcome.detail = "no_stale_rows", "no stale or over-age DEK: left as it is"
             return outcome
         if contract is not None:
-            broken = contract_violations(schema, contract)
+            broken = contract_violations(schema, contract, _newest_revision(envelopes, reader))
             if broken:
                 return fail("contract_violation", "; ".join(broken))
         target_schema = contract_schema(schema, contract) if contract is not None else schema
@@ -310,6 +310,13 @@ def rewrite_file(
             clock=clock,
         ).to_dict()
         return outcome
+
+
+def _newest_revision(envelopes: list[bytes], reader: DekReader) -> int | None:
+    """The newest dataset-contract revision among the file's DEKs (None: some DEK has none, require everything)."""
+    entries = reader.entries(envelopes) or {}
+    revisions = [e.contract_revision if e is not None else 0 for e in entries.values()]
+    return None if not revisions or 0 in revisions else max(revisions)
 
 
 def _due_envelopes(
