@@ -246,11 +246,15 @@ def _rotate_rewrap(home: Any) -> dict[str, Any]:
     from keyturn.kms.base import CountingKms
     from keyturn.rotation import rewrap, rotate
 
+    started = time.perf_counter()
     registry = home.registry()
     new = rotate(registry, home.provisioner(), home.chain(), actor="bench", reason="bench rotation", dataset=home.dataset)
+    rotated = time.perf_counter()
     with home.kms() as kms:
         counting = CountingKms(kms)
         report = rewrap(home.registry(), counting, home.chain(), actor="bench", reason="bench rotation", dataset=home.dataset)
+    report["rotate_s"] = rotated - started
+    report["rewrap_s"] = time.perf_counter() - rotated
     report["version"] = new.version
     report["kms_calls_counted"] = counting.calls.total
     report["kms_rewrap_calls"] = counting.calls.rewrap
@@ -700,6 +704,8 @@ def run_lake(
             "kms_calls": r["kms_calls_counted"],
             "kms_rewrap_calls": r["kms_rewrap_calls"],
             "kms_calls_reported": r["kms_calls"],
+            "rotate_s": round(r["rotate_s"], 6),
+            "rewrap_s": round(r["rewrap_s"], 6),
             "lake_files": lake_diff["files"],
             "lake_files_written": lake_diff["files_added"] + lake_diff["files_changed"] + lake_diff["files_removed"],
             "lake_bytes_written": lake_diff["bytes_written"],

@@ -425,6 +425,12 @@ def render_beam_workers(result: Mapping[str, Any], meta: Mapping[str, Any]) -> s
     return "\n".join(parts)
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def render_lake(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     p, t, r = result["params"], result["timings"], result["ratios"]
     rot, read, targets = result["rotation"], result["read_path"], result["targets"]
@@ -503,6 +509,9 @@ def render_lake(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
         f"keyturn rotation: {p['rotate_rewrap']}; {p['rewrap_rate_limit']}.",
         "",
         _table(["Rotation", "Time median", "Spread", "Lake bytes written (snapshot: size, mtime, SHA-256 of every file)", "Other bytes written", "KMS calls"], rot_rows),
+        "",
+        f"Of keyturn's `rotate --rewrap` (medians over rounds): `rotate` {_median([x['rotate_s'] for x in rr]):.3f} s, "
+        f"`rewrap` {_median([x['rewrap_s'] for x in rr]):.3f} s ({1e3 * _median([x['rewrap_s'] for x in rr]) / max(1, p['deks']):.2f} ms per DEK).",
         "",
         _table(["Step", "Time median", "Spread", "Rows/s", "Encrypted-lake MB/s"], rows),
         "",

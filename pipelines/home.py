@@ -396,7 +396,11 @@ class KeyHome:
         kek_id = kek_id_for(version)
         with self.kms() as kms:
             if not kms.has_kek(kek_id):
-                return kms.create_kek(kek_id)
+                try:
+                    return kms.create_kek(kek_id)
+                except ValueError:  # a concurrent rotation created it first: the registry decides below
+                    if not kms.has_kek(kek_id):
+                        raise
         users: list[KeyVersion] = [v for v in self.registry().versions() if v.kek_id == kek_id]
         if users:
             raise ConcurrentModificationError(

@@ -160,6 +160,7 @@ class RewritePartitionFn(beam.DoFn):
         reason: str,
         include_request_ids: bool,
         kms_rate: float | None = None,
+        now: datetime | None = None,
     ) -> None:
         self.keys = keys
         self.lake_uri = lake_uri
@@ -173,6 +174,7 @@ class RewritePartitionFn(beam.DoFn):
         self.reason = reason
         self.include_request_ids = include_request_ids
         self.kms_rate = kms_rate
+        self.now = now  # the job's "now" (the planner's), so plan and rewrite agree on which DEKs are over age
         self._kms: Any = None
         self._registry: Any = None
 
@@ -224,6 +226,7 @@ class RewritePartitionFn(beam.DoFn):
                     dek_max_age=self.dek_max_age,
                     actor=self.actor,
                     reason=self.reason,
+                    **({} if self.now is None else {"clock": lambda: self.now}),
                 )
             except KmsError as exc:
                 stop.append(f"{type(exc).__name__}: {exc}")
@@ -303,7 +306,7 @@ def _resolve_keys(
 
 
 def _mismatch_events(inventory: Inventory, now: Callable[[], datetime]) -> list[dict[str, Any]]:
-    """One event per file, reason and version for rows not on the active version (from footers)."""
+    """One event per file, reason and version for rows not on the active version (footers and the DEK directory)."""
     policy = inventory.policy
     current = policy.active.version
     dataset = inventory.dataset or "default"
@@ -312,6 +315,8 @@ def _mismatch_events(inventory: Inventory, now: Callable[[], datetime]) -> list[
         groups: list[tuple[ReadStatus, int | None, int]] = [(policy.classify(v), v, n) for v, n in sorted(f.versions.items())]
         if f.missing_rows:
             groups.append((ReadStatus.MISSING, None, f.missing_rows))
+        for version, n in sorted(f.unknown_by_version.items(), key=lambda kv: kv[0] or 0):
+            groups.append((ReadStatus.UNKNOWN, version, n))  # DEKs the directory does not know (birth version)
         for status, version, rows in groups:
             if status is ReadStatus.CURRENT or not rows:
                 continue
@@ -442,6 +447,7 @@ def run(
                 reason=reason,
                 include_request_ids=cfg.audit.include_kms_request_ids,
                 kms_rate=cfg.lifecycle.max_kms_requests_per_second,
+                now=clock(),
             )
             results = _run_beam(groups, dofn, the_lake, run_id, beam_args)
         crashpoint("run:before-report")

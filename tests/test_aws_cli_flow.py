@@ -9,13 +9,18 @@ workers (a multi-process run included) and in the lock's boto3 client.
 
 The flow: init (aws_kms + DynamoDB + CloudWatch) -> encrypt a local
 Parquet directory into s3://bucket/lake -> status -> rotate (KMS on-demand
-rotation, same key id) -> a bounded reencrypt -> rotate --new-key -> the
-finishing reencrypt (rewrap) -> status 100% current -> a second reencrypt
-makes zero KMS requests (counted at the server) -> decrypt to a local
-directory == the source. Then: the lake lock refuses a concurrent
-exclusive run, and a reencrypt SIGKILLed mid-rewrite (a subprocess) leaves
-every row exactly once; the next run is refused while the dead run's lease
-lives, and finishes once it has expired.
+rotation, same key id) -> a bounded `rewrap --max-deks` (DEK directory
+only: status partially current, every S3 object unchanged, retire refused)
+-> rotate --new-key -> the finishing `rewrap` (KMS ReEncrypt from key A to
+key B, one request per DEK counted at the server; every S3 object
+unchanged) -> status 100% current on version 3 -> a second `rewrap`, the
+`reencrypt --mode rewrap` alias and a `reencrypt` with nothing due make
+zero KMS requests (counted at the server) -> retire both old versions
+without naming a lake -> decrypt to a local directory == the source. Then:
+the lake lock refuses a concurrent exclusive run, and a reencrypt (fresh
+DEKs, new payload) SIGKILLed mid-rewrite (a subprocess) leaves every row
+exactly once; the next run is refused while the dead run's lease lives, and
+finishes once it has expired.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ import yaml
 from aws_support import client, moto_url, new_kms_key, requests_seen, unique  # noqa: F401  (moto_url is a fixture)
 from cli_support import run_cli
 
+from keyturn.aws.dynamodb_registry import DynamoDbKeyRegistry
+from keyturn.aws.kms import AwsKms
+from keyturn.format import kms_context
 from keyturn.lake import Lake, S3Settings
 from pipelines import exitcodes
 
@@ -65,6 +73,17 @@ def write_source(directory) -> pa.Table:
 def s3_keys(s3, bucket: str) -> list[str]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def object_states(s3, bucket: str) -> dict[str, tuple[str, object]]:
+    """Every object in the bucket: key -> (ETag, LastModified)."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages for o in page.get("Contents", [])}
+
+
+def s3_writes() -> int:
+    """Mutating REST requests the server answered so far (S3 is the only REST service here; the rest are JSON targets)."""
+    return sum(requests_seen(method) for method in ("PUT", "POST", "DELETE"))
 
 
 def read_plain(out_dir) -> pa.Table:
@@ -138,40 +157,84 @@ def test_cli_flow_on_an_s3_lake_with_kms_dynamodb_and_cloudwatch(aws):
     assert len(aws["kms"].list_key_rotations(KeyId=aws["key_a"]["KeyId"])["Rotations"]) == kms_rotations_before + 1
     assert ok(cli(aws, "status", "--lake", lake_uri))["percent_current"] == 0.0
 
-    # a bounded rewrap onto version 2
-    first = ok(cli(aws, "reencrypt", "--lake", lake_uri, "--mode", "rewrap", "--max-files", "2"))
-    assert first["files_rewritten"] == 2 and first["inventory"]["stale_files"] == len(data) - 2
+    # every DEK the encrypt made is in the registry's directory, under version 1
+    deks = ok(cli(aws, "directory", "show", s3_flag=False))["deks_by_version"]
+    assert list(deks) == ["1"] and deks["1"] == enc["kms_calls"] >= len(data)
+    n_deks = deks["1"]
 
-    # rotate, new-key model: version 3 on key B; then the finishing rewrap (ReEncrypt from key A to key B)
+    # a bounded rewrap onto version 2: the directory only, not one S3 write; status partially current
+    lake_before, writes = object_states(s3, bucket), s3_writes()
+    assert writes > 0  # the counter does see S3 writes (the encrypt's)
+    reencrypts = requests_seen("TrentService.ReEncrypt")
+    first = ok(cli(aws, "rewrap", "--max-deks", "2", "--reason", "bounded", s3_flag=False))
+    assert (first["deks_moved"], first["kms_calls"], first["complete"]) == (2, 2, False)
+    assert first["remaining"] == {"1": n_deks - 2} and first["lake_bytes_written"] == 0
+    assert requests_seen("TrentService.ReEncrypt") == reencrypts + 2
+    assert object_states(s3, bucket) == lake_before and s3_writes() == writes  # every key, ETag, LastModified
+    status = ok(cli(aws, "status", "--lake", lake_uri))
+    assert 0.0 < status["percent_current"] < 100.0 and status["rows"] == ROWS
+    assert status["status_rows"]["current"] + status["status_rows"]["stale"] == ROWS
+    refused = cli(aws, "retire", "1", s3_flag=False)  # the directory still wraps DEKs under version 1
+    assert refused.code == exitcodes.REFUSED and f"holds {n_deks - 2} DEK" in refused.err, refused.err
+
+    # rotate, new-key model: version 3 on key B; then the finishing rewrap, KMS ReEncrypt from key A to key B
     rot = ok(cli(aws, "rotate", "--new-key", aws["key_b"]["Arn"], "--reason", "new key"))
     assert (rot["version_to"], rot["kek_id"], rot["rotation_model"]) == (3, aws["key_b"]["Arn"], "new_key")
-    done = ok(cli(aws, "reencrypt", "--lake", lake_uri, "--mode", "rewrap"))
-    assert done["files_rewritten"] == len(data) and done["complete"] and done["kms_calls"] > 0
+    assert rot["rewrap"] is None  # without --rewrap, rotate moves nothing
+    reencrypts = requests_seen("TrentService.ReEncrypt")
+    done = ok(cli(aws, "rewrap", s3_flag=False))
+    assert (done["deks_moved"], done["kms_calls"], done["complete"]) == (n_deks, n_deks, True)
+    assert done["from_versions"] == [1, 2] and done["active_version"] == 3 and done["lake_bytes_written"] == 0
+    assert requests_seen("TrentService.ReEncrypt") == reencrypts + n_deks  # one ReEncrypt per DEK, at the server
+    assert object_states(s3, bucket) == lake_before and s3_writes() == writes  # still not one S3 write
+    registry = DynamoDbKeyRegistry(aws["table"], client=client("dynamodb", aws["url"]))
+    assert registry.deks_by_version() == {3: n_deks}
+    entries = registry.list_deks()
+    assert len(entries) == n_deks and {(e.key_version, e.parsed().kek_id) for e in entries} == {(3, aws["key_b"]["Arn"])}
+    sample = entries[0]  # the wrapped DEK really is under key B now, with version 3's context
+    context = kms_context(dataset=sample.dataset, partition=sample.partition, dek_id=sample.dek_id, key_version=3)
+    with AwsKms(client=client("kms", aws["url"])) as admin:
+        admin.decrypt(aws["key_b"]["Arn"], sample.parsed().wrapped_dek, context).plaintext.wipe()
     status = ok(cli(aws, "status", "--lake", lake_uri))
     assert status["percent_current"] == 100.0 and status["versions"]["3"]["rows"] == ROWS
     assert s3_keys(s3, bucket) and not any(".keyturn-tmp-" in k or k.endswith("_keyturn/lock") for k in s3_keys(s3, bucket))
     assert sorted(k for k in s3_keys(s3, bucket) if k.endswith(".parquet") and "/_keyturn/" not in k) == data  # in place
 
-    # a second reencrypt has nothing to do and makes no KMS request at all (counted at the server)
+    # a second rewrap, the reencrypt alias and a reencrypt with nothing due: no KMS request at all (counted at the server)
     kms_requests = requests_seen("TrentService.")
-    again = ok(cli(aws, "reencrypt", "--lake", lake_uri))
-    assert again["files_rewritten"] == 0 and again["kms_calls"] == 0
+    again = ok(cli(aws, "rewrap", s3_flag=False))
+    assert (again["deks_moved"], again["kms_calls"], again["complete"]) == (0, 0, True) and "audit_event" not in again
+    alias = ok(cli(aws, "reencrypt", "--lake", lake_uri, "--mode", "rewrap"))
+    assert alias["directory_rewrap"]["deks_moved"] == alias["directory_rewrap"]["kms_calls"] == 0
+    assert alias["files_rewritten"] == 0 and alias["kms_calls"] == 0
+    nothing = ok(cli(aws, "reencrypt", "--lake", lake_uri))
+    assert nothing["mode"] == "reencrypt" and nothing["files_rewritten"] == 0 and nothing["kms_calls"] == 0
     assert requests_seen("TrentService.") == kms_requests
+    lake_now = object_states(s3, bucket)
+    assert {k: v for k, v in lake_now.items() if k in data} == {k: v for k, v in lake_before.items() if k in data}
 
-    # decrypt to a local directory: identical to the source
+    # the directory decides retire: both old versions go without naming a lake, and the lake still reads
+    assert ok(cli(aws, "retire", "1", s3_flag=False))["state"] == "retired"
+    assert ok(cli(aws, "retire", "2", s3_flag=False))["state"] == "retired"
+
+    # decrypt to a local directory: identical to the source (every row's birth version, 1 or 2, is retired)
     out = aws["tmp"] / "plain"
     dec = ok(cli(aws, "decrypt", "--lake", lake_uri, "--out", str(out)))
     assert dec["rows_written"] == ROWS and dec["rows_by_status"]["current"] == ROWS
     assert read_plain(out).equals(source.sort_by("id"))
 
     # the control-plane chain stays local and intact; CloudWatch got the same control-plane events and the runs'
-    assert ok(run_cli("--home", aws["home"], "--json", "audit", "verify"))["entries"] == 3  # init + 2 rotations
+    entries = ok(run_cli("--home", aws["home"], "--json", "audit", "verify"))["entries"]
+    assert entries == 7  # init + 2 rotations + 2 rewraps that moved DEKs + 2 retires (refusals and no-ops log nothing)
     logs = client("logs", aws["url"])
     stream = logs.describe_log_streams(logGroupName=aws["log_group"])["logStreams"][0]["logStreamName"]
     events = [json.loads(e["message"]) for e in
               logs.get_log_events(logGroupName=aws["log_group"], logStreamName=stream, startFromHead=True)["events"]]
     actions = [e["action"] for e in events]
-    assert actions.count("rotate") == 3 and "encrypt" in actions and "rewrap" in actions and "decrypt" in actions
+    assert actions.count("rotate") == 3 and actions.count("rewrap") == 2 and actions.count("retire") == 2
+    rewraps = [e for e in events if e["action"] == "rewrap"]
+    assert [(e["version_to"], e["counts"]["deks_moved"]) for e in rewraps] == [(2, 2), (3, n_deks)]
+    assert "encrypt" in actions and "decrypt" in actions and "reencrypt" not in actions
 
 
 def test_lock_refuses_a_concurrent_run_and_a_crash_mid_rewrite_loses_nothing(aws):

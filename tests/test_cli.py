@@ -116,11 +116,12 @@ def test_usage_errors_are_one_line_exit_2(argv, words):
 def test_help_exits_zero(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for verb in ("init", "encrypt", "rotate", "reencrypt", "decrypt", "status", "retire", "schedule-deletion",
-                 "audit", "ingest", "demo"):
+    for verb in ("init", "encrypt", "rotate", "rewrap", "reencrypt", "decrypt", "status", "retire",
+                 "schedule-deletion", "directory", "dataset", "audit", "ingest", "demo"):
         assert verb in out
     assert cli.main(["rotate", "--help"]) == 0
-    assert "--if-due" in capsys.readouterr().out
+    rotate_help = capsys.readouterr().out
+    assert "--if-due" in rotate_help and "--rewrap" in rotate_help
 
 
 def test_beam_args_refused_for_verbs_without_a_pipeline(home_dir):
@@ -351,6 +352,34 @@ def test_retire_without_lake_after_rewrap(rotated_home, tmp_path):
     status = run_cli("--home", rotated_home, "--json", "status", "--lake", old)
     assert status.code == 0, status.err
     assert status.json()["status_rows"]["current"] == 10 and status.json()["percent_current"] == 100.0
+
+
+def test_rotate_rewrap_moves_every_dek_and_no_lake_byte(rotated_home, tmp_path):
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    before = {lake: snapshot(lake) for lake in (old, new)}
+    shown = run_cli("--home", rotated_home, "--json", "directory", "show")
+    assert shown.code == 0, shown.err
+    assert shown.json()["deks_by_version"] == {"1": 1, "2": 1}
+    result = run_cli("--home", rotated_home, "--json", "rotate", "--rewrap", "--reason", "rotate and rewrap")
+    assert result.code == 0, result.err
+    data = result.json()
+    assert (data["version_from"], data["version_to"]) == (2, 3)
+    rw = data["rewrap"]
+    assert (rw["active_version"], rw["from_versions"], rw["deks_moved"], rw["kms_calls"]) == (3, [1, 2], 2, 2)
+    assert rw["complete"] is True and rw["lake_bytes_written"] == 0 and rw["remaining"] == {"1": 0, "2": 0}
+    assert {lake: snapshot(lake) for lake in (old, new)} == before
+    assert run_cli("--home", rotated_home, "--json", "directory", "show").json()["deks_by_version"] == {"3": 2}
+    text = run_cli("--home", rotated_home, "rewrap")
+    assert text.code == 0 and "Re-wrapped 0 DEK(s)" in text.out and "0 lake bytes written" in text.out
+    for lake in (old, new):
+        status = run_cli("--home", rotated_home, "--json", "status", "--lake", lake).json()
+        assert status["percent_current"] == 100.0 and status["versions"]["3"]["rows"] == 10
+    for version in ("1", "2"):
+        retired = run_cli("--home", rotated_home, "--json", "retire", version, "--lake", old, "--lake", new)
+        assert retired.code == 0, retired.err
+    home = KeyHome.open(rotated_home)
+    assert [v.state for v in home.registry().versions()] == [KeyState.RETIRED, KeyState.RETIRED, KeyState.ACTIVE]
+    assert [e.event.action.value for e in home.chain().entries()] == ["rotate", "rotate", "rotate", "rewrap", "retire", "retire"]
 
 
 def test_retire_refused_while_a_lake_holds_rows_the_directory_does_not_know(rotated_home, tmp_path):

@@ -688,10 +688,14 @@ def test_rebuild_registers_the_genuine_copy_of_an_envelope_also_planted_elsewher
 
 
 _SYNCED_CLI = """
-import sys, time
+import os, sys, time, uuid
 import pipelines.cli, pipelines.home, keyturn.rotation, keyturn.kms.local, keyturn.registry.sqlite
-time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
-sys.exit(pipelines.cli.main(sys.argv[2:]))
+barrier, parties = sys.argv[1], int(sys.argv[2])
+open(os.path.join(barrier, uuid.uuid4().hex), "w").close()
+deadline = time.monotonic() + 60
+while len(os.listdir(barrier)) < parties and time.monotonic() < deadline:
+    time.sleep(0.0005)
+sys.exit(pipelines.cli.main(sys.argv[3:]))
 """
 
 
@@ -702,12 +706,13 @@ def test_concurrent_rotate_keeps_versions_sound(tmp_path):
     env.pop("KEYTURN_NOW", None)
     codes: list[int] = []
     errors: list[str] = []
-    for round_ in range(4):
+    for round_ in range(5):
         if round_ == 0:  # exactly `python -m pipelines.cli --home H rotate`
             argvs = [[sys.executable, "-m", "pipelines.cli", "--home", home, "rotate"]] * 4
-        else:  # the same `pipelines.cli.main`, with imports done first and a common start instant
-            start = time.time() + 1.5
-            argvs = [[sys.executable, "-c", _SYNCED_CLI, str(start), "--home", home, "rotate"]] * 4
+        else:  # the same `pipelines.cli.main`, started together once all four have imported it
+            barrier = tmp_path / f"barrier-{round_}"
+            barrier.mkdir()
+            argvs = [[sys.executable, "-c", _SYNCED_CLI, str(barrier), "4", "--home", home, "rotate"]] * 4
         procs = [
             subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              cwd=str(tmp_path))
@@ -719,7 +724,7 @@ def test_concurrent_rotate_keeps_versions_sound(tmp_path):
             if p.returncode not in (0, 5):
                 errors.append(f"exit {p.returncode}: {err.strip()}")
     successes = codes.count(0)
-    assert successes >= 4  # at least one rotation per round
+    assert successes >= 5  # at least one rotation per round
 
     reg = KeyHome.open(home).registry()
     versions = reg.versions()

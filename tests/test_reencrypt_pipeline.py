@@ -139,6 +139,42 @@ def test_rewrap_mode_moves_the_directory_only(lake, home, source, tmp_path):
     assert len(keys.calls()) == 8
 
 
+def _backdate_deks(home, dek_ids, days: int) -> None:
+    """Make these directory entries `days` older (as if their DEKs had been generated then)."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone
+
+    from keyturn.registry.sqlite import _to_text
+
+    then = _to_text(datetime.now(timezone.utc) - timedelta(days=days))
+    with sqlite3.connect(home.registry().path) as conn:
+        for dek_id in dek_ids:
+            assert conn.execute("UPDATE deks SET created_at = ? WHERE dek_id = ?", (then, dek_id)).rowcount == 1
+
+
+def test_auto_mode_rewraps_the_directory_then_reencrypts_only_over_age_files(lake, home, source):
+    from keyturn.lake import read_file_summary
+
+    files = lake.data_files()
+    old = files[:3]
+    _backdate_deks(home, [d for f in old for d in read_file_summary(lake, f).dek_rows], days=400)  # > dek_max_age_days
+    rotate(home)
+    young_before = {f.relpath: (open(f.path, "rb").read(), os.stat(f.path).st_mtime_ns) for f in files[3:]}
+    report = reencrypt.run(lake.uri, home=home.path, mode="auto")
+    assert report["mode"] == "auto" and report["directory_rewrap"]["deks_moved"] == 8
+    assert report["files_rewritten"] == 3 and report["complete"] and report["problems"] == []
+    assert {r["path"] for r in report["files"] if r["result"] == "rewritten"} == {f.relpath for f in old}
+    versions = file_versions(lake.uri)
+    assert all(versions[f.relpath] == {2: 50} for f in old)  # fresh DEKs, born under version 2
+    # the young files were only re-wrapped in the directory: not one byte, not one mtime changed
+    assert {f.relpath: (open(f.path, "rb").read(), os.stat(f.path).st_mtime_ns) for f in files[3:]} == young_before
+    assert all(versions[rel] == {1: 50} for rel in young_before)
+    got, statuses = lake_plaintext(home, lake.uri)
+    assert statuses["current"] == 400 and plain_equal(home, lake.uri, source)
+    again = reencrypt.run(lake.uri, home=home.path, mode="auto")
+    assert again["files_rewritten"] == 0 and again["kms_calls"] == 0 and again["directory_rewrap"]["kms_calls"] == 0
+
+
 def test_read_after_rotation_old_rows_decrypt_and_are_written_back_on_the_new_version(lake, home, source):
     rotate(home)
     got, statuses = lake_plaintext(home, lake.uri)

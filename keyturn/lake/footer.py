@@ -184,6 +184,7 @@ class FileSummary:
     dek_rows: dict[bytes, int] = field(default_factory=dict, repr=False)
     births: dict[bytes, Envelope] | None = field(default=None, repr=False)
     unknown_rows: int = 0
+    unknown_by_version: dict[int | None, int] = field(default_factory=dict)  # birth version (None: not known)
     corrupt_rows: int = 0
     effective: bool = False
     oldest_dek: datetime | None = None

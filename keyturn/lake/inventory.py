@@ -173,7 +173,7 @@ class Inventory:
 
 _WHY = {
     "retired": "are under a retired key version",
-    "unknown": "are under a key version the registry does not know",
+    "unknown": "name a DEK the key registry's directory does not know (or a key version the registry does not know)",
     "missing": "carry no key-version metadata",
     "corrupt": "name a DEK whose directory entry does not match them",
 }
@@ -240,12 +240,15 @@ def apply_directory(files: Sequence[FileSummary], directory: DekDirectory, datas
         versions: dict[int, int] = {}
         unknown = corrupt = 0
         oldest = None
+        f.unknown_by_version = {}
         revision: int | None = 0  # the newest contract revision of its DEKs; None once one DEK has none
         for dek_id, n in f.dek_rows.items():
             entry = entries.get(dek_id)
             birth = None if f.births is None else f.births.get(dek_id)
             if entry is None:
                 unknown += n
+                born = birth.key_version if birth is not None else (next(iter(f.versions)) if len(f.versions) == 1 else None)
+                f.unknown_by_version[born] = f.unknown_by_version.get(born, 0) + n
             elif (entry.dataset, entry.partition) != (where.dataset, where.partition) or (
                 birth is not None and not entry_matches(entry, birth, where)
             ):

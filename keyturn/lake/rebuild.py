@@ -53,7 +53,7 @@ def rebuild_directory(
 ) -> dict[str, Any]:
     """Register every genuine DEK of `lake` the directory lacks; returns a report (counts, no keys)."""
     lake.require()
-    found: dict[bytes, tuple[bytes, str]] = {}  # dek_id -> (birth envelope, partition)
+    found: dict[bytes, list[tuple[bytes, str]]] = {}  # dek_id -> every (birth envelope, partition) naming it
     bad: list[dict[str, Any]] = []
     files = 0
     contract_sources: list[Any] = []
@@ -73,7 +73,9 @@ def rebuild_directory(
             except DecryptionError:
                 bad.append({"path": data_file.relpath, "reason": "corrupt", "detail": "an envelope does not parse"})
                 continue
-            found.setdefault(dek_id, (env, data_file.partition))
+            candidates = found.setdefault(dek_id, [])
+            if (env, data_file.partition) not in candidates:  # a forged copy must not hide the genuine one
+                candidates.append((env, data_file.partition))
     ids = sorted(found)
     known: set[bytes] = set()
     for lo in range(0, len(ids), LOOKUP_BATCH):
@@ -94,18 +96,24 @@ def rebuild_directory(
         for dek_id in ids:
             if dek_id in known:
                 continue
-            env, partition = found[dek_id]
-            version = parse_envelope(env).key_version
-            if version not in readable:
-                bad.append({"dek_id": dek_id.hex(), "reason": "version_not_readable",
-                            "detail": f"born under key version {version}, which is not readable"})
+            genuine = None
+            for env, partition in found[dek_id]:
+                version = parse_envelope(env).key_version
+                if version not in readable:
+                    bad.append({"dek_id": dek_id.hex(), "partition": partition, "reason": "version_not_readable",
+                                "detail": f"born under key version {version}, which is not readable"})
+                    continue
+                try:
+                    reader.open(env, Location(dataset, partition))
+                except DecryptionError:
+                    bad.append({"dek_id": dek_id.hex(), "partition": partition, "reason": "not_genuine",
+                                "detail": "the KMS does not unwrap this envelope for this place"})
+                    continue
+                if genuine is None:
+                    genuine = (env, partition)
+            if genuine is None:
                 continue
-            try:
-                reader.open(env, Location(dataset, partition))
-            except DecryptionError:
-                bad.append({"dek_id": dek_id.hex(), "partition": partition, "reason": "not_genuine",
-                            "detail": "the KMS does not unwrap this envelope for this place"})
-                continue
+            env, partition = genuine
             batch.append(new_entry(env, dataset=dataset, partition=partition, created_at=now, actor=actor,
                                    contract_revision=revision))
             if len(batch) >= LOOKUP_BATCH:
