@@ -409,10 +409,31 @@ def decrypt_batch(
     the contract read it as stored, or as null when absent), and a column
     whose metadata another engine stripped reads normally when its cells
     authenticate. Without a contract the file's field metadata describes the
-    columns. KMS outages raise; bad data never does.
+    columns. KMS outages raise; bad data never does. A batch that lacks the
+    key columns but has an encrypted column (or one key column of the two)
+    raises `ValueError`: a projection of keyturn data must keep them.
     """
     if not isinstance(batch, pa.RecordBatch):
         raise TypeError(f"decrypt_batch needs a pyarrow.RecordBatch, not {type(batch).__name__}")
+    # A batch without the key columns cannot be classified. If it shows any sign of having been
+    # encrypted (keyturn field metadata, a contract column holding binary, one key column of the two),
+    # it is a projection that dropped them (a caller mistake), not rows that lack metadata: reading them
+    # all as `missing` would lose them silently. Genuinely missing rows have the key columns with nulls,
+    # or come from a file that never had keyturn columns (a reader of whole files that may lack them adds
+    # them as nulls). A projection of plain columns only shows no such sign: readers must not make one.
+    lacking = [name for name in _RESERVED if name not in batch.schema.names]
+    if lacking:
+        signs = encrypted_columns(batch.schema) + _foreign_columns(batch.schema)
+        if contract is not None:  # binary where the contract's plain type is not: ciphertext stripped of metadata
+            signs += [c for c in contract.names if c in batch.schema.names and c not in signs
+                      and _is_binary_like(batch.schema.field(c).type)
+                      and not _is_binary_like(contract.column(c).arrow_field().type)]
+        if signs or len(lacking) < len(_RESERVED):
+            what = f"encrypted column(s) {sorted(set(signs))}" if signs else f"{sorted(set(_RESERVED) - set(lacking))[0]!r}"
+            raise ValueError(
+                f"the batch lacks the key column(s) {', '.join(map(repr, lacking))} but has {what}: a projection "
+                f"of keyturn data must keep {VERSION_COLUMN!r} and {DEK_COLUMN!r} (and any bound columns)"
+            )
     if contract is not None:
         layout = _layout_from_contract(batch.schema, contract)
         wanted = layout.sensitive if columns is None else _column_names(columns, "columns")

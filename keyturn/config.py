@@ -37,6 +37,16 @@ Contracts:
 
 Build configs with `parse_config` or `load_config`; constructing the models
 directly raises pydantic's `ValidationError` instead of `ConfigError`.
+
+Every field is read by some code outside this module (the test
+`tests/test_config_settings_used.py` fails otherwise), except the
+`DECLARATIONS`: fields that allow exactly one value and exist so a file states
+a fixed choice out loud (or so a config asking for something keyturn refuses
+fails loudly). Settings that were removed because nothing ever read them are
+listed in `REMOVED_FIELDS`: a file that still sets one to the value it always
+behaved as (its old default, which earlier `keyturn init` wrote into every
+home's config.yaml) loads, with a `DeprecationWarning`, and the field is
+dropped; any other value is a `ConfigError` naming the field and saying why.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import math
 import os
 import re
 import unicodedata
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -54,6 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from keyturn.errors import ConfigError
+from keyturn.format import NONCE_BYTES
 
 __all__ = [
     "KeyturnConfig",
@@ -73,12 +85,36 @@ __all__ = [
     "MAX_CONFIG_BYTES",
     "FILE_FIELD",
     "ROOT_FIELD",
+    "DECLARATIONS",
+    "REMOVED_FIELDS",
 ]
 
 FILE_FIELD = "<file>"
 ROOT_FIELD = "<root>"
 MAX_CONFIG_BYTES = 1 << 20
 """A config file larger than this (1 MiB) is refused unread."""
+
+DECLARATIONS: dict[str, str] = {
+    "encryption.mode": "fixed: keyturn only does envelope encryption (a DEK per scope, wrapped by the KEK)",
+    "encryption.algorithm": "fixed: every cell and every locally wrapped DEK is AES-256-GCM (docs/FORMAT.md)",
+    "encryption.iv_bytes": "fixed: the nonce length of the wire format (keyturn.format.NONCE_BYTES)",
+    "dek.cache_plaintext": "a refusal: only false is allowed, plaintext DEKs never outlive their scope",
+}
+"""Fields no code reads on purpose: each allows exactly one value, so it can promise nothing it does not do."""
+
+REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
+    "key_hierarchy.auto_rotate": (
+        False,
+        "keyturn runs no scheduler and this setting never rotated anything; run `keyturn rotate --if-due` "
+        "from a scheduler (cron, Airflow, ...) to rotate every rotation_interval_days",
+    ),
+    "dek.scope": (
+        "partition_bundle",
+        "a DEK always covers one partition within one bundle (the jobs group a partition's rows with "
+        "PartitionBatches before encrypting), and 'partition_batch' never changed that",
+    ),
+}
+"""Settings that were removed: dotted field -> (the value it always behaved as, why it went)."""
 
 # AES-GCM with random 96-bit nonces: NIST SP 800-38D caps one key at 2**32 encryptions.
 _MAX_GCM_INVOCATIONS = 2**32
@@ -116,6 +152,27 @@ def _none_means_defaults(value: Any) -> Any:
     return {} if value is None else value
 
 
+def _drop_removed(section: str, value: Any) -> Any:
+    """Drop the `REMOVED_FIELDS` of `section` that keep the value they always behaved as; refuse any other value."""
+    if not isinstance(value, Mapping):
+        return value
+    kept_value = dict(value)
+    for dotted, (old, why) in REMOVED_FIELDS.items():
+        where, name = dotted.rsplit(".", 1)
+        if where != section or name not in kept_value:
+            continue
+        given = kept_value.pop(name)
+        if type(given) is not type(old) or given != old:
+            # never echo the value: a string pasted into the wrong field must not reach a log
+            raise _cross_field(name, f"was removed: {why}; delete this line")
+        warnings.warn(
+            f"config field {dotted!r} was removed and is ignored ({why}); delete it from the file",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    return kept_value
+
+
 class EncryptionConfig(BaseModel):
     """How payloads are encrypted. Fixed for now; present so files say it out loud."""
 
@@ -124,12 +181,23 @@ class EncryptionConfig(BaseModel):
     mode: Literal["envelope"] = "envelope"
     algorithm: Literal["AES-256-GCM"] = "AES-256-GCM"
     iv_bytes: int = 12
+    # row-key columns bound into every cell by `keyturn encrypt` / `ingest` (None: the dataset contract's)
+    bind_columns: list[str] | None = None
+
+    @field_validator("bind_columns", mode="before")
+    @classmethod
+    def _bind_names(cls, value: Any) -> Any:
+        if value is None or (
+            isinstance(value, list) and all(isinstance(n, str) and n.strip() for n in value) and len(set(value)) == len(value)
+        ):
+            return value
+        raise _problem("must be a list of distinct, non-empty column names (strings), or null")
 
     @field_validator("iv_bytes")
     @classmethod
     def _iv_is_12(cls, value: int) -> int:
-        if value != 12:
-            raise _problem(f"must be 12 (the AES-GCM nonce length keyturn writes), got {value}")
+        if value != NONCE_BYTES:
+            raise _problem(f"must be {NONCE_BYTES} (the AES-GCM nonce length keyturn writes), got {value}")
         return value
 
 
@@ -205,15 +273,25 @@ class CmkConfig(BaseModel):
 
 
 class KeyHierarchyConfig(BaseModel):
-    """The KEK and the rotation policy around it."""
+    """The KEK and the rotation policy around it.
+
+    `rotation_interval_days` is what `keyturn rotate --if-due` follows;
+    `pending_deletion_days` is `schedule-deletion`'s default;
+    `transition_window_days` is how long `keyturn retire` refuses a version
+    after it left the active state (`keyturn.rotation.retire`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     cmk: CmkConfig = Field(default_factory=CmkConfig)
-    auto_rotate: bool = False
     rotation_interval_days: int = Field(90, ge=1, le=3650)
     pending_deletion_days: int = Field(30, ge=7, le=30)
-    transition_window_days: int = Field(30, ge=0)
+    transition_window_days: int = Field(0, ge=0, le=3650)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, value: Any) -> Any:
+        return _drop_removed("key_hierarchy", value)
 
     @field_validator("cmk", mode="before")
     @classmethod
@@ -222,14 +300,18 @@ class KeyHierarchyConfig(BaseModel):
 
 
 class DekConfig(BaseModel):
-    """Data keys: one per partition scope, with hard usage caps."""
+    """Data keys: one per partition scope (one partition within one bundle), with hard usage caps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    scope: Literal["partition_bundle", "partition_batch"] = "partition_bundle"
     max_cells: int = Field(2**32, ge=1)
     max_bytes: int = Field(2**36, ge=1)
     cache_plaintext: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, value: Any) -> Any:
+        return _drop_removed("dek", value)
 
     @field_validator("max_cells")
     @classmethod
@@ -249,7 +331,14 @@ class DekConfig(BaseModel):
 
 
 class LifecycleConfig(BaseModel):
-    """How data moves onto the current key after a rotation."""
+    """How data moves onto the current key after a rotation.
+
+    `reencryption_strategy`: ``eager`` (`keyturn rotate` re-wraps the whole
+    DEK directory at once), ``lazy`` (readers re-wrap the stale DEKs they
+    read: `keyturn decrypt`, `DecryptBatches(..., rewrap_stale=True)`), or
+    ``batch_lazy`` (nothing moves until a bounded job runs: `keyturn rewrap
+    --max-deks`, `keyturn reencrypt --max-files`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -261,7 +350,13 @@ class LifecycleConfig(BaseModel):
 
 
 class VersionTrackingConfig(BaseModel):
-    """Where key versions are registered, and what to do with unversioned data."""
+    """Where key versions are registered, and what readers do with rows they cannot place.
+
+    `on_missing_version` / `on_unknown_version`: ``quarantine`` routes such
+    rows to the version-mismatch side output (exit code 3 for `keyturn
+    decrypt`); ``reject`` raises `keyturn.errors.VersionMismatchError`
+    (`keyturn.policy.VersionRules`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 

@@ -36,6 +36,7 @@ __all__ = [
     "DirectoryError",
     "LakeLockedError",
     "LakeLockLostError",
+    "VersionMismatchError",
 ]
 
 
@@ -154,3 +155,20 @@ class ContractError(InputError):
 
 class DirectoryError(RegistryError):
     """The DEK directory refused an entry or holds one that does not match its envelope."""
+
+
+class VersionMismatchError(KeyturnError):
+    """A reader met rows whose key version is missing or unknown, and the config says ``reject``.
+
+    Raised instead of routing those rows to the version-mismatch side output
+    when ``version_tracking.on_missing_version`` / ``on_unknown_version`` is
+    ``reject``. `reason` is ``"missing"`` or ``"unknown"`` and `rows` how many
+    rows (None when not known, e.g. after Beam re-raised the error). The CLI
+    exits with code 3 (data problems found). The message holds counts and
+    names only, never row data.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None, rows: int | None = None) -> None:
+        self.reason = reason
+        self.rows = rows
+        super().__init__(message)

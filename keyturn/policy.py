@@ -3,6 +3,12 @@
 `KeyPolicy` is a picklable snapshot of the registry (no secrets): version ->
 state and KEK id, plus the active version. `classify` maps a row's version
 to a `ReadStatus`; only `current` and `stale` rows are ever decrypted.
+
+`VersionRules` says what a reader does with rows it cannot place: rows
+without key-version metadata (`missing`) and rows whose version or DEK the
+key home does not know (`unknown`) are either quarantined (routed to the
+version-mismatch side output, bytes kept) or rejected (`VersionMismatchError`),
+as ``version_tracking.on_missing_version`` / ``on_unknown_version`` say.
 """
 
 from __future__ import annotations
@@ -12,13 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from keyturn.errors import DecryptionError
+from keyturn.errors import DecryptionError, VersionMismatchError
 from keyturn.directory import DekEntry, entry_matches
 from keyturn.format import Envelope, parse_envelope
 from keyturn.registry.base import KeyRegistry, KeyState, KeyVersion
 from keyturn.scope import KekRef, Location
 
-__all__ = ["ReadStatus", "KeyPolicy", "RowKeys", "classify_rows", "classify_keys", "count_statuses"]
+__all__ = ["ReadStatus", "KeyPolicy", "RowKeys", "VersionRules", "classify_rows", "classify_keys", "count_statuses"]
 
 
 class ReadStatus(str, enum.Enum):
@@ -182,3 +188,76 @@ def count_statuses(status: Sequence[ReadStatus]) -> dict[str, int]:
     for s in status:
         out[ReadStatus(s).value] += 1
     return out
+
+
+_RULES = ("quarantine", "reject")
+_RULE_WORDS = {
+    ReadStatus.MISSING: ("with no key-version metadata", "version_tracking.on_missing_version"),
+    ReadStatus.UNKNOWN: ("whose key version or DEK the key home does not know", "version_tracking.on_unknown_version"),
+}
+
+
+@dataclass(frozen=True)
+class VersionRules:
+    """What a reader does with `missing` and `unknown` rows: ``quarantine`` (the default) or ``reject``.
+
+    ``quarantine`` keeps today's behaviour: the rows go to the version-mismatch
+    side output with their encrypted bytes and a job reports them (exit code
+    3). ``reject`` makes `check` raise `VersionMismatchError` as soon as such
+    rows appear. Picklable, no secrets.
+    """
+
+    on_missing: str = "quarantine"
+    on_unknown: str = "quarantine"
+
+    def __post_init__(self) -> None:
+        for name in ("on_missing", "on_unknown"):
+            if getattr(self, name) not in _RULES:
+                raise ValueError(f"{name} must be 'quarantine' or 'reject', got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, config: object) -> VersionRules:
+        """The rules of a `keyturn.config.KeyturnConfig` (its ``version_tracking`` section)."""
+        tracking = config.version_tracking  # type: ignore[attr-defined]
+        return cls(on_missing=tracking.on_missing_version, on_unknown=tracking.on_unknown_version)
+
+    @property
+    def rejecting(self) -> frozenset[ReadStatus]:
+        """The statuses these rules reject."""
+        out = set()
+        if self.on_missing == "reject":
+            out.add(ReadStatus.MISSING)
+        if self.on_unknown == "reject":
+            out.add(ReadStatus.UNKNOWN)
+        return frozenset(out)
+
+    def violation(
+        self, counts: Mapping[str, int] | Sequence[ReadStatus], *, dataset: str = "", partition: str | None = None
+    ) -> VersionMismatchError | None:
+        """The error `check` would raise for these rows (statuses, or counts by status value), else None."""
+        if not self.rejecting:
+            return None
+        if not isinstance(counts, Mapping):
+            counts = count_statuses(counts)
+        for status in (ReadStatus.MISSING, ReadStatus.UNKNOWN):
+            rows = int(counts.get(status.value, 0) or 0)
+            if status in self.rejecting and rows > 0:
+                what, setting = _RULE_WORDS[status]
+                where = f" of dataset {dataset!r}" if dataset else ""
+                if partition is not None:
+                    where = f" in partition {partition!r}" + where
+                return VersionMismatchError(
+                    f"rejected {rows:,} {status.value} row(s) {what}{where} ({setting}: reject); "
+                    "set it to quarantine to route such rows to the version-mismatch side output instead",
+                    reason=status.value,
+                    rows=rows,
+                )
+        return None
+
+    def check(
+        self, counts: Mapping[str, int] | Sequence[ReadStatus], *, dataset: str = "", partition: str | None = None
+    ) -> None:
+        """Raise `VersionMismatchError` when a rejected status has rows; do nothing otherwise."""
+        error = self.violation(counts, dataset=dataset, partition=partition)
+        if error is not None:
+            raise error

@@ -19,6 +19,12 @@ hash-chained log (`keyturn.audit.chain.AuditChain`):
   swapped by compare-and-set); no lake byte changes. One event ``rewrap``
   per run that moved anything, with the counts and KMS request ids.
 
+Retire is also refused (`InvalidTransitionError`) inside the transition
+window: while the version left the active state less than
+`transition_window_days` ago (the registry's ``state_changed_at``; the CLI
+passes ``key_hierarchy.transition_window_days``). The message names the
+instant from which retiring is allowed; `retire_allowed_at` computes it.
+
 Retire and schedule-deletion are refused (`VersionInUseError`) while the
 registry's DEK directory holds any DEK wrapped under the version; the
 registry counts that inside its own write transaction, so no lake path a
@@ -48,7 +54,7 @@ from typing import Any
 
 from keyturn.audit.chain import AuditChain
 from keyturn.audit.events import AuditAction, AuditEvent, build_event, utc_now
-from keyturn.errors import AuditChainError
+from keyturn.errors import AuditChainError, InvalidTransitionError
 from keyturn.kms.base import KmsBackend
 from keyturn.policy import KeyPolicy
 from keyturn.registry.base import Inventory, KeyRegistry, KeyState, KeyVersion
@@ -60,6 +66,8 @@ __all__ = [
     "schedule_deletion",
     "rotation_due",
     "next_rotation_due",
+    "retire_allowed_at",
+    "check_transition_window",
     "kek_id_for",
     "CombinedInventory",
     "rewrap",
@@ -183,6 +191,35 @@ def next_rotation_due(registry: KeyRegistry, interval_days: int) -> datetime:
     return _aware("created_at", registry.active().created_at) + timedelta(days=interval_days)
 
 
+def retire_allowed_at(version: KeyVersion, transition_window_days: int) -> datetime | None:
+    """When a decrypt-only `version` may be retired: `transition_window_days` after it left the active state.
+
+    None when the window does not apply: a window of 0 days (the DEK
+    directory alone decides), or a version in any other state (the registry
+    decides those transitions).
+    """
+    _check_days("transition_window_days", transition_window_days, minimum=0)
+    if not transition_window_days or version.state is not KeyState.DECRYPT_ONLY:
+        return None
+    return _aware("state_changed_at", version.state_changed_at) + timedelta(days=transition_window_days)
+
+
+def check_transition_window(
+    registry: KeyRegistry, version: int, transition_window_days: int, now: datetime
+) -> KeyVersion:
+    """The registry's `version`; `InvalidTransitionError` (one line, naming the date) while it is inside the window."""
+    found = registry.get(version)
+    allowed_at = retire_allowed_at(found, transition_window_days)
+    if allowed_at is not None and _aware("now", now) < allowed_at:
+        left = _aware("state_changed_at", found.state_changed_at)
+        raise InvalidTransitionError(
+            f"cannot retire key version {version} before {allowed_at:%Y-%m-%d %H:%M} UTC: it left the active state "
+            f"on {left:%Y-%m-%d %H:%M} UTC and stays decrypt-only for the transition window of "
+            f"{transition_window_days} day(s) (key_hierarchy.transition_window_days)"
+        )
+    return found
+
+
 def retire(
     registry: KeyRegistry,
     version: int,
@@ -193,10 +230,16 @@ def retire(
     reason: str,
     clock: Callable[[], datetime] = utc_now,
     dataset: str = "default",
+    transition_window_days: int = 0,
 ) -> KeyVersion:
     """decrypt_only -> retired; audited. Refused (`VersionInUseError`) while the DEK directory
-    holds a DEK wrapped under the version, or `inventory` (optional) finds data under it."""
+    holds a DEK wrapped under the version, or `inventory` (optional) finds data under it, and
+    (`InvalidTransitionError`) while the version left the active state less than
+    `transition_window_days` ago by `clock`."""
+    _check_days("transition_window_days", transition_window_days, minimum=0)
     _check_chain(chain)
+    if transition_window_days:
+        check_transition_window(registry, version, transition_window_days, clock())
     retired = registry.retire(version, actor=actor, reason=reason, inventory=inventory)
     _audit(
         chain,
@@ -272,17 +315,23 @@ def rewrap(
     sources = sorted(v for v, state in policy.states.items() if state is KeyState.DECRYPT_ONLY)
     result = DirectoryRewrap()
     budget = max_deks
-    for version in sources:
-        after = None
-        while budget is None or budget > 0:
-            limit = page if budget is None else min(page, budget)
-            entries = registry.list_deks(key_version=version, after=after, limit=limit)
-            if not entries:
-                break
-            rewrap_entries(registry, kms, entries, target, result=result)
-            if budget is not None:
-                budget -= len(entries)
-            after = entries[-1].dek_id
+    try:
+        for version in sources:
+            after = None
+            while budget is None or budget > 0:
+                limit = page if budget is None else min(page, budget)
+                entries = registry.list_deks(key_version=version, after=after, limit=limit)
+                if not entries:
+                    break
+                rewrap_entries(registry, kms, entries, target, result=result)
+                if budget is not None:
+                    budget -= len(entries)
+                after = entries[-1].dek_id
+    except Exception:  # a KMS or registry outage mid-run: what already moved is audited, then the error goes on
+        if result.moved or result.failed:
+            _rewrap_event(chain, result, sources, target.version, actor=actor, reason=reason, clock=clock,
+                          dataset=dataset, interrupted=True)
+        raise
     remaining = {str(v): registry.dek_count(v) for v in sources}
     report: dict[str, Any] = {
         "active_version": target.version,
@@ -296,22 +345,42 @@ def rewrap(
         "lake_bytes_written": 0,
     }
     if result.moved or result.failed:
-        digest = hashlib.sha256(f"{target.version}:{result.moved}:{sorted(result.failed)}:{sources}".encode())
-        event = _audit(
-            chain,
-            AuditAction.REWRAP,
-            actor=actor,
-            reason=reason,
-            dataset=dataset,
-            version_from=sources[0] if sources else None,
-            version_to=target.version,
-            counts={"deks_moved": result.moved, "deks_failed": len(result.failed), "kms_calls": result.kms_calls},
-            clock=clock,
-            kms_request_ids=result.kms_request_ids,
-            scope_key=f"rewrap:{digest.hexdigest()}",
-        )
+        event = _rewrap_event(chain, result, sources, target.version, actor=actor, reason=reason, clock=clock,
+                              dataset=dataset, interrupted=False)
         report["audit_event"] = event.event_id
     return report
+
+
+def _rewrap_event(
+    chain: AuditChain,
+    result: DirectoryRewrap,
+    sources: list[int],
+    target: int,
+    *,
+    actor: str,
+    reason: str,
+    clock: Callable[[], datetime],
+    dataset: str,
+    interrupted: bool,
+) -> AuditEvent:
+    """The one ``rewrap`` event of a run; its id is unique to the run (it covers the run's KMS request ids)."""
+    digest = hashlib.sha256("\0".join([str(target), *sorted(result.kms_request_ids), *sorted(result.failed)]).encode())
+    counts = {"deks_moved": result.moved, "deks_failed": len(result.failed), "kms_calls": result.kms_calls}
+    if interrupted:
+        counts["interrupted"] = 1
+    return _audit(
+        chain,
+        AuditAction.REWRAP,
+        actor=actor,
+        reason=reason,
+        dataset=dataset,
+        version_from=sources[0] if sources else None,
+        version_to=target,
+        counts=counts,
+        clock=clock,
+        kms_request_ids=result.kms_request_ids,
+        scope_key=f"rewrap:{digest.hexdigest()}",
+    )
 
 
 class CombinedInventory:

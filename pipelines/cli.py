@@ -134,6 +134,12 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+def _version() -> str:
+    from keyturn import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every verb (also what `keyturn --help` prints)."""
     parser = _Parser(
@@ -143,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: " + ", ".join(f"{code} {name}" for code, name in exitcodes.CODES.items()) + ".",
     )
     _common(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the version and exit")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -170,11 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lake", required=True, metavar="PATH", help="the encrypted lake (created if absent)")
     p.add_argument("--columns", required=True, type=_columns, metavar="A,B", help="columns to encrypt")
     p.add_argument("--partition-by", metavar="COL", default=None, help="hive partition column")
+    p.add_argument("--bind", type=_columns, default=None, metavar="COL[,COL]",
+                   help="row-key columns bound into every encrypted cell, so a cell swapped between rows fails "
+                   "authentication (default: encryption.bind_columns, else the dataset contract's)")
 
     p = verb("rotate", "make a new KEK version active; the previous one becomes decrypt-only")
     p.add_argument("--reason", default="scheduled rotation", help="why (recorded in the registry and the audit log)")
     p.add_argument("--rewrap", action="store_true",
-                   help="then re-wrap every DEK of the directory onto the new version (`keyturn rewrap`); no lake byte changes")
+                   help="then re-wrap every DEK of the directory onto the new version (`keyturn rewrap`); no lake byte "
+                   "changes (always done with lifecycle.reencryption_strategy: eager)")
     p.add_argument("--if-due", action="store_true", help="rotate only when rotation_interval_days have passed")
     p.add_argument("--new-key", metavar="KEY", default=None,
                    help="aws_kms: the KMS key of the new version (default: rotate the active key's material "
@@ -200,13 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="PATH", help="directory for the plain Parquet output")
     p.add_argument("--columns", type=_columns, default=None, metavar="A,B",
                    help="encrypted columns to decrypt (default: all); other encrypted columns are left out")
+    p.add_argument("--side-outputs", default=None, metavar="PATH",
+                   help="directory for the run's mismatch, quarantine and audit files (default: OUT/_keyturn); "
+                   "never inside the lake: decrypt writes nothing into the lake it reads")
 
     p = verb("status", "rows and files per key version per partition, and rotation progress")
     p.add_argument("--lake", required=True, metavar="PATH")
     p.add_argument("--report", metavar="FILE.html", default=None, help="also write an HTML report with a chart")
 
     for name, text in (
-        ("retire", "retire a decrypt-only key version (refused while the DEK directory holds a DEK under it)"),
+        ("retire", "retire a decrypt-only key version (refused while the DEK directory holds a DEK under it, "
+         "and for key_hierarchy.transition_window_days after it left the active state)"),
         ("schedule-deletion", "schedule a retired key version for deletion (refused while a DEK is under it)"),
     ):
         p = verb(name, text)
@@ -449,7 +465,9 @@ def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
         clock=ctx.clock,
         dataset=home.dataset,
     )
-    rewrapped = _rewrap(ctx, home, ctx.args.reason) if ctx.args.rewrap else None
+    # lifecycle.reencryption_strategy: eager re-wraps the whole directory now; lazy and batch_lazy move nothing here
+    strategy = home.config.lifecycle.reencryption_strategy
+    rewrapped = _rewrap(ctx, home, ctx.args.reason) if ctx.args.rewrap or strategy == "eager" else None
     model = None
     if home.is_aws:
         model = "new_key" if ctx.args.new_key else "kms_rotation"
@@ -461,13 +479,19 @@ def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
         "rotation_model": model,
         "reason": ctx.args.reason,
         "next_due": next_rotation_due(registry, interval).isoformat(),
+        "reencryption_strategy": strategy,
         "rewrap": rewrapped,
     }
     text = (
         f"Rotated: key version {new.version} (KEK {new.kek_id}) is now active; "
         f"version {new.version - 1} is decrypt-only.\n"
     )
-    if rewrapped is None:
+    if rewrapped is None and strategy == "lazy":
+        text += (
+            f"  Existing data is untouched; readers re-wrap the DEKs they read onto version {new.version} "
+            "(lifecycle.reencryption_strategy: lazy); `keyturn rewrap` moves the rest at once."
+        )
+    elif rewrapped is None:
         text += f"  Existing data is untouched; run `keyturn rewrap` to move its DEKs onto version {new.version}."
     else:
         text += "  " + _render_rewrap(rewrapped)
@@ -614,7 +638,7 @@ def _cmd_encrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
 
     a = ctx.args
     return _pipeline(ctx, encrypt, "encrypting", source=a.source, lake=a.lake, columns=a.columns,
-                     partition_by=a.partition_by)
+                     partition_by=a.partition_by, bind=a.bind)
 
 
 def _cmd_reencrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
@@ -629,7 +653,23 @@ def _cmd_decrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
     from pipelines import decrypt
 
     a = ctx.args
-    return _pipeline(ctx, decrypt, "decrypting", lake=a.lake, out=a.out, columns=a.columns)
+    extra: dict[str, Any] = {}
+    if a.side_outputs is not None:  # an s3:// one carries --s3-endpoint-url, like --lake and --out
+        s3 = a.side_outputs.startswith("s3://")
+        extra["side_outputs"] = ctx.lake(ctx.home(check_keys=False), a.side_outputs) if s3 else a.side_outputs
+    report, text = _pipeline(ctx, decrypt, "decrypting", lake=a.lake, out=a.out, columns=a.columns, **extra)
+    if report.get("side_outputs"):  # decrypt's audit events are with its side outputs, not in the lake
+        from keyturn.lake.sideoutputs import SideOutputDir
+
+        home = ctx.home(check_keys=False)
+        _forward_audit(home, SideOutputDir.of(ctx.lake(home, report["side_outputs"])), report)
+    lines = [  # lake-level problems (a home that knows none of the lake's DEKs...): the summary alone hides them
+        f"  lake: {p['reason']}: {p['detail']}" for p in report.get("problems") or []
+        if p.get("path") is None and p.get("reason") not in ("retired", "unknown", "missing", "corrupt")
+    ]
+    if report.get("rows_not_written") or report.get("files_unreadable"):
+        lines.append(f"  Side outputs: {report['side_outputs']}")
+    return report, "\n".join([text, *lines])
 
 
 def _cmd_ingest(ctx: _Context) -> tuple[dict[str, Any], str]:
@@ -692,16 +732,18 @@ class _StrictInventory:
 
 
 def _cmd_retire(ctx: _Context) -> tuple[dict[str, Any], str]:
-    from keyturn.rotation import retire
+    from keyturn.rotation import check_transition_window, retire
 
     a = ctx.args
     home = ctx.home()
     registry = home.registry()
-    registry.get(a.version)  # UnknownVersionError before any lake is read
+    window = home.config.key_hierarchy.transition_window_days
+    # UnknownVersionError, or a refusal inside the transition window, before any lake is read
+    check_transition_window(registry, a.version, window, ctx.clock())
     inventory = _lake_inventory(ctx, home, a.lake, home.policy())
     version = retire(
         registry, a.version, home.chain(), inventory=inventory,
-        actor=ctx.actor, reason=a.reason, clock=ctx.clock, dataset=home.dataset,
+        actor=ctx.actor, reason=a.reason, clock=ctx.clock, dataset=home.dataset, transition_window_days=window,
     )
     report = {"version": version.version, "state": version.state.value, "lakes": list(a.lake), "reason": a.reason}
     checked = f" and in {len(a.lake)} lake(s)" if a.lake else ""
@@ -740,14 +782,19 @@ def _cmd_schedule_deletion(ctx: _Context) -> tuple[dict[str, Any], str]:
 
 
 def _cmd_audit(ctx: _Context) -> tuple[dict[str, Any], str]:
-    from keyturn.audit.chain import AuditChain, verify_chain
-
     home = ctx.home(check_keys=False)
     path = home.config.audit.path
-    entries = verify_chain(path)
-    head = AuditChain(path).head()
-    report = {"ok": True, "log": path, "entries": entries, "head": head[1] if head else None}
-    return report, f"Audit log OK: {entries} entries, hash chain intact (head {report['head'] or '-'})."
+    status = home.chain().verify()  # the chain, then that it still reaches the registry's anchor
+    report = {"ok": True, "log": path, **status.to_dict()}
+    text = f"Audit log OK: {status.entries} entries, hash chain intact (head {report['head'] or '-'})"
+    if status.anchor is None:
+        text += (f"; {status.anchored_in} holds no anchor for it yet (a home from before anchors), so a deleted tail "
+                 "cannot be detected until the next control-plane change anchors the log.")
+    else:
+        text += f"; it reaches the entry anchored in {status.anchored_in} (seq {status.anchor[0]})"
+        later = status.unanchored_entries
+        text += (f", and {later} later entr{'y is' if later == 1 else 'ies are'} not anchored." if later else ".")
+    return report, text
 
 
 _HANDLERS: dict[str, Callable[[_Context], tuple[dict[str, Any], str]]] = {
@@ -870,10 +917,15 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()) or "(no message)"
 
 
-def _error_message(exc: BaseException, code: int) -> str:
-    message = _one_line(str(exc))
+def _error_message(exc: BaseException, code: int, *, debug: bool = False) -> str:
+    """The one line for `exc` (looked at through Beam's wrapping); an internal error names its type.
+
+    "rerun with --debug" only when this run was not already one: with --debug the traceback is above the line.
+    """
+    message = exitcodes.message_for(exc)
     if code == exitcodes.INTERNAL:
-        return f"internal error ({type(exc).__name__}: {message}); rerun with --debug for the traceback"
+        hint = "" if debug else "; rerun with --debug for the traceback"
+        return f"internal error ({exitcodes.type_name_for(exc)}: {message}){hint}"
     return message
 
 
@@ -881,18 +933,85 @@ def _error_message(exc: BaseException, code: int) -> str:
 
 
 def _quiet_library_logs(debug: bool) -> None:
-    """Keep library warnings (Beam's optional-dependency notices) off a normal run's stderr.
+    """Keep library logs off a normal run's stderr: an error is the one line `main` writes.
 
-    Only when nothing configured logging yet (a real command line, not an
-    embedding program or a test harness); --debug shows INFO and up.
+    Beam logs every exception a step raises, with its traceback, at ERROR
+    (``apache_beam.runners.common``, the bundle executors) before it
+    re-raises it; the CLI reports that exception itself, so Beam's loggers
+    are silenced entirely, other libraries' below ERROR, and Python warnings
+    go to logging (so the same levels apply). Only when nothing configured
+    logging yet (a real command line, not an embedding program or a test
+    harness); --debug shows INFO and up, Beam's tracebacks included.
     """
     root = logging.getLogger()
     if root.handlers:
         return
     if debug:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    else:
-        root.setLevel(logging.ERROR)
+        return
+    root.setLevel(logging.ERROR)
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL + 1)
+    root.addFilter(_not_from_beam)  # Beam also logs on the root logger: the PortableRunner relays the job's messages
+    logging.captureWarnings(True)
+    if not isinstance(sys.stderr, _StderrWithoutBeam):
+        sys.stderr = _StderrWithoutBeam(sys.stderr)
+
+
+def _not_from_beam(record: logging.LogRecord) -> bool:
+    return f"{os.sep}apache_beam{os.sep}" not in (record.pathname or "")
+
+
+class _StderrWithoutBeam:
+    """sys.stderr, minus what Beam's own code writes to it.
+
+    An SDK worker running in this process (a PortableRunner's LOOPBACK
+    worker, ``--direct_running_mode=multi_threading``) prints the traceback
+    of every failed bundle straight to sys.stderr before the runner raises
+    the error, which the CLI then reports as its one line. Everything else
+    (the error line, the spinner) passes, and every other attribute is the
+    stream's own.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+        except ValueError:  # called from C with no Python frame above (the interpreter reporting at exit)
+            caller = ""
+        if caller == "apache_beam" or caller.startswith("apache_beam."):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _report_error(exc: BaseException, *, debug: bool, want_json: bool) -> int:
+    """Write the error line (the traceback first with --debug, the JSON error with --json); return its exit code.
+
+    The exception is looked at through Beam's wrapping (`exitcodes.unwrap`):
+    a keyturn error a step raised gets its own code and message, and a
+    Ctrl-C that reached a step (Beam re-raises it as a RuntimeError) is
+    INTERRUPTED like one that reached the driver.
+    """
+    code = exitcodes.exit_code_for(exc)
+    message = _error_message(exc, code, debug=debug)
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+    if want_json:
+        cause = exitcodes.unwrap(exc)
+        error: dict[str, Any] = {"error": message, "exit_code": code, "error_type": exitcodes.type_name_for(exc)}
+        if isinstance(getattr(cause, "index", None), int):
+            error["index"] = cause.index  # type: ignore[attr-defined]
+        try:
+            _emit_json(error)
+        except BrokenPipeError:
+            _stdout_to_devnull()
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -914,27 +1033,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         ctx = _Context(args, beam_args)
         report, text = _HANDLERS[args.verb](ctx)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: error: interrupted\n")
-        return exitcodes.INTERRUPTED
-    except Exception as exc:  # every failure: one line, a documented code
-        code = exitcodes.exit_code_for(exc)
-        message = _error_message(exc, code)
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        sys.stderr.write(f"{PROG}: error: {message}\n")
+    except (KeyboardInterrupt, Exception) as exc:  # every failure: one line, a documented code
+        return _report_error(exc, debug=debug, want_json=want_json)
+    try:
         if want_json:
-            error: dict[str, Any] = {"error": message, "exit_code": code, "error_type": type(exc).__name__}
-            if isinstance(getattr(exc, "index", None), int):
-                error["index"] = exc.index  # type: ignore[attr-defined]
-            _emit_json(error)
-        return code
-    if want_json:
-        _emit_json(report)
-    else:
-        sys.stdout.write(text.rstrip("\n") + "\n")
-        sys.stdout.flush()
+            _emit_json(report)
+        else:
+            sys.stdout.write(text.rstrip("\n") + "\n")
+            sys.stdout.flush()
+    except BrokenPipeError:  # `keyturn status | head -1`: the reader had enough; the run itself is done
+        _stdout_to_devnull()
     return exitcodes.report_exit_code(report)
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: point stdout at the null device, so the flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (an embedding program's stdout)
+        pass
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ The pipeline:
    file's schema (footers / headers only), and check the request: each
    column to encrypt and each partition column exists in every file, no
    partition column is encrypted, the source is not already encrypted, and
-   the files' schemas agree. Any problem is an `InputError` *before*
-   anything is written.
+   the files' schemas agree, every partition column name can be a hive
+   directory (`check_partition_names`: not hidden, not ``_keyturn``, no
+   "/", "=", not empty or twice), and the `--bind` row-key columns are
+   clear data columns of every file. Any problem is an `InputError`
+   *before* anything is written.
 2. Incremental: partitions that already hold keyturn files in the lake are
    skipped (their source rows are counted in the report as skipped), so
    running the same command again, or with a source that grew new
@@ -21,15 +24,21 @@ The pipeline:
    `batch_rows` rows -> key by partition (the source's own hive path, plus
    `col=value` segments for `--partition-by` columns found in the data;
    values URI-encoded as pyarrow writes them, null as
-   `__HIVE_DEFAULT_PARTITION__`) and drop the partition columns from the
+   `__HIVE_DEFAULT_PARTITION__`, the literal string as
+   `NULL_LITERAL_SEGMENT`) and drop the partition columns from the
    data -> `PartitionBatches` (one file's worth, `file_rows`, per element)
-   -> `EncryptBatches` (one DEK per partition scope, caps from the config)
-   -> one Parquet file per element with the "keyturn" footer. Audit events
-   (one per scope) go to `<lake>/_keyturn/audit/<run-id>.avro`.
-4. Commit: files are written under `<lake>/_keyturn/staging/<run-id>/`,
-   invisible to readers. When the pipeline has finished, the driver writes
-   a `_COMMITTED` marker there and moves each file into
-   `<lake>/<partition>/`. A crash before the marker leaves only staging,
+   -> `EncryptBatches` (one DEK per partition scope, caps from the config,
+   the row-key `bind` columns) -> one Parquet file per element with the
+   "keyturn" footer. Audit events (one per scope) go to
+   `<lake>/_keyturn/audit/<run-id>.avro`. Each file's rows read are counted.
+4. Commit: files are written under `<lake>/_keyturn/staging/<run-id>/` as
+   ``part-<uuid>.parquet.staged``, invisible to readers (also to DuckDB's
+   ``**/*.parquet`` globs, which do not skip hidden directories). When the
+   pipeline has finished, the driver checks that every source row is
+   accounted for (rows read = each Parquet footer's count, and = rows
+   staged + rows of skipped partitions; else `AccountingError` and nothing
+   is committed), writes a `_COMMITTED` marker there and moves each file
+   into `<lake>/<partition>/` under its ``.parquet`` name. A crash before the marker leaves only staging,
    which the next run deletes; a crash after it is rolled forward by the
    next run. So a partition appears with all of this run's files or none,
    and never twice. Crashpoints (test hooks, `keyturn.crash`):
@@ -50,6 +59,7 @@ import os
 import posixpath
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import date, datetime
 from typing import Any, Dict, Tuple
@@ -62,10 +72,10 @@ import pyarrow.fs as pafs
 from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
 from keyturn.audit.events import build_quarantine
 from keyturn.contract import settle_arrow_contract
-from keyturn.errors import InputError
+from keyturn.errors import InputError, LakeError
 from keyturn.lake.atomic import fsync_dir
 from keyturn.crash import crashpoint
-from keyturn.lake.layout import Lake, as_lake, is_hidden
+from keyturn.lake.layout import KEYTURN_DIR, Lake, as_lake, is_hidden
 from keyturn.scope import ScopeLimits
 from pipelines.lake_io import (
     MAX_QUARANTINE_BYTES,
@@ -77,10 +87,12 @@ from pipelines.lake_io import (
     read_footer,
     side_output_records,
 )
+from pipelines.exitcodes import DATA
 from pipelines.sources import (
     DEFAULT_BATCH_ROWS,
+    NULL_PARTITION,
     SourceFile,
-    file_schema,
+    file_schema_and_rows,
     hive_segments,
     list_source_files,
     read_batches,
@@ -104,17 +116,31 @@ __all__ = [
     "read_ledger",
     "record_sources",
     "encrypted_partitions",
+    "check_partition_names",
+    "AccountingError",
     "NULL_PARTITION",
+    "NULL_LITERAL_SEGMENT",
+    "STAGED_SUFFIX",
 ]
 
-NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+NULL_LITERAL_SEGMENT = "%5F%5FHIVE_DEFAULT_PARTITION%5F%5F"
+"""The path value of the literal string `NULL_PARTITION` (not a null): its underscores percent-encoded."""
 DEFAULT_FILE_ROWS = 262_144
 STAGING = "staging"
+STAGED_SUFFIX = ".staged"
+"""Staged data files end in ``.parquet.staged`` until published, so no ``*.parquet`` glob reaches them."""
 COMMIT_MARKER = "_COMMITTED"
 SKIPPED_FILE = "_skipped.json"
 FAILED_FILE = "_failed.json"
+READ_FILE = "_read.json"
 LEDGER = "ingested.json"
 Keyed = Tuple[str, pa.RecordBatch]
+
+
+class AccountingError(LakeError):
+    """The rows written, skipped and quarantined do not add up to the source rows; nothing was committed."""
+
+    exit_code = DATA
 
 
 # ------------------------------------------------------------------ partition paths
@@ -132,9 +158,53 @@ def _hive_value(value: Any) -> str:
     return str(value)
 
 
+def _hive_segment_value(value: Any) -> str:
+    """A partition value as it appears in the path: URI-encoded; null as `NULL_PARTITION`.
+
+    The literal string `NULL_PARTITION` is written as `NULL_LITERAL_SEGMENT`
+    (``quote`` never encodes "_", so no other value is written that way):
+    two distinct directories, which DuckDB, Spark and `hive_segments` read
+    back as a null and as the string. pyarrow.dataset reads both as null (it
+    decodes before its null check, and its own writer puts both in one
+    directory).
+    """
+    if value is None:
+        return NULL_PARTITION
+    text = _hive_value(value)
+    if text == NULL_PARTITION:
+        return NULL_LITERAL_SEGMENT
+    return quote(text, safe="")
+
+
 def hive_path(pairs: Sequence[tuple[str, Any]]) -> str:
     """`[("region", 3), ("day", "2024-01-01")]` -> `"region=3/day=2024-01-01"` (values URI-encoded)."""
-    return "/".join(f"{quote(k, safe='')}={quote(_hive_value(v), safe='')}" for k, v in pairs)
+    return "/".join(f"{quote(k, safe='')}={_hive_segment_value(v)}" for k, v in pairs)
+
+
+def check_partition_names(names: Sequence[str]) -> None:
+    """`InputError` for a partition column name a hive directory cannot carry.
+
+    A name starting with "_" or "." makes a hidden directory (pyarrow,
+    Spark, keyturn's own listings skip it: the rows would vanish), and
+    ``_keyturn`` is keyturn's own directory; "/", "\\" and "=" would split
+    or confuse the ``name=value`` segment; an empty name has no segment.
+    """
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise InputError("a partition column name is empty (--partition-by a,b)")
+        if name.startswith(("_", ".")):
+            what = "keyturn's own directory" if name == KEYTURN_DIR else "a hidden directory that readers skip"
+            raise InputError(
+                f"partition column {name!r} cannot be a hive partition: a name starting with '_' or '.' makes "
+                f"{what}, so its rows would be invisible; rename the column first"
+            )
+        bad = [c for c in ("/", "\\", "=") if c in name] or [c for c in name if not c.isprintable()]
+        if bad:
+            raise InputError(f"partition column {name!r} cannot be a hive partition: it contains {bad[0]!r}")
+        if name in seen:
+            raise InputError(f"partition column {name!r} is named twice in --partition-by")
+        seen.add(name)
 
 
 def split_by_partition(
@@ -178,25 +248,39 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema, drop: Sequence[str]) -> pa
 
 
 class EncryptPlan:
-    """What a run will do, checked before anything is written."""
+    """What a run will do, checked before anything is written.
 
-    def __init__(self, files: list[SourceFile], data_schema: pa.Schema, hive_keys: list[str], split_columns: list[str]) -> None:
+    `source_rows` maps each file's path to its row count from the Parquet
+    footer (None for Avro: counted as it is read).
+    """
+
+    def __init__(
+        self,
+        files: list[SourceFile],
+        data_schema: pa.Schema,
+        hive_keys: list[str],
+        split_columns: list[str],
+        source_rows: dict[str, int | None] | None = None,
+    ) -> None:
         self.files = files
         self.data_schema = data_schema
         self.hive_keys = hive_keys
         self.split_columns = split_columns
+        self.source_rows = dict(source_rows or {})
 
     @property
     def drop(self) -> list[str]:
         return self.hive_keys + self.split_columns
 
 
-def plan(source: str, columns: Sequence[str], partition_by: Sequence[str]) -> EncryptPlan:
+def plan(source: str, columns: Sequence[str], partition_by: Sequence[str], bind: Sequence[str] = ()) -> EncryptPlan:
     """List and check the source; `InputError` (one clear line) for any problem."""
-    return plan_files(list_source_files(source), columns, partition_by)
+    return plan_files(list_source_files(source), columns, partition_by, bind)
 
 
-def plan_files(files: list[SourceFile], columns: Sequence[str], partition_by: Sequence[str]) -> EncryptPlan:
+def plan_files(
+    files: list[SourceFile], columns: Sequence[str], partition_by: Sequence[str], bind: Sequence[str] = ()
+) -> EncryptPlan:
     """Check listed source files (schemas only); `InputError` (one clear line) for any problem."""
     if isinstance(columns, str) or not columns:
         raise InputError("name at least one column to encrypt (--columns a,b)")
@@ -205,8 +289,10 @@ def plan_files(files: list[SourceFile], columns: Sequence[str], partition_by: Se
         raise InputError(f"a column is named twice in --columns: {', '.join(columns)}")
     partition_by = list(partition_by)
     hive_keys = [k for k, _ in hive_segments(files[0].partition)]
-    schemas = [(f, file_schema(f)) for f in files]
     split_columns = [c for c in partition_by if c not in hive_keys]
+    check_partition_names(split_columns)  # before any file is opened: a bad name is refused at once
+    read = [(f, *file_schema_and_rows(f)) for f in files]
+    schemas = [(f, schema) for f, schema, _ in read]
     for f, schema in schemas:
         names = schema.names
         for reserved in (VERSION_COLUMN, DEK_COLUMN):
@@ -219,9 +305,13 @@ def plan_files(files: list[SourceFile], columns: Sequence[str], partition_by: Se
         for column in split_columns:
             if column not in names:
                 raise InputError(f"partition column {column!r} is not in source file {f.path!r} (columns: {', '.join(names)})")
+            kind = schema.field(column).type
+            if pa.types.is_nested(kind) or pa.types.is_null(kind):
+                raise InputError(f"partition column {column!r} has type {kind}, which a hive path cannot hold")
     for column in columns:
         if column in partition_by or column in hive_keys:
             raise InputError(f"column {column!r} is a partition column; partition values are stored in clear in the path")
+    check_bind(bind, columns, hive_keys + split_columns, schemas)
     try:
         data_schema = pa.unify_schemas([s.remove_metadata() for _, s in schemas])
     except (pa.ArrowException, ValueError) as exc:
@@ -232,7 +322,24 @@ def plan_files(files: list[SourceFile], columns: Sequence[str], partition_by: Se
     )
     if not [f for f in data_schema if f.name not in split_columns]:
         raise InputError("nothing would be left in the data files once the partition columns are removed")
-    return EncryptPlan(files, data_schema, hive_keys, split_columns)
+    return EncryptPlan(files, data_schema, hive_keys, split_columns, {f.path: rows for f, _, rows in read})
+
+
+def check_bind(
+    bind: Sequence[str], columns: Sequence[str], partition_columns: Sequence[str], schemas: Sequence[tuple[SourceFile, pa.Schema]]
+) -> None:
+    """`InputError` unless every row-key column to bind is a clear data column of every source file."""
+    bind = list(bind)
+    if len(set(bind)) != len(bind):
+        raise InputError(f"a column is named twice in --bind: {', '.join(bind)}")
+    for name in bind:
+        if name in columns:
+            raise InputError(f"--bind column {name!r} is also encrypted; bind non-sensitive row-key columns")
+        if name in partition_columns:
+            raise InputError(f"--bind column {name!r} is a partition column; it is not in the data files to bind")
+        for f, schema in schemas:
+            if name not in schema.names:
+                raise InputError(f"--bind column {name!r} is not in source file {f.path!r} (columns: {', '.join(schema.names)})")
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -271,7 +378,15 @@ def recover_staging(lake: Lake) -> dict[str, int]:
 
 
 def _staged_files(lake: Lake, run_dir: str) -> list[tuple[str, str]]:
-    """`(staged path, final path)` for every finished data file under `run_dir`."""
+    """`(staged path, final path)` for every finished data file under `run_dir`.
+
+    Staged files are ``<partition>/part-<uuid>.parquet.staged`` (published
+    without ``.staged``); a ``.parquet`` file is one staged by an older
+    keyturn, still rolled forward. Temp files (``.keyturn-tmp-...``) and
+    keyturn's ``_*.json`` lists are not data. A file under a hidden
+    directory is never published as data (it would be invisible), so it is
+    not counted as written either: the run's accounting refuses to commit.
+    """
     fs = lake.fs
     if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
         return []
@@ -280,9 +395,15 @@ def _staged_files(lake: Lake, run_dir: str) -> list[tuple[str, str]]:
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(run_dir.rstrip("/")) + 1 :]
-        if any(is_hidden(p) for p in rel.split("/")) or not rel.endswith(".parquet"):
+        if any(is_hidden(p) for p in rel.split("/")):
             continue
-        out.append((info.path, lake.path(rel)))
+        if rel.endswith(".parquet" + STAGED_SUFFIX):
+            final = rel[: -len(STAGED_SUFFIX)]
+        elif rel.endswith(".parquet"):
+            final = rel
+        else:
+            continue
+        out.append((info.path, lake.path(final)))
     return sorted(out)
 
 
@@ -367,6 +488,7 @@ class _ReadSplit(beam.DoFn):
 
     SKIPPED = "skipped"
     FAILED = "failed"
+    READ = "read"
 
     def __init__(self, plan: EncryptPlan, skip: frozenset[str], batch_rows: int, *, whole_file: bool = False, dataset: str = "") -> None:
         self.schema = plan.data_schema
@@ -377,9 +499,10 @@ class _ReadSplit(beam.DoFn):
         self.whole_file = whole_file
         self.dataset = dataset
 
-    def _pieces(self, source: SourceFile) -> Iterator[Keyed]:
+    def _pieces(self, source: SourceFile, read: list[int]) -> Iterator[Keyed]:
         try:
             for batch in read_batches(source, batch_rows=self.batch_rows):
+                read[0] += batch.num_rows
                 yield from split_by_partition(batch, source.partition, self.split_columns, self.drop, self.schema)
         except InputError:
             raise
@@ -387,7 +510,8 @@ class _ReadSplit(beam.DoFn):
             raise InputError(f"source file {source.path!r} cannot be read: {' '.join(str(exc).split())[:300]}") from None
 
     def process(self, source: SourceFile) -> Iterator[Any]:
-        pieces: Any = self._pieces(source)
+        read = [0]  # rows read from the file, before any split: what the accounting checks against
+        pieces: Any = self._pieces(source, read)
         if self.whole_file:
             try:
                 pieces = list(pieces)
@@ -400,6 +524,12 @@ class _ReadSplit(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.SKIPPED, (partition, piece.num_rows))
             else:
                 yield partition, piece
+        yield beam.pvalue.TaggedOutput(self.READ, (source.path, read[0]))
+
+
+def _staged_name(partition: str, batch: pa.RecordBatch) -> str:
+    """A staged data file's name: ``part-<uuid>.parquet.staged`` (renamed to ``part-<uuid>.parquet`` on publish)."""
+    return f"part-{uuid.uuid4().hex}.parquet{STAGED_SUFFIX}"
 
 
 def quarantine_source(source: SourceFile, dataset: str, exc: BaseException) -> dict[str, Any]:
@@ -444,26 +574,28 @@ def build_pipeline(
     actor: str,
     reason: str,
     whole_file: bool = False,
+    bind: Sequence[str] = (),
 ) -> None:
-    """Add the encrypt steps to `p` (files -> staged lake files, audit, skipped and failed lists)."""
+    """Add the encrypt steps to `p` (files -> staged lake files, audit, skipped, failed and read lists)."""
     pieces = (
         p
         | "Files" >> beam.Create(plan.files)
         | "Spread" >> beam.Reshuffle()
         | "ReadSplit"
         >> beam.ParDo(_ReadSplit(plan, skip, batch_rows, whole_file=whole_file, dataset=dataset))
-        .with_output_types(Keyed, skipped=Tuple[str, int], failed=str, quarantine=Dict[str, Any])
-        .with_outputs(_ReadSplit.SKIPPED, _ReadSplit.FAILED, QUARANTINE, main="main")
+        .with_output_types(Keyed, skipped=Tuple[str, int], failed=str, quarantine=Dict[str, Any], read=Tuple[str, int])
+        .with_outputs(_ReadSplit.SKIPPED, _ReadSplit.FAILED, QUARANTINE, _ReadSplit.READ, main="main")
     )
     enc = (
         pieces.main
         | "Batch" >> PartitionBatches(max_rows=file_rows, max_batches=16, max_buffering_secs=None)
-        | "Encrypt" >> EncryptBatches(keys, dataset, columns, limits=limits, actor=actor, reason=reason)
+        | "Encrypt"
+        >> EncryptBatches(keys, dataset, columns, bind_columns=list(bind), limits=limits, actor=actor, reason=reason)
     )
-    _ = enc.main | "Write" >> beam.ParDo(WriteLakeFiles(staging_uri, footer_dataset=dataset))
+    _ = enc.main | "Write" >> beam.ParDo(WriteLakeFiles(staging_uri, footer_dataset=dataset, name_fn=_staged_name))
     if audit:
         _ = enc.audit | "Audit" >> WriteSideOutput(lake_uri, "audit", run_id)
-    for tag, name in ((_ReadSplit.SKIPPED, SKIPPED_FILE), (_ReadSplit.FAILED, FAILED_FILE)):
+    for tag, name in ((_ReadSplit.SKIPPED, SKIPPED_FILE), (_ReadSplit.FAILED, FAILED_FILE), (_ReadSplit.READ, READ_FILE)):
         target = posixpath.join(as_lake(staging_uri).root, name)
         _ = (
             pieces[tag]
@@ -494,17 +626,23 @@ def encrypt_files(
     reason: str = "keyturn encrypt",
     whole_file: bool = False,
     sources: Callable[[list[str]], dict[str, dict[str, Any]]] | None = None,
+    bind: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline into staging, then commit (marker, publish, ledger, cleanup). Caller holds the lock.
 
     `sources(failed_paths)` gives the ledger entries to record with the
-    commit (ingest); returns what was written, skipped and failed.
+    commit (ingest); returns what was written, skipped and failed. `bind`:
+    the row-key columns bound into every cell (default: `resolve_bind`).
+    Before the commit marker, every source row must be accounted for
+    (`AccountingError` otherwise, and nothing is committed).
     """
+    bind = resolve_bind(home, bind)
+    data_schema = pa.schema([f for f in the_plan.data_schema if f.name not in the_plan.split_columns])
+    check_bind(bind, columns, the_plan.drop, [(f, data_schema) for f in the_plan.files[:1]])
     # the key home decides which columns are ciphertext: pin the contract on the first write, refuse a
     # write that breaks it, all before any DEK exists
-    data_schema = pa.schema([f for f in the_plan.data_schema if f.name not in the_plan.split_columns])
     settle_arrow_contract(
-        home.registry(), home.dataset, data_schema, list(columns), partition_by=the_plan.drop, actor=actor
+        home.registry(), home.dataset, data_schema, list(columns), bind=bind, partition_by=the_plan.drop, actor=actor
     )
     staging_uri = lake.keyturn_path(STAGING, run_id)
     lake.fs.create_dir(staging_uri, recursive=True)
@@ -527,24 +665,27 @@ def encrypt_files(
             actor=actor,
             reason=reason,
             whole_file=whole_file,
+            bind=bind,
         )
+        staged = _staged_files(lake, staging_uri)
+        skipped = _read_json(lake, posixpath.join(staging_uri, SKIPPED_FILE))
+        failed = sorted(_read_json(lake, posixpath.join(staging_uri, FAILED_FILE)))
+        read = _read_json(lake, posixpath.join(staging_uri, READ_FILE))
+        written: dict[str, dict[str, int]] = {}
+        for staged_path, final in staged:
+            size = lake.fs.get_file_info(staged_path).size or 0
+            footer = read_footer(lake.fs, staged_path) or {}
+            part = written.setdefault(Lake.partition_of(lake.relpath(final)), {"files": 0, "rows": 0, "bytes": 0})
+            part["files"] += 1
+            part["rows"] += int(footer.get("rows", 0))
+            part["bytes"] += size
+        accounting = _account(the_plan, read, failed, written, skipped)
     except BaseException:
         try:  # nothing was committed: leave no staging behind (the next run would discard it anyway)
             lake.fs.delete_dir(staging_uri)
         except OSError:
             pass
         raise
-    staged = _staged_files(lake, staging_uri)
-    skipped = _read_json(lake, posixpath.join(staging_uri, SKIPPED_FILE))
-    failed = sorted(_read_json(lake, posixpath.join(staging_uri, FAILED_FILE)))
-    written: dict[str, dict[str, int]] = {}
-    for staged_path, final in staged:
-        size = lake.fs.get_file_info(staged_path).size or 0
-        footer = read_footer(lake.fs, staged_path) or {}
-        part = written.setdefault(Lake.partition_of(lake.relpath(final)), {"files": 0, "rows": 0, "bytes": 0})
-        part["files"] += 1
-        part["rows"] += int(footer.get("rows", 0))
-        part["bytes"] += size
     ledger = sources(failed) if sources else {}
     crashpoint("encrypt:before-commit")
     _write_marker(lake, posixpath.join(staging_uri, COMMIT_MARKER), {"run_id": run_id, "files": len(staged), "sources": ledger})
@@ -560,6 +701,63 @@ def encrypt_files(
         "failed": failed,
         "kms_calls": sum(int(e["counts"].get("deks", 0)) for e in events),
         "audit_events": len(events),
+        "bind": list(bind),
+        **accounting,
+    }
+
+
+def resolve_bind(home: Any, bind: Sequence[str] | str | None) -> list[str]:
+    """The row-key columns a write binds: `bind` if given, else the config's `encryption.bind_columns`
+    if set, else the dataset contract's (none for a first write without either)."""
+    if bind is not None:
+        return _names(bind)
+    configured = home.config.encryption.bind_columns
+    if configured is not None:
+        return list(configured)
+    contract = home.registry().get_contract(home.dataset)
+    return list(contract.bind) if contract is not None else []
+
+
+def _account(
+    the_plan: EncryptPlan,
+    read: dict[str, int],
+    failed: Sequence[str],
+    written: dict[str, dict[str, int]],
+    skipped: dict[str, int],
+) -> dict[str, int]:
+    """Check that every source row is written, skipped or quarantined; `AccountingError` if not.
+
+    Each file read whole must have given as many rows as its Parquet footer
+    says (Avro: the rows read), and the rows read must equal the rows in the
+    staged data files plus the rows of partitions skipped as already in the
+    lake. A quarantined file (ingest) counts with its footer's rows.
+    """
+    failed_set = set(failed)
+    problems = []
+    for f in the_plan.files:
+        if f.path in failed_set:
+            continue
+        expected = the_plan.source_rows.get(f.path)
+        if f.path not in read:
+            problems.append(f"source file {f.path!r} was not read")
+        elif expected is not None and read[f.path] != expected:
+            problems.append(f"source file {f.path!r} gave {read[f.path]:,} rows, its footer says {expected:,}")
+    rows_read = sum(n for path, n in read.items() if path not in failed_set)
+    rows_written = sum(p["rows"] for p in written.values())
+    rows_skipped = sum(skipped.values())
+    rows_quarantined = sum(the_plan.source_rows.get(path) or 0 for path in failed_set)
+    if rows_written + rows_skipped != rows_read:
+        problems.append(
+            f"{rows_read:,} source rows were read but {rows_written:,} written and {rows_skipped:,} skipped"
+        )
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AccountingError(f"not every source row is accounted for: {problems[0]}{more}; nothing was committed")
+    return {
+        "rows_source": rows_read + rows_quarantined,
+        "rows_written": rows_written,
+        "rows_skipped": rows_skipped,
+        "rows_quarantined": rows_quarantined,
     }
 
 
@@ -570,6 +768,7 @@ def run(
     lake: str | Lake,
     columns: Sequence[str],
     partition_by: str | Sequence[str] | None = None,
+    bind: str | Sequence[str] | None = None,
     beam_args: Sequence[str] | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     file_rows: int = DEFAULT_FILE_ROWS,
@@ -577,18 +776,24 @@ def run(
     reason: str = "keyturn encrypt",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Encrypt `source` into `lake`; returns a JSON-able report (see the module docstring)."""
+    """Encrypt `source` into `lake`; returns a JSON-able report (see the module docstring).
+
+    `bind`: row-key columns bound into every cell, so a cell swapped between
+    rows fails authentication (default: the config's
+    `encryption.bind_columns`, else the dataset contract's, else none).
+    """
     started = time.monotonic()
     say = progress or (lambda _msg: None)
     home = _open_home(home)
     columns = _names(columns)
     partition_by = _names(partition_by)
+    bind = resolve_bind(home, bind)
     the_lake = lake_of(lake, home)
     lake = the_lake.uri
     if _overlap(source, lake):
         raise InputError(f"the source {source!r} and the lake {lake!r} overlap; encrypt into a separate lake directory")
     say("checking the source")
-    the_plan = plan(source, columns, partition_by)
+    the_plan = plan(source, columns, partition_by, bind)
 
     the_lake.fs.create_dir(the_lake.root, recursive=True)
     run_id = new_run_id()
@@ -599,7 +804,7 @@ def run(
         say(f"encrypting {len(the_plan.files)} file(s)")
         done = encrypt_files(
             home, the_lake, the_plan, columns, run_id=run_id, skip=frozenset(existing), beam_args=beam_args,
-            batch_rows=batch_rows, file_rows=file_rows, actor=actor, reason=reason,
+            batch_rows=batch_rows, file_rows=file_rows, actor=actor, reason=reason, bind=bind,
         )
     written, skipped = done["written"], done["skipped"]
     return {
@@ -610,9 +815,11 @@ def run(
         "lake": lake,
         "columns": list(columns),
         "partition_by": list(partition_by),
+        "bind": list(bind),
         "source_files": len(the_plan.files),
         "partitions_written": written,
         "partitions_skipped": skipped,
+        "rows_source": done["rows_source"],
         "rows_written": sum(p["rows"] for p in written.values()),
         "rows_skipped": sum(skipped.values()),
         "files_written": sum(p["files"] for p in written.values()),
@@ -659,6 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lake", required=True)
     parser.add_argument("--columns", required=True, help="comma-separated columns to encrypt")
     parser.add_argument("--partition-by", default=None, help="comma-separated partition columns")
+    parser.add_argument("--bind", default=None, help="comma-separated row-key columns bound into every cell")
     args, beam_args = parser.parse_known_args(argv)
     from pipelines.home import default_home
 
@@ -668,6 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lake=args.lake,
         columns=args.columns,
         partition_by=args.partition_by,
+        bind=args.bind,
         beam_args=[a for a in beam_args if a != "--"],
     )
     print(json.dumps(report, indent=2, sort_keys=True))

@@ -21,6 +21,10 @@ recipe Beam DoFns take to their workers.
 
 The default home is ``$KEYTURN_HOME`` or ``./.keyturn`` (`default_home`).
 
+The audit log is anchored in the key registry (`KeyHome.chain`): each
+control-plane entry moves the registry's (seq, hash) anchor forward, and
+`keyturn audit verify` checks that the log still reaches it.
+
 Two kinds of home:
 
 - **local** (the embedded, single-node default): provider ``local``,
@@ -183,7 +187,7 @@ class KeyHome:
                 kek_id, actor=actor, reason=reason
             )
             fresh = True
-        chain = AuditChain(config.audit.path)
+        chain = AuditChain(config.audit.path, anchor=_registry_for(config, clock))  # anchored from the first entry
         if fresh or chain.head() is None:
             event = build_event(
                 AuditAction.ROTATE,
@@ -333,8 +337,19 @@ class KeyHome:
         return _registry_for(self.config, self.clock)
 
     def chain(self) -> Any:
-        """The control-plane audit log: the hash-chained file, mirrored to CloudWatch when configured."""
-        chain = AuditChain(self.config.audit.path)
+        """The control-plane audit log: the hash-chained file, anchored in the key registry, mirrored to CloudWatch when configured.
+
+        Every control-plane append (rotate, retire, schedule-deletion, rewrap,
+        contract changes, init) goes through here, so each one moves the
+        registry's audit anchor (see `keyturn.audit.chain`), and every
+        verify, `entries()` and `head()` checks that the log still reaches it.
+        """
+        if self.config.version_tracking.storage == "sqlite" and not os.path.isfile(self.config.version_tracking.path):
+            raise HomeError(
+                f"key home {self.path!r}: registry {self.config.version_tracking.path!r} is missing; "
+                "it holds the audit log's anchor, so the log cannot be checked without it"
+            )
+        chain = AuditChain(self.config.audit.path, anchor=self.registry())
         if self.config.audit.sink == "cloudwatch":
             return MirroredChain(chain, self.config)
         return chain
@@ -427,6 +442,13 @@ class MirroredChain:
 
     def entries(self) -> Any:
         return self.chain.entries()
+
+    def verify(self, **kwargs: Any) -> Any:
+        return self.chain.verify(**kwargs)
+
+    @property
+    def anchored_in(self) -> Any:
+        return self.chain.anchored_in
 
     def append(self, event: Any) -> int:
         seq = self.chain.append(event)

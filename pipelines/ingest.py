@@ -30,9 +30,9 @@ Ingest is therefore a **micro-batch loop** around bounded Beam pipelines:
    partition, `PartitionBatches`, `EncryptBatches` (one DEK per partition
    scope), written into staging.
 4. Commit, under the lake lock (shared; a running `reencrypt` makes the batch
-   wait for the next poll): a marker listing the batch's files and their
-   SHA-256, then the files move into `<lake>/<partition>/`, then the ledger
-   records the sources (atomically). A crash before the marker leaves
+   wait for the next poll): a marker listing the batch's files (size, mtime
+   and a keyed MAC of their bytes, see below), then the files move into
+   `<lake>/<partition>/`, then the ledger records the sources (atomically). A crash before the marker leaves
    nothing visible and the files are ingested again; a crash after it is
    rolled forward by the next run of ingest *or* encrypt, ledger included.
    So every landed row reaches the lake exactly once. (This commit protocol
@@ -41,6 +41,21 @@ Ingest is therefore a **micro-batch loop** around bounded Beam pipelines:
    not guarantee that a re-ingest replaces rather than duplicates.)
 5. Stop after `--until-idle` seconds without a new or growing file, or on
    SIGINT/SIGTERM (after the batch in progress), and report.
+
+Source identity: a ledger entry is keyed by the file's path under
+`--watch` and holds its size, mtime and ``mac`` = HMAC-SHA256 of its bytes
+under a key that never leaves the key home (``mac_key`` names it): a DEK
+registered in the key home's DEK directory for partition
+``_keyturn/ingest-ledger`` of the dataset, wrapped under the KEK like every
+DEK (so `keyturn rewrap` moves it and retire waits for it), from which the
+MAC key is derived with HKDF. The lake holds only the DEK's id, never the
+key or its wrapping, so the ledger cannot confirm a guess of a source's
+contents (a plain SHA-256 would, for a low-entropy file). A file whose size
+and mtime match its entry is done; one touched or landed again with the
+same size is done if its MAC matches (one KMS call per run unwraps the
+key). Ledgers written before this hold ``sha256`` instead: those entries
+are still recognised (by size and mtime, or by the same hash), and no new
+entry gets one.
 
 `--columns` and `--partition-by` default to the dataset contract's (the
 key home's, never what the lake files say), so appending to an existing
@@ -53,7 +68,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
+import os
 import signal
 import sys
 import threading
@@ -64,8 +81,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from keyturn.contract import check_arrow_write
-from keyturn.errors import InputError, LakeLockedError
+from keyturn.directory import new_entry
+from keyturn.errors import DecryptionError, InputError, LakeLockedError
+from keyturn.format import DEK_ID_BYTES, Envelope, commitment_matches, derive_commitment, kms_context, parse_envelope
 from keyturn.lake.layout import Lake
 from keyturn.lake.sideoutputs import write_side_output
 from pipelines.encrypt import (
@@ -83,7 +105,7 @@ from pipelines.encrypt import (
 from pipelines.lake_io import lake_of, new_run_id, read_footer
 from pipelines.sources import DEFAULT_BATCH_ROWS, SourceFile, hive_segments, list_source_files, resolve
 
-__all__ = ["run", "main", "Watcher", "lake_partition_keys"]
+__all__ = ["run", "main", "Watcher", "SourceMacs", "lake_partition_keys", "LEDGER_KEY_PARTITION"]
 
 DEFAULT_POLL_SECONDS = 1.0
 DEFAULT_MAX_BATCH_FILES = 64
@@ -95,21 +117,136 @@ def lake_partition_keys(lake: Lake) -> list[str]:
     return [k for k, _ in hive_segments(files[0].partition)] if files else []
 
 
-def _sha256(source: SourceFile) -> str:
+LEDGER_KEY_PARTITION = "_keyturn/ingest-ledger"
+"""The DEK-directory partition of the ledger's MAC key (no lake partition can be named so)."""
+
+_MAC_INFO = b"keyturn/v1/ingest-ledger-mac"
+
+
+def _digest(source: SourceFile, h: Any) -> str:
     fs, path = resolve(source.path)
-    h = hashlib.sha256()
     with fs.open_input_stream(path) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
-class Watcher:
-    """Which landed files are new and stable; pure bookkeeping over listings (no Beam, no clock)."""
+def _sha256(source: SourceFile) -> str:
+    """Only to recognise entries of ledgers written before MACs; never written to a ledger."""
+    return _digest(source, hashlib.sha256())
 
-    def __init__(self, root: str) -> None:
+
+class SourceMacs:
+    """Keyed MACs of source files for the ledger; the key is a DEK of the key home's directory (see the module docstring).
+
+    The key is opened (one KMS Decrypt) or created (one GenerateDataKey and
+    a directory registration) only when a MAC is needed, and kept for the
+    run. An entry whose ``mac_key`` the key home does not hold under this
+    dataset's ledger partition is refused (`InputError`): the lake belongs
+    to another key home, or its ledger was edited.
+    """
+
+    def __init__(self, home: Any, actor: str = "keyturn ingest") -> None:
+        self.home = home
+        self.actor = actor
+        self._keys: dict[str, bytes] = {}
+        self._current: str | None = None
+        self.kms_calls = 0
+
+    def _location(self) -> tuple[str, str]:
+        return self.home.dataset, LEDGER_KEY_PARTITION
+
+    def _derive(self, material: bytes, dek_id: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=dek_id, info=_MAC_INFO).derive(material)
+
+    def _open(self, key_id: str) -> bytes:
+        key = self._keys.get(key_id)
+        if key is not None:
+            return key
+        dataset, partition = self._location()
+        where = f"the source ledger's MAC key {key_id}"
+        try:
+            dek_id = bytes.fromhex(key_id)
+        except (TypeError, ValueError):
+            dek_id = b""
+        if len(dek_id) != DEK_ID_BYTES:
+            raise InputError(f"{where} is not a DEK id: the ledger was edited")
+        entry = self.home.registry().lookup_deks([dek_id]).get(dek_id)
+        if entry is None or (entry.dataset, entry.partition) != (dataset, partition):
+            raise InputError(
+                f"{where} is not in the DEK directory of this key home for dataset {dataset!r}: "
+                "is the lake ingested with another key home?"
+            )
+        try:
+            envelope = parse_envelope(entry.envelope)
+        except DecryptionError:
+            raise InputError(f"{where}: its directory entry does not parse") from None
+        context = kms_context(dataset=dataset, partition=partition, dek_id=dek_id, key_version=envelope.key_version)
+        with self.home.kms() as kms:
+            unwrapped = kms.decrypt(envelope.kek_id, envelope.wrapped_dek, context)
+        self.kms_calls += 1
+        try:
+            material = unwrapped.plaintext.material
+            if not commitment_matches(material, envelope):
+                raise InputError(f"{where}: the KMS returned a key its envelope does not commit to")
+            key = self._keys[key_id] = self._derive(material, dek_id)
+        finally:
+            unwrapped.plaintext.wipe()
+        return key
+
+    def _create(self) -> str:
+        registry = self.home.registry()
+        active = registry.active()
+        dataset, partition = self._location()
+        dek_id = os.urandom(DEK_ID_BYTES)
+        context = kms_context(dataset=dataset, partition=partition, dek_id=dek_id, key_version=active.version)
+        with self.home.kms() as kms:
+            generated = kms.generate_data_key(active.kek_id, context)
+        self.kms_calls += 1
+        try:
+            material = generated.plaintext.material
+            envelope = Envelope(dek_id, active.version, active.kek_id, derive_commitment(material, dek_id), generated.wrapped)
+            key = self._derive(material, dek_id)
+        finally:
+            generated.plaintext.wipe()
+        registry.register_deks(  # registered before any MAC made with it reaches the lake
+            [new_entry(envelope.to_bytes(), dataset=dataset, partition=partition, created_at=self.home.clock(), actor=self.actor)]
+        )
+        self._keys[dek_id.hex()] = key
+        return dek_id.hex()
+
+    def key_for_new_entries(self, ledger: dict[str, dict[str, Any]]) -> str:
+        """The key new entries use: one the ledger already names (the first, by path), else a new one."""
+        if self._current is None:
+            named = sorted((k, e["mac_key"]) for k, e in ledger.items() if isinstance(e.get("mac_key"), str))
+            self._current = named[0][1] if named else self._create()
+        return self._current
+
+    def mac(self, source: SourceFile, key_id: str) -> str:
+        """HMAC-SHA256 (hex) of the file's bytes under the key `key_id` names."""
+        return _digest(source, hmac.new(self._open(key_id), digestmod=hashlib.sha256))
+
+    def matches(self, entry: dict[str, Any], source: SourceFile) -> bool:
+        """Whether `source`'s bytes are those `entry` recorded (by MAC, or by an old ledger's sha256)."""
+        if isinstance(entry.get("mac"), str) and isinstance(entry.get("mac_key"), str):
+            return hmac.compare_digest(self.mac(source, entry["mac_key"]), entry["mac"])
+        if isinstance(entry.get("sha256"), str):  # a ledger from before MACs: compare, and write no new hash
+            return hmac.compare_digest(_sha256(source), entry["sha256"])
+        return False
+
+
+class Watcher:
+    """Which landed files are new and stable; pure bookkeeping over listings (no Beam, no clock).
+
+    `macs` recognises a file touched or landed again with the same bytes
+    (without it, only size and mtime are compared).
+    """
+
+    def __init__(self, root: str, macs: SourceMacs | None = None) -> None:
         self.root = root.rstrip("/")
+        self.macs = macs
         self._last: dict[str, tuple[int, int | None]] = {}
+        self._same: dict[tuple[Any, ...], bool] = {}  # touched files already compared: not re-read every poll
 
     def key(self, source: SourceFile) -> str:
         """The file's path relative to the watched directory (its ledger key)."""
@@ -130,8 +267,16 @@ class Watcher:
             return False
         if entry.get("size") == source.size and entry.get("mtime_ns") == source.mtime_ns:
             return True
-        # touched or rewritten: the same bytes are still done
-        return entry.get("sha256") == _sha256(source) if entry.get("size") == source.size else False
+        if entry.get("size") != source.size:
+            return False
+        # touched or landed again: the same bytes are still done
+        seen = (self.key(source), source.size, source.mtime_ns, entry.get("mac_key"), entry.get("mac"), entry.get("sha256"))
+        if seen not in self._same:
+            if self.macs is not None:
+                self._same[seen] = self.macs.matches(entry, source)
+            else:
+                self._same[seen] = isinstance(entry.get("sha256"), str) and hmac.compare_digest(_sha256(source), entry["sha256"])
+        return self._same[seen]
 
 
 class _Report:
@@ -210,7 +355,8 @@ def run(
     stop = stop or threading.Event()
     restore = _stop_on_signals(stop)
     report = _Report()
-    watcher = Watcher(watch_root)
+    macs = SourceMacs(home, actor=actor)
+    watcher = Watcher(watch_root, macs)
     last_activity = time.monotonic()
     stopped = "stopped"
     try:
@@ -252,6 +398,7 @@ def run(
         "bytes_written": report.bytes_written,
         "partitions": dict(sorted(report.partitions.items())),
         "kms_calls": report.kms_calls,
+        "ledger_key_kms_calls": macs.kms_calls,
         "lock_waits": report.waits_for_lock,
         "run_ids": report.run_ids,
         "recovered": recovered,
@@ -317,10 +464,14 @@ def _commit_batch(
             rejected.append((f, exc))
     # one schema per batch; files of another schema wait for the next poll
     group = [f for f, schema in accepted if schema.equals(accepted[0][1])] if accepted else []
-    hashes = {f.path: _sha256(f) for f in group + [f for f, _ in rejected]}
+    macs = watcher.macs or SourceMacs(home)
+    key_id = macs.key_for_new_entries(read_ledger(lake))
+    identities = {f.path: macs.mac(f, key_id) for f in group + [f for f, _ in rejected]}
 
     def entry(f: SourceFile, status: str) -> dict[str, Any]:
-        return {"size": f.size, "mtime_ns": f.mtime_ns, "sha256": hashes[f.path], "status": status, "run_id": run_id}
+        # no hash of the plaintext: a keyed MAC whose key stays in the key home (see the module docstring)
+        return {"size": f.size, "mtime_ns": f.mtime_ns, "mac": identities[f.path], "mac_key": key_id,
+                "status": status, "run_id": run_id}
 
     if rejected:
         records = [quarantine_source(f, home.dataset, exc) for f, exc in rejected]

@@ -43,16 +43,20 @@ __all__ = [
     "resolve",
     "list_source_files",
     "file_schema",
+    "file_schema_and_rows",
     "read_batches",
     "avro_to_arrow_type",
     "avro_to_arrow_schema",
     "hive_segments",
     "is_hidden",
     "FORMATS",
+    "NULL_PARTITION",
 ]
 
 FORMATS = {".parquet": "parquet", ".parq": "parquet", ".avro": "avro"}
 DEFAULT_BATCH_ROWS = 65_536
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+"""The hive path value of a null partition value (what Hive, Spark, pyarrow and DuckDB write and read)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class SourceFile:
     mtime_ns: int | None = None
 
     @property
-    def partition_values(self) -> dict[str, str]:
+    def partition_values(self) -> dict[str, str | None]:
         return dict(hive_segments(self.partition))
 
 
@@ -84,13 +88,20 @@ def is_hidden(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def hive_segments(partition: str) -> list[tuple[str, str]]:
-    """`"a=1/b=x%2Fy"` -> `[("a", "1"), ("b", "x/y")]`; segments without "=" are ignored."""
-    out = []
+def hive_segments(partition: str) -> list[tuple[str, str | None]]:
+    """`"a=1/b=x%2Fy"` -> `[("a", "1"), ("b", "x/y")]`; segments without "=" are ignored.
+
+    A raw value of `NULL_PARTITION` is None (a null); the value written for
+    the literal string (``%5F%5FHIVE_DEFAULT_PARTITION%5F%5F``, see
+    `pipelines.encrypt.hive_path`) decodes to that string. This is how
+    DuckDB and Spark read hive paths (the null check comes before decoding);
+    pyarrow.dataset decodes first, so it reads both as null.
+    """
+    out: list[tuple[str, str | None]] = []
     for segment in partition.split("/") if partition else []:
         if "=" in segment:
             key, value = segment.split("=", 1)
-            out.append((unquote(key), unquote(value)))
+            out.append((unquote(key), None if value == NULL_PARTITION else unquote(value)))
     return out
 
 
@@ -253,19 +264,29 @@ def _avro_batch(records: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBa
 
 def file_schema(source: SourceFile, *, filesystem: pafs.FileSystem | None = None) -> pa.Schema:
     """The Arrow schema of one file's data, read from its footer (Parquet) or header (Avro) only."""
+    return file_schema_and_rows(source, filesystem=filesystem)[0]
+
+
+def file_schema_and_rows(source: SourceFile, *, filesystem: pafs.FileSystem | None = None) -> tuple[pa.Schema, int | None]:
+    """`(schema, rows)` of one file from its footer (Parquet) or header (Avro) only.
+
+    `rows` is the Parquet footer's row count; None for Avro, whose header
+    does not say (its rows are counted as they are read).
+    """
     fs, path = resolve(source.path, filesystem)
     try:
         if source.format == "parquet":
             with fs.open_input_file(path) as f:
-                return pq.ParquetFile(f).schema_arrow
+                pf = pq.ParquetFile(f)
+                return pf.schema_arrow, int(pf.metadata.num_rows)
         import fastavro
 
         with fs.open_input_stream(path) as f:
             reader = fastavro.reader(f)
-            return avro_to_arrow_schema(reader.writer_schema)
+            return avro_to_arrow_schema(reader.writer_schema), None
     except InputError:
         raise
-    except (OSError, ValueError, pa.ArrowException) as exc:
+    except (OSError, ValueError, pa.ArrowException, IndexError, KeyError, TypeError, EOFError) as exc:  # damaged headers
         raise InputError(f"cannot read {source.format} file {source.path!r}: {_one_line(exc)}") from None
 
 

@@ -15,9 +15,18 @@ policy and returns a JSON-able report:
 - ``partitions``: the same per partition (``rows_by_version``,
   ``files_by_version``, ``status_rows``, ``percent_current``);
 - ``problems``: files needing a human (unreadable, another dataset,
-  retired/unknown/missing rows). Stale rows are not a problem, they are
-  the work `keyturn reencrypt` does. When this list is non-empty the CLI
-  exits 3.
+  retired/unknown/missing rows), and lake-level ones (``path`` None):
+  ``no_known_dek`` when the key home's directory knows none of the lake's
+  DEKs (a wrong home of the same dataset, or a lost directory), and
+  ``no_keyturn_files`` when no file shows a sign of keyturn although the
+  home has a contract. Stale rows are not a problem, they are the work
+  `keyturn reencrypt` does. When this list is non-empty the CLI exits 3.
+
+Before any counting, a directory of plain Parquet that keyturn never wrote
+(and that the home knows nothing of) is refused with
+`NotAKeyturnLakeError`, and a lake of another dataset whose DEKs the home
+does not know with `WrongKeyHomeError`: one line each, exit code 2 (see
+`keyturn.lake.inventory.check_fits_home`).
 
 `write_html(report, path)` writes a self-contained HTML page (inline CSS and
 an inline SVG stacked bar per partition; no script, no network asset).
@@ -36,6 +45,7 @@ from typing import Any
 
 from keyturn.policy import KeyPolicy
 from keyturn.lake import Lake, take_inventory
+from keyturn.lake.inventory import check_fits_home
 from pipelines.home import lake_of
 
 __all__ = ["run", "render_text", "write_html", "main", "STATUSES", "MAX_CHART_PARTITIONS"]
@@ -77,6 +87,10 @@ def run(
     # rows counted under the key version that wraps their DEK now (the directory's), not the files' birth versions
     contract = registry.get_contract(home.dataset)
     inventory = take_inventory(the_lake, policy, dataset=home.dataset, directory=registry, contract=contract)
+    # plain Parquet keyturn never wrote, or another dataset's key home: one clear error, not "100% missing/unknown"
+    lake_problems = check_fits_home(
+        inventory, home=str(getattr(home, "path", home)), dataset=home.dataset, contract=contract, directory=registry
+    )
     now = (clock or (lambda: datetime.now(timezone.utc)))()
 
     status_files = {s: 0 for s in STATUSES}
@@ -124,7 +138,7 @@ def run(
         "current_files": totals["current_files"],
         "versions": versions,
         "partitions": partitions,
-        "problems": inventory.problems(),
+        "problems": lake_problems + inventory.problems(),
         "directory": {str(v): n for v, n in registry.deks_by_version().items()},
         "contract": _contract_summary(contract),
         "report": None,
@@ -185,7 +199,7 @@ def render_text(report: Mapping[str, Any]) -> str:
     if problems:
         lines.append(f"Problems ({len(problems)}):")
         for item in problems[:50]:
-            lines.append(f"  {item['path']}: {item['reason']}: {item.get('detail') or ''}".rstrip())
+            lines.append(f"  {item['path'] or 'lake'}: {item['reason']}: {item.get('detail') or ''}".rstrip())
         if len(problems) > 50:
             lines.append(f"  ... and {len(problems) - 50} more (see --json)")
     if report.get("report"):
@@ -265,7 +279,7 @@ def render_html(report: Mapping[str, Any]) -> str:
          f"{p['percent_current']:.1f}%")
         for name, p in report["partitions"].items()
     ]
-    problem_rows = [(p["path"], p["reason"], p.get("detail") or "") for p in report["problems"]]
+    problem_rows = [(p["path"] or "(whole lake)", p["reason"], p.get("detail") or "") for p in report["problems"]]
     sr = report["status_rows"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

@@ -76,8 +76,8 @@ def test_default_values():
     assert (cmk.provider, cmk.keystore, cmk.root_key_file, cmk.passphrase_env) == ("local", "keystore.json", None, "KEYTURN_PASSPHRASE")
     assert (cmk.key_id, cmk.region, cmk.endpoint_url) == (None, None, None)
     kh = cfg.key_hierarchy
-    assert (kh.auto_rotate, kh.rotation_interval_days, kh.pending_deletion_days, kh.transition_window_days) == (False, 90, 30, 30)
-    assert (cfg.dek.scope, cfg.dek.max_cells, cfg.dek.max_bytes, cfg.dek.cache_plaintext) == ("partition_bundle", 2**32, 2**36, False)
+    assert (kh.rotation_interval_days, kh.pending_deletion_days, kh.transition_window_days) == (90, 30, 0)
+    assert (cfg.dek.max_cells, cfg.dek.max_bytes, cfg.dek.cache_plaintext) == (2**32, 2**36, False)
     lc = cfg.lifecycle
     assert (lc.reencryption_strategy, lc.rewrap_mode, lc.max_concurrent_reencryption_workers) == ("batch_lazy", "reencrypt", 4)
     assert (lc.max_kms_requests_per_second, lc.dek_max_age_days) == (50.0, 365)
@@ -143,7 +143,6 @@ def test_aws_setup_is_accepted():
                     "region": "us-east-1",
                     "endpoint_url": "http://127.0.0.1:5000",
                 },
-                "auto_rotate": True,
                 "rotation_interval_days": 365,
             },
             "version_tracking": {"storage": "dynamodb", "table": "keyturn-registry"},
@@ -188,7 +187,7 @@ BAD = [
     ("int-as-string", {"key_hierarchy": {"rotation_interval_days": "90"}}, "key_hierarchy.rotation_interval_days", "integer"),
     ("int-as-float", {"lifecycle": {"dek_max_age_days": 1.5}}, "lifecycle.dek_max_age_days", "integer"),
     ("bool-as-int", {"audit": {"log_decrypt": 1}}, "audit.log_decrypt", "true or false"),
-    ("bool-as-string", {"key_hierarchy": {"auto_rotate": "yes"}}, "key_hierarchy.auto_rotate", "true or false"),
+    ("bool-as-string", {"audit": {"log_encrypt": "yes"}}, "audit.log_encrypt", "true or false"),
     ("int-as-bool", {"lifecycle": {"max_concurrent_reencryption_workers": True}}, "lifecycle.max_concurrent_reencryption_workers", "integer"),
     ("dataset-as-int", {"dataset": 2024}, "dataset", "quote it"),
     ("dataset-as-date", {"dataset": datetime.date(2024, 1, 1)}, "dataset", "a date (quote it"),
@@ -211,7 +210,9 @@ BAD = [
     ("bad-algorithm", {"encryption": {"algorithm": "AES-128-CBC"}}, "encryption.algorithm", "'AES-256-GCM'"),
     ("iv-not-12", {"encryption": {"iv_bytes": 16}}, "encryption.iv_bytes", "must be 12"),
     ("bad-provider", {"key_hierarchy": {"cmk": {"provider": "vault"}}}, "key_hierarchy.cmk.provider", "'local' or 'aws_kms'"),
-    ("bad-scope", {"dek": {"scope": "global"}}, "dek.scope", "partition_bundle"),
+    ("removed-scope", {"dek": {"scope": "global"}}, "dek.scope", "was removed"),
+    ("removed-auto-rotate", {"key_hierarchy": {"auto_rotate": True}}, "key_hierarchy.auto_rotate", "rotate --if-due"),
+    ("transition-too-long", {"key_hierarchy": {"transition_window_days": 3651}}, "key_hierarchy.transition_window_days", "<= 3650"),
     ("bad-strategy", {"lifecycle": {"reencryption_strategy": "never"}}, "lifecycle.reencryption_strategy", "batch_lazy"),
     ("bad-rewrap-mode", {"lifecycle": {"rewrap_mode": "rotate"}}, "lifecycle.rewrap_mode", "reencrypt"),
     ("bad-storage", {"version_tracking": {"storage": "postgres"}}, "version_tracking.storage", "dynamodb"),
@@ -257,8 +258,8 @@ def test_bad_config_names_the_field(mapping, field, words):
 
 def test_several_errors_report_the_first_and_count_the_rest():
     with pytest.raises(ConfigError) as info:
-        parse_config({"dek": {"max_cells": 0, "max_bytes": 0, "scope": "x"}})
-    assert info.value.field == "dek.scope"
+        parse_config({"lifecycle": {"dek_max_age_days": 0, "max_concurrent_reencryption_workers": 0, "rewrap_mode": "x"}})
+    assert info.value.field == "lifecycle.rewrap_mode"
     assert info.value.problem.endswith("(and 2 more)")
 
 
@@ -287,7 +288,7 @@ FILE_CASES = [
     ("yaml-python-tag", "dataset: !!python/object/apply:os.system ['true']\n", FILE_FIELD, "YAML syntax error"),
     ("top-level-list", "- a\n- b\n", ROOT_FIELD, "mapping"),
     ("top-level-scalar", "just text\n", ROOT_FIELD, "mapping"),
-    ("unknown-key-in-file", "dek:\n  scope: partition_batch\n  cache: false\n", "dek.cache", "unknown key"),
+    ("unknown-key-in-file", "dek:\n  max_cells: 10\n  cache: false\n", "dek.cache", "unknown key"),
     ("cache-plaintext-in-file", "dek:\n  cache_plaintext: true\n", "dek.cache_plaintext", "never cached"),
     ("yaml-string-number", "key_hierarchy:\n  rotation_interval_days: '90'\n", "key_hierarchy.rotation_interval_days", "integer"),
     ("yaml-date-dataset", "dataset: 2024-01-01\n", "dataset", "quote it"),
@@ -356,13 +357,12 @@ ROUND_TRIP = [
             "dataset": "sales-2024",
             "key_hierarchy": {
                 "cmk": {"provider": "aws_kms", "key_id": "alias/k", "region": "eu-west-1", "endpoint_url": "https://kms.example"},
-                "auto_rotate": True,
-                "transition_window_days": 0,
+                "transition_window_days": 30,
             },
             "version_tracking": {"storage": "dynamodb", "table": "reg.v1", "on_missing_version": "reject"},
             "audit": {"sink": "cloudwatch", "log_group": "/k/a", "log_stream": "s", "log_decrypt": False},
             "lifecycle": {"max_kms_requests_per_second": 0.25, "rewrap_mode": "auto"},
-            "dek": {"scope": "partition_batch", "max_cells": 1, "max_bytes": 2**40},
+            "dek": {"max_cells": 1, "max_bytes": 2**40},
         },
     ),
     ("yaml-lookalike-strings", {"dataset": "null", "audit": {"path": "true"}, "version_tracking": {"path": "0x10"}}),

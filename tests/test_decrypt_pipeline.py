@@ -12,6 +12,7 @@ import pytest
 
 from keyturn.errors import InputError, VersionInUseError
 from keyturn.lake.layout import Lake
+from keyturn.lake.sideoutputs import SideOutputDir
 from pipelines import decrypt, encrypt
 from pipelines.lake_io import side_output_records
 from tests.pipeline_support import SENSITIVE, all_files, customers, data_files, make_home, read_hive, run_cli, write_parquet_source
@@ -64,6 +65,11 @@ def lake(home, tmp_path, table):
     path = tmp_path / "lake"
     encrypt.run(home=home, source=src, lake=str(path), columns=SENSITIVE, partition_by="region", file_rows=300)
     return path
+
+
+def side_outputs(report) -> SideOutputDir:
+    """Where a decrypt run put its side outputs (under its output by default; never in the lake)."""
+    return SideOutputDir.of(Lake(report["side_outputs"]))
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -125,7 +131,7 @@ def test_after_rotation_old_rows_decrypt_as_stale_and_read_as_current_after_a_re
     report = decrypt.run(home=home, lake=str(lake), out=str(tmp_path / "out1"))
     assert report["rows_written"] == 1600
     assert report["rows_by_status"]["stale"] == 1600 and report["problems"] == []
-    events = side_output_records(Lake(str(lake)), "mismatch", report["run_id"])
+    events = side_output_records(side_outputs(report), "mismatch", report["run_id"])
     assert {e["reason"] for e in events} == {"stale"} and sum(e["rows"] for e in events) == 1600
     assert {(e["found_version"], e["current_version"]) for e in events} == {(1, 2)}
     assert read_hive(tmp_path / "out1").column("email").to_pylist() == table.column("email").to_pylist()
@@ -172,13 +178,13 @@ def test_bad_files_and_rows_go_to_side_outputs_and_nothing_is_deleted(home, lake
     problems = {p["reason"]: p["rows"] for p in report["problems"]}
     assert [p["path"] for p in report["problems"] if p["reason"] == "unreadable"] == ["region=0/part-corrupt.parquet"]
     assert problems == {"unreadable": 0, "retired": 1600, "unknown": 40, "missing": 50}
-    lake_obj = Lake(str(lake))
+    lake_obj = side_outputs(report)
     quarantined = side_output_records(lake_obj, "quarantine", report["run_id"])
     assert [q["reason"] for q in quarantined] == ["unparseable"]
     assert quarantined[0]["payload"] == b"PAR1 this is not parquet at all PAR1"
     reasons = {e["reason"] for e in side_output_records(lake_obj, "mismatch", report["run_id"])}
     assert reasons == {"retired", "unknown", "missing"}
-    assert before <= set(all_files(lake))  # nothing deleted (side-output files were added)
+    assert before == set(all_files(lake))  # nothing deleted, nothing added: the side outputs are under the output
 
 
 def test_tampered_cells_are_quarantined_with_their_bytes(home, lake, tmp_path):
@@ -191,7 +197,7 @@ def test_tampered_cells_are_quarantined_with_their_bytes(home, lake, tmp_path):
     pq.write_table(t, victim)
     report = decrypt.run(home=home, lake=str(lake), out=str(tmp_path / "out"))
     assert report["rows_by_status"]["corrupt"] == 1 and report["rows_written"] == 1599
-    [record] = side_output_records(Lake(str(lake)), "quarantine", report["run_id"])
+    [record] = side_output_records(side_outputs(report), "quarantine", report["run_id"])
     assert record["reason"] == "corrupt" and record["rows"] == 1 and record["payload_format"] == "arrow_ipc"
 
 

@@ -41,7 +41,7 @@ from keyturn.format import parse_envelope
 from keyturn.ipc import batch_from_ipc
 from keyturn.lake import Lake
 from keyturn.lake.footer import FOOTER_KEY
-from keyturn.lake.sideoutputs import read_side_outputs
+from keyturn.lake.sideoutputs import SideOutputDir, read_side_outputs
 from pipelines import exitcodes
 from pipelines.home import KeyHome
 
@@ -197,8 +197,9 @@ def rewrite_without_metadata(path: str) -> None:
     assert all(not f.metadata for f in back.schema_arrow)
 
 
-def quarantined_rows(lake: str, run_id: str) -> tuple[int, pa.Table | None]:
-    records = read_side_outputs(Lake(lake), "quarantine", run_id=run_id)
+def quarantined_rows(report: dict) -> tuple[int, pa.Table | None]:
+    """The corrupt rows a decrypt run quarantined (its side outputs are under its output, not in the lake)."""
+    records = read_side_outputs(SideOutputDir.of(Lake(report["side_outputs"])), "quarantine", run_id=report["run_id"])
     corrupt = [r for r in records if r["reason"] == "corrupt"]
     batches = [batch_from_ipc(r["payload"]) for r in corrupt if r["payload_format"] == "arrow_ipc"]
     rows = sum(int(r["rows"]) for r in corrupt)
@@ -310,7 +311,7 @@ def test_forged_plain_column_is_quarantined_never_clear(world, how):
     assert raw_bytes_contain(out, FORGED_MARK.encode()) == []
 
     # the victim's rows are in quarantine, with their original bytes
-    rows, table = quarantined_rows(world.lake, report["run_id"])
+    rows, table = quarantined_rows(report)
     assert rows == len(victim_ids)
     assert table is not None and sorted(table.column("id").to_pylist()) == sorted(victim_ids)
     if forged is not None:

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
 from keyturn.keysource import KeySource
+from keyturn.policy import VersionRules
 from keyturn.scope import ScopeLimits
 from transforms.adapters import ArrowAdapter
 from transforms.dofns import DecryptFn, EncryptFn, ReencryptFn
@@ -78,6 +79,10 @@ class DecryptBatches(beam.PTransform):
 
     `stale_to_main=False` sends stale rows only to `version_mismatch`.
     `columns` limits which encrypted columns are decrypted.
+    `version_rules` (`keyturn.policy.VersionRules`): ``reject`` raises
+    `VersionMismatchError` on missing/unknown rows instead of routing them.
+    `rewrap_stale=True` (lazy rotation) re-wraps the stale DEKs read in the
+    key home's directory; see `transforms.dofns.DecryptFn`.
     """
 
     def __init__(
@@ -89,9 +94,14 @@ class DecryptBatches(beam.PTransform):
         stale_to_main: bool = True,
         actor: str = "keyturn",
         reason: str = "decrypt",
+        version_rules: VersionRules | None = None,
+        rewrap_stale: bool = False,
     ) -> None:
         super().__init__()
-        self._fn = DecryptFn(ArrowAdapter(decrypt_columns=columns), keys, dataset, stale_to_main=stale_to_main, actor=actor, reason=reason)
+        self._fn = DecryptFn(
+            ArrowAdapter(decrypt_columns=columns), keys, dataset, stale_to_main=stale_to_main, actor=actor, reason=reason,
+            version_rules=version_rules, rewrap_stale=rewrap_stale,
+        )
 
     def expand(self, pcoll: beam.PCollection) -> KeyturnOutputs:
         return from_tagged(pcoll | keyturn_pardo(self._fn, Keyed, Tuple[Dict[str, Any], pa.RecordBatch]))

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Tuple
 import apache_beam as beam
 
 from keyturn.keysource import KeySource
+from keyturn.policy import VersionRules
 from keyturn.scope import ScopeLimits
 from transforms.adapters import AvroAdapter
 from transforms.arrow import keyturn_pardo
@@ -86,7 +87,7 @@ class EncryptRecords(_RecordsTransform):
 
 
 class DecryptRecords(_RecordsTransform):
-    """Decrypt records of `encrypted_schema`; stale handling as in `DecryptBatches`."""
+    """Decrypt records of `encrypted_schema`; stale handling, `version_rules` and `rewrap_stale` as in `DecryptBatches`."""
 
     def __init__(
         self,
@@ -98,10 +99,15 @@ class DecryptRecords(_RecordsTransform):
         stale_to_main: bool = True,
         actor: str = "keyturn",
         reason: str = "decrypt",
+        version_rules: VersionRules | None = None,
+        rewrap_stale: bool = False,
     ) -> None:
         super().__init__()
         adapter = AvroAdapter(encrypted_schema=encrypted_schema, decrypt_fields=fields)
-        self._fn = DecryptFn(adapter, keys, dataset, stale_to_main=stale_to_main, actor=actor, reason=reason)
+        self._fn = DecryptFn(
+            adapter, keys, dataset, stale_to_main=stale_to_main, actor=actor, reason=reason,
+            version_rules=version_rules, rewrap_stale=rewrap_stale,
+        )
 
 
 class ReencryptRecords(_RecordsTransform):

@@ -27,7 +27,8 @@ from keyturn.audit.events import AuditAction, MismatchReason, build_event, build
 from keyturn.kms.base import CountingKms
 from keyturn.keysource import KeySource
 from keyturn.contract import DatasetContract
-from keyturn.policy import KeyPolicy, ReadStatus, classify_keys
+from keyturn.errors import KmsError, RegistryError
+from keyturn.policy import KeyPolicy, ReadStatus, VersionRules, classify_keys
 from keyturn.reader import DekReader, envelope_dek_id
 from keyturn.rewrap import rewrap_entries
 from keyturn.scope import DekScope, Location, ScopeLimits
@@ -290,15 +291,69 @@ class DecryptFn(_KeyturnFn):
     output AND reported on `version_mismatch` (reason `stale`, with their
     encrypted rows) so a consumer can re-encrypt them lazily; without it they
     go only to `version_mismatch`.
+
+    `version_rules` (``version_tracking.on_missing_version`` /
+    ``on_unknown_version``): with ``reject``, an element holding such rows
+    raises `VersionMismatchError` before anything of it is emitted; with
+    ``quarantine`` (the default) they go to `version_mismatch`.
+
+    `rewrap_stale` (``lifecycle.reencryption_strategy: lazy``): the directory
+    entries of the stale DEKs this DoFn reads are re-wrapped onto the active
+    version, once per DEK per bundle (one KMS call each, compare-and-set; no
+    payload byte changes). Best effort: a KMS or registry failure of the
+    re-wrap is counted (``rewrap_errors``), never fails the read. The audit
+    event of the scope counts ``rewrapped_deks``.
     """
 
     action = AuditAction.DECRYPT
     uses_reader = True
 
-    def __init__(self, adapter: PayloadAdapter, keys: KeySource, dataset: str, *, stale_to_main: bool, actor: str, reason: str) -> None:
+    def __init__(
+        self,
+        adapter: PayloadAdapter,
+        keys: KeySource,
+        dataset: str,
+        *,
+        stale_to_main: bool,
+        actor: str,
+        reason: str,
+        version_rules: VersionRules | None = None,
+        rewrap_stale: bool = False,
+    ) -> None:
         super().__init__(adapter, keys, dataset, actor=actor, reason=reason)
         self.stale_to_main = stale_to_main
+        self.version_rules = version_rules if version_rules is not None else VersionRules()
+        self.rewrap_stale = rewrap_stale
+        self._rewrapped: set[bytes] = set()
 
+    def start_bundle(self) -> None:
+        super().start_bundle()
+        self._rewrapped = set()
+
+    def _rewrap_read_deks(self, payload: Any, status: list[ReadStatus], ledger: _ScopeLedger) -> None:
+        """Lazy rotation: move the stale DEKs just read onto the active version in the directory."""
+        _, envelopes = self.adapter.row_keys(payload)
+        entries = self._reader.entries(envelopes) or {}
+        stale: dict[bytes, Any] = {}
+        for s, env in zip(status, envelopes):
+            if s is ReadStatus.STALE and env is not None:
+                dek_id = envelope_dek_id(env)
+                entry = entries.get(dek_id) if dek_id is not None else None
+                if entry is not None and dek_id not in self._rewrapped:
+                    stale[dek_id] = entry
+        if not stale:
+            return
+        self._rewrapped.update(stale)
+        try:
+            done = rewrap_entries(self._registry, self._kms, stale.values(), self._policy.active)
+        except (KmsError, RegistryError):  # the read succeeded; the next reader or `keyturn rewrap` moves them
+            ledger.add(rewrap_errors=len(stale))
+            self._count("rewrap_errors", len(stale))
+            return
+        ledger.kms_request_ids.extend(done.kms_request_ids)
+        ledger.add(rewrapped_deks=done.moved)
+        self._count("deks_rewrapped", done.moved)
+        self._count("kms_calls", done.kms_calls)
 
     def _version_to(self) -> int | None:
         return None
@@ -310,6 +365,7 @@ class DecryptFn(_KeyturnFn):
         result = self.adapter.decrypt(
             payload, self._reader, self._policy, Location(self.dataset, partition), self._dataset_contract()
         )
+        self.version_rules.check(result.status, dataset=self.dataset, partition=partition)
         new_ids = self._reader.stats.kms_request_ids[unwraps_before:]
         ledger.kms_request_ids.extend(new_ids)
         self._count("kms_calls", len(new_ids))
@@ -325,6 +381,8 @@ class DecryptFn(_KeyturnFn):
         self._count("cells_decrypted", self.adapter.sealed_cells(payload, readable))
         keep = {ReadStatus.CURRENT, ReadStatus.STALE} if self.stale_to_main else {ReadStatus.CURRENT}
         plain = self.adapter.select_plain(result, keep)
+        if self.rewrap_stale:
+            self._rewrap_read_deks(payload, result.status, ledger)
         if not self.adapter.empty(plain):
             yield partition, plain
         yield from self._report(partition, payload, result.status, report_stale=True, versions=versions)

@@ -24,6 +24,12 @@ named after it:
 - ``pk = name + "#contract"``: ``sk = "c#" + dataset`` holds a dataset's
   current contract (``revision``, ``contract`` = `DatasetContract.to_text`),
   ``sk = "ch#" + dataset + "#0000000001"``... its append-only history.
+- ``pk = name + "#audit"``, ``sk = "a#anchor"``: the key home's audit
+  anchor, ``seq`` and ``hash`` of the last anchored audit entry (see
+  `keyturn.audit.chain`), moved forward only by a conditional put on the
+  ``seq`` and ``hash`` that were read (``attribute_not_exists`` for the
+  first). Deny ``dynamodb:PutItem``/``DeleteItem`` on it to everyone but the
+  key home's operators: whoever can rewrite it can hide a deleted log tail.
 
 Directory and contract items live outside ``pk = name``, so the snapshot
 every version write reads stays as small as the version history. Every kind
@@ -136,6 +142,7 @@ from keyturn.registry.base import (
     Inventory,
     KeyState,
     KeyVersion,
+    check_anchor_move,
     check_invariants,
     LifecycleMethods,
     check_rotation,
@@ -158,6 +165,7 @@ _COPY_PREFIX = "x#"  # per-version copies, in partition <name>#dek#v<version>
 _COUNT_PREFIX = "n#"  # per-version entry counters, in partition <name>#dek#n
 _CONTRACT_PREFIX = "c#"  # current contracts, in partition <name>#contract
 _CONTRACT_HISTORY_PREFIX = "ch#"  # contract history, same partition
+_ANCHOR_SK = "a#anchor"  # the audit anchor, in partition <name>#audit
 _TRANSACT_MAX = 100  # DynamoDB's cap on actions per TransactWriteItems
 _BATCH_GET_TRIES = 8  # BatchGetItem attempts while keys come back unprocessed
 _READABLE = (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
@@ -1133,6 +1141,54 @@ class DynamoDbKeyRegistry(LifecycleMethods):
                 continue
             return True
         raise self._too_many_conflicts()
+
+    # ------------------------------------------------------------------ audit anchor
+
+    def _anchor_key(self) -> dict[str, Any]:
+        return {"pk": {"S": self._pk + "#audit"}, "sk": {"S": _ANCHOR_SK}}
+
+    def audit_anchor(self) -> tuple[int, str] | None:
+        """(seq, hash) of the key home's anchored audit entry, or None if none was anchored yet."""
+        item = self._aws("get_item", TableName=self._table, Key=self._anchor_key(), ConsistentRead=True).get("Item")
+        if item is None:
+            return None
+        seq, digest = _n(item, "seq", "audit anchor"), _s(item, "hash", "audit anchor") or ""
+        try:
+            return check_anchor_move(seq, digest, None)
+        except ValueError as exc:
+            raise RegistryInvariantError(f"stored audit anchor is malformed: {exc}") from None
+
+    def advance_audit_anchor(self, seq: int, digest: str, *, expected: tuple[int, str] | None) -> None:
+        """Compare-and-set the anchor from `expected` (None: absent) to (`seq`, `digest`), forward only."""
+        seq, digest = check_anchor_move(seq, digest, expected)
+        put: dict[str, Any] = {
+            "TableName": self._table,
+            "Item": {
+                **self._anchor_key(),
+                "seq": {"N": str(seq)},
+                "hash": {"S": digest},
+                "updated_at": {"S": _to_text(self._now())},
+            },
+        }
+        if expected is None:
+            put["ConditionExpression"] = "attribute_not_exists(sk)"
+        else:
+            put["ConditionExpression"] = "#seq = :seq AND #hash = :hash"
+            put["ExpressionAttributeNames"] = {"#seq": "seq", "#hash": "hash"}
+            put["ExpressionAttributeValues"] = {":seq": {"N": str(expected[0])}, ":hash": {"S": expected[1]}}
+        try:
+            self.client.put_item(**put)
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                raise ConcurrentModificationError(
+                    f"the audit anchor of registry {self._pk!r} is no longer at "
+                    f"{'no anchor' if expected is None else f'seq {expected[0]}'}: another writer moved it"
+                ) from None
+            if error_code(exc) == "ResourceNotFoundException":
+                raise RegistryError(f"DynamoDB table {self._table!r} does not exist (create it with create_table)") from None
+            raise RegistryError(f"DynamoDB PutItem on {self._table!r} failed ({error_code(exc) or 'unknown error'})") from exc
+        except BotoCoreError as exc:
+            raise RegistryError(f"DynamoDB PutItem on {self._table!r} failed ({type(exc).__name__})") from exc
 
     # ------------------------------------------------------------------ dataset contracts
 

@@ -1,10 +1,12 @@
 """Atomic Parquet writes: a temp file in the same directory, fsync, rename, fsync the directory.
 
 A writer never touches the final path until the file is complete: it
-writes ``.keyturn-tmp-<uuid>-<name>`` next to it (a hidden name, so no
-reader sees it as data), flushes and fsyncs it, and then renames it over
-the final path. On a local filesystem the rename is atomic, so a crash
-leaves either the old file or the new one, never a mix; the directory is
+writes ``.keyturn-tmp-<uuid>-<name>.tmp`` next to it (a hidden name, so
+pyarrow and Spark never see it as data, and not ending in ``.parquet``, so
+DuckDB's ``*.parquet`` globs do not match it either), flushes and fsyncs
+it, and then renames it over the final path. On a local filesystem the
+rename is atomic, so a crash leaves either the old file or the new one,
+never a mix; the directory is
 fsynced so the rename survives a power cut. Leftover temp files of crashed
 writers are removed by `Lake.remove_temp_files` (under the lake lock).
 

@@ -17,12 +17,37 @@ from typing import Any
 
 from keyturn.contract import DatasetContract
 from keyturn.directory import LOOKUP_BATCH, DekDirectory, DekEntry, entry_matches
+from keyturn.errors import LakeError
+from keyturn.format import DEK_FIELD, VERSION_FIELD
 from keyturn.lake.footer import FileSummary, read_file_summary
 from keyturn.scope import Location
-from keyturn.lake.layout import Lake
+from keyturn.lake.layout import DataFile, Lake
 from keyturn.policy import KeyPolicy, ReadStatus
 
-__all__ = ["Inventory", "take_inventory"]
+__all__ = [
+    "Inventory",
+    "take_inventory",
+    "NotAKeyturnLakeError",
+    "WrongKeyHomeError",
+    "keyturn_marked",
+    "check_fits_home",
+]
+
+
+class NotAKeyturnLakeError(LakeError):
+    """The directory holds data files, but keyturn wrote none of them and the key home knows nothing of it.
+
+    A usage error (exit code 2): `--lake` names plain Parquet, not an
+    encrypted lake. See `check_fits_home`.
+    """
+
+
+class WrongKeyHomeError(LakeError):
+    """The key home knows none of the lake's DEKs, and the files name another dataset than the home's.
+
+    A usage error (exit code 2): `--home` names the key home of another
+    dataset. See `check_fits_home`.
+    """
 
 _STATUSES = [s.value for s in ReadStatus]
 
@@ -39,6 +64,8 @@ class Inventory:
     policy: KeyPolicy
     files: list[FileSummary]
     dataset: str | None = None
+    deks_seen: int = 0  # distinct DEK ids named by the files (counted when a directory was applied)
+    deks_known: int | None = None  # how many of them the directory knows; None: no directory applied
 
     # -- registry Inventory protocol ---------------------------------------
     def references(self, version: int) -> int:
@@ -187,6 +214,7 @@ def take_inventory(
     threads: int = 8,
     directory: DekDirectory | None = None,
     contract: DatasetContract | None = None,
+    data_files: Sequence[DataFile] | None = None,
 ) -> Inventory:
     """Read every data file's footer (in `threads` threads) and build the inventory.
 
@@ -199,16 +227,16 @@ def take_inventory(
     a file whose schema breaks it (a contract column missing or not
     ciphertext: a downgrade) is reported as a problem; its rows are not
     counted as readable. A missing lake directory is an empty inventory;
-    call `lake.require()` first to make it an error.
+    call `lake.require()` first to make it an error. `data_files` (from
+    `lake.data_files()`) limits the inventory to those files.
     """
-    data_files = lake.data_files()
+    data_files = lake.data_files() if data_files is None else list(data_files)
     if threads > 1 and len(data_files) > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             files = list(pool.map(lambda df: read_file_summary(lake, df), data_files))
     else:
         files = [read_file_summary(lake, df) for df in data_files]
-    if directory is not None:
-        apply_directory(files, directory, dataset)
+    seen, known = apply_directory(files, directory, dataset) if directory is not None else (0, None)
     if contract is not None:
         from keyturn.arrow_codec import contract_violations
 
@@ -218,16 +246,17 @@ def take_inventory(
                 if f.contract_problems:  # a downgraded file: none of its rows will be read as clear data
                     f.corrupt_rows += sum(f.versions.values())
                     f.versions = {}
-    return Inventory(lake, policy, files, dataset)
+    return Inventory(lake, policy, files, dataset, deks_seen=seen, deks_known=known)
 
 
-def apply_directory(files: Sequence[FileSummary], directory: DekDirectory, dataset: str | None) -> None:
+def apply_directory(files: Sequence[FileSummary], directory: DekDirectory, dataset: str | None) -> tuple[int, int]:
     """Recount each file's rows by the directory's key version of their DEK (one lookup per 100 DEKs).
 
     A DEK the directory does not know counts as unknown; an entry for
     another place (dataset, partition) than the file's, or (when the file's
     birth envelopes were read) one that does not match its envelope, as
-    corrupt. Files that cannot be read are left as they are.
+    corrupt. Files that cannot be read are left as they are. Returns (distinct
+    dek ids the files name, how many of them the directory knows).
     """
     ids = sorted({d for f in files for d in f.dek_rows})
     entries: dict[bytes, DekEntry] = {}
@@ -264,3 +293,98 @@ def apply_directory(files: Sequence[FileSummary], directory: DekDirectory, datas
         f.oldest_dek = oldest
         f.dek_revision = revision or None
         f.effective = True
+    return len(ids), len(entries)
+
+
+# -- does the lake belong to this key home? -------------------------------------
+
+
+def keyturn_marked(f: FileSummary) -> bool:
+    """True if a readable file shows any sign keyturn wrote it: a ``keyturn`` footer, a key column, keyturn field metadata."""
+    if not f.readable:
+        return False
+    if f.dataset is not None or f.source == "footer":
+        return True
+    schema = f.schema
+    if schema is None:
+        return False
+    if VERSION_FIELD in schema.names or DEK_FIELD in schema.names:
+        return True
+    return any(fl.metadata and b"keyturn.format" in fl.metadata for fl in schema)
+
+
+def _directory_has_dataset(directory: DekDirectory, dataset: str) -> bool:
+    after = None
+    while True:
+        page = directory.list_deks(after=after, limit=LOOKUP_BATCH * 10)
+        if not page:
+            return False
+        if any(e.dataset == dataset for e in page):
+            return True
+        after = page[-1].dek_id
+
+
+def _names(values: Iterable[str]) -> str:
+    return ", ".join(repr(v) for v in sorted(values))
+
+
+def check_fits_home(
+    inventory: Inventory,
+    *,
+    home: str,
+    dataset: str,
+    contract: DatasetContract | None,
+    directory: DekDirectory | None,
+) -> list[dict[str, Any]]:
+    """Check that `inventory` (taken with the home's `directory`) is a keyturn lake this key home can read.
+
+    Raises `NotAKeyturnLakeError` when the lake has readable data files,
+    none of them shows a sign of keyturn (`keyturn_marked`), and the home
+    has neither a contract nor a DEK for `dataset`. Raises
+    `WrongKeyHomeError` when the files name DEKs, the directory knows none
+    of them, and every footer that names a dataset names another one than
+    `dataset`. Both are usage errors (exit code 2): the wrong `--lake` or
+    `--home` was given, nothing is wrong with the data.
+
+    Returns lake-level problems (exit code 3) for the cases that may be
+    either a wrong home or a damaged key home, so the report still counts
+    every row: ``no_known_dek`` (same dataset, but the directory knows none
+    of the lake's DEKs: a wrong home, or a lost directory that `keyturn
+    directory rebuild` recreates) and ``no_keyturn_files`` (no file shows a
+    sign of keyturn although the home has a contract for the dataset).
+    `home` names the key home in messages. An empty lake passes.
+    """
+    readable = inventory.readable()
+    if not readable:
+        return []
+    lake = inventory.lake.uri
+    problems: list[dict[str, Any]] = []
+    if not any(keyturn_marked(f) for f in readable):
+        if contract is None and (directory is None or not _directory_has_dataset(directory, dataset)):
+            raise NotAKeyturnLakeError(
+                f"{lake} is not a keyturn lake: none of its {len(readable):,} readable data file(s) carries keyturn "
+                f"key columns or a keyturn footer, and the key home {home} has no contract or DEK for dataset "
+                f"{dataset!r} (wrong --lake? `keyturn encrypt` makes a lake from plain Parquet)"
+            )
+        problems.append({
+            "path": None, "partition": None, "reason": "no_keyturn_files", "rows": sum(f.rows for f in readable),
+            "detail": f"none of the lake's {len(readable):,} readable data file(s) carries keyturn key columns or a "
+            f"keyturn footer, though the key home {home} has a contract for dataset {dataset!r}: is --lake the "
+            "plain source rather than the lake, or were the files replaced?",
+        })
+        return problems
+    if inventory.deks_known == 0 and inventory.deks_seen:
+        named = {f.dataset for f in readable if f.dataset is not None}
+        rows = sum(sum(f.dek_rows.values()) for f in readable)
+        if named and dataset not in named:
+            raise WrongKeyHomeError(
+                f"this lake's files belong to dataset {_names(named)}; the key home {home} is for dataset "
+                f"{dataset!r} and knows none of the lake's {inventory.deks_seen:,} DEK(s) (wrong --home?)"
+            )
+        problems.append({
+            "path": None, "partition": None, "reason": "no_known_dek", "rows": rows,
+            "detail": f"the key home {home} (dataset {dataset!r}) knows none of this lake's "
+            f"{inventory.deks_seen:,} DEK(s): wrong --home, or its DEK directory was lost "
+            f"(run `keyturn directory rebuild --lake {lake}`)",
+        })
+    return problems

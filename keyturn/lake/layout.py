@@ -7,9 +7,18 @@ A lake is a directory tree of hive-partitioned Parquet files::
     <lake>/_keyturn/lock                      the lake lock
 
 A file or directory whose name starts with "." or "_" is never data
-(pyarrow.dataset ignores them too), so temp files (``.keyturn-tmp-...``)
-and ``_keyturn/`` are invisible to other readers. Partition columns are not
-stored inside the files; readers take them from the path.
+(pyarrow.dataset and Spark ignore them too), so temp files
+(``.keyturn-tmp-...``) and ``_keyturn/`` are invisible to those readers.
+DuckDB's globs do not skip hidden names, so no file keyturn writes ends in
+``.parquet`` until it is data: temp files end in ``.tmp``
+(``.keyturn-tmp-<uuid>-part-<uuid>.parquet.tmp``), staged files of an
+encrypt or ingest run in ``.staged`` (see `pipelines.encrypt`), and side
+outputs are Avro. So ``read_parquet('<lake>/**/*.parquet')`` (or
+``'<lake>/*/*.parquet'`` for one partition level) reads exactly the
+committed data files. A bare ``'<lake>/**'`` also reaches keyturn's own
+files under ``_keyturn/`` (Avro side outputs, JSON, the lock) and fails.
+Partition columns are not stored inside the files; readers take them from
+the path.
 
 All file access goes through a `pyarrow.fs.FileSystem`, so the same code
 serves a local directory and S3 (see `keyturn.lake.s3`); only fsync and
@@ -30,9 +39,10 @@ import pyarrow.fs as pafs
 from keyturn.errors import LakeError
 from keyturn.lake.s3 import S3Settings, parse_s3_uri
 
-__all__ = ["Lake", "DataFile", "TEMP_PREFIX", "KEYTURN_DIR", "is_hidden", "is_temp_name", "temp_name_for", "as_lake"]
+__all__ = ["Lake", "DataFile", "TEMP_PREFIX", "TEMP_SUFFIX", "KEYTURN_DIR", "is_hidden", "is_temp_name", "temp_name_for", "as_lake"]
 
 TEMP_PREFIX = ".keyturn-tmp-"
+TEMP_SUFFIX = ".tmp"
 KEYTURN_DIR = "_keyturn"
 SIDE_OUTPUT_KINDS = ("audit", "mismatch", "quarantine")
 
@@ -43,13 +53,18 @@ def is_hidden(name: str) -> bool:
 
 
 def is_temp_name(name: str) -> bool:
-    """True for keyturn's temp files (``.keyturn-tmp-<uuid>-<name>``)."""
+    """True for keyturn's temp files: ``.keyturn-tmp-<uuid>-<name>.tmp``, and the older
+    ``.keyturn-tmp-<uuid>-<name>`` (without ``.tmp``) that earlier versions left behind."""
     return name.startswith(TEMP_PREFIX)
 
 
 def temp_name_for(name: str) -> str:
-    """A fresh temp file name for a file called `name`, in the same directory."""
-    return f"{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    """A fresh temp file name for a file called `name`, in the same directory.
+
+    Hidden (a leading ".") for pyarrow and Spark, and ending in ``.tmp`` so
+    that no glob for the final suffix (DuckDB's ``*.parquet``) matches it.
+    """
+    return f"{TEMP_PREFIX}{uuid.uuid4().hex}-{name}{TEMP_SUFFIX}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +208,7 @@ class Lake:
         return out
 
     def temp_files(self) -> list[str]:
-        """Leftover ``.keyturn-tmp-*`` files anywhere in the lake (never data)."""
+        """Leftover ``.keyturn-tmp-*`` files anywhere in the lake (never data; old and new names)."""
         return sorted(
             info.path for info in self._walk() if info.type == pafs.FileType.File and is_temp_name(posixpath.basename(info.path))
         )

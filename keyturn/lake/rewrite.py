@@ -40,6 +40,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from keyturn.arrow_codec import (
@@ -215,6 +216,22 @@ def rewrite_file(
             broken = contract_violations(schema, contract, _newest_revision(envelopes, reader))
             if broken:
                 return fail("contract_violation", "; ".join(broken))
+        try:
+            movable, stuck = _movable_due_rows(pf, groups, due, reader, policy, location, contract)
+        except KmsError:
+            raise
+        except (OSError, pa.ArrowException, ValueError, DecryptionError) as exc:
+            return fail("unparseable", f"row group unreadable: {_one_line(exc)}")
+        if not movable:  # rewriting would only re-encrypt rows already current, again and again
+            outcome.status_rows = stuck
+            outcome.reason = "nothing_movable"
+            outcome.detail = (
+                f"the rows under a stale or over-age DEK cannot be read ({_kept_text(stuck)}); "
+                "they stay as they are, and so does the file"
+            )
+            outcome.kms_calls = counting.calls.total
+            outcome.kms_request_ids = list(counting.calls.request_ids)
+            return outcome
         target_schema = contract_schema(schema, contract) if contract is not None else schema
         crashpoint("rewrite:before-write")
 
@@ -283,6 +300,9 @@ def rewrite_file(
                 outcome.bytes_after = lake.fs.get_file_info(data_file.path).size or 0
         crashpoint("rewrite:after-swap")
         outcome.result = "rewritten"
+        kept = {k: v for k, v in statuses.items() if k not in ("current", "stale") and v}
+        if kept:  # rows that could not be read stay byte for byte, with the envelope they name
+            outcome.detail = f"{sum(kept.values())} row(s) kept as they were ({_kept_text(kept)}); the others moved"
         outcome.quarantine = corrupt_records
         outcome.kms_calls = counting.calls.total
         outcome.kms_request_ids = list(counting.calls.request_ids)
@@ -310,6 +330,55 @@ def rewrite_file(
             clock=clock,
         ).to_dict()
         return outcome
+
+
+_KEPT_WHY = {
+    "missing": "missing: no key version or DEK",
+    "corrupt": "corrupt: failed to parse or authenticate",
+    "unknown": "unknown: a DEK the directory does not know",
+    "retired": "retired: under a retired key version",
+}
+
+
+def _kept_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {_KEPT_WHY.get(k, k)}" for k, n in counts.items() if n and k not in ("current", "stale"))
+
+
+def _movable_due_rows(
+    pf: pq.ParquetFile,
+    groups: list[int],
+    due: list[bytes],
+    reader: DekReader,
+    policy: KeyPolicy,
+    location: Location,
+    contract: DatasetContract | None,
+) -> tuple[bool, dict[str, int]]:
+    """(whether some row under a `due` envelope can be read, so a rewrite moves it; statuses of the due rows seen).
+
+    A row with no key version is never read (missing), whatever its DEK, and
+    a row whose cells fail to authenticate is corrupt: once such rows are the
+    only ones left under a due DEK, rewriting the file would move nothing
+    they hold, and a file kept "due" by them would be rewritten on every run.
+    Stops at the first readable due row (one row group decrypted twice in
+    the usual case); rows of no due DEK are not decrypted here.
+    """
+    counts = count_statuses([])
+    for g in groups:
+        keys = pf.read_row_group(g, columns=[VERSION_FIELD, DEK_FIELD])
+        dek = _decoded(keys.column(DEK_FIELD).combine_chunks())
+        under_due = pc.fill_null(pc.is_in(dek, value_set=pa.array(due, dek.type)), False)
+        versioned = pc.is_valid(keys.column(VERSION_FIELD).combine_chunks())
+        counts["missing"] += pc.sum(pc.and_(under_due, pc.invert(versioned))).as_py() or 0
+        candidates = pc.and_(under_due, versioned)
+        if not pc.any(candidates).as_py():
+            continue
+        batch = _row_group_batch(pf, g).filter(candidates)
+        result = decrypt_batch(batch, reader, policy, location, contract=contract)
+        if any(st.readable for st in result.status):
+            return True, counts
+        for k, v in result.counts().items():
+            counts[k] += v
+    return False, counts
 
 
 def _newest_revision(envelopes: list[bytes], reader: DekReader) -> int | None:

@@ -1,5 +1,11 @@
 """Side-output files: Avro containers under ``<lake>/_keyturn/<kind>/``.
 
+A job that writes a lake keeps its side outputs in that lake. A job that
+only *reads* a lake (decrypt) must not write into it: its side outputs go
+under its output (a `Lake` rooted at the output: ``<out>/_keyturn/<kind>/``)
+or into a directory the user names, `SideOutputDir` (``<dir>/<kind>/``).
+Every function here takes either.
+
 Kinds and schemas: ``audit`` (schemas/audit_event.avsc), ``mismatch``
 (version_mismatch.avsc) and ``quarantine`` (quarantine_record.avsc).
 
@@ -27,10 +33,45 @@ from keyturn.lake.atomic import fsync_dir
 from keyturn.lake.layout import Lake, temp_name_for
 from schemas import load_schema
 
-__all__ = ["SCHEMA_OF", "write_side_output", "read_side_outputs", "compact_parts", "part_name"]
+__all__ = ["SCHEMA_OF", "SideOutputDir", "write_side_output", "read_side_outputs", "compact_parts", "part_name"]
 
 SCHEMA_OF = {"audit": "audit_event", "mismatch": "version_mismatch", "quarantine": "quarantine_record"}
 PART_MARK = ".part-"
+
+
+class SideOutputDir(Lake):
+    """A directory that holds side outputs directly, ``<root>/<kind>/<name>.avro`` (no ``_keyturn/`` level).
+
+    Made from a `Lake` (`SideOutputDir.of(lake)`), so it shares its
+    filesystem and S3 settings and pickles to Beam workers the same way. It
+    is not a lake: it lists no data files and has no lock.
+    """
+
+    @classmethod
+    def of(cls, lake: Lake) -> SideOutputDir:
+        out = object.__new__(cls)
+        out.__dict__.update(lake.__dict__)
+        return out
+
+    def __repr__(self) -> str:
+        return f"SideOutputDir({self.uri!r})"
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        restore, args = super().__reduce__()
+        return (_restore_side_output_dir, (restore, args))
+
+    def keyturn_path(self, *parts: str) -> str:
+        return self.path(*parts)
+
+    def data_files(self) -> list:  # type: ignore[override]
+        return []
+
+    def lock(self, **_options: Any):  # type: ignore[no-untyped-def, override]
+        raise TypeError("a side-output directory is not a lake and has no lock")
+
+
+def _restore_side_output_dir(restore: Any, args: tuple) -> SideOutputDir:
+    return SideOutputDir.of(restore(*args))
 
 
 def part_name(run_id: str, token: str) -> str:

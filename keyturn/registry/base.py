@@ -39,6 +39,7 @@ __all__ = [
     "KeyVersion",
     "Inventory",
     "KeyRegistry",
+    "AuditAnchorStore",
     "check_invariants",
     "ALLOWED_TRANSITIONS",
     "TRANSITIONS_BY_OPERATION",
@@ -48,6 +49,7 @@ __all__ = [
     "require_text",
     "require_version",
     "LifecycleMethods",
+    "check_anchor_move",
 ]
 
 
@@ -134,6 +136,40 @@ class KeyRegistry(Protocol):
     def reinstate(self, version: int, *, actor: str, reason: str) -> KeyVersion:
         """retired or pending_deletion -> decrypt_only (rollback)."""
         ...
+
+
+@runtime_checkable
+class AuditAnchorStore(Protocol):
+    """Where the head of the key home's audit chain is anchored (both registry backends implement it).
+
+    One anchor per registry: the (seq, hash) of the last audit entry an
+    anchored `keyturn.audit.chain.AuditChain` appended. It only moves
+    forward, by compare-and-set, so keyturn never rewinds it; the log's
+    owner would have to rewrite the registry as well to hide a deleted tail.
+    """
+
+    def audit_anchor(self) -> tuple[int, str] | None:
+        """(seq, hash hex) of the anchored audit entry, or None if nothing was anchored yet."""
+        ...
+
+    def advance_audit_anchor(self, seq: int, digest: str, *, expected: tuple[int, str] | None) -> None:
+        """Move the anchor to (`seq`, `digest`) if it still holds `expected` (None: no anchor yet) and `seq` is later.
+
+        `ConcurrentModificationError` if the stored anchor is not `expected`;
+        `ValueError` if `seq` does not move it forward or `digest` is not 64 lowercase hex chars.
+        """
+        ...
+
+
+def check_anchor_move(seq: object, digest: object, expected: tuple[int, str] | None) -> tuple[int, str]:
+    """The argument checks `advance_audit_anchor` makes in every backend; returns (seq, digest)."""
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ValueError(f"an audit anchor seq is an int >= 0, got {seq!r}")
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError("an audit anchor hash is 64 lowercase hex chars")
+    if expected is not None and seq <= expected[0]:
+        raise ValueError(f"the audit anchor only moves forward: seq {seq} is not after {expected[0]}")
+    return seq, digest
 
 
 def check_invariants(versions: Sequence[KeyVersion]) -> None:

@@ -34,6 +34,12 @@ Contracts:
   a readable version, in one transaction as well, so neither can slip past
   the other. A schema-1 file is upgraded in place (the new tables start
   empty: run `keyturn directory rebuild` for data written before).
+- Table ``audit_anchor`` holds at most one row: the (seq, hash) of the key
+  home's last anchored audit entry (`audit_anchor`, `advance_audit_anchor`;
+  see `keyturn.audit.chain`). It is moved by compare-and-set in one
+  ``BEGIN IMMEDIATE`` transaction; triggers refuse to move it backwards or
+  delete it. The table is created in older files when they are opened (it
+  starts empty, i.e. "no anchor yet"), so `SCHEMA_VERSION` is unchanged.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from keyturn.registry.base import (
     Inventory,
     KeyState,
     KeyVersion,
+    check_anchor_move,
     check_invariants,
     LifecycleMethods,
     find_version,
@@ -153,6 +160,21 @@ END;
 CREATE TRIGGER IF NOT EXISTS contract_history_no_delete BEFORE DELETE ON contract_history
 BEGIN
     SELECT RAISE(ABORT, 'contract history is append-only');
+END;
+CREATE TABLE IF NOT EXISTS audit_anchor (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    seq        INTEGER NOT NULL CHECK (seq >= 0),
+    hash       TEXT NOT NULL CHECK (length(hash) = 64),
+    updated_at TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_anchor_forward_only BEFORE UPDATE ON audit_anchor
+WHEN NEW.seq <= OLD.seq
+BEGIN
+    SELECT RAISE(ABORT, 'the audit anchor only moves forward');
+END;
+CREATE TRIGGER IF NOT EXISTS audit_anchor_never_deleted BEFORE DELETE ON audit_anchor
+BEGIN
+    SELECT RAISE(ABORT, 'the audit anchor is never deleted');
 END;
 """
 
@@ -603,6 +625,36 @@ class SqliteKeyRegistry(LifecycleMethods):
 
         return self._write(apply, validate_after=False)
 
+    # ------------------------------------------------------------------ audit anchor
+
+    def audit_anchor(self) -> tuple[int, str] | None:
+        """(seq, hash) of the key home's anchored audit entry, or None if none was anchored yet."""
+        row = self._read(lambda conn: conn.execute("SELECT seq, hash FROM audit_anchor WHERE id = 1").fetchone())
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def advance_audit_anchor(self, seq: int, digest: str, *, expected: tuple[int, str] | None) -> None:
+        """Compare-and-set the anchor from `expected` (None: absent) to (`seq`, `digest`), forward only."""
+        seq, digest = check_anchor_move(seq, digest, expected)
+        with self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT seq, hash FROM audit_anchor WHERE id = 1").fetchone()
+                stored = None if row is None else (int(row[0]), str(row[1]))
+                if stored != (None if expected is None else (int(expected[0]), str(expected[1]))):
+                    raise ConcurrentModificationError(
+                        f"the audit anchor in {self._path!r} is at {_anchor_name(stored)}, not {_anchor_name(expected)}"
+                    )
+                stamp = _to_text(self._now())
+                if stored is None:
+                    conn.execute("INSERT INTO audit_anchor (id, seq, hash, updated_at) VALUES (1, ?, ?, ?)", (seq, digest, stamp))
+                else:
+                    conn.execute("UPDATE audit_anchor SET seq = ?, hash = ?, updated_at = ? WHERE id = 1", (seq, digest, stamp))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
     # ------------------------------------------------------------------ dataset contracts
 
     def get_contract(self, dataset: str) -> DatasetContract | None:
@@ -697,6 +749,10 @@ def _row_to_entry(row: Sequence[Any]) -> DekEntry:
 
 def _name(state: KeyState | None) -> str:
     return "(new)" if state is None else state.value
+
+
+def _anchor_name(anchor: tuple[int, str] | None) -> str:
+    return "no anchor" if anchor is None else f"seq {anchor[0]} ({anchor[1][:16]}...)"
 
 
 def _split_sql(script: str) -> list[str]:
