@@ -310,17 +310,22 @@ def read_batches(
         return
     import fastavro
 
-    with fs.open_input_stream(path) as f:
-        reader = fastavro.reader(f)
-        schema = avro_to_arrow_schema(reader.writer_schema)
-        chunk: list[dict[str, Any]] = []
-        for record in reader:
-            chunk.append(record)
-            if len(chunk) >= batch_rows:
+    try:
+        with fs.open_input_stream(path) as f:
+            reader = fastavro.reader(f)
+            schema = avro_to_arrow_schema(reader.writer_schema)
+            chunk: list[dict[str, Any]] = []
+            for record in reader:
+                chunk.append(record)
+                if len(chunk) >= batch_rows:
+                    yield _select(_avro_batch(chunk, schema), columns)
+                    chunk = []
+            if chunk:
                 yield _select(_avro_batch(chunk, schema), columns)
-                chunk = []
-        if chunk:
-            yield _select(_avro_batch(chunk, schema), columns)
+    except InputError:
+        raise
+    except Exception as exc:  # damaged blocks: fastavro raises IndexError, EOFError, UnicodeDecodeError, zlib.error...
+        raise InputError(f"cannot read avro file {source.path!r}: {_one_line(exc)}") from None
 
 
 def _select(batch: pa.RecordBatch, columns: Sequence[str] | None) -> pa.RecordBatch:
