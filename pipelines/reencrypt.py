@@ -459,7 +459,10 @@ def run(
 
     report.update(_summarize(results, after, the_lake, run_id, mismatch))
     if mode != "rewrap":
-        report["complete"] = not plan_rewrites(after, None, aged_before=aged_before)
+        # a file whose only due rows cannot be read (a null version, bad cells) is reported, not pending forever
+        stuck = {r["path"] for r in results if r.get("reason") in ("nothing_movable", "no_stale_rows")}
+        pending = [rel for _, rels in plan_rewrites(after, None, aged_before=aged_before) for rel in rels if rel not in stuck]
+        report["complete"] = not pending
     kms_failures = [r for r in results if r["result"] == "kms_error"]
     if kms_failures:
         raise KmsUnavailableError(
@@ -512,6 +515,17 @@ def _summarize(
     corrupt_rows = sum(q["rows"] for q in quarantine if q["reason"] == "corrupt")
     problems = [
         {"path": r["path"], "partition": r["partition"], "reason": r["reason"], "detail": r["detail"]} for r in failed
+    ]
+    problems += [
+        {"path": r["path"], "partition": r["partition"], "reason": "unmovable_rows", "detail": r["detail"]}
+        for r in results
+        if r.get("reason") == "nothing_movable"
+    ]
+    problems += [  # planned from its footer, but its own key columns show nothing to move: the footer is wrong
+        {"path": r["path"], "partition": r["partition"], "reason": "footer_disagrees",
+         "detail": "the footer counts rows under a stale DEK that the file's own envelopes do not confirm; left as it is"}
+        for r in results
+        if r.get("reason") == "no_stale_rows"
     ]
     failed_paths = {r["path"] for r in failed}
     problems += [p for p in after.problems() if p["path"] not in failed_paths or p["reason"] != "unreadable"]

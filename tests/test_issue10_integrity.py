@@ -299,6 +299,11 @@ def test_one_odd_row_stays_and_the_others_move_onto_fresh_deks(one_file_lake, ho
     again = reencrypt.run(lake.uri, home=home.path)
     assert again["files_rewritten"] == 0 and again["rows_moved"] == 0
     assert open(f.path, "rb").read() == stored
+    # ... and says so: the job is complete, and the file with the row that cannot move is a named problem
+    assert again["complete"] is True
+    reasons = {p["reason"] for p in again["problems"] if p["path"] == f.relpath}
+    # (from footers alone an envelope that does not parse shows as a row without key metadata: "missing")
+    assert reasons & {"unmovable_rows", "footer_disagrees", "missing", kept_as}, again["problems"]
 
 
 # =========================================================================== 15: the ingest ledger
