@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lake", required=True, metavar="PATH")
     p.add_argument("--columns", type=_columns, default=None, metavar="A,B", help="columns to encrypt")
     p.add_argument("--partition-by", metavar="COL", default=None)
+    p.add_argument("--bind", type=_columns, default=None, metavar="COL[,COL]",
+                   help="row-key columns bound into every cell (default: encryption.bind_columns, else the contract's)")
     p.add_argument("--until-idle", type=_seconds, default=None, metavar="SECONDS",
                    help="stop after no new file arrived for this long (default: run until stopped)")
     p.add_argument("--poll-interval", type=_seconds, default=None, metavar="SECONDS",
@@ -678,7 +680,7 @@ def _cmd_ingest(ctx: _Context) -> tuple[dict[str, Any], str]:
     a = ctx.args
     extra = {} if a.poll_interval is None else {"poll_interval": a.poll_interval}
     return _pipeline(ctx, ingest, f"watching {a.watch}", watch=a.watch, lake=a.lake, columns=a.columns,
-                     partition_by=a.partition_by, until_idle=a.until_idle, **extra)
+                     partition_by=a.partition_by, bind=a.bind, until_idle=a.until_idle, **extra)
 
 
 def _cmd_demo(ctx: _Context) -> tuple[dict[str, Any], str]:

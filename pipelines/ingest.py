@@ -85,6 +85,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyturn.contract import check_arrow_write
+from keyturn.errors import ContractError
 from keyturn.directory import new_entry
 from keyturn.errors import DecryptionError, InputError, LakeLockedError
 from keyturn.format import DEK_ID_BYTES, Envelope, commitment_matches, derive_commitment, kms_context, parse_envelope
@@ -312,6 +313,7 @@ def run(
     lake: str | Lake,
     columns: Sequence[str] | str | None = None,
     partition_by: Sequence[str] | str | None = None,
+    bind: Sequence[str] | str | None = None,
     until_idle: float | None = None,
     poll_interval: float = DEFAULT_POLL_SECONDS,
     beam_args: Sequence[str] | None = None,
@@ -345,6 +347,11 @@ def run(
         raise InputError(
             f"name the columns to encrypt (--columns a,b): dataset {home.dataset!r} has no contract in the key home yet"
         )
+    if bind is not None and contract is not None and tuple(_names(bind)) != contract.bind:
+        raise ContractError(
+            f"--bind {','.join(_names(bind)) or '(none)'} differs from dataset {home.dataset!r}'s contract, which binds "
+            f"{', '.join(contract.bind) or 'no row-key column'}"
+        )
     if partition_by is not None:
         partition_by = _names(partition_by)
     elif contract is not None and contract.partition_by is not None:
@@ -371,6 +378,7 @@ def run(
                 committed = _ingest_batch(
                     home, the_lake, watcher, stable[:max_batch_files], columns, partition_by, report, recovered,
                     beam_args=beam_args, batch_rows=batch_rows, file_rows=file_rows, actor=actor, reason=reason,
+                    bind=bind,
                 )
                 last_activity = time.monotonic()  # work done, or waiting for the lake lock: not idle
                 if committed:

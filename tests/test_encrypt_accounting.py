@@ -257,3 +257,23 @@ def test_ingest_rejects_a_file_whose_column_type_breaks_the_contract_and_goes_on
     entries = json.loads((lake / "_keyturn" / "ingested.json").read_text())["sources"]
     assert entries["b-bad.parquet"]["status"] == "rejected"
     assert home.registry().get_contract(home.dataset).column("email").type_descriptor.endswith("string")
+
+
+def test_ingest_refuses_a_bind_other_than_the_contracts_before_any_work(tmp_path):
+    from cli_support import run_cli
+
+    home = str(tmp_path / "home")
+    assert run_cli("--home", home, "init", "--dataset", "customers").code == 0
+    land = tmp_path / "land"
+    land.mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "email": ["a@x", "b@x"]}), land / "one.parquet")
+    lake = str(tmp_path / "lake")
+    first = run_cli("--home", home, "ingest", "--watch", str(land), "--lake", lake, "--columns", "email",
+                    "--bind", "id", "--until-idle", "0.5", "--poll-interval", "0.05")
+    assert first.code == 0, first.err
+    shown = run_cli("--home", home, "--json", "dataset", "show").json()
+    assert shown["contract"]["bind"] == ["id"]
+    pq.write_table(pa.table({"id": [3], "email": ["c@x"]}), land / "two.parquet")
+    refused = run_cli("--home", home, "ingest", "--watch", str(land), "--lake", lake, "--bind", "email,id",
+                      "--until-idle", "0.5", "--poll-interval", "0.05")
+    assert refused.code == 2 and "binds id" in refused.err and refused.err.count("\n") == 1
