@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from keyturn.arrow_values import (
     arrow_type_descriptor,
@@ -60,6 +59,8 @@ __all__ = [
     "encrypted_columns",
     "contract_schema",
     "contract_violations",
+    "legacy_plain_columns",
+    "shape_problems",
     "conform",
     "row_keys",
     "DecryptResult",
@@ -284,10 +285,15 @@ def _layout_from_contract(schema: pa.Schema, contract: DatasetContract) -> _Read
             modes[c.name] = _SEALED
         else:
             modes[c.name] = _PLAIN
+    # never clear data: a non-contract column carrying keyturn metadata, and any column whose name differs
+    # from a contract, bound or key column only in case (case-insensitive engines would read it as that column)
+    guarded = {n.casefold(): n for n in [*contract.names, *contract.bind, *_RESERVED]}
     foreign = [
         f.name
         for f in schema
-        if f.name not in contract.names and f.name not in _RESERVED and f.metadata and META_FORMAT in f.metadata
+        if f.name not in contract.names
+        and f.name not in _RESERVED
+        and ((f.metadata and META_FORMAT in f.metadata) or guarded.get(f.name.casefold(), f.name) != f.name)
     ]
     return _ReadLayout(contract.names, plain_fields, types, list(contract.bind), modes, since, foreign)
 
@@ -310,6 +316,20 @@ def _layout_from_metadata(schema: pa.Schema, wanted: Sequence[str]) -> _ReadLayo
     return layout
 
 
+def shape_problems(schema: pa.Schema) -> list[str]:
+    """What makes a batch unreadable as a whole: duplicated column names, or key columns of the wrong type.
+
+    A hostile or broken file; every row of it is `corrupt` (kept, quarantined), never guessed at.
+    """
+    out = [f"column {n!r} appears {schema.names.count(n)} times" for n in sorted(set(schema.names)) if schema.names.count(n) > 1]
+    if not out:
+        if VERSION_COLUMN in schema.names and not pa.types.is_integer(schema.field(VERSION_COLUMN).type):
+            out.append(f"{VERSION_COLUMN} is {schema.field(VERSION_COLUMN).type}, not an integer")
+        if DEK_COLUMN in schema.names and not _is_binary_like(schema.field(DEK_COLUMN).type):
+            out.append(f"{DEK_COLUMN} is {schema.field(DEK_COLUMN).type}, not binary")
+    return out
+
+
 def contract_violations(schema: pa.Schema, contract: DatasetContract, revision: int | None = None) -> list[str]:
     """Why a file with `schema` breaks `contract` (a contract column missing or not ciphertext); [] if it does not.
 
@@ -317,7 +337,9 @@ def contract_violations(schema: pa.Schema, contract: DatasetContract, revision: 
     added to the contract after it are not required of the file. None (or 0)
     requires every contract column.
     """
-    out = []
+    out = shape_problems(schema)
+    if out:
+        return out
     for c in contract.columns:
         if revision and c.since_revision > revision:
             continue
@@ -326,6 +348,14 @@ def contract_violations(schema: pa.Schema, contract: DatasetContract, revision: 
         elif not _is_binary_like(schema.field(c.name).type):
             out.append(f"contract column {c.name!r} holds {schema.field(c.name).type}, not ciphertext")
     return out
+
+
+def legacy_plain_columns(schema: pa.Schema, contract: DatasetContract) -> list[str]:
+    """Contract columns a file holds in clear although the contract says ciphertext (data written before
+    `dataset add-column` made them sensitive, or a downgrade): readers never return their values."""
+    if shape_problems(schema):
+        return []
+    return [c.name for c in contract.columns if c.name in schema.names and not _is_binary_like(schema.field(c.name).type)]
 
 
 def contract_schema(schema: pa.Schema, contract: DatasetContract) -> pa.Schema:
@@ -415,6 +445,10 @@ def decrypt_batch(
     """
     if not isinstance(batch, pa.RecordBatch):
         raise TypeError(f"decrypt_batch needs a pyarrow.RecordBatch, not {type(batch).__name__}")
+    if shape_problems(batch.schema):  # duplicated names or mistyped key columns: a hostile file, nothing is read
+        return DecryptResult(
+            pa.RecordBatch.from_pylist([]), [], [ReadStatus.CORRUPT] * batch.num_rows, [None] * batch.num_rows, batch
+        )
     # A batch without the key columns cannot be classified. If it shows any sign of having been
     # encrypted (keyturn field metadata, a contract column holding binary, one key column of the two),
     # it is a projection that dropped them (a caller mistake), not rows that lack metadata: reading them
@@ -460,30 +494,21 @@ def decrypt_batch(
             status[i] = ReadStatus.CORRUPT
         readable = []
 
-    # which readable rows need each column as ciphertext, and which read it as stored (or as null)
-    passthrough: dict[str, list[int]] = {}
+    # which readable rows need each column as ciphertext. A row under a DEK born before the column joined
+    # the contract (`dataset add-column`) does not; it reads the column as null unless it holds ciphertext:
+    # a plain value stored there is never returned, because nothing proves it is not forged (its row may
+    # name any old DEK), and it stays in the file untouched
     decrypt_rows: dict[str, list[int]] = {}
     if readable:
         for name in wanted if contract is None else layout.sensitive:
             mode, since = layout.modes[name], layout.since[name]
-            plain_type = layout.plain_fields[name].type
             needs = [i for i in readable if keys.revisions[i] is None or keys.revisions[i] >= since]
-            older = [i for i in readable if not (keys.revisions[i] is None or keys.revisions[i] >= since)]
             if mode != _SEALED:
                 for i in needs:  # a downgrade: plaintext (or nothing) where the contract says ciphertext
                     status[i] = ReadStatus.CORRUPT
-                as_stored = mode == _PLAIN and batch.schema.field(name).type == plain_type
-                if mode == _PLAIN and not as_stored:
-                    for i in older:
-                        status[i] = ReadStatus.CORRUPT
-                passthrough[name] = older
                 decrypt_rows[name] = []
-            elif older and batch.schema.field(name).type == plain_type:
-                passthrough[name] = older  # a binary column that was plain before it joined the contract
-                decrypt_rows[name] = needs
             else:
-                passthrough[name] = []
-                decrypt_rows[name] = needs + older
+                decrypt_rows[name] = [i for i in readable]
         readable = [i for i in readable if status[i] is _CURRENT or status[i] is _STALE]
 
     values: dict[str, list[bytes | None]] = {}
@@ -510,12 +535,6 @@ def decrypt_batch(
             field_ = plain_fields.get(name, pa.field(name, pa.null()))
             column_values = values.get(name)
             decoded = from_plaintexts([column_values[i] for i in readable] if column_values else [None] * len(readable), field_)
-            stored = passthrough.get(name) or []
-            if stored and layout.modes[name] != _ABSENT:
-                keep = set(stored)
-                mask = pa.array([i in keep for i in readable], pa.bool_())
-                as_stored = batch.column(name).take(take).cast(field_.type)
-                decoded = pc.if_else(mask, as_stored, decoded)
             rebuilt[name] = decoded
     except (DecryptionError, pa.ArrowException):  # plaintext does not fit the declared type: refuse every row
         for i in readable:
@@ -630,11 +649,15 @@ def reencrypt_batch(
         raise ValueError("the scope must belong to the same location as the batch")
     decrypted = decrypt_batch(batch, reader, policy, location, contract=contract)
     readable = [i for i, s in enumerate(decrypted.status) if s.readable]
+    if not readable:
+        return ReencryptResult(batch, decrypted.status, changed=False)
     if contract is not None:
         layout = _layout_from_contract(batch.schema, contract)
-        # a contract column not (yet) ciphertext here: only rows under DEKs older than the column can be
-        # readable; they are sealed with it now, but unreadable rows could not share their schema
-        if any(mode != _SEALED for mode in layout.modes.values()) and len(readable) < batch.num_rows:
+        # a contract column held in clear here (rows under DEKs older than the column): its stored values
+        # cannot be proved genuine, so they are neither sealed nor dropped; the batch stays as it is.
+        # An absent column is fine (its rows read it as null); unreadable rows must share the new schema
+        modes = layout.modes.values()
+        if any(mode == _PLAIN for mode in modes) or (any(mode == _ABSENT for mode in modes) and len(readable) < batch.num_rows):
             return ReencryptResult(batch, decrypted.status, changed=False)
         sensitive, binds = contract.names, list(contract.bind)
     else:

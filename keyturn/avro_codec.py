@@ -609,9 +609,9 @@ def _stored_values(
 
     A field its DEK's contract revision requires must be ciphertext (bytes or
     None) in a field the schema has. A field that joined the contract after
-    the DEK was born is read as stored when the schema declares it in clear
-    with the contract's type (it must validate), as null when the schema lacks
-    it, and is decrypted otherwise.
+    the DEK was born reads as null when the schema lacks it or declares it in
+    clear (a clear value there is never returned: nothing proves it genuine),
+    and is decrypted otherwise.
     """
     out: dict[str, Any] = {}
     for name, since in plan.since.items():
@@ -624,12 +624,8 @@ def _stored_values(
         elif required or name not in plan.as_stored:
             if value is not None and type(value) is not bytes:  # a forged plaintext where ciphertext belongs
                 return None
-        else:
-            try:
-                types.encode(rec, name, index)
-            except ValueError:
-                return None
-            out[name] = value
+        else:  # a clear value in a field that joined the contract after the DEK: never returned (it may be forged)
+            out[name] = None
     return out
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from keyturn.errors import DecryptionError, DirectoryError
+from keyturn.errors import ContractError, DecryptionError, DirectoryError
 from keyturn.format import Envelope, parse_envelope
 
 __all__ = [
@@ -209,6 +209,22 @@ def check_new_entries(entries: Sequence[DekEntry], kek_ids: Mapping[int, str], r
             )
         if entry.birth_version != entry.key_version:
             raise DirectoryError(f"DEK {entry.dek_id.hex()}: a new DEK's birth version is its current version")
+
+
+def check_contract_revisions(entries: Sequence[DekEntry], revisions: Mapping[str, int]) -> None:
+    """Refuse a new DEK made under an older revision of its dataset's contract than the registry holds.
+
+    A writer that read the contract before `dataset add-column` committed
+    would otherwise register DEKs whose rows need not carry the new column
+    as ciphertext. (Revision 0, no contract at all, needs every column.)
+    """
+    for entry in entries:
+        current = revisions.get(entry.dataset)
+        if current is not None and entry.contract_revision and entry.contract_revision < current:
+            raise ContractError(
+                f"DEK {entry.dek_id.hex()} was made under revision {entry.contract_revision} of dataset "
+                f"{entry.dataset!r}'s contract, which is at revision {current} now; read the contract again"
+            )
 
 
 def check_rewrap(entry: DekEntry, new_envelope: bytes, kek_ids: Mapping[int, str]) -> DekEntry:

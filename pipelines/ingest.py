@@ -154,6 +154,12 @@ class SourceMacs:
         self._current: str | None = None
         self.kms_calls = 0
 
+    def __reduce__(self) -> Any:
+        raise TypeError("SourceMacs refuses to be pickled: its MAC key never leaves this process")
+
+    def __repr__(self) -> str:
+        return f"SourceMacs(keys={sorted(self._keys)}, kms_calls={self.kms_calls})"  # key ids only
+
     def _location(self) -> tuple[str, str]:
         return self.home.dataset, LEDGER_KEY_PARTITION
 

@@ -460,7 +460,7 @@ def run(
     report.update(_summarize(results, after, the_lake, run_id, mismatch))
     if mode != "rewrap":
         # a file whose only due rows cannot be read (a null version, bad cells) is reported, not pending forever
-        stuck = {r["path"] for r in results if r.get("reason") in ("nothing_movable", "no_stale_rows")}
+        stuck = {r["path"] for r in results if r.get("reason") in ("nothing_movable", "no_stale_rows", "legacy_plain_column")}
         pending = [rel for _, rels in plan_rewrites(after, None, aged_before=aged_before) for rel in rels if rel not in stuck]
         report["complete"] = not pending
     kms_failures = [r for r in results if r["result"] == "kms_error"]
@@ -517,9 +517,10 @@ def _summarize(
         {"path": r["path"], "partition": r["partition"], "reason": r["reason"], "detail": r["detail"]} for r in failed
     ]
     problems += [
-        {"path": r["path"], "partition": r["partition"], "reason": "unmovable_rows", "detail": r["detail"]}
+        {"path": r["path"], "partition": r["partition"],
+         "reason": "unmovable_rows" if r["reason"] == "nothing_movable" else r["reason"], "detail": r["detail"]}
         for r in results
-        if r.get("reason") == "nothing_movable"
+        if r.get("reason") in ("nothing_movable", "legacy_plain_column")
     ]
     problems += [  # planned from its footer, but its own key columns show nothing to move: the footer is wrong
         {"path": r["path"], "partition": r["partition"], "reason": "footer_disagrees",

@@ -84,30 +84,48 @@ def test_add_column_is_audited_and_makes_the_next_write_encrypt_it(lake_home):
     assert pq.read_schema(new_file).field("phone").type == pa.binary()  # ciphertext, not the plain number
     assert b"+1-555-1000" not in new_file.read_bytes()
 
-    # old rows (DEKs born before revision 2) read phone as it was stored; new rows decrypt it
+    # new rows decrypt phone; old rows (DEKs born before revision 2) read it as null: a clear value in a
+    # contract column is never returned (nothing proves it genuine), and it stays in the old file
     out = tmp / "plain"
     dec = cli(home, "decrypt", "--lake", lake, "--out", str(out))
     assert dec.code == 0, dec.err
     plain = ds.dataset(str(out), format="parquet", partitioning="hive").to_table().sort_by("id")
     assert plain.num_rows == 2 * ROWS
-    assert plain.column("phone").to_pylist() == [f"+1-555-{i:04d}" for i in list(range(ROWS)) + list(range(1000, 1000 + ROWS))]
+    assert plain.column("phone").to_pylist() == [None] * ROWS + [f"+1-555-{i:04d}" for i in range(1000, 1000 + ROWS)]
+    assert all(b"+1-555-0001" in f.read_bytes() for f in (tmp / "lake" / "region=r1").glob("*.parquet"))  # kept
+    status = cli(home, "status", "--lake", lake)
+    assert {p["reason"] for p in status.json()["problems"]} == {"legacy_plain_column"}
 
 
-def test_reencrypt_brings_old_files_under_the_new_column(lake_home):
+def test_reencrypt_leaves_files_with_a_column_still_in_clear_and_says_so(lake_home):
     home, tmp = lake_home
     second = _source(tmp / "src2", ["r2"], start=1000)
     assert cli(home, "dataset", "add-column", "phone", "--source", second).code == 0
     assert cli(home, "rotate").code == 0
     lake = tmp / "lake"
+    before = {f: f.read_bytes() for f in lake.glob("region=*/*.parquet")}
     re = cli(home, "reencrypt", "--lake", str(lake))
-    assert re.code == 0, re.err
-    for f in lake.glob("region=*/*.parquet"):
-        assert pq.read_schema(f).field("phone").type == pa.binary()
-        assert b"+1-555-0001" not in f.read_bytes()
+    assert re.code == exitcodes.DATA, re.err
+    assert {p["reason"] for p in re.json()["problems"]} >= {"legacy_plain_column"}
+    assert {f: f.read_bytes() for f in lake.glob("region=*/*.parquet")} == before  # neither sealed nor dropped
+
+
+def test_a_forged_row_naming_an_old_dek_cannot_smuggle_clear_values_into_an_added_column(lake_home):
+    """Storage access: copy an old row's key columns into a new file whose added column holds chosen plaintext."""
+    home, tmp = lake_home
+    second = _source(tmp / "src2", ["r2"], start=1000)
+    assert cli(home, "dataset", "add-column", "phone", "--source", second).code == 0
+    lake = tmp / "lake"
+    old_file = next((lake / "region=r0").glob("*.parquet"))
+    old = pq.read_table(old_file).slice(0, 5)  # its phone column is plain (it was not sensitive then)
+    i = old.schema.get_field_index("phone")
+    forged = old.set_column(i, "phone", pa.array([f"FORGED-{i}" for i in range(5)])).replace_schema_metadata(None)
+    pq.write_table(forged, lake / "region=r0" / "part-forged.parquet")
     out = tmp / "plain"
-    assert cli(home, "decrypt", "--lake", str(lake), "--out", str(out)).code == 0
-    plain = ds.dataset(str(out), format="parquet", partitioning="hive").to_table().sort_by("id")
-    assert plain.column("phone").to_pylist() == [f"+1-555-{i:04d}" for i in range(ROWS)]
+    dec = cli(home, "decrypt", "--lake", str(lake), "--out", str(out))
+    assert dec.code in (exitcodes.OK, exitcodes.DATA), dec.err
+    plain = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    assert not any(str(v).startswith("FORGED") for v in plain.column("phone").to_pylist())
 
 
 def test_a_newer_row_with_plaintext_under_an_added_column_is_quarantined(lake_home):

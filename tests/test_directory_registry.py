@@ -53,7 +53,7 @@ from keyturn.kms.local import LocalKms
 from keyturn.registry.base import KeyState
 from keyturn.registry.sqlite import SqliteKeyRegistry
 from keyturn.rewrap import rewrap_envelope
-from keyturn.scope import KekRef, Location
+from keyturn.scope import DekScope, KekRef, Location
 
 A = KeyState.ACTIVE
 D = KeyState.DECRYPT_ONLY
@@ -861,3 +861,27 @@ def test_a_contract_evolved_in_between_refuses_ours(ddb, table) -> None:
     assert clock.hook is None
     assert reg.get_contract(DS) == theirs
     assert [(h["revision"], h["actor"]) for h in reg.contract_history(DS)] == [(1, "alice"), (2, "bob")]
+
+
+def test_a_dek_made_under_an_older_contract_revision_is_refused(tmp_path):
+    """A writer that read the contract before add-column committed may not register DEKs under the old revision."""
+    from keyturn.contract import ContractColumn, add_column, arrow_contract
+    from keyturn.errors import ContractError
+    from keyturn.registry.sqlite import SqliteKeyRegistry
+
+    import pyarrow as pa
+
+    registry = SqliteKeyRegistry(str(tmp_path / "r.sqlite"))
+    registry.initialize("kek-1", actor="t", reason="t")
+    schema = pa.schema([("email", pa.string()), ("phone", pa.string())])
+    first = registry.pin_contract(arrow_contract("ds", schema, ["email"]), actor="t", reason="t")
+    phone = arrow_contract("ds", schema, ["phone"]).columns[0]
+    registry.evolve_contract(add_column(first, phone), expected_revision=1, actor="t", reason="add phone")
+    kms = LocalKms.in_memory({"kek-1": os.urandom(32)})
+    with DekScope(kms, KekRef(1, "kek-1"), Location("ds", "p"), directory=registry, contract_revision=1) as scope:
+        with pytest.raises(ContractError, match="revision 1"):
+            scope.seal_rows(["email"], [[b"a"]], types=["arrow:string"])
+    assert registry.dek_count() == 0
+    with DekScope(kms, KekRef(1, "kek-1"), Location("ds", "p"), directory=registry, contract_revision=2) as scope:
+        scope.seal_rows(["email"], [[b"a"]], types=["arrow:string"])
+    assert registry.dek_count() == 1

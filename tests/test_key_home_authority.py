@@ -857,3 +857,58 @@ def test_library_unregistered_dek_is_unknown(tmp_path):
         result = decrypt_batch(sealed, reader, policy, location, contract=contract)
     assert set(result.status) == {ReadStatus.UNKNOWN}
     assert result.plain.num_rows == 0
+
+
+def _sealed_lib(tmp_path):
+    from keyturn.arrow_codec import encrypt_batch
+    from keyturn.scope import DekScope
+
+    registry, kms, plain, contract, location, policy, kek = _library_setup(tmp_path)
+    with DekScope(kms, kek, location, directory=registry, contract_revision=contract.revision) as scope:
+        sealed = encrypt_batch(plain, ["email", "ssn"], scope, contract=contract)
+    return registry, kms, plain, contract, location, policy, sealed
+
+
+@pytest.mark.parametrize("how", ["duplicated-contract-column", "duplicated-plain-column", "version-as-list", "dek-as-string"])
+def test_library_a_hostile_shape_is_all_corrupt_and_never_raises(tmp_path, how):
+    """Duplicated column names or mistyped key columns: every row corrupt (kept), no exception, nothing returned."""
+    from keyturn.arrow_codec import decrypt_batch, reencrypt_batch
+    from keyturn.policy import ReadStatus
+    from keyturn.reader import DekReader
+    from keyturn.scope import DekScope
+
+    registry, kms, plain, contract, location, policy, sealed = _sealed_lib(tmp_path)
+    n = sealed.num_rows
+    if how == "duplicated-contract-column":
+        hostile = pa.RecordBatch.from_arrays(
+            [*sealed.columns, pa.array([f"{FORGED_MARK}{i}" for i in range(n)])], names=[*sealed.schema.names, "ssn"]
+        )
+    elif how == "duplicated-plain-column":
+        hostile = pa.RecordBatch.from_arrays([*sealed.columns, sealed.column("id")], names=[*sealed.schema.names, "id"])
+    else:
+        name = "_keyturn_version" if how == "version-as-list" else "_keyturn_dek"
+        value = pa.array([[1]] * n) if how == "version-as-list" else pa.array(["x"] * n)
+        i = sealed.schema.get_field_index(name)
+        hostile = sealed.set_column(i, name, value)
+    with DekReader(kms, directory=registry) as reader:
+        result = decrypt_batch(hostile, reader, policy, location, contract=contract)
+        assert result.status == [ReadStatus.CORRUPT] * n and result.plain.num_rows == 0
+        assert result.rows_with(ReadStatus.CORRUPT).num_rows == n  # the original rows, kept
+        with DekScope(kms, policy.active, location, directory=registry) as scope:
+            again = reencrypt_batch(hostile, reader, scope, policy, location, contract=contract)
+        assert again.batch.equals(hostile)
+
+
+def test_library_a_column_shadowing_a_contract_column_by_case_is_never_clear_data(tmp_path):
+    from keyturn.arrow_codec import decrypt_batch
+    from keyturn.policy import ReadStatus
+    from keyturn.reader import DekReader
+
+    registry, kms, plain, contract, location, policy, sealed = _sealed_lib(tmp_path)
+    shadow = pa.array([f"{FORGED_MARK}{i}" for i in range(sealed.num_rows)])
+    hostile = pa.RecordBatch.from_arrays([*sealed.columns, shadow], names=[*sealed.schema.names, "SSN"])
+    with DekReader(kms, directory=registry) as reader:
+        result = decrypt_batch(hostile, reader, policy, location, contract=contract)
+    assert "SSN" not in result.plain.schema.names
+    assert set(result.status) == {ReadStatus.CORRUPT}  # every row carries a value there
+    assert FORGED_MARK not in str(result.plain.to_pylist())

@@ -128,7 +128,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
 
 from keyturn.aws.clients import ClientSettings, error_code, make_client
 from keyturn.contract import DatasetContract
-from keyturn.directory import LOOKUP_BATCH, DekEntry, check_new_entries, check_rewrap
+from keyturn.directory import LOOKUP_BATCH, DekEntry, check_contract_revisions, check_new_entries, check_rewrap
 from keyturn.errors import (
     ConcurrentModificationError,
     ContractError,
@@ -1050,6 +1050,13 @@ class DynamoDbKeyRegistry(LifecycleMethods):
             check_new_entries(
                 entries, {v.version: v.kek_id for v in versions}, [v.version for v in versions if v.state.readable]
             )
+            # read, not a condition: a contract evolved between this read and the write is not caught here
+            revisions = {}
+            for dataset in {e.dataset for e in entries}:
+                contract = self.get_contract(dataset)
+                if contract is not None:
+                    revisions[dataset] = contract.revision
+            check_contract_revisions(entries, revisions)
             todo: dict[bytes, DekEntry] = {}
             for e in entries:
                 first = todo.setdefault(e.dek_id, e)

@@ -191,6 +191,7 @@ class FileSummary:
     dek_revision: int | None = None
     schema: pa.Schema | None = field(default=None, repr=False)
     contract_problems: list[str] = field(default_factory=list)
+    legacy_plain: list[str] = field(default_factory=list)
 
     @property
     def readable(self) -> bool:

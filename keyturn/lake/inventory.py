@@ -174,6 +174,13 @@ class Inventory:
                     {"path": f.relpath, "partition": f.partition, "reason": "foreign_dataset",
                      "detail": f"footer names dataset {f.dataset!r}, not {self.dataset!r}; left untouched"}
                 )
+            if f.legacy_plain:
+                out.append(
+                    {"path": f.relpath, "partition": f.partition, "reason": "legacy_plain_column", "rows": f.rows,
+                     "detail": f"contract column(s) {', '.join(f.legacy_plain)} held in clear (written before they "
+                     "joined the contract): never returned by decrypt, reencrypt leaves the file; re-encrypt it "
+                     "from its plain source"}
+                )
             if f.contract_problems:
                 out.append(
                     {"path": f.relpath, "partition": f.partition, "reason": "contract_violation", "rows": f.rows,
@@ -238,11 +245,13 @@ def take_inventory(
         files = [read_file_summary(lake, df) for df in data_files]
     seen, known = apply_directory(files, directory, dataset) if directory is not None else (0, None)
     if contract is not None:
-        from keyturn.arrow_codec import contract_violations
+        from keyturn.arrow_codec import contract_violations, legacy_plain_columns
 
         for f in files:
             if f.readable and f.schema is not None and f.rows:
                 f.contract_problems = contract_violations(f.schema, contract, f.dek_revision)
+                if not f.contract_problems:
+                    f.legacy_plain = legacy_plain_columns(f.schema, contract)
                 if f.contract_problems:  # a downgraded file: none of its rows will be read as clear data
                     f.corrupt_rows += sum(f.versions.values())
                     f.versions = {}

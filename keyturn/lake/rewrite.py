@@ -48,6 +48,7 @@ from keyturn.arrow_codec import (
     contract_schema,
     contract_violations,
     decrypt_batch,
+    legacy_plain_columns,
     encrypted_columns,
     reencrypt_batch,
 )
@@ -216,6 +217,14 @@ def rewrite_file(
             broken = contract_violations(schema, contract, _newest_revision(envelopes, reader))
             if broken:
                 return fail("contract_violation", "; ".join(broken))
+            legacy = legacy_plain_columns(schema, contract)
+            if legacy:  # clear values nothing can prove genuine: neither sealed nor dropped
+                outcome.reason = "legacy_plain_column"
+                outcome.detail = (
+                    f"contract column(s) {', '.join(legacy)} are held in clear (written before they joined the "
+                    "contract); the file is left as it is; re-encrypt it from its plain source"
+                )
+                return outcome
         try:
             movable, stuck = _movable_due_rows(pf, groups, due, reader, policy, location, contract)
         except KmsError:

@@ -52,7 +52,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from keyturn.contract import DatasetContract
-from keyturn.directory import LOOKUP_BATCH, DekEntry, check_new_entries, check_rewrap
+from keyturn.directory import LOOKUP_BATCH, DekEntry, check_contract_revisions, check_new_entries, check_rewrap
 from keyturn.errors import (
     ConcurrentModificationError,
     ContractError,
@@ -530,6 +530,8 @@ class SqliteKeyRegistry(LifecycleMethods):
 
         def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> None:
             check_new_entries(entries, {v.version: v.kek_id for v in versions}, [v.version for v in versions if v.state.readable])
+            revisions = dict(conn.execute("SELECT dataset, revision FROM contracts").fetchall())
+            check_contract_revisions(entries, revisions)
             stamp = _to_text(now)
             for e in entries:
                 row = conn.execute(
