@@ -436,7 +436,7 @@ def decrypt_batch(
     row-key columns come from the contract, never from the file: a contract
     column that is missing or holds anything but ciphertext makes every row
     that needs it `corrupt` (rows under a DEK born before the column joined
-    the contract read it as stored, or as null when absent), and a column
+    the contract read it as null: a clear value there is never returned), and a column
     whose metadata another engine stripped reads normally when its cells
     authenticate. Without a contract the file's field metadata describes the
     columns. KMS outages raise; bad data never does. A batch that lacks the

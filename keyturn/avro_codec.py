@@ -62,7 +62,8 @@ field its DEK's contract revision requires, is corrupt; a field with
 ``keyturn.*`` properties that the contract does not name is never passed
 through as clear data (a record with a non-null value there is corrupt). A
 record whose DEK was born before a field joined the contract reads that
-field as stored (null when the schema lacks it). With a DEK directory on the
+field as null unless it holds ciphertext (a clear value there is never
+returned: nothing proves it genuine). With a DEK directory on the
 reader, records are classified against the directory (`classify_keys`): a
 DEK it does not know is unknown, and the effective key version is the
 directory's.
@@ -605,7 +606,7 @@ def contract_encrypted_schema(encrypted_schema: Mapping[str, Any], contract: Dat
 def _stored_values(
     rec: Mapping[str, Any], index: int, revision: int | None, plan: _ContractPlan, types: _PlainTypes
 ) -> dict[str, Any] | None:
-    """The contract fields of one readable record read as stored (not decrypted); None if the record is corrupt.
+    """The contract fields of one readable record that are not decrypted (as null); None if the record is corrupt.
 
     A field its DEK's contract revision requires must be ciphertext (bytes or
     None) in a field the schema has. A field that joined the contract after

@@ -583,7 +583,7 @@ def _cmd_dataset(ctx: _Context) -> tuple[dict[str, Any], str]:
     _log_contract_change(home, ctx, new, ctx.args.reason)
     return {"dataset": home.dataset, "contract": new.to_json()}, (
         f"Dataset {home.dataset!r}: column {ctx.args.column!r} is encrypted from contract revision {new.revision} on. "
-        f"Rows under DEKs made before it read the column as stored."
+        f"Rows under DEKs made before it read the column as null (clear values stored there are never returned)."
     )
 
 
