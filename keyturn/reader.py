@@ -125,10 +125,6 @@ class DekReader:
         self._closed = False
         self.stats = ReaderStats()
 
-    @property
-    def has_directory(self) -> bool:
-        return self._directory is not None
-
     def entries(self, envelopes: Iterable[bytes | None]) -> dict[bytes, DekEntry | None] | None:
         """dek_id -> directory entry (None: not registered) for the DEKs these row envelopes name.
 

@@ -103,7 +103,7 @@ from pipelines.encrypt import (
     record_sources,
     recover_staging,
 )
-from pipelines.lake_io import lake_of, new_run_id, read_footer
+from pipelines.lake_io import lake_of, new_run_id
 from pipelines.sources import DEFAULT_BATCH_ROWS, SourceFile, hive_segments, list_source_files, resolve
 
 __all__ = ["run", "main", "Watcher", "SourceMacs", "lake_partition_keys", "LEDGER_KEY_PARTITION"]
