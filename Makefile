@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pipelines.demo
+	$(BIN)/python -m keyturn.pipelines.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q

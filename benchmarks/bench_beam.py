@@ -55,7 +55,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
-import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
+import keyturn.transforms.coders  # noqa: F401  (registers RecordBatchCoder)
 from benchmarks.common import measure_rounds, profile_top, random_strings, rate, ratio, time_once
 from keyturn.arrow_codec import encrypt_batch
 from keyturn.keysource import LocalKeySource
@@ -64,8 +64,8 @@ from keyturn.kms.local import LocalKms, generate_root_key_file
 from keyturn.policy import KeyPolicy
 from keyturn.registry.sqlite import SqliteKeyRegistry
 from keyturn.scope import DekScope, Location
-from transforms.arrow import EncryptBatches
-from transforms.partition import PartitionBatches
+from keyturn.transforms.arrow import EncryptBatches
+from keyturn.transforms.partition import PartitionBatches
 
 __all__ = [
     "run_overhead",

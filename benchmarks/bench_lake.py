@@ -19,7 +19,7 @@ EXTERNAL key material (`EncryptionConfiguration(internal_key_material=False)`,
 same partitions, same number of files, same rows per file. Then, round by
 round, each subject on fresh state:
 
-- keyturn encrypt: `pipelines.encrypt.run` (source -> encrypted lake,
+- keyturn encrypt: `keyturn.pipelines.encrypt.run` (source -> encrypted lake,
   partitioned by region, the in-process Beam runner), on its own key home;
 - keyturn `rotate --rewrap`: `home-v1` restored (untimed), then timed
   `keyturn.rotation.rotate` (provisions the version-2 KEK) followed by
@@ -36,7 +36,7 @@ round, each subject on fresh state:
   change). The in-memory KMS counts its wrap and unwrap calls;
 - reencrypt: `home-v1` restored and rotated to version 2 WITHOUT rewrap, a
   copy of the pristine lake (both untimed), then
-  `pipelines.reencrypt.run(mode="reencrypt")`: every file's DEKs are stale
+  `keyturn.pipelines.reencrypt.run(mode="reencrypt")`: every file's DEKs are stale
   in the directory, so every cell is decrypted and sealed under a fresh
   DEK, and verified;
 - plain pyarrow rewrite: each data file of the encrypted lake read with
@@ -212,20 +212,20 @@ def _restore(snapshot: str, path: str) -> str:
 
 
 def _home(path: str) -> Any:
-    from pipelines.home import KeyHome
+    from keyturn.home import KeyHome
 
     shutil.rmtree(path, ignore_errors=True)
     return KeyHome.init(path, dataset="bench", actor="bench", reason="lake benchmark")
 
 
 def _open_home(path: str) -> Any:
-    from pipelines.home import KeyHome
+    from keyturn.home import KeyHome
 
     return KeyHome.open(path)
 
 
 def _encrypt(home: Any, source: str, lake: str) -> dict[str, Any]:
-    from pipelines import encrypt
+    from keyturn.pipelines import encrypt
 
     return encrypt.run(home=home, source=source, lake=lake, columns=list(SENSITIVE), partition_by="region", actor="bench", reason="bench")
 
@@ -262,7 +262,7 @@ def _rotate_rewrap(home: Any) -> dict[str, Any]:
 
 
 def _reencrypt(home_path: str, lake: str, mode: str) -> dict[str, Any]:
-    from pipelines import reencrypt
+    from keyturn.pipelines import reencrypt
 
     report = reencrypt.run(lake, home=home_path, mode=mode, actor="bench", reason="bench")
     if report["problems"] or not report["complete"]:
@@ -335,7 +335,7 @@ def _read_path(home: Any, lake: str, rows: int, runs: int) -> dict[str, Any]:
     from keyturn.kms.base import CountingKms
     from keyturn.policy import KeyPolicy
     from keyturn.scope import Location
-    from pipelines.home import lake_of
+    from keyturn.home import lake_of
 
     registry = home.registry()
     contract = registry.get_contract(home.dataset)
@@ -550,7 +550,7 @@ def _pme_external_lake(source: str, keyturn_lake: str, out: str, kms: _Versioned
     """PME files with external key material, in the keyturn lake's layout (same partitions, files, rows per file)."""
     import pyarrow.fs as pafs
 
-    from pipelines.home import lake_of
+    from keyturn.home import lake_of
 
     shutil.rmtree(out, ignore_errors=True)
     fs = pafs.LocalFileSystem()
@@ -858,7 +858,7 @@ def run_lake(
 
 # --------------------------------------------------------------------------- memory benchmark
 
-_CHILD_IMPORTS = "import apache_beam, pyarrow.parquet, pipelines.reencrypt, pipelines.home"
+_CHILD_IMPORTS = "import apache_beam, pyarrow.parquet, keyturn.pipelines.reencrypt, keyturn.home"
 
 
 def _child_rss(args: list[str]) -> tuple[float, int]:

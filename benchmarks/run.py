@@ -441,8 +441,8 @@ def render_lake(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
         return f"{lo:,}" if lo == hi else f"{lo:,} – {hi:,}"
 
     labels = {
-        "encrypt": "keyturn encrypt (`pipelines.encrypt.run`)",
-        "reencrypt": "reencrypt rotation (`pipelines.reencrypt.run`, mode reencrypt, home rotated without rewrap)",
+        "encrypt": "keyturn encrypt (`keyturn.pipelines.encrypt.run`)",
+        "reencrypt": "reencrypt rotation (`keyturn.pipelines.reencrypt.run`, mode reencrypt, home rotated without rewrap)",
         "plain_rewrite": "plain pyarrow read-and-rewrite of the encrypted lake",
         "pme_write": "pyarrow Parquet Modular Encryption write of the source",
     }
@@ -549,7 +549,7 @@ def render_memory(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     parts = [
         _run_line(meta, result),
         "",
-        f"Peak RSS (of the child and its children, sampled every 5 ms with psutil) of `pipelines.reencrypt.run(mode=\"reencrypt\")` in a child process, {p['runs']} runs each. "
+        f"Peak RSS (of the child and its children, sampled every 5 ms with psutil) of `keyturn.pipelines.reencrypt.run(mode=\"reencrypt\")` in a child process, {p['runs']} runs each. "
         f"Above the import floor, {big} ÷ 1x = {above:.2f}." if above else "",
         "",
         _table(["Run", "Lake", "Time median", "Peak RSS median", "Spread", "Above floor", f"{big} ÷ 1x (min – max)", "Target / met"], rows),

@@ -89,7 +89,7 @@ from keyturn.policy import KeyPolicy, ReadStatus, classify_keys, count_statuses
 from keyturn.reader import DekReader, open_rows
 from keyturn.rewrap import rewrap_rows
 from keyturn.scope import DekScope, Location
-from schemas import load_schema
+from keyturn.schemas import load_schema
 
 if TYPE_CHECKING:  # keyturn.contract imports pyarrow; this module must not
     from keyturn.contract import DatasetContract

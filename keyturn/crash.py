@@ -11,7 +11,7 @@ first file.
 This is a testing aid only; production runs never set the variable.
 
 Points used by the reencrypt job (see `keyturn.lake.rewrite` and
-`pipelines.reencrypt`):
+`keyturn.pipelines.reencrypt`):
 
 - ``run:after-lock``: lock taken, before temp-file cleanup;
 - ``run:after-inventory``: inventory taken, before any rewrite;

@@ -10,7 +10,7 @@ Everything after a bare ``--`` is passed to Beam's ``PipelineOptions``.
 
 Errors print one line, ``keyturn: error: <message>``, on stderr (plus, with
 ``--json``, an ``{"error": ..., "exit_code": ...}`` object on stdout) and
-exit with a code from `pipelines.exitcodes`; ``--debug`` adds the
+exit with a code from `keyturn.pipelines.exitcodes`; ``--debug`` adds the
 traceback. Long local runs show a rich spinner on stderr when it is a
 terminal and ``--json`` is off.
 
@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timezone
 from typing import Any, NoReturn
 
-from pipelines import exitcodes
+from keyturn.pipelines import exitcodes
 
 __all__ = ["main", "build_parser", "NOW_ENV"]
 
@@ -324,7 +324,7 @@ class _Context:
         self.actor = _actor()
 
     def home(self, *, check_keys: bool = True):  # -> KeyHome
-        from pipelines.home import KeyHome
+        from keyturn.home import KeyHome
 
         return KeyHome.open(self.home_path, clock=self.clock, check_keys=check_keys)
 
@@ -354,7 +354,7 @@ class _Context:
 
 
 def _default_home() -> str:
-    from pipelines.home import default_home
+    from keyturn.home import default_home
 
     return default_home()
 
@@ -382,7 +382,7 @@ def _call_run(run: Callable[..., Mapping[str, Any]], ctx: _Context, label: str, 
 
 
 def _cmd_init(ctx: _Context) -> tuple[dict[str, Any], str]:
-    from pipelines.home import KeyHome
+    from keyturn.home import KeyHome
 
     a = ctx.args
     if a.provider == "aws_kms" and not a.key_id:
@@ -591,7 +591,7 @@ def _column_from_source(source: str, name: str, contract: Any) -> Any:
     """The contract column for `name`, typed from the first source file's schema."""
     from keyturn.contract import arrow_contract
     from keyturn.errors import InputError
-    from pipelines.sources import file_schema, list_source_files
+    from keyturn.sources import file_schema, list_source_files
 
     files = list_source_files(source)
     schema = file_schema(files[0])
@@ -630,13 +630,13 @@ def _forward_audit(home: Any, lake: Any, report: dict[str, Any]) -> None:
     if home.config.audit.sink != "cloudwatch" or lake is None or not report.get("run_id") or report.get("dry_run"):
         return
     from keyturn.lake.sideoutputs import read_side_outputs
-    from pipelines.home import forward_audit
+    from keyturn.home import forward_audit
 
     report["audit_events_forwarded"] = forward_audit(home, read_side_outputs(lake, "audit", run_id=report["run_id"]))
 
 
 def _cmd_encrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
-    from pipelines import encrypt
+    from keyturn.pipelines import encrypt
 
     a = ctx.args
     return _pipeline(ctx, encrypt, "encrypting", source=a.source, lake=a.lake, columns=a.columns,
@@ -644,7 +644,7 @@ def _cmd_encrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
 
 
 def _cmd_reencrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
-    from pipelines import reencrypt
+    from keyturn.pipelines import reencrypt
 
     a = ctx.args
     return _pipeline(ctx, reencrypt, "re-encrypting", lake=a.lake, mode=a.mode, dry_run=a.dry_run,
@@ -652,7 +652,7 @@ def _cmd_reencrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
 
 
 def _cmd_decrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
-    from pipelines import decrypt
+    from keyturn.pipelines import decrypt
 
     a = ctx.args
     extra: dict[str, Any] = {}
@@ -675,7 +675,7 @@ def _cmd_decrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
 
 
 def _cmd_ingest(ctx: _Context) -> tuple[dict[str, Any], str]:
-    from pipelines import ingest
+    from keyturn.pipelines import ingest
 
     a = ctx.args
     extra = {} if a.poll_interval is None else {"poll_interval": a.poll_interval}
@@ -684,7 +684,7 @@ def _cmd_ingest(ctx: _Context) -> tuple[dict[str, Any], str]:
 
 
 def _cmd_demo(ctx: _Context) -> tuple[dict[str, Any], str]:
-    from pipelines import demo
+    from keyturn.pipelines import demo
 
     a = ctx.args
     kwargs = {k: v for k, v in (("rows", a.rows), ("partitions", a.partitions), ("out", a.out)) if v is not None}
@@ -694,7 +694,7 @@ def _cmd_demo(ctx: _Context) -> tuple[dict[str, Any], str]:
 
 
 def _cmd_status(ctx: _Context) -> tuple[dict[str, Any], str]:
-    from pipelines import status
+    from keyturn.pipelines import status
 
     home = ctx.home()
     with ctx.progress("reading lake footers"):

@@ -1,9 +1,9 @@
 """`keyturn decrypt`: an encrypted lake back to plain Parquet, same hive layout.
 
-    python -m pipelines.decrypt --home DIR --lake PATH --out PATH [--columns a,b] [--side-outputs PATH] [-- beam options]
+    python -m keyturn.pipelines.decrypt --home DIR --lake PATH --out PATH [--columns a,b] [--side-outputs PATH] [-- beam options]
 
 The pipeline reads every data file of the lake as `(partition, batch)`
-(`pipelines.lake_io.ReadLakeFiles`), decrypts with `DecryptBatches`, and
+(`keyturn.pipelines.lake_io.ReadLakeFiles`), decrypts with `DecryptBatches`, and
 writes the readable rows as plain Parquet under `<out>/<partition>/`
 (partition columns stay in the path, as in the lake, so
 `pyarrow.dataset(out, partitioning="hive")` gives them back).
@@ -69,7 +69,7 @@ from keyturn.lake.inventory import check_fits_home, take_inventory
 from keyturn.lake.layout import Lake, is_hidden
 from keyturn.lake.sideoutputs import SideOutputDir
 from keyturn.policy import KeyPolicy, VersionRules
-from pipelines.lake_io import (
+from keyturn.pipelines.lake_io import (
     ReadLakeFiles,
     WriteLakeFiles,
     WriteSideOutput,
@@ -78,8 +78,8 @@ from pipelines.lake_io import (
     pipeline_options,
     side_output_records,
 )
-from transforms.arrow import DecryptBatches
-from transforms.tags import QUARANTINE
+from keyturn.transforms.arrow import DecryptBatches
+from keyturn.transforms.tags import QUARANTINE
 
 __all__ = ["run", "main", "check_columns", "SIDE_DIR"]
 
@@ -187,7 +187,7 @@ def run(
     """
     started = time.monotonic()
     say = progress or (lambda _msg: None)
-    from pipelines.encrypt import _open_home
+    from keyturn.pipelines.encrypt import _open_home
 
     home = _open_home(home)
     if isinstance(columns, str):
@@ -368,14 +368,14 @@ def _metric(result: Any, name: str) -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.decrypt", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyturn.pipelines.decrypt", description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", default=None, help="key home (default: $KEYTURN_HOME or ./.keyturn)")
     parser.add_argument("--lake", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--columns", default=None, help="comma-separated encrypted columns to decrypt (default: all)")
     parser.add_argument("--side-outputs", default=None, help=f"directory for mismatch/quarantine/audit files (default: <out>/{SIDE_DIR})")
     args, beam_args = parser.parse_known_args(argv)
-    from pipelines.home import default_home
+    from keyturn.home import default_home
 
     report = run(
         home=args.home or default_home(),

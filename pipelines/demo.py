@@ -1,6 +1,6 @@
 """The demo `make demo` runs (also `keyturn demo`): encrypt, rotate, rewrap in the key home, status, decrypt a sample.
 
-    python -m pipelines.demo [--rows N] [--partitions P] [--out DIR] [-- beam options]
+    python -m keyturn.pipelines.demo [--rows N] [--partitions P] [--out DIR] [-- beam options]
 
 Everything is local, on the embedded defaults: a key home (LocalKms keystore
 file, single node; SQLite key registry with its DEK directory and dataset
@@ -110,8 +110,8 @@ def run(
     """Run the whole demo under `out` (wiped first); returns a JSON-able report with a plain-words `summary`."""
     try:  # the same run() functions the CLI verbs call
         from keyturn.rotation import retire, rewrap, rotate
-        from pipelines import decrypt, encrypt, status
-        from pipelines.home import KeyHome
+        from keyturn.pipelines import decrypt, encrypt, status
+        from keyturn.home import KeyHome
     except ImportError as exc:  # pragma: no cover - only while the package is incomplete
         raise RuntimeError(f"the demo needs the lake pipelines and the key home ({exc})") from None
     if rows < partitions or partitions < 1:
@@ -264,7 +264,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyturn.pipelines.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
     parser.add_argument("--out", default=DEFAULT_OUT)

@@ -1,10 +1,10 @@
 """`keyturn encrypt`: plain Parquet or Avro in, an encrypted hive-partitioned Parquet lake out.
 
-    python -m pipelines.encrypt --home DIR --source PATH --lake PATH --columns a,b [--partition-by COL] [-- beam options]
+    python -m keyturn.pipelines.encrypt --home DIR --source PATH --lake PATH --columns a,b [--partition-by COL] [-- beam options]
 
 The pipeline:
 
-1. On the driver: list the source files (`pipelines.sources`), read every
+1. On the driver: list the source files (`keyturn.sources`), read every
    file's schema (footers / headers only), and check the request: each
    column to encrypt and each partition column exists in every file, no
    partition column is encrypted, the source is not already encrypted, and
@@ -45,7 +45,7 @@ The pipeline:
    ``encrypt:before-commit``, ``encrypt:mid-publish`` (after each moved
    file), ``encrypt:before-record`` (ingest's source ledger),
    ``encrypt:before-cleanup``. `encrypt_files` is this step, shared with
-   `pipelines.ingest`.
+   `keyturn.pipelines.ingest`.
 
 Encrypt and ingest hold the lake lock shared; `reencrypt` (which replaces
 files) holds it exclusively, so they never overlap.
@@ -77,7 +77,7 @@ from keyturn.lake.atomic import fsync_dir
 from keyturn.crash import crashpoint
 from keyturn.lake.layout import KEYTURN_DIR, Lake, as_lake, is_hidden
 from keyturn.scope import ScopeLimits
-from pipelines.lake_io import (
+from keyturn.pipelines.lake_io import (
     MAX_QUARANTINE_BYTES,
     WriteLakeFiles,
     WriteSideOutput,
@@ -87,8 +87,8 @@ from pipelines.lake_io import (
     read_footer,
     side_output_records,
 )
-from pipelines.exitcodes import DATA
-from pipelines.sources import (
+from keyturn.pipelines.exitcodes import DATA
+from keyturn.sources import (
     DEFAULT_BATCH_ROWS,
     NULL_PARTITION,
     SourceFile,
@@ -98,9 +98,9 @@ from pipelines.sources import (
     read_batches,
     resolve,
 )
-from transforms.arrow import EncryptBatches
-from transforms.partition import PartitionBatches
-from transforms.tags import QUARANTINE
+from keyturn.transforms.arrow import EncryptBatches
+from keyturn.transforms.partition import PartitionBatches
+from keyturn.transforms.tags import QUARANTINE
 
 __all__ = [
     "run",
@@ -850,17 +850,17 @@ def _read_json(lake: Lake, path: str) -> dict[str, int]:
 
 def _open_home(home: Any) -> Any:
     if isinstance(home, (str, os.PathLike)):
-        from pipelines.home import KeyHome
+        from keyturn.home import KeyHome
 
         return KeyHome.open(home)
     return home
 
 
-# ------------------------------------------------------------------ python -m pipelines.encrypt
+# ------------------------------------------------------------------ python -m keyturn.pipelines.encrypt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.encrypt", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyturn.pipelines.encrypt", description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", default=None, help="key home (default: $KEYTURN_HOME or ./.keyturn)")
     parser.add_argument("--source", required=True)
     parser.add_argument("--lake", required=True)
@@ -868,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--partition-by", default=None, help="comma-separated partition columns")
     parser.add_argument("--bind", default=None, help="comma-separated row-key columns bound into every cell")
     args, beam_args = parser.parse_known_args(argv)
-    from pipelines.home import default_home
+    from keyturn.home import default_home
 
     report = run(
         home=args.home or default_home(),

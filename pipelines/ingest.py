@@ -1,6 +1,6 @@
 """`keyturn ingest`: encrypt Avro/Parquet files as they land in a directory, and append them to the lake.
 
-    python -m pipelines.ingest --home DIR --watch DIR --lake PATH [--columns a,b] [--partition-by COL]
+    python -m keyturn.pipelines.ingest --home DIR --watch DIR --lake PATH [--columns a,b] [--partition-by COL]
                                [--until-idle SECONDS] [--poll-interval S] [-- beam options]
 
 How it streams, and why this way
@@ -26,7 +26,7 @@ Ingest is therefore a **micro-batch loop** around bounded Beam pipelines:
    (`<lake>/_keyturn/quarantine/<run-id>.avro`, with its bytes) and recorded
    as rejected, so one bad file never stops the stream.
 3. The accepted files (up to `max_batch_files` of one schema) go through the
-   encrypt pipeline (`pipelines.encrypt.encrypt_files`): read whole, key by
+   encrypt pipeline (`keyturn.pipelines.encrypt.encrypt_files`): read whole, key by
    partition, `PartitionBatches`, `EncryptBatches` (one DEK per partition
    scope), written into staging.
 4. Commit, under the lake lock (shared; a running `reencrypt` makes the batch
@@ -91,7 +91,7 @@ from keyturn.errors import DecryptionError, InputError, LakeLockedError
 from keyturn.format import DEK_ID_BYTES, Envelope, commitment_matches, derive_commitment, kms_context, parse_envelope
 from keyturn.lake.layout import Lake
 from keyturn.lake.sideoutputs import write_side_output
-from pipelines.encrypt import (
+from keyturn.pipelines.encrypt import (
     DEFAULT_FILE_ROWS,
     _names,
     _open_home,
@@ -103,8 +103,8 @@ from pipelines.encrypt import (
     record_sources,
     recover_staging,
 )
-from pipelines.lake_io import lake_of, new_run_id
-from pipelines.sources import DEFAULT_BATCH_ROWS, SourceFile, hive_segments, list_source_files, resolve
+from keyturn.pipelines.lake_io import lake_of, new_run_id
+from keyturn.sources import DEFAULT_BATCH_ROWS, SourceFile, hive_segments, list_source_files, resolve
 
 __all__ = ["run", "main", "Watcher", "SourceMacs", "lake_partition_keys", "LEDGER_KEY_PARTITION"]
 
@@ -526,7 +526,7 @@ def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyturn.pipelines.ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", default=None, help="key home (default: $KEYTURN_HOME or ./.keyturn)")
     parser.add_argument("--watch", required=True)
     parser.add_argument("--lake", required=True)
@@ -535,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--until-idle", type=float, default=None, help="stop after this many seconds without new files")
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_SECONDS)
     args, beam_args = parser.parse_known_args(argv)
-    from pipelines.home import default_home
+    from keyturn.home import default_home
 
     report = run(
         home=args.home or default_home(),

@@ -54,7 +54,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.runners.runner import PipelineRunner
 
-import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
+import keyturn.transforms.coders  # noqa: F401  (registers RecordBatchCoder)
 from keyturn.arrow_codec import VERSION_COLUMN, encrypted_columns
 from keyturn.audit.events import build_quarantine
 from keyturn.lake import Lake, as_lake, crashpoint
@@ -62,8 +62,8 @@ from keyturn.lake import footer_for as lake_footer_for
 from keyturn.lake import write_parquet_atomically as lake_write_parquet
 from keyturn.lake.footer import FOOTER_FORMAT, FOOTER_KEY, dek_counts
 from keyturn.lake.sideoutputs import read_side_outputs, write_side_output
-from pipelines.home import lake_of
-from transforms.tags import QUARANTINE
+from keyturn.home import lake_of
+from keyturn.transforms.tags import QUARANTINE
 
 __all__ = [
     "lake_of",
@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 MAX_QUARANTINE_BYTES = 64 << 20
-DEFAULT_RUNNER = "pipelines.lake_io.DirectBatchRunner"
+DEFAULT_RUNNER = "keyturn.pipelines.lake_io.DirectBatchRunner"
 SIDE_OUTPUT_SCHEMAS = {"audit": "audit_event", "mismatch": "version_mismatch", "quarantine": "quarantine_record"}
 
 Keyed = Tuple[str, pa.RecordBatch]

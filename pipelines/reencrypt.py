@@ -1,6 +1,6 @@
 """`keyturn reencrypt`: the batch-lazy job that brings a lake onto the active key version.
 
-    python -m pipelines.reencrypt --lake PATH [--home DIR] [--mode rewrap|reencrypt|auto]
+    python -m keyturn.pipelines.reencrypt --lake PATH [--home DIR] [--mode rewrap|reencrypt|auto]
                                   [--dry-run] [--max-files N] [--json] [-- BEAM OPTIONS]
 
 What one run does:
@@ -68,7 +68,7 @@ from keyturn.lake.throttle import RateLimitedKms
 from keyturn.lake.sideoutputs import SCHEMA_OF, compact_parts, part_name, read_side_outputs, write_side_output
 from keyturn.policy import KeyPolicy, ReadStatus
 from keyturn.scope import ScopeLimits
-from pipelines.lake_io import pipeline_options
+from keyturn.pipelines.lake_io import pipeline_options
 
 __all__ = ["run", "main", "RewritePartitionFn", "plan_rewrites"]
 
@@ -297,7 +297,7 @@ def _resolve_keys(
     if keys is None:
         if home is None:
             raise ValueError("give a key home (home=) or a key source (keys=) and dataset")
-        from pipelines.home import KeyHome
+        from keyturn.home import KeyHome
 
         key_home = home if isinstance(home, KeyHome) else KeyHome.open(home)
         return key_home.key_source(), dataset or key_home.dataset, config or key_home.config, key_home
@@ -361,7 +361,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the reencrypt job on `lake`; returns a JSON-able report.
 
-    Keys come from the key home `home` (`pipelines.home.KeyHome`), or from
+    Keys come from the key home `home` (`keyturn.home.KeyHome`), or from
     `keys` plus `dataset` (and optionally `config`, else the defaults).
     `mode` defaults to the config's ``lifecycle.rewrap_mode``; `workers` to
     ``lifecycle.max_concurrent_reencryption_workers``. ``report["problems"]``
@@ -380,7 +380,7 @@ def run(
         raise ValueError("--max-files must be >= 0")
     workers = workers or cfg.lifecycle.max_concurrent_reencryption_workers
     run_id = run_id or new_run_id()
-    from pipelines.home import lake_of
+    from keyturn.home import lake_of
 
     the_lake = lake_of(lake, key_home)
     lake = the_lake.uri
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(prog="python -m pipelines.reencrypt", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyturn.pipelines.reencrypt", description=__doc__.split("\n")[0])
     parser.add_argument("--lake", required=True)
     parser.add_argument("--home", default=os.environ.get("KEYTURN_HOME", ".keyturn"))
     parser.add_argument("--mode", choices=JOB_MODES)
@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps(report, sort_keys=True) if args.json else render(report))
     try:
-        from pipelines.exitcodes import report_exit_code
+        from keyturn.pipelines.exitcodes import report_exit_code
 
         return report_exit_code(report)
     except ImportError:

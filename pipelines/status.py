@@ -1,6 +1,6 @@
 """``keyturn status``: how far a lake is on its way to the current key version.
 
-    python -m pipelines.status --lake PATH [--home DIR] [--json] [--report FILE.html]
+    python -m keyturn.pipelines.status --lake PATH [--home DIR] [--json] [--report FILE.html]
 
 `run(home=..., lake=...)` takes the lake's inventory (`keyturn.lake.
 take_inventory`: Parquet footers only, no data pages) under the home's key
@@ -46,7 +46,7 @@ from typing import Any
 from keyturn.policy import KeyPolicy
 from keyturn.lake import Lake, take_inventory
 from keyturn.lake.inventory import check_fits_home
-from pipelines.home import lake_of
+from keyturn.home import lake_of
 
 __all__ = ["run", "render_text", "write_html", "main", "STATUSES", "MAX_CHART_PARTITIONS"]
 
@@ -330,8 +330,8 @@ def write_html(report: Mapping[str, Any], path: str | os.PathLike[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipelines.status ...``: the same as ``keyturn status ...``."""
-    from pipelines.cli import main as cli_main
+    """``python -m keyturn.pipelines.status ...``: the same as ``keyturn status ...``."""
+    from keyturn.pipelines.cli import main as cli_main
 
     return cli_main(["status", *(sys.argv[1:] if argv is None else argv)])
 

@@ -340,7 +340,7 @@ def encrypt_with_beam(
     source: Any, data: Sequence[tuple[str, pa.RecordBatch]], workdir: str | os.PathLike[str], **encrypt_kwargs: Any
 ) -> list[tuple[str, pa.RecordBatch]]:
     """Run EncryptBatches on the DirectRunner and read the encrypted batches back, sorted by (partition, first id)."""
-    from transforms.arrow import EncryptBatches
+    from keyturn.transforms.arrow import EncryptBatches
 
     prefix = os.path.join(os.fspath(workdir), "encrypted")
 

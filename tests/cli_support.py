@@ -37,8 +37,8 @@ class Result:
 
 
 def run_cli(*argv: str, env: dict[str, str] | None = None) -> Result:
-    """`pipelines.cli.main(argv)` in this process, with stdout and stderr captured."""
-    from pipelines.cli import main
+    """`keyturn.pipelines.cli.main(argv)` in this process, with stdout and stderr captured."""
+    from keyturn.pipelines.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in (env or {})}

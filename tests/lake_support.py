@@ -31,7 +31,7 @@ from keyturn.lake.footer import dek_counts
 from keyturn.policy import KeyPolicy
 from keyturn.reader import DekReader
 from keyturn.scope import DekScope, KekRef, Location
-from pipelines.home import KeyHome
+from keyturn.home import KeyHome
 
 DATASET = "customers"
 SENSITIVE = ["email", "ssn"]

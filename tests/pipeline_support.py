@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipelines.home import KeyHome
+from keyturn.home import KeyHome
 
 SENSITIVE = ["email", "ssn"]
 REPO = Path(__file__).resolve().parents[1]
@@ -140,4 +140,4 @@ def run_python(code: str, *, env: Mapping[str, str] | None = None, timeout: floa
 
 
 def run_cli(args: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return run_python(f"import sys; from pipelines.cli import main; sys.exit(main({list(args)!r}))", env=env, timeout=timeout)
+    return run_python(f"import sys; from keyturn.pipelines.cli import main; sys.exit(main({list(args)!r}))", env=env, timeout=timeout)

@@ -28,7 +28,7 @@ from keyturn.audit import (
     verify_chain,
 )
 from keyturn.errors import AuditChainError
-from schemas import load_schema, schema_names
+from keyturn.schemas import load_schema, schema_names
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 

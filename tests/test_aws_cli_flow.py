@@ -44,7 +44,7 @@ from keyturn.aws.dynamodb_registry import DynamoDbKeyRegistry
 from keyturn.aws.kms import AwsKms
 from keyturn.format import kms_context
 from keyturn.lake import Lake, S3Settings
-from pipelines import exitcodes
+from keyturn.pipelines import exitcodes
 
 pytestmark = pytest.mark.aws
 
@@ -266,7 +266,7 @@ def test_lock_refuses_a_concurrent_run_and_a_crash_mid_rewrite_loses_nothing(aws
     # a reencrypt SIGKILLed after its first file, with the second file's verified temp object written
     env = {**os.environ, "KEYTURN_CRASHPOINT": "rewrite:before-swap", "KEYTURN_CRASHPOINT_SKIP": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "--home", aws["home"], "reencrypt", "--lake", lake_uri,
+        [sys.executable, "-m", "keyturn.pipelines.cli", "--home", aws["home"], "reencrypt", "--lake", lake_uri,
          "--s3-endpoint-url", aws["url"]],
         env=env, capture_output=True, text=True, timeout=180,
     )

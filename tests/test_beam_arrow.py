@@ -67,8 +67,8 @@ from keyturn.audit.events import AuditEvent, QuarantineRecord, VersionMismatchEv
 from keyturn.format import parse_envelope
 from keyturn.ipc import batch_from_ipc, batch_to_ipc
 from keyturn.scope import ScopeLimits
-from transforms.arrow import DecryptBatches, EncryptBatches, ReencryptBatches
-from transforms.coders import RecordBatchCoder
+from keyturn.transforms.arrow import DecryptBatches, EncryptBatches, ReencryptBatches
+from keyturn.transforms.coders import RecordBatchCoder
 
 pytestmark = [pytest.mark.beam, pytest.mark.usefixtures("no_batch_pickling")]
 
@@ -909,7 +909,7 @@ def _coder_of(pipeline_proto, context, pcoll) -> beam.coders.Coder:
 
 
 def test_batches_travel_with_the_arrow_coder_never_pickle(key_source):
-    from transforms.partition import PartitionBatches
+    from keyturn.transforms.partition import PartitionBatches
 
     p = beam.Pipeline()
     keyed = p | beam.Create(keyed_batches(PARTS, 1, 3))

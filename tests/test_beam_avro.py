@@ -38,7 +38,7 @@ from keyturn import avro_codec
 from keyturn.audit.events import AuditEvent, QuarantineRecord, VersionMismatchEvent
 from keyturn.format import parse_envelope
 from keyturn.scope import DekScope, KekRef, Location
-from transforms.avro import DecryptRecords, EncryptRecords, ReencryptRecords
+from keyturn.transforms.avro import DecryptRecords, EncryptRecords, ReencryptRecords
 
 pytestmark = pytest.mark.beam
 

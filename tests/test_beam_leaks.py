@@ -57,9 +57,9 @@ from keyturn.keysource import LocalKeySource
 from keyturn.kms.base import KmsBackend
 from keyturn.kms.local import LocalKms
 from keyturn.scope import ScopeLimits
-from transforms.adapters import ArrowAdapter
-from transforms.arrow import DecryptBatches, EncryptBatches, ReencryptBatches
-from transforms.dofns import DecryptFn, EncryptFn, ReencryptFn
+from keyturn.transforms.adapters import ArrowAdapter
+from keyturn.transforms.arrow import DecryptBatches, EncryptBatches, ReencryptBatches
+from keyturn.transforms.dofns import DecryptFn, EncryptFn, ReencryptFn
 
 pytestmark = pytest.mark.beam
 

@@ -45,7 +45,7 @@ from beam_support import (
     rows_of,
     write_jsonl,
 )
-from transforms.arrow import DecryptBatches, EncryptBatches
+from keyturn.transforms.arrow import DecryptBatches, EncryptBatches
 
 pytestmark = [pytest.mark.beam, pytest.mark.slow]
 

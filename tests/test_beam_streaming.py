@@ -37,9 +37,9 @@ from beam_support import (
     sample_batch,
     write_jsonl,
 )
-from transforms.arrow import DecryptBatches, EncryptBatches
-from transforms.coders import RecordBatchCoder
-from transforms.partition import PartitionBatches
+from keyturn.transforms.arrow import DecryptBatches, EncryptBatches
+from keyturn.transforms.coders import RecordBatchCoder
+from keyturn.transforms.partition import PartitionBatches
 
 pytestmark = pytest.mark.beam
 

@@ -17,8 +17,8 @@ from cli_support import customers, run_cli, snapshot, write_encrypted_file
 from keyturn import errors
 from keyturn.audit.chain import verify_chain
 from keyturn.registry.base import KeyState
-from pipelines import cli, exitcodes
-from pipelines.home import KeyHome
+from keyturn.pipelines import cli, exitcodes
+from keyturn.home import KeyHome
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +156,7 @@ class FakeRun:
 
 
 def test_encrypt_passes_arguments_and_beam_options(home_dir, monkeypatch):
-    from pipelines import encrypt
+    from keyturn.pipelines import encrypt
 
     fake = FakeRun({"rows_written": 5, "files_written": 1, "lake": "L", "columns": ["a", "b"], "problems": 0})
     monkeypatch.setattr(encrypt, "run", fake)
@@ -173,7 +173,7 @@ def test_encrypt_passes_arguments_and_beam_options(home_dir, monkeypatch):
 
 
 def test_progress_only_on_a_terminal_without_json(home_dir, monkeypatch):
-    from pipelines import decrypt
+    from keyturn.pipelines import decrypt
 
     fake = FakeRun({"rows_written": 1, "problems": 0})
     monkeypatch.setattr(decrypt, "run", fake)
@@ -189,7 +189,7 @@ def test_progress_only_on_a_terminal_without_json(home_dir, monkeypatch):
     [(0, exitcodes.OK), (2, exitcodes.DATA), ([], exitcodes.OK), ([{"path": "p", "reason": "corrupt"}], exitcodes.DATA)],
 )
 def test_pipeline_problems_exit_3(home_dir, monkeypatch, problems, code):
-    from pipelines import reencrypt
+    from keyturn.pipelines import reencrypt
 
     monkeypatch.setattr(reencrypt, "run", FakeRun({"problems": problems, "summary": "ok"}))
     monkeypatch.setattr(reencrypt, "render", lambda report: "rendered by the pipeline")
@@ -201,7 +201,7 @@ def test_pipeline_problems_exit_3(home_dir, monkeypatch, problems, code):
 
 
 def test_pipeline_errors_map_to_exit_codes(home_dir, monkeypatch):
-    from pipelines import reencrypt
+    from keyturn.pipelines import reencrypt
 
     def locked(**kwargs):
         raise errors.LakeLockedError("lake L is locked by another keyturn job (pid 1)")
@@ -485,7 +485,7 @@ def test_audit_verify_works_without_keys(home_dir):
 def test_subprocess_module_and_console_script(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
     home = str(tmp_path / "h")
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "--home", home, "--json", "init"],
+    proc = subprocess.run([sys.executable, "-m", "keyturn.pipelines.cli", "--home", home, "--json", "init"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["active_version"] == 1
@@ -615,7 +615,7 @@ def test_bad_input_through_the_cli(tmp_path):
 
 
 def test_interrupt_exits_130(home_dir, monkeypatch):
-    from pipelines import decrypt
+    from keyturn.pipelines import decrypt
 
     def interrupted(**kwargs):
         raise KeyboardInterrupt

@@ -1,6 +1,6 @@
 """Every error path of the `keyturn` CLI: its documented exit code and one line on stderr, run as a user runs it.
 
-Each test starts the CLI as a subprocess (``python -m pipelines.cli``), so
+Each test starts the CLI as a subprocess (``python -m keyturn.pipelines.cli``), so
 logging is configured the way a real command line has it (nothing set up
 before `main`), and Beam's own output (its logged tracebacks, the traceback
 an SDK worker prints) would show on stderr if the CLI let it through.
@@ -34,15 +34,15 @@ import pyarrow.parquet as pq
 import pytest
 
 import keyturn
-from pipelines import exitcodes
+from keyturn.pipelines import exitcodes
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def keyturn_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m pipelines.cli ARGS` in a fresh interpreter; stdout and stderr captured as text."""
+    """`python -m keyturn.pipelines.cli ARGS` in a fresh interpreter; stdout and stderr captured as text."""
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
+        [sys.executable, "-m", "keyturn.pipelines.cli", *args],
         cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout,
     )
 
@@ -131,7 +131,7 @@ def test_oversized_cell_is_one_line_exit_2_and_writes_nothing(tmp_path):
 
 
 def _disable_kek(home: Path, kek_id: str = "kek-0001") -> None:
-    from pipelines.home import KeyHome
+    from keyturn.home import KeyHome
 
     with KeyHome.open(str(home), check_keys=False).kms() as kms:
         kms.disable_kek(kek_id)
@@ -197,16 +197,16 @@ def _flip_to_index_error(raw: bytes) -> bytes:
 def _patched_cli(tmp_path: Path, home: Path, patch: str, *args: str) -> subprocess.CompletedProcess:
     """The CLI in a subprocess whose source reader (run inside the Beam step ReadSplit) is replaced by `patch`.
 
-    Patched in `pipelines.sources`, which imports no Beam: the CLI imports
+    Patched in `keyturn.sources`, which imports no Beam: the CLI imports
     Beam itself, after it set up logging, as a real run does.
     """
     code = (
         "import sys\n"
-        "import pipelines.sources as sources\n"
+        "import keyturn.sources as sources\n"
         f"{patch}\n"
         "sources.read_batches = broken\n"
-        "assert 'apache_beam' not in sys.modules and 'pipelines.encrypt' not in sys.modules\n"
-        "from pipelines.cli import main\n"
+        "assert 'apache_beam' not in sys.modules and 'keyturn.pipelines.encrypt' not in sys.modules\n"
+        "from keyturn.pipelines.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     write_source(tmp_path / "src", 1, 20)
@@ -243,7 +243,7 @@ def test_keyboard_interrupt_inside_a_step_exits_130(tmp_path):
 
 def _start(tmp_path: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *args],
+        [sys.executable, "-m", "keyturn.pipelines.cli", *args],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

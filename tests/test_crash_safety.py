@@ -1,6 +1,6 @@
 """Crash safety: SIGKILL the reencrypt job and `keyturn rewrap` at every crashpoint, then check nothing was lost.
 
-Each lake case runs ``python -m pipelines.reencrypt`` in a subprocess with
+Each lake case runs ``python -m keyturn.pipelines.reencrypt`` in a subprocess with
 ``KEYTURN_CRASHPOINT`` set (see `keyturn.crash`), checks the process
 died by SIGKILL, and then checks the lake as any reader would find it:
 readable by pyarrow.dataset with the same non-sensitive data and layout,
@@ -42,8 +42,8 @@ from lake_support import (
     source_table,
     temp_files,
 )
-from pipelines import reencrypt
-from pipelines import status as status_job
+from keyturn.pipelines import reencrypt
+from keyturn.pipelines import status as status_job
 
 pytestmark = pytest.mark.beam
 
@@ -93,7 +93,7 @@ def _crash(cmd, point, skip):
 
 
 def _run_crashing(lake, home, point, skip, mode):
-    cmd = [sys.executable, "-m", "pipelines.reencrypt", "--lake", lake.uri, "--home", home.path, "--mode", mode, "--workers", "1"]
+    cmd = [sys.executable, "-m", "keyturn.pipelines.reencrypt", "--lake", lake.uri, "--home", home.path, "--mode", mode, "--workers", "1"]
     return _crash(cmd, point, skip)
 
 
@@ -174,9 +174,9 @@ def test_sigkill_in_the_middle_of_a_directory_rewrap_loses_nothing(setup, point,
     data_before = data_files_state(lake.uri)
 
     if command == "rewrap":
-        cmd = [sys.executable, "-m", "pipelines.cli", "--home", home.path, "rewrap"]
+        cmd = [sys.executable, "-m", "keyturn.pipelines.cli", "--home", home.path, "rewrap"]
     else:
-        cmd = [sys.executable, "-m", "pipelines.reencrypt", "--lake", lake.uri, "--home", home.path, "--mode", "rewrap"]
+        cmd = [sys.executable, "-m", "keyturn.pipelines.reencrypt", "--lake", lake.uri, "--home", home.path, "--mode", "rewrap"]
     proc = _crash(cmd, point, skip)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 

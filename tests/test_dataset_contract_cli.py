@@ -15,7 +15,7 @@ import pytest
 
 from cli_support import run_cli
 from keyturn.audit.chain import AuditChain
-from pipelines import exitcodes
+from keyturn.pipelines import exitcodes
 
 pytestmark = pytest.mark.beam
 

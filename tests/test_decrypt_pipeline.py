@@ -1,4 +1,4 @@
-"""`pipelines.decrypt`: an encrypted lake back to plain Parquet, with every row accounted for."""
+"""`keyturn.pipelines.decrypt`: an encrypted lake back to plain Parquet, with every row accounted for."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from keyturn.errors import InputError, VersionInUseError
 from keyturn.lake.layout import Lake
 from keyturn.lake.sideoutputs import SideOutputDir
-from pipelines import decrypt, encrypt
-from pipelines.lake_io import side_output_records
+from keyturn.pipelines import decrypt, encrypt
+from keyturn.pipelines.lake_io import side_output_records
 from tests.pipeline_support import SENSITIVE, all_files, customers, data_files, make_home, read_hive, run_cli, write_parquet_source
 
 pytestmark = pytest.mark.beam
@@ -137,7 +137,7 @@ def test_after_rotation_old_rows_decrypt_as_stale_and_read_as_current_after_a_re
     assert read_hive(tmp_path / "out1").column("email").to_pylist() == table.column("email").to_pylist()
 
     # the control-plane write-back: a rewrap moves their DEKs to version 2 in the directory, not one lake byte
-    from pipelines import reencrypt
+    from keyturn.pipelines import reencrypt
 
     before = snapshot(lake)
     report = reencrypt.run(str(lake), home=home.path, mode="rewrap")

@@ -1,4 +1,4 @@
-"""The demo (`make demo`, `keyturn demo`, `python -m pipelines.demo`), run small."""
+"""The demo (`make demo`, `keyturn demo`, `python -m keyturn.pipelines.demo`), run small."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import demo
+from keyturn.pipelines import demo
 from tests.pipeline_support import run_cli, run_python
 
 pytestmark = pytest.mark.beam
@@ -51,7 +51,7 @@ def test_demo_run_tells_the_whole_story(tmp_path):
 
 
 def test_demo_module_and_cli_entry_points(tmp_path):
-    proc = run_python(f"import sys; from pipelines.demo import main; sys.exit(main(['--rows', '500', '--partitions', '10', '--out', {str(tmp_path / 'a')!r}]))")
+    proc = run_python(f"import sys; from keyturn.pipelines.demo import main; sys.exit(main(['--rows', '500', '--partitions', '10', '--out', {str(tmp_path / 'a')!r}]))")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "identical to the source" in proc.stdout
     proc = run_cli(["demo", "--rows", "500", "--partitions", "10", "--out", str(tmp_path / "b"), "--json"])

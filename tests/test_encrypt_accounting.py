@@ -34,10 +34,10 @@ import yaml
 from cli_support import run_cli
 from keyturn.errors import InputError
 from keyturn.lake.layout import Lake
-from pipelines import decrypt, encrypt, ingest
-from pipelines.exitcodes import DATA, exit_code_for
-from pipelines.lake_io import side_output_records
-from pipelines.sources import hive_segments
+from keyturn.pipelines import decrypt, encrypt, ingest
+from keyturn.pipelines.exitcodes import DATA, exit_code_for
+from keyturn.pipelines.lake_io import side_output_records
+from keyturn.sources import hive_segments
 from tests.pipeline_support import SENSITIVE, all_files, customers, data_files, make_home, read_hive, write_parquet_source
 
 pytestmark = pytest.mark.beam

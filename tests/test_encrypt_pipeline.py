@@ -1,4 +1,4 @@
-"""`pipelines.encrypt`: plain Parquet/Avro into an encrypted hive-partitioned lake.
+"""`keyturn.pipelines.encrypt`: plain Parquet/Avro into an encrypted hive-partitioned lake.
 
 Each test runs the real pipeline (FnApiRunner) against a real key home and
 reads the lake back with pyarrow, as any reader would.
@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from keyturn.errors import InputError
-from pipelines import decrypt, encrypt
-from pipelines.lake_io import side_output_records
+from keyturn.pipelines import decrypt, encrypt
+from keyturn.pipelines.lake_io import side_output_records
 from keyturn.lake.layout import Lake
 from tests.pipeline_support import (
     SENSITIVE,
@@ -186,8 +186,8 @@ def test_cli_unknown_column_exits_2_with_one_line(tmp_path):
 
 _CRASH_RUN = """
 import sys
-from pipelines import encrypt
-from pipelines.home import KeyHome
+from keyturn.pipelines import encrypt
+from keyturn.home import KeyHome
 encrypt.run(home=KeyHome.open(sys.argv[1] if len(sys.argv) > 1 else {home!r}), source={src!r}, lake={lake!r},
             columns=["email", "ssn"], partition_by="region", file_rows=200)
 """

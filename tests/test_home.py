@@ -1,4 +1,4 @@
-"""pipelines.home.KeyHome: init lays out a working home; open validates it with one clear error each."""
+"""keyturn.home.KeyHome: init lays out a working home; open validates it with one clear error each."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from keyturn.errors import ConfigError, HomeError, KeystoreError, RegistryError
 from keyturn.keysource import LocalKeySource
 from keyturn.registry.base import KeyState
 from keyturn.scope import DekScope, Location
-from pipelines.home import HOME_FILES, KeyHome, default_home
+from keyturn.home import HOME_FILES, KeyHome, default_home
 
 T0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
 

@@ -1,4 +1,4 @@
-"""`pipelines.ingest`: files landing in a directory are encrypted in partition batches and appended to the lake.
+"""`keyturn.pipelines.ingest`: files landing in a directory are encrypted in partition batches and appended to the lake.
 
 Files are landed the way producers should land them (written under a hidden
 name, then renamed), by a thread or between runs. Assertions are on what
@@ -21,8 +21,8 @@ import pytest
 
 from keyturn.errors import InputError
 from keyturn.lake.layout import Lake
-from pipelines import decrypt, encrypt, ingest
-from pipelines.lake_io import side_output_records
+from keyturn.pipelines import decrypt, encrypt, ingest
+from keyturn.pipelines.lake_io import side_output_records
 from tests.pipeline_support import (
     REPO,
     SENSITIVE,
@@ -171,8 +171,8 @@ def test_columns_are_required_for_an_empty_lake(home, tmp_path):
 
 
 _INGEST = """
-from pipelines import ingest
-from pipelines.home import KeyHome
+from keyturn.pipelines import ingest
+from keyturn.home import KeyHome
 ingest.run(home=KeyHome.open({home!r}), watch={land!r}, lake={lake!r}, columns=["email", "ssn"], partition_by="region",
            poll_interval=0.1, until_idle=1.0, file_rows=150)
 """
@@ -206,7 +206,7 @@ def test_sigterm_stops_after_the_current_batch(home, tmp_path):
     land, lake = tmp_path / "land", tmp_path / "lake"
     land_parquet(land, "a.parquet", customers(100))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pipelines.ingest", "--home", home.path, "--watch", str(land), "--lake", str(lake),
+    cmd = [sys.executable, "-m", "keyturn.pipelines.ingest", "--home", home.path, "--watch", str(land), "--lake", str(lake),
            "--columns", "email,ssn", "--poll-interval", "0.1"]
     proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

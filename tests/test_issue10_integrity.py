@@ -41,8 +41,8 @@ from keyturn.audit.events import build_event
 from keyturn.errors import AuditChainError, ConcurrentModificationError, InputError, LakeLockedError
 from keyturn.lake import Lake
 from keyturn.registry.sqlite import SqliteKeyRegistry
-from pipelines import exitcodes, ingest, reencrypt
-from pipelines.home import KeyHome
+from keyturn.pipelines import exitcodes, ingest, reencrypt
+from keyturn.home import KeyHome
 
 REPO = str(Path(__file__).resolve().parents[1])
 

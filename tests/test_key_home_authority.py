@@ -42,8 +42,8 @@ from keyturn.ipc import batch_from_ipc
 from keyturn.lake import Lake
 from keyturn.lake.footer import FOOTER_KEY
 from keyturn.lake.sideoutputs import SideOutputDir, read_side_outputs
-from pipelines import exitcodes
-from pipelines.home import KeyHome
+from keyturn.pipelines import exitcodes
+from keyturn.home import KeyHome
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 300
@@ -690,13 +690,13 @@ def test_rebuild_registers_the_genuine_copy_of_an_envelope_also_planted_elsewher
 
 _SYNCED_CLI = """
 import os, sys, time, uuid
-import pipelines.cli, pipelines.home, keyturn.rotation, keyturn.kms.local, keyturn.registry.sqlite
+import keyturn.pipelines.cli, keyturn.home, keyturn.rotation, keyturn.kms.local, keyturn.registry.sqlite
 barrier, parties = sys.argv[1], int(sys.argv[2])
 open(os.path.join(barrier, uuid.uuid4().hex), "w").close()
 deadline = time.monotonic() + 60
 while len(os.listdir(barrier)) < parties and time.monotonic() < deadline:
     time.sleep(0.0005)
-sys.exit(pipelines.cli.main(sys.argv[3:]))
+sys.exit(keyturn.pipelines.cli.main(sys.argv[3:]))
 """
 
 
@@ -708,9 +708,9 @@ def test_concurrent_rotate_keeps_versions_sound(tmp_path):
     codes: list[int] = []
     errors: list[str] = []
     for round_ in range(5):
-        if round_ == 0:  # exactly `python -m pipelines.cli --home H rotate`
-            argvs = [[sys.executable, "-m", "pipelines.cli", "--home", home, "rotate"]] * 4
-        else:  # the same `pipelines.cli.main`, started together once all four have imported it
+        if round_ == 0:  # exactly `python -m keyturn.pipelines.cli --home H rotate`
+            argvs = [[sys.executable, "-m", "keyturn.pipelines.cli", "--home", home, "rotate"]] * 4
+        else:  # the same `keyturn.pipelines.cli.main`, started together once all four have imported it
             barrier = tmp_path / f"barrier-{round_}"
             barrier.mkdir()
             argvs = [[sys.executable, "-c", _SYNCED_CLI, str(barrier), "4", "--home", home, "rotate"]] * 4

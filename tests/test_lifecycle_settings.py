@@ -44,11 +44,11 @@ from keyturn.registry.base import KeyState
 from keyturn.registry.sqlite import SqliteKeyRegistry
 from keyturn.rotation import check_transition_window, retire, retire_allowed_at
 from keyturn.scope import Location
-from pipelines import exitcodes
-from pipelines.home import KeyHome
-from transforms.adapters import ArrowAdapter
-from transforms.arrow import keyturn_pardo
-from transforms.dofns import DecryptFn
+from keyturn.pipelines import exitcodes
+from keyturn.home import KeyHome
+from keyturn.transforms.adapters import ArrowAdapter
+from keyturn.transforms.arrow import keyturn_pardo
+from keyturn.transforms.dofns import DecryptFn
 
 T0 = datetime(2025, 6, 1, tzinfo=timezone.utc)
 

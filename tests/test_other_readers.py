@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from pipelines import encrypt, reencrypt
+from keyturn.pipelines import encrypt, reencrypt
 from tests.pipeline_support import SENSITIVE, customers, make_home, write_parquet_source
 
 pytestmark = pytest.mark.beam
@@ -67,7 +67,7 @@ def test_filters_on_partitions_and_public_columns_work(setup):
 
 
 def test_readers_still_see_the_same_after_a_rotation_and_rewrap(setup):
-    from pipelines import status
+    from keyturn.pipelines import status
 
     home, table, src, lake = setup
     before = hive(lake)

@@ -30,7 +30,7 @@ from keyturn.policy import KeyPolicy, ReadStatus
 from keyturn.reader import DekReader
 from keyturn.registry.sqlite import SqliteKeyRegistry
 from keyturn.scope import DekScope, KekRef, Location
-from pipelines import decrypt, encrypt, exitcodes, status
+from keyturn.pipelines import decrypt, encrypt, exitcodes, status
 from tests.cli_support import run_cli
 from tests.pipeline_support import SENSITIVE, customers, data_files, make_home, write_parquet_source
 

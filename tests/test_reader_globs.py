@@ -36,8 +36,8 @@ import pytest
 from keyturn.lake.atomic import AtomicParquetWriter
 from keyturn.lake.layout import TEMP_PREFIX, Lake, is_temp_name, temp_name_for
 from lake_support import rotate
-from pipelines import encrypt, reencrypt
-from pipelines.encrypt import COMMIT_MARKER, STAGED_SUFFIX, recover_staging
+from keyturn.pipelines import encrypt, reencrypt
+from keyturn.pipelines.encrypt import COMMIT_MARKER, STAGED_SUFFIX, recover_staging
 from tests.pipeline_support import REPO, SENSITIVE, customers, make_home, write_parquet_source
 
 pytestmark = pytest.mark.beam
@@ -107,7 +107,7 @@ def test_an_unfinished_atomic_write_is_invisible_to_duckdb_and_pyarrow(lake):
 def test_duckdb_and_pyarrow_count_only_committed_rows_after_kill_9_of_a_rewrite(lake):
     home, lake_dir, _ = lake
     rotate(home)
-    cmd = [sys.executable, "-m", "pipelines.reencrypt", "--lake", str(lake_dir), "--home", str(home.path),
+    cmd = [sys.executable, "-m", "keyturn.pipelines.reencrypt", "--lake", str(lake_dir), "--home", str(home.path),
            "--mode", "reencrypt", "--workers", "1"]
     _kill_at("rewrite:mid-write", cmd)
     leftovers = [p for p in lake_dir.rglob(f"{TEMP_PREFIX}*")]
@@ -125,7 +125,7 @@ def test_an_encrypt_killed_before_its_commit_is_invisible_to_duckdb_and_pyarrow(
     home, lake_dir, tmp_path = lake
     more = customers(300, partitions=1, start=10_000).set_column(1, "region", pa.array([9] * 300))
     src = write_parquet_source(tmp_path / "src2", more, files=1)
-    cmd = [sys.executable, "-m", "pipelines.encrypt", "--home", str(home.path), "--source", src,
+    cmd = [sys.executable, "-m", "keyturn.pipelines.encrypt", "--home", str(home.path), "--source", src,
            "--lake", str(lake_dir), "--columns", ",".join(SENSITIVE), "--partition-by", "region"]
     _kill_at("encrypt:before-commit", cmd)
     assert_readers_count(lake_dir, ROWS)
@@ -141,7 +141,7 @@ def test_an_encrypt_killed_after_its_commit_is_rolled_forward_under_parquet_name
     home, lake_dir, tmp_path = lake
     more = customers(200, partitions=1, start=20_000).set_column(1, "region", pa.array([8] * 200))
     src = write_parquet_source(tmp_path / "src3", more, files=1)
-    cmd = [sys.executable, "-m", "pipelines.encrypt", "--home", str(home.path), "--source", src,
+    cmd = [sys.executable, "-m", "keyturn.pipelines.encrypt", "--home", str(home.path), "--source", src,
            "--lake", str(lake_dir), "--columns", ",".join(SENSITIVE), "--partition-by", "region"]
     _kill_at("encrypt:before-record", cmd)
     assert_readers_count(lake_dir, ROWS + 200)

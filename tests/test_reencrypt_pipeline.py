@@ -30,7 +30,7 @@ from lake_support import (
     temp_files,
     write_encrypted_file,
 )
-from pipelines import reencrypt
+from keyturn.pipelines import reencrypt
 
 pytestmark = pytest.mark.beam
 

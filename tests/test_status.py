@@ -1,4 +1,4 @@
-"""pipelines.status and `keyturn status`: counts per version and partition, problems, HTML report, read-only."""
+"""keyturn.pipelines.status and `keyturn status`: counts per version and partition, problems, HTML report, read-only."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from cli_support import (
 )
 from keyturn.errors import LakeError, VersionInUseError
 from keyturn.rotation import rotate
-from pipelines import exitcodes, status
-from pipelines.home import KeyHome
+from keyturn.pipelines import exitcodes, status
+from keyturn.home import KeyHome
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Payload adapters: what differs between Arrow batches and Avro records.
 
-The DoFns in `transforms.dofns` are written once against this small
+The DoFns in `keyturn.transforms.dofns` are written once against this small
 interface; `ArrowAdapter` and `AvroAdapter` bind it to the core codecs.
 A payload is one element's data: a `pyarrow.RecordBatch`, or a list of Avro
 records (dicts).

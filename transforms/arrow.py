@@ -28,14 +28,14 @@ from typing import Any, Dict, Tuple
 import apache_beam as beam
 import pyarrow as pa
 
-import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
+import keyturn.transforms.coders  # noqa: F401  (registers RecordBatchCoder)
 from keyturn.keysource import KeySource
 from keyturn.policy import VersionRules
 from keyturn.scope import ScopeLimits
-from transforms.adapters import ArrowAdapter
-from transforms.dofns import DecryptFn, EncryptFn, ReencryptFn
-from transforms.outputs import KeyturnOutputs, from_tagged
-from transforms.tags import AUDIT, MAIN, QUARANTINE, VERSION_MISMATCH
+from keyturn.transforms.adapters import ArrowAdapter
+from keyturn.transforms.dofns import DecryptFn, EncryptFn, ReencryptFn
+from keyturn.transforms.outputs import KeyturnOutputs, from_tagged
+from keyturn.transforms.tags import AUDIT, MAIN, QUARANTINE, VERSION_MISMATCH
 
 __all__ = ["EncryptBatches", "DecryptBatches", "ReencryptBatches", "keyturn_pardo"]
 
@@ -82,7 +82,7 @@ class DecryptBatches(beam.PTransform):
     `version_rules` (`keyturn.policy.VersionRules`): ``reject`` raises
     `VersionMismatchError` on missing/unknown rows instead of routing them.
     `rewrap_stale=True` (lazy rotation) re-wraps the stale DEKs read in the
-    key home's directory; see `transforms.dofns.DecryptFn`.
+    key home's directory; see `keyturn.transforms.dofns.DecryptFn`.
     """
 
     def __init__(

@@ -27,11 +27,11 @@ import apache_beam as beam
 from keyturn.keysource import KeySource
 from keyturn.policy import VersionRules
 from keyturn.scope import ScopeLimits
-from transforms.adapters import AvroAdapter
-from transforms.arrow import keyturn_pardo
-from transforms.dofns import DecryptFn, EncryptFn, ReencryptFn
-from transforms.outputs import KeyturnOutputs
-from transforms.tags import AUDIT, MAIN, QUARANTINE, VERSION_MISMATCH
+from keyturn.transforms.adapters import AvroAdapter
+from keyturn.transforms.arrow import keyturn_pardo
+from keyturn.transforms.dofns import DecryptFn, EncryptFn, ReencryptFn
+from keyturn.transforms.outputs import KeyturnOutputs
+from keyturn.transforms.tags import AUDIT, MAIN, QUARANTINE, VERSION_MISMATCH
 
 __all__ = ["EncryptRecords", "DecryptRecords", "ReencryptRecords"]
 

@@ -7,7 +7,7 @@ only, and in `finish_bundle()` emits one audit event per scope and closes
 every scope. No plaintext key survives `finish_bundle()`.
 
 Elements are `(partition, payload)` pairs; a payload is one record batch or
-a list of Avro records (see `transforms.adapters`).
+a list of Avro records (see `keyturn.transforms.adapters`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from keyturn.policy import KeyPolicy, ReadStatus, VersionRules, classify_keys
 from keyturn.reader import DekReader, envelope_dek_id
 from keyturn.rewrap import rewrap_entries
 from keyturn.scope import DekScope, Location, ScopeLimits
-from transforms.adapters import PayloadAdapter, Rewritten
-from transforms.tags import AUDIT, QUARANTINE, VERSION_MISMATCH
+from keyturn.transforms.adapters import PayloadAdapter, Rewritten
+from keyturn.transforms.tags import AUDIT, QUARANTINE, VERSION_MISMATCH
 
 __all__ = ["EncryptFn", "DecryptFn", "ReencryptFn"]
 

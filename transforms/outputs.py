@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import apache_beam as beam
 
-from transforms.tags import AUDIT, MAIN, QUARANTINE, VERSION_MISMATCH
+from keyturn.transforms.tags import AUDIT, MAIN, QUARANTINE, VERSION_MISMATCH
 
 __all__ = ["KeyturnOutputs", "from_tagged"]
 

@@ -17,7 +17,7 @@ from typing import Tuple
 import apache_beam as beam
 import pyarrow as pa
 
-import transforms.coders  # noqa: F401  (registers RecordBatchCoder)
+import keyturn.transforms.coders  # noqa: F401  (registers RecordBatchCoder)
 from keyturn.ipc import batch_from_ipc, batch_to_ipc
 
 __all__ = ["PartitionBatches", "concat_batches"]

@@ -19,7 +19,7 @@ be processed (ciphertext or unparseable data), and `detail` is a short code-like
 explanation that must never quote key bytes.
 
 Each type's `to_dict()` matches its Avro schema in `schemas/` field for field
-(`schemas.load_schema("audit_event")` and friends), and `from_dict` inverts it.
+(`keyturn.schemas.load_schema("audit_event")` and friends), and `from_dict` inverts it.
 """
 
 from __future__ import annotations

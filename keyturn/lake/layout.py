@@ -12,7 +12,7 @@ A file or directory whose name starts with "." or "_" is never data
 DuckDB's globs do not skip hidden names, so no file keyturn writes ends in
 ``.parquet`` until it is data: temp files end in ``.tmp``
 (``.keyturn-tmp-<uuid>-part-<uuid>.parquet.tmp``), staged files of an
-encrypt or ingest run in ``.staged`` (see `pipelines.encrypt`), and side
+encrypt or ingest run in ``.staged`` (see `keyturn.pipelines.encrypt`), and side
 outputs are Avro. So ``read_parquet('<lake>/**/*.parquet')`` (or
 ``'<lake>/*/*.parquet'`` for one partition level) reads exactly the
 committed data files. A bare ``'<lake>/**'`` also reaches keyturn's own

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 
 from keyturn.lake.atomic import fsync_dir
 from keyturn.lake.layout import Lake, temp_name_for
-from schemas import load_schema
+from keyturn.schemas import load_schema
 
 __all__ = ["SCHEMA_OF", "SideOutputDir", "write_side_output", "read_side_outputs", "compact_parts", "part_name"]
 

@@ -93,7 +93,7 @@ def hive_segments(partition: str) -> list[tuple[str, str | None]]:
 
     A raw value of `NULL_PARTITION` is None (a null); the value written for
     the literal string (``%5F%5FHIVE_DEFAULT_PARTITION%5F%5F``, see
-    `pipelines.encrypt.hive_path`) decodes to that string. This is how
+    `keyturn.pipelines.encrypt.hive_path`) decodes to that string. This is how
     DuckDB and Spark read hive paths (the null check comes before decoding);
     pyarrow.dataset decodes first, so it reads both as null.
     """
