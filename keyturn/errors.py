@@ -30,6 +30,9 @@ __all__ = [
     "AuditChainError",
     "HomeError",
     "LakeError",
+    "AccountingError",
+    "NotAKeyturnLakeError",
+    "WrongKeyHomeError",
     "InputError",
     "AuditSinkError",
     "ContractError",
@@ -172,3 +175,23 @@ class VersionMismatchError(KeyturnError):
         self.reason = reason
         self.rows = rows
         super().__init__(message)
+
+
+class AccountingError(LakeError):
+    """The rows written, skipped and quarantined do not add up to the source rows; nothing was committed (exit code 3)."""
+
+
+class NotAKeyturnLakeError(LakeError):
+    """The directory holds data files, but keyturn wrote none of them and the key home knows nothing of it.
+
+    A usage error (exit code 2): `--lake` names plain Parquet, not an
+    encrypted lake. See `check_fits_home`.
+    """
+
+
+class WrongKeyHomeError(LakeError):
+    """The key home knows none of the lake's DEKs, and the files name another dataset than the home's.
+
+    A usage error (exit code 2): `--home` names the key home of another
+    dataset. See `check_fits_home`.
+    """

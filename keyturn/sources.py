@@ -30,13 +30,13 @@ import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from keyturn.errors import InputError
+from keyturn.lake.hive import NULL_PARTITION, hive_segments
 
 __all__ = [
     "SourceFile",
@@ -55,8 +55,6 @@ __all__ = [
 
 FORMATS = {".parquet": "parquet", ".parq": "parquet", ".avro": "avro"}
 DEFAULT_BATCH_ROWS = 65_536
-NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
-"""The hive path value of a null partition value (what Hive, Spark, pyarrow and DuckDB write and read)."""
 
 
 @dataclass(frozen=True)
@@ -86,23 +84,6 @@ def resolve(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.F
 def is_hidden(name: str) -> bool:
     """Files and directories whose name starts with "." or "_" are never data."""
     return name.startswith((".", "_"))
-
-
-def hive_segments(partition: str) -> list[tuple[str, str | None]]:
-    """`"a=1/b=x%2Fy"` -> `[("a", "1"), ("b", "x/y")]`; segments without "=" are ignored.
-
-    A raw value of `NULL_PARTITION` is None (a null); the value written for
-    the literal string (``%5F%5FHIVE_DEFAULT_PARTITION%5F%5F``, see
-    `keyturn.pipelines.encrypt.hive_path`) decodes to that string. This is how
-    DuckDB and Spark read hive paths (the null check comes before decoding);
-    pyarrow.dataset decodes first, so it reads both as null.
-    """
-    out: list[tuple[str, str | None]] = []
-    for segment in partition.split("/") if partition else []:
-        if "=" in segment:
-            key, value = segment.split("=", 1)
-            out.append((unquote(key), None if value == NULL_PARTITION else unquote(value)))
-    return out
 
 
 def _format_of(name: str) -> str | None:

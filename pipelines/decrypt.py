@@ -3,7 +3,7 @@
     python -m keyturn.pipelines.decrypt --home DIR --lake PATH --out PATH [--columns a,b] [--side-outputs PATH] [-- beam options]
 
 The pipeline reads every data file of the lake as `(partition, batch)`
-(`keyturn.pipelines.lake_io.ReadLakeFiles`), decrypts with `DecryptBatches`, and
+(`keyturn.transforms.lakefiles.ReadLakeFiles`), decrypts with `DecryptBatches`, and
 writes the readable rows as plain Parquet under `<out>/<partition>/`
 (partition columns stay in the path, as in the lake, so
 `pyarrow.dataset(out, partitioning="hive")` gives them back).
@@ -69,15 +69,11 @@ from keyturn.lake.inventory import check_fits_home, take_inventory
 from keyturn.lake.layout import Lake, is_hidden
 from keyturn.lake.sideoutputs import SideOutputDir
 from keyturn.policy import KeyPolicy, VersionRules
-from keyturn.pipelines.lake_io import (
-    ReadLakeFiles,
-    WriteLakeFiles,
-    WriteSideOutput,
-    lake_of,
-    new_run_id,
-    pipeline_options,
-    side_output_records,
-)
+from keyturn.transforms.lakefiles import ReadLakeFiles, WriteLakeFiles, WriteSideOutput
+from keyturn.home import lake_of
+from keyturn.lake.layout import new_run_id
+from keyturn.pipelines.runner import pipeline_options
+from keyturn.lake.sideoutputs import read_side_outputs
 from keyturn.transforms.arrow import DecryptBatches
 from keyturn.transforms.tags import QUARANTINE
 
@@ -266,9 +262,9 @@ def run(
 
     say("counting")
     rows_written, files_written, per_partition = _count_out(out_fs, out_root)
-    mismatch = side_output_records(side, "mismatch", run_id)
-    quarantine = side_output_records(side, "quarantine", run_id)
-    audit = side_output_records(side, "audit", run_id)
+    mismatch = read_side_outputs(side, "mismatch", run_id=run_id)
+    quarantine = read_side_outputs(side, "quarantine", run_id=run_id)
+    audit = read_side_outputs(side, "audit", run_id=run_id)
     status = {s: 0 for s in ("current", "stale", "retired", "unknown", "missing", "corrupt")}
     for event in mismatch:
         status[event["reason"]] += int(event["rows"])

@@ -61,285 +61,49 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from datetime import date, datetime
 from typing import Any, Dict, Tuple
-from urllib.parse import quote
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.fs as pafs
 
-from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
 from keyturn.audit.events import build_quarantine
 from keyturn.contract import settle_arrow_contract
-from keyturn.errors import InputError, LakeError
-from keyturn.lake.atomic import fsync_dir
 from keyturn.crash import crashpoint
-from keyturn.lake.layout import KEYTURN_DIR, Lake, as_lake, is_hidden
+from keyturn.encrypt_plan import EncryptPlan, check_bind, plan
+from keyturn.errors import AccountingError, InputError
+from keyturn.home import lake_of
+from keyturn.lake.atomic import write_json_atomically
+from keyturn.lake.footer import read_footer
+from keyturn.lake.hive import split_by_partition
+from keyturn.lake.layout import Lake, as_lake, new_run_id
+from keyturn.lake.ledger import record_sources
+from keyturn.lake.sideoutputs import read_side_outputs
+from keyturn.lake.staging import (
+    COMMIT_MARKER,
+    FAILED_FILE,
+    READ_FILE,
+    SKIPPED_FILE,
+    STAGED_SUFFIX,
+    STAGING,
+    encrypted_partitions,
+    publish,
+    read_json,
+    recover_staging,
+    staged_files,
+)
 from keyturn.scope import ScopeLimits
-from keyturn.pipelines.lake_io import (
-    MAX_QUARANTINE_BYTES,
-    WriteLakeFiles,
-    WriteSideOutput,
-    lake_of,
-    new_run_id,
-    pipeline_options,
-    read_footer,
-    side_output_records,
-)
-from keyturn.pipelines.exitcodes import DATA
-from keyturn.sources import (
-    DEFAULT_BATCH_ROWS,
-    NULL_PARTITION,
-    SourceFile,
-    file_schema_and_rows,
-    hive_segments,
-    list_source_files,
-    read_batches,
-    resolve,
-)
+from keyturn.sources import DEFAULT_BATCH_ROWS, SourceFile, read_batches, resolve
 from keyturn.transforms.arrow import EncryptBatches
+from keyturn.transforms.lakefiles import MAX_QUARANTINE_BYTES, WriteLakeFiles, WriteSideOutput
 from keyturn.transforms.partition import PartitionBatches
 from keyturn.transforms.tags import QUARANTINE
+from keyturn.pipelines.runner import pipeline_options
 
-__all__ = [
-    "run",
-    "main",
-    "EncryptPlan",
-    "plan",
-    "plan_files",
-    "encrypt_files",
-    "split_by_partition",
-    "conform",
-    "hive_path",
-    "recover_staging",
-    "read_ledger",
-    "record_sources",
-    "encrypted_partitions",
-    "check_partition_names",
-    "AccountingError",
-    "NULL_PARTITION",
-    "NULL_LITERAL_SEGMENT",
-    "STAGED_SUFFIX",
-]
+__all__ = ["run", "main", "encrypt_files", "quarantine_source", "resolve_bind"]
 
-NULL_LITERAL_SEGMENT = "%5F%5FHIVE_DEFAULT_PARTITION%5F%5F"
-"""The path value of the literal string `NULL_PARTITION` (not a null): its underscores percent-encoded."""
 DEFAULT_FILE_ROWS = 262_144
-STAGING = "staging"
-STAGED_SUFFIX = ".staged"
-"""Staged data files end in ``.parquet.staged`` until published, so no ``*.parquet`` glob reaches them."""
-COMMIT_MARKER = "_COMMITTED"
-SKIPPED_FILE = "_skipped.json"
-FAILED_FILE = "_failed.json"
-READ_FILE = "_read.json"
-LEDGER = "ingested.json"
 Keyed = Tuple[str, pa.RecordBatch]
 
-
-class AccountingError(LakeError):
-    """The rows written, skipped and quarantined do not add up to the source rows; nothing was committed."""
-
-    exit_code = DATA
-
-
-# ------------------------------------------------------------------ partition paths
-
-
-def _hive_value(value: Any) -> str:
-    if value is None:
-        return NULL_PARTITION
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    return str(value)
-
-
-def _hive_segment_value(value: Any) -> str:
-    """A partition value as it appears in the path: URI-encoded; null as `NULL_PARTITION`.
-
-    The literal string `NULL_PARTITION` is written as `NULL_LITERAL_SEGMENT`
-    (``quote`` never encodes "_", so no other value is written that way):
-    two distinct directories, which DuckDB, Spark and `hive_segments` read
-    back as a null and as the string. pyarrow.dataset reads both as null (it
-    decodes before its null check, and its own writer puts both in one
-    directory).
-    """
-    if value is None:
-        return NULL_PARTITION
-    text = _hive_value(value)
-    if text == NULL_PARTITION:
-        return NULL_LITERAL_SEGMENT
-    return quote(text, safe="")
-
-
-def hive_path(pairs: Sequence[tuple[str, Any]]) -> str:
-    """`[("region", 3), ("day", "2024-01-01")]` -> `"region=3/day=2024-01-01"` (values URI-encoded)."""
-    return "/".join(f"{quote(k, safe='')}={_hive_segment_value(v)}" for k, v in pairs)
-
-
-def check_partition_names(names: Sequence[str]) -> None:
-    """`InputError` for a partition column name a hive directory cannot carry.
-
-    A name starting with "_" or "." makes a hidden directory (pyarrow,
-    Spark, keyturn's own listings skip it: the rows would vanish), and
-    ``_keyturn`` is keyturn's own directory; "/", "\\" and "=" would split
-    or confuse the ``name=value`` segment; an empty name has no segment.
-    """
-    seen: set[str] = set()
-    for name in names:
-        if not isinstance(name, str) or not name.strip():
-            raise InputError("a partition column name is empty (--partition-by a,b)")
-        if name.startswith(("_", ".")):
-            what = "keyturn's own directory" if name == KEYTURN_DIR else "a hidden directory that readers skip"
-            raise InputError(
-                f"partition column {name!r} cannot be a hive partition: a name starting with '_' or '.' makes "
-                f"{what}, so its rows would be invisible; rename the column first"
-            )
-        bad = [c for c in ("/", "\\", "=") if c in name] or [c for c in name if not c.isprintable()]
-        if bad:
-            raise InputError(f"partition column {name!r} cannot be a hive partition: it contains {bad[0]!r}")
-        if name in seen:
-            raise InputError(f"partition column {name!r} is named twice in --partition-by")
-        seen.add(name)
-
-
-def split_by_partition(
-    batch: pa.RecordBatch, base: str, split_columns: Sequence[str], drop: Sequence[str], schema: pa.Schema
-) -> Iterator[Keyed]:
-    """`(partition, batch)` pieces of `batch`: `base` plus one segment per `split_columns` value.
-
-    Columns in `drop` (partition columns) leave the data; each piece is
-    conformed to `schema` (column order and types; absent columns as nulls).
-    """
-    if not split_columns:
-        yield base, conform(batch, schema, drop)
-        return
-    table = pa.Table.from_batches([batch])
-    table = table.append_column("__keyturn_row", pa.array(range(batch.num_rows), pa.int64()))
-    groups = table.group_by(list(split_columns), use_threads=False).aggregate([("__keyturn_row", "list")])
-    for group in groups.to_pylist():
-        segment = hive_path([(c, group[c]) for c in split_columns])
-        partition = f"{base}/{segment}" if base else segment
-        rows = pa.array(group["__keyturn_row_list"], pa.int64())
-        yield partition, conform(batch.take(rows), schema, drop)
-
-
-def conform(batch: pa.RecordBatch, schema: pa.Schema, drop: Sequence[str]) -> pa.RecordBatch:
-    """`batch` with the columns of `schema`, in its order and types, without schema metadata."""
-    names = batch.schema.names
-    arrays = []
-    for f in schema:
-        if f.name in drop:
-            continue
-        if f.name in names:
-            arr = batch.column(f.name)
-            arrays.append(arr if arr.type == f.type else arr.cast(f.type))
-        else:
-            arrays.append(pa.nulls(batch.num_rows, f.type))
-    fields = [f for f in schema if f.name not in drop]
-    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
-
-
-# ------------------------------------------------------------------ the plan (driver-side checks)
-
-
-class EncryptPlan:
-    """What a run will do, checked before anything is written.
-
-    `source_rows` maps each file's path to its row count from the Parquet
-    footer (None for Avro: counted as it is read).
-    """
-
-    def __init__(
-        self,
-        files: list[SourceFile],
-        data_schema: pa.Schema,
-        hive_keys: list[str],
-        split_columns: list[str],
-        source_rows: dict[str, int | None] | None = None,
-    ) -> None:
-        self.files = files
-        self.data_schema = data_schema
-        self.hive_keys = hive_keys
-        self.split_columns = split_columns
-        self.source_rows = dict(source_rows or {})
-
-    @property
-    def drop(self) -> list[str]:
-        return self.hive_keys + self.split_columns
-
-
-def plan(source: str, columns: Sequence[str], partition_by: Sequence[str], bind: Sequence[str] = ()) -> EncryptPlan:
-    """List and check the source; `InputError` (one clear line) for any problem."""
-    return plan_files(list_source_files(source), columns, partition_by, bind)
-
-
-def plan_files(
-    files: list[SourceFile], columns: Sequence[str], partition_by: Sequence[str], bind: Sequence[str] = ()
-) -> EncryptPlan:
-    """Check listed source files (schemas only); `InputError` (one clear line) for any problem."""
-    if isinstance(columns, str) or not columns:
-        raise InputError("name at least one column to encrypt (--columns a,b)")
-    columns = list(columns)
-    if len(set(columns)) != len(columns):
-        raise InputError(f"a column is named twice in --columns: {', '.join(columns)}")
-    partition_by = list(partition_by)
-    hive_keys = [k for k, _ in hive_segments(files[0].partition)]
-    split_columns = [c for c in partition_by if c not in hive_keys]
-    check_partition_names(split_columns)  # before any file is opened: a bad name is refused at once
-    read = [(f, *file_schema_and_rows(f)) for f in files]
-    schemas = [(f, schema) for f, schema, _ in read]
-    for f, schema in schemas:
-        names = schema.names
-        for reserved in (VERSION_COLUMN, DEK_COLUMN):
-            if reserved in names:
-                raise InputError(f"source file {f.path!r} is already encrypted by keyturn (it has column {reserved!r})")
-        for column in columns:
-            if column not in names:
-                where = "a partition column of the source" if column in hive_keys else f"not in source file {f.path!r}"
-                raise InputError(f"column {column!r} does not exist: {where} (columns: {', '.join(names)})")
-        for column in split_columns:
-            if column not in names:
-                raise InputError(f"partition column {column!r} is not in source file {f.path!r} (columns: {', '.join(names)})")
-            kind = schema.field(column).type
-            if pa.types.is_nested(kind) or pa.types.is_null(kind):
-                raise InputError(f"partition column {column!r} has type {kind}, which a hive path cannot hold")
-    for column in columns:
-        if column in partition_by or column in hive_keys:
-            raise InputError(f"column {column!r} is a partition column; partition values are stored in clear in the path")
-    check_bind(bind, columns, hive_keys + split_columns, schemas)
-    try:
-        data_schema = pa.unify_schemas([s.remove_metadata() for _, s in schemas])
-    except (pa.ArrowException, ValueError) as exc:
-        raise InputError(f"the source files' schemas disagree: {' '.join(str(exc).split())[:300]}") from None
-    everywhere = set.intersection(*(set(s.names) for _, s in schemas))
-    data_schema = pa.schema(
-        [f if f.name in everywhere else f.with_nullable(True) for f in data_schema if f.name not in hive_keys]
-    )
-    if not [f for f in data_schema if f.name not in split_columns]:
-        raise InputError("nothing would be left in the data files once the partition columns are removed")
-    return EncryptPlan(files, data_schema, hive_keys, split_columns, {f.path: rows for f, _, rows in read})
-
-
-def check_bind(
-    bind: Sequence[str], columns: Sequence[str], partition_columns: Sequence[str], schemas: Sequence[tuple[SourceFile, pa.Schema]]
-) -> None:
-    """`InputError` unless every row-key column to bind is a clear data column of every source file."""
-    bind = list(bind)
-    if len(set(bind)) != len(bind):
-        raise InputError(f"a column is named twice in --bind: {', '.join(bind)}")
-    for name in bind:
-        if name in columns:
-            raise InputError(f"--bind column {name!r} is also encrypted; bind non-sensitive row-key columns")
-        if name in partition_columns:
-            raise InputError(f"--bind column {name!r} is a partition column; it is not in the data files to bind")
-        for f, schema in schemas:
-            if name not in schema.names:
-                raise InputError(f"--bind column {name!r} is not in source file {f.path!r} (columns: {', '.join(schema.names)})")
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -350,125 +114,6 @@ def _overlap(a: str, b: str) -> bool:
 
 
 # ------------------------------------------------------------------ staging and commit
-
-
-def recover_staging(lake: Lake) -> dict[str, int]:
-    """Finish or undo earlier runs' staging: committed runs are rolled forward, others deleted.
-
-    A committed run's marker may list source files (ingest); they are
-    recorded in the source ledger as part of rolling forward, so a file is
-    never ingested twice.
-    """
-    fs = lake.fs
-    root = lake.keyturn_path(STAGING)
-    out = {"rolled_forward_files": 0, "discarded_runs": 0}
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return out
-    for run_dir in sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory):
-        marker_path = posixpath.join(run_dir, COMMIT_MARKER)
-        if fs.get_file_info(marker_path).type == pafs.FileType.File:
-            with fs.open_input_stream(marker_path) as f:
-                marker = json.loads(f.read())
-            out["rolled_forward_files"] += len(_publish(lake, run_dir))
-            record_sources(lake, marker.get("sources") or {})
-        else:
-            out["discarded_runs"] += 1
-        fs.delete_dir(run_dir)
-    return out
-
-
-def _staged_files(lake: Lake, run_dir: str) -> list[tuple[str, str]]:
-    """`(staged path, final path)` for every finished data file under `run_dir`.
-
-    Staged files are ``<partition>/part-<uuid>.parquet.staged`` (published
-    without ``.staged``); a ``.parquet`` file is one staged by an older
-    keyturn, still rolled forward. Temp files (``.keyturn-tmp-...``) and
-    keyturn's ``_*.json`` lists are not data. A file under a hidden
-    directory is never published as data (it would be invisible), so it is
-    not counted as written either: the run's accounting refuses to commit.
-    """
-    fs = lake.fs
-    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
-        return []
-    out = []
-    for info in fs.get_file_info(pafs.FileSelector(run_dir, recursive=True)):
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(run_dir.rstrip("/")) + 1 :]
-        if any(is_hidden(p) for p in rel.split("/")):
-            continue
-        if rel.endswith(".parquet" + STAGED_SUFFIX):
-            final = rel[: -len(STAGED_SUFFIX)]
-        elif rel.endswith(".parquet"):
-            final = rel
-        else:
-            continue
-        out.append((info.path, lake.path(final)))
-    return sorted(out)
-
-
-def _publish(lake: Lake, run_dir: str) -> list[str]:
-    """Move a committed run's staged files into the lake (idempotent: moved files are gone from staging)."""
-    moved = []
-    for staged, final in _staged_files(lake, run_dir):
-        lake.fs.create_dir(posixpath.dirname(final), recursive=True)
-        lake.fs.move(staged, final)
-        fsync_dir(lake, posixpath.dirname(final))
-        moved.append(final)
-        crashpoint("encrypt:mid-publish")
-    return moved
-
-
-def _write_marker(lake: Lake, path: str, payload: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with lake.fs.open_output_stream(tmp) as out:
-        out.write(json.dumps(payload, sort_keys=True).encode())
-    if lake.is_local:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    lake.fs.move(tmp, path)
-    fsync_dir(lake, posixpath.dirname(path))
-
-
-def read_ledger(lake: Lake) -> dict[str, dict[str, Any]]:
-    """The source ledger `<lake>/_keyturn/ingested.json`: source key -> what was done with it."""
-    path = lake.keyturn_path(LEDGER)
-    if lake.fs.get_file_info(path).type != pafs.FileType.File:
-        return {}
-    with lake.fs.open_input_stream(path) as f:
-        return dict(json.loads(f.read()).get("sources", {}))
-
-
-def record_sources(lake: Lake, sources: dict[str, dict[str, Any]]) -> None:
-    """Add `sources` to the ledger, atomically (idempotent: recording twice changes nothing)."""
-    if not sources:
-        return
-    ledger = read_ledger(lake)
-    if all(ledger.get(k) == v for k, v in sources.items()):
-        return
-    ledger.update(sources)
-    _write_marker(lake, lake.keyturn_path(LEDGER), {"format": 1, "sources": ledger})
-
-
-def encrypted_partitions(lake: Lake) -> dict[str, int]:
-    """Partitions holding at least one keyturn file -> their number of data files (reads footers only)."""
-    by_partition: dict[str, list[str]] = {}
-    for data_file in lake.data_files():
-        by_partition.setdefault(data_file.partition, []).append(data_file.path)
-    out: dict[str, int] = {}
-    for partition, paths in by_partition.items():
-        for path in paths:
-            try:
-                footer = read_footer(lake.fs, path)
-            except (OSError, pa.ArrowException, ValueError):
-                footer = None
-            if footer is not None:
-                out[partition] = len(paths)
-                break
-    return out
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -550,9 +195,7 @@ def _write_json(lake_uri: str | Lake, path: str, items: list[Any]) -> int:
     for item in items:
         partition, rows = item if isinstance(item, tuple) else (item, 1)
         counts[partition] = counts.get(partition, 0) + rows
-    lake.fs.create_dir(posixpath.dirname(path), recursive=True)
-    with lake.fs.open_output_stream(path) as out:
-        out.write(json.dumps(counts, sort_keys=True).encode())
+    write_json_atomically(lake, path, counts)
     return len(counts)
 
 
@@ -667,17 +310,17 @@ def encrypt_files(
             whole_file=whole_file,
             bind=bind,
         )
-        staged = _staged_files(lake, staging_uri)
-        skipped = _read_json(lake, posixpath.join(staging_uri, SKIPPED_FILE))
-        failed = sorted(_read_json(lake, posixpath.join(staging_uri, FAILED_FILE)))
-        read = _read_json(lake, posixpath.join(staging_uri, READ_FILE))
+        staged = staged_files(lake, staging_uri)
+        skipped = read_json(lake, posixpath.join(staging_uri, SKIPPED_FILE))
+        failed = sorted(read_json(lake, posixpath.join(staging_uri, FAILED_FILE)))
+        read = read_json(lake, posixpath.join(staging_uri, READ_FILE))
         written: dict[str, dict[str, int]] = {}
         for staged_path, final in staged:
             size = lake.fs.get_file_info(staged_path).size or 0
-            footer = read_footer(lake.fs, staged_path) or {}
+            footer = read_footer(lake.fs, staged_path)
             part = written.setdefault(Lake.partition_of(lake.relpath(final)), {"files": 0, "rows": 0, "bytes": 0})
             part["files"] += 1
-            part["rows"] += int(footer.get("rows", 0))
+            part["rows"] += footer.rows if footer is not None else 0
             part["bytes"] += size
         accounting = _account(the_plan, read, failed, written, skipped)
     except BaseException:
@@ -688,13 +331,13 @@ def encrypt_files(
         raise
     ledger = sources(failed) if sources else {}
     crashpoint("encrypt:before-commit")
-    _write_marker(lake, posixpath.join(staging_uri, COMMIT_MARKER), {"run_id": run_id, "files": len(staged), "sources": ledger})
-    _publish(lake, staging_uri)
+    write_json_atomically(lake, posixpath.join(staging_uri, COMMIT_MARKER), {"run_id": run_id, "files": len(staged), "sources": ledger})
+    publish(lake, staging_uri)
     crashpoint("encrypt:before-record")
     record_sources(lake, ledger)
     crashpoint("encrypt:before-cleanup")
     lake.fs.delete_dir(staging_uri)
-    events = side_output_records(lake, "audit", run_id)
+    events = read_side_outputs(lake, "audit", run_id=run_id)
     return {
         "written": dict(sorted(written.items())),
         "skipped": dict(sorted(skipped.items())),
@@ -839,13 +482,6 @@ def _names(value: str | Sequence[str] | None) -> list[str]:
     if isinstance(value, str):
         return [c.strip() for c in value.split(",") if c.strip()]
     return list(value)
-
-
-def _read_json(lake: Lake, path: str) -> dict[str, int]:
-    if lake.fs.get_file_info(path).type != pafs.FileType.File:
-        return {}
-    with lake.fs.open_input_stream(path) as f:
-        return {str(k): int(v) for k, v in json.loads(f.read()).items()}
 
 
 def _open_home(home: Any) -> Any:

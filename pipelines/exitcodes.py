@@ -78,6 +78,7 @@ _BY_CLASS: dict[type[BaseException], int] = {
     errors.UnknownVersionError: USAGE,
     errors.VersionInUseError: REFUSED,
     errors.LakeLockedError: REFUSED,
+    errors.AccountingError: DATA,
     errors.LakeError: USAGE,
     errors.InvalidTransitionError: REFUSED,
     errors.ConcurrentModificationError: REFUSED,

@@ -48,10 +48,9 @@ import hashlib
 import json
 import os
 import sys
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import apache_beam as beam
@@ -62,13 +61,14 @@ from keyturn.config import KeyturnConfig, default_config
 from keyturn.errors import KmsError, KmsUnavailableError
 from keyturn.keysource import KeySource
 from keyturn.lake import DataFile, Lake, as_lake, crashpoint, take_inventory
+from keyturn.lake.layout import new_run_id
 from keyturn.lake.inventory import Inventory
 from keyturn.lake.rewrite import rewrite_file
 from keyturn.lake.throttle import RateLimitedKms
 from keyturn.lake.sideoutputs import SCHEMA_OF, compact_parts, part_name, read_side_outputs, write_side_output
 from keyturn.policy import KeyPolicy, ReadStatus
 from keyturn.scope import ScopeLimits
-from keyturn.pipelines.lake_io import pipeline_options
+from keyturn.pipelines.runner import pipeline_options
 
 __all__ = ["run", "main", "RewritePartitionFn", "plan_rewrites"]
 
@@ -79,11 +79,6 @@ JOB_MODES = ("reencrypt", "rewrap", "auto")
 only, no lake byte changes); ``auto``: ``rewrap``, then re-encrypt the files
 whose DEKs are over age."""
 _MAX_LISTED = 1000  # files listed by name in a report
-
-
-def new_run_id(now: datetime | None = None) -> str:
-    now = now or datetime.now(timezone.utc)
-    return f"reencrypt-{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
 
 
 # -- the plan ----------------------------------------------------------------------
@@ -379,7 +374,7 @@ def run(
     if max_files is not None and max_files < 0:
         raise ValueError("--max-files must be >= 0")
     workers = workers or cfg.lifecycle.max_concurrent_reencryption_workers
-    run_id = run_id or new_run_id()
+    run_id = run_id or new_run_id(prefix="reencrypt")
     from keyturn.home import lake_of
 
     the_lake = lake_of(lake, key_home)

@@ -14,7 +14,7 @@ from keyturn.errors import InputError, VersionInUseError
 from keyturn.lake.layout import Lake
 from keyturn.lake.sideoutputs import SideOutputDir
 from keyturn.pipelines import decrypt, encrypt
-from keyturn.pipelines.lake_io import side_output_records
+from keyturn.lake.sideoutputs import read_side_outputs
 from tests.pipeline_support import SENSITIVE, all_files, customers, data_files, make_home, read_hive, run_cli, write_parquet_source
 
 pytestmark = pytest.mark.beam
@@ -131,7 +131,7 @@ def test_after_rotation_old_rows_decrypt_as_stale_and_read_as_current_after_a_re
     report = decrypt.run(home=home, lake=str(lake), out=str(tmp_path / "out1"))
     assert report["rows_written"] == 1600
     assert report["rows_by_status"]["stale"] == 1600 and report["problems"] == []
-    events = side_output_records(side_outputs(report), "mismatch", report["run_id"])
+    events = read_side_outputs(side_outputs(report), "mismatch", run_id=report["run_id"])
     assert {e["reason"] for e in events} == {"stale"} and sum(e["rows"] for e in events) == 1600
     assert {(e["found_version"], e["current_version"]) for e in events} == {(1, 2)}
     assert read_hive(tmp_path / "out1").column("email").to_pylist() == table.column("email").to_pylist()
@@ -179,10 +179,10 @@ def test_bad_files_and_rows_go_to_side_outputs_and_nothing_is_deleted(home, lake
     assert [p["path"] for p in report["problems"] if p["reason"] == "unreadable"] == ["region=0/part-corrupt.parquet"]
     assert problems == {"unreadable": 0, "retired": 1600, "unknown": 40, "missing": 50}
     lake_obj = side_outputs(report)
-    quarantined = side_output_records(lake_obj, "quarantine", report["run_id"])
+    quarantined = read_side_outputs(lake_obj, "quarantine", run_id=report["run_id"])
     assert [q["reason"] for q in quarantined] == ["unparseable"]
     assert quarantined[0]["payload"] == b"PAR1 this is not parquet at all PAR1"
-    reasons = {e["reason"] for e in side_output_records(lake_obj, "mismatch", report["run_id"])}
+    reasons = {e["reason"] for e in read_side_outputs(lake_obj, "mismatch", run_id=report["run_id"])}
     assert reasons == {"retired", "unknown", "missing"}
     assert before == set(all_files(lake))  # nothing deleted, nothing added: the side outputs are under the output
 
@@ -197,7 +197,7 @@ def test_tampered_cells_are_quarantined_with_their_bytes(home, lake, tmp_path):
     pq.write_table(t, victim)
     report = decrypt.run(home=home, lake=str(lake), out=str(tmp_path / "out"))
     assert report["rows_by_status"]["corrupt"] == 1 and report["rows_written"] == 1599
-    [record] = side_output_records(side_outputs(report), "quarantine", report["run_id"])
+    [record] = read_side_outputs(side_outputs(report), "quarantine", run_id=report["run_id"])
     assert record["reason"] == "corrupt" and record["rows"] == 1 and record["payload_format"] == "arrow_ipc"
 
 

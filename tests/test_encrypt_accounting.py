@@ -32,12 +32,13 @@ import pytest
 import yaml
 
 from cli_support import run_cli
-from keyturn.errors import InputError
+from keyturn import encrypt_plan
+from keyturn.errors import AccountingError, InputError
 from keyturn.lake.layout import Lake
 from keyturn.pipelines import decrypt, encrypt, ingest
 from keyturn.pipelines.exitcodes import DATA, exit_code_for
-from keyturn.pipelines.lake_io import side_output_records
-from keyturn.sources import hive_segments
+from keyturn.lake.sideoutputs import read_side_outputs
+from keyturn.lake.hive import hive_segments
 from tests.pipeline_support import SENSITIVE, all_files, customers, data_files, make_home, read_hive, write_parquet_source
 
 pytestmark = pytest.mark.beam
@@ -111,11 +112,11 @@ def test_every_encrypt_reports_and_accounts_for_every_source_row(home, tmp_path)
 
 def test_rows_that_do_not_add_up_fail_the_run_and_commit_nothing(home, tmp_path, monkeypatch):
     # take away the name check: the hidden partition directory that used to swallow rows silently
-    monkeypatch.setattr(encrypt, "check_partition_names", lambda names: None)
+    monkeypatch.setattr(encrypt_plan, "check_partition_names", lambda names: None)
     table = customers(120).rename_columns(["id", "_region", "email", "ssn", "spend", "signup"])
     src = write_parquet_source(tmp_path / "src", table, files=2)
     lake = tmp_path / "lake"
-    with pytest.raises(encrypt.AccountingError, match="120 source rows were read but 0 written") as info:
+    with pytest.raises(AccountingError, match="120 source rows were read but 0 written") as info:
         encrypt.run(home=home, source=src, lake=str(lake), columns=["email"], partition_by="_region")
     assert exit_code_for(info.value) == DATA and "\n" not in str(info.value)
     assert data_files(lake) == []
@@ -251,7 +252,7 @@ def test_ingest_rejects_a_file_whose_column_type_breaks_the_contract_and_goes_on
     assert report["files_ingested"] == 2 and report["rows_written"] == 130
     assert report["files_quarantined"] == 1 and report["quarantined"] == [str(land / "b-bad.parquet")]
     assert sorted(read_hive(lake).column("id").to_pylist()) == list(range(100)) + list(range(2000, 2030))
-    records = side_output_records(Lake(str(lake)), "quarantine")
+    records = read_side_outputs(Lake(str(lake)), "quarantine")
     assert len(records) == 1 and "b-bad.parquet" in records[0]["detail"]
     assert records[0]["payload"] == (land / "b-bad.parquet").read_bytes()
     entries = json.loads((lake / "_keyturn" / "ingested.json").read_text())["sources"]

@@ -17,7 +17,7 @@ import pytest
 
 from keyturn.errors import InputError
 from keyturn.pipelines import decrypt, encrypt
-from keyturn.pipelines.lake_io import side_output_records
+from keyturn.lake.sideoutputs import read_side_outputs
 from keyturn.lake.layout import Lake
 from tests.pipeline_support import (
     SENSITIVE,
@@ -66,7 +66,7 @@ def test_encrypt_partitions_by_column_stamps_footers_and_audits(home, tmp_path):
         assert "region" not in schema.names  # hive style: the partition lives in the path
         assert schema.field("email").type == pa.binary()
     # one DEK (one KMS call) and one audit event per partition scope
-    events = side_output_records(Lake(str(lake)), "audit", report["run_id"])
+    events = read_side_outputs(Lake(str(lake)), "audit", run_id=report["run_id"])
     assert len(events) == report["audit_events"] == 4
     assert {e["action"] for e in events} == {"encrypt"}
     assert sum(e["counts"]["rows"] for e in events) == 3000

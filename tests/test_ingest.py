@@ -22,7 +22,7 @@ import pytest
 from keyturn.errors import InputError
 from keyturn.lake.layout import Lake
 from keyturn.pipelines import decrypt, encrypt, ingest
-from keyturn.pipelines.lake_io import side_output_records
+from keyturn.lake.sideoutputs import read_side_outputs
 from tests.pipeline_support import (
     REPO,
     SENSITIVE,
@@ -131,7 +131,7 @@ def test_bad_files_are_quarantined_and_the_stream_goes_on(home, tmp_path):
     assert sorted(os.path.basename(p) for p in report["quarantined"]) == ["broken.parquet", "no-ssn.parquet"]
     statuses = {k: v["status"] for k, v in ledger(lake).items()}
     assert statuses == {"good.parquet": "ingested", "broken.parquet": "rejected", "no-ssn.parquet": "rejected"}
-    records = side_output_records(Lake(str(lake)), "quarantine")
+    records = read_side_outputs(Lake(str(lake)), "quarantine")
     assert b"PAR1 truncated" in [r["payload"] for r in records] and len(records) == 2
     assert (land / "broken.parquet").exists()  # the landing directory is never modified
     # a second run does not retry them

@@ -41,6 +41,7 @@ from keyturn.audit.events import build_event
 from keyturn.errors import AuditChainError, ConcurrentModificationError, InputError, LakeLockedError
 from keyturn.lake import Lake
 from keyturn.registry.sqlite import SqliteKeyRegistry
+from keyturn.lake.ledger import LEDGER_KEY_PARTITION
 from keyturn.pipelines import exitcodes, ingest, reencrypt
 from keyturn.home import KeyHome
 
@@ -352,7 +353,7 @@ def test_the_ledger_holds_no_hash_of_any_source_and_a_relanded_file_is_skipped(i
     # the MAC key is a DEK of the key home's directory; the lake holds its id only, never its wrapping
     (key_id,) = {e["mac_key"] for e in entries.values()}
     entry = ingest_home.registry().lookup_deks([bytes.fromhex(key_id)])[bytes.fromhex(key_id)]
-    assert (entry.dataset, entry.partition) == ("customers", ingest.LEDGER_KEY_PARTITION)
+    assert (entry.dataset, entry.partition) == ("customers", LEDGER_KEY_PARTITION)
     assert entry.envelope not in everything and entry.envelope[-32:] not in everything
 
     # touched, and deleted then landed again with the same bytes: both still done, with one KMS call

@@ -24,7 +24,7 @@ from keyturn.contract import arrow_contract
 from keyturn.errors import LakeError
 from keyturn.kms.local import LocalKms
 from keyturn.lake import Lake
-from keyturn.lake.inventory import NotAKeyturnLakeError, WrongKeyHomeError
+from keyturn.errors import NotAKeyturnLakeError, WrongKeyHomeError
 from keyturn.lake.sideoutputs import SideOutputDir, read_side_outputs
 from keyturn.policy import KeyPolicy, ReadStatus
 from keyturn.reader import DekReader

@@ -37,7 +37,7 @@ from keyturn.lake.atomic import AtomicParquetWriter
 from keyturn.lake.layout import TEMP_PREFIX, Lake, is_temp_name, temp_name_for
 from lake_support import rotate
 from keyturn.pipelines import encrypt, reencrypt
-from keyturn.pipelines.encrypt import COMMIT_MARKER, STAGED_SUFFIX, recover_staging
+from keyturn.lake.staging import COMMIT_MARKER, STAGED_SUFFIX, recover_staging
 from tests.pipeline_support import REPO, SENSITIVE, customers, make_home, write_parquet_source
 
 pytestmark = pytest.mark.beam

@@ -6,7 +6,7 @@ PortableRunner against Beam's local job service). Beam 2.77's DirectRunner
 sent keyturn's encrypt pipeline (``GroupIntoBatches``, through
 `PartitionBatches`) to its BundleBasedDirectRunner, which failed four
 AssertionErrors in a GroupByKey (exit 1); it would also try to download the
-Prism runner first. `keyturn.pipelines.lake_io.pipeline_options` now runs the
+Prism runner first. `keyturn.pipelines.runner.pipeline_options` now runs the
 DirectRunner's batch engine, the FnApiRunner, directly
 (`DirectBatchRunner`), with every option passed on.
 
@@ -31,7 +31,7 @@ import pytest
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from keyturn.pipelines import exitcodes
-from keyturn.pipelines.lake_io import DEFAULT_RUNNER, DirectBatchRunner, pipeline_options
+from keyturn.pipelines.runner import DEFAULT_RUNNER, DirectBatchRunner, pipeline_options
 from test_cli_errors import REPO, _disable_kek, assert_one_line, init_home, keyturn_cli, visible_parquet, write_source
 
 pytestmark = [pytest.mark.beam, pytest.mark.slow]
@@ -56,7 +56,7 @@ UNTESTED_RUNNERS = {"DataflowRunner", "FlinkRunner", "SparkRunner"}
 )
 def test_no_runner_and_the_direct_runner_run_on_the_batch_engine(runner_args):
     options = pipeline_options([*runner_args, "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
-    assert options.view_as(StandardOptions).runner == DEFAULT_RUNNER == "keyturn.pipelines.lake_io.DirectBatchRunner"
+    assert options.view_as(StandardOptions).runner == DEFAULT_RUNNER == "keyturn.pipelines.runner.DirectBatchRunner"
     direct = options.view_as(DirectOptions)
     assert (direct.direct_running_mode, direct.direct_num_workers) == ("multi_processing", 2)
 

@@ -26,6 +26,7 @@ groups can count versions as it goes.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from typing import Any, BinaryIO
@@ -34,24 +35,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from keyturn.fsutil import fsync_dir as local_fsync_dir
-from keyturn.lake.footer import FOOTER_KEY, Footer
+from keyturn.lake.footer import FOOTER_KEY, Footer, strip_footer
 from keyturn.lake.layout import Lake, temp_name_for
 
-__all__ = ["AtomicParquetWriter", "write_parquet_atomically", "fsync_dir"]
+__all__ = ["AtomicParquetWriter", "write_parquet_atomically", "write_bytes_atomically", "write_json_atomically", "fsync_dir"]
 
 
 def fsync_dir(lake: Lake, directory: str) -> None:
     """fsync a directory of a local lake (no-op elsewhere), so a rename in it is durable."""
     if lake.is_local:
         local_fsync_dir(directory)
-
-
-def _strip_footer(schema: pa.Schema) -> pa.Schema:
-    meta = dict(schema.metadata or {})
-    if FOOTER_KEY in meta:
-        del meta[FOOTER_KEY]
-        return schema.with_metadata(meta) if meta else schema.remove_metadata()
-    return schema
 
 
 class AtomicParquetWriter:
@@ -68,7 +61,7 @@ class AtomicParquetWriter:
         self.path = path
         self.directory = posixpath.dirname(path)
         self.temp_path = posixpath.join(self.directory, temp_name_for(posixpath.basename(path)))
-        self.schema = _strip_footer(schema)
+        self.schema = strip_footer(schema)
         lake.fs.create_dir(self.directory, recursive=True)
         self._file: BinaryIO | None = None
         self._stream: Any = None
@@ -169,3 +162,37 @@ def write_parquet_atomically(
         writer.write(table, row_group_size=size)
         writer.finish(footer)
         writer.commit()
+
+
+def write_bytes_atomically(lake: Lake, path: str, data: bytes) -> None:
+    """Replace the small file `path` of `lake` with `data`: a fresh temp file beside it, fsync, rename, fsync the directory.
+
+    The lake-side small-file writer (commit markers, the source ledger, the
+    staging lists). Two writers never share a temp file; a crash leaves the
+    old file or the new one, never a mix (on S3: one PUT, then a copy).
+    """
+    directory = posixpath.dirname(path)
+    tmp = posixpath.join(directory, temp_name_for(posixpath.basename(path)))
+    lake.fs.create_dir(directory, recursive=True)
+    try:
+        with lake.fs.open_output_stream(tmp) as out:
+            out.write(data)
+        if lake.is_local:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        lake.fs.move(tmp, path)
+    except BaseException:
+        try:
+            lake.fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(lake, directory)
+
+
+def write_json_atomically(lake: Lake, path: str, payload: Any) -> None:
+    """`write_bytes_atomically` of `payload` as JSON with sorted keys."""
+    write_bytes_atomically(lake, path, json.dumps(payload, sort_keys=True).encode())

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from datetime import datetime
@@ -46,6 +47,9 @@ from keyturn.lake.layout import DataFile, Lake
 from keyturn.policy import KeyPolicy, ReadStatus
 
 __all__ = [
+    "footer_of_batch",
+    "strip_footer",
+    "read_footer",
     "FOOTER_KEY",
     "FOOTER_FORMAT",
     "Footer",
@@ -421,3 +425,25 @@ def footer_for(
     if parse_footer(footer.to_bytes()) is None:
         raise ValueError(f"invalid footer: {footer.to_json()}")
     return footer
+
+
+def footer_of_batch(batch: pa.RecordBatch | pa.Table, dataset: str, partition: str) -> Footer:
+    """The footer of a lake file holding exactly `batch`: rows per key version and per DEK, encrypted columns."""
+    versions, _ = count_versions(batch.column(VERSION_FIELD)) if VERSION_FIELD in batch.schema.names else ({}, 0)
+    return footer_for(dataset, partition, versions, batch.num_rows, _encrypted_columns(batch.schema), dek_counts(batch))
+
+
+def strip_footer(schema: pa.Schema) -> pa.Schema:
+    """`schema` without the ``keyturn`` footer key (it describes one file, not the data)."""
+    meta = dict(schema.metadata or {})
+    if FOOTER_KEY not in meta:
+        return schema
+    del meta[FOOTER_KEY]
+    return schema.with_metadata(meta) if meta else schema.remove_metadata()
+
+
+def read_footer(fs: pafs.FileSystem, path: str) -> Footer | None:
+    """The file's footer, or None if it has no valid one; reads the Parquet footer only (I/O errors raise)."""
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata.metadata or {}
+    return parse_footer(meta.get(FOOTER_KEY))

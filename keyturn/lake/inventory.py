@@ -17,7 +17,7 @@ from typing import Any
 
 from keyturn.contract import DatasetContract
 from keyturn.directory import LOOKUP_BATCH, DekDirectory, DekEntry, entry_matches
-from keyturn.errors import LakeError
+from keyturn.errors import NotAKeyturnLakeError, WrongKeyHomeError
 from keyturn.format import DEK_FIELD, VERSION_FIELD
 from keyturn.lake.footer import FileSummary, read_file_summary
 from keyturn.scope import Location
@@ -33,21 +33,6 @@ __all__ = [
     "check_fits_home",
 ]
 
-
-class NotAKeyturnLakeError(LakeError):
-    """The directory holds data files, but keyturn wrote none of them and the key home knows nothing of it.
-
-    A usage error (exit code 2): `--lake` names plain Parquet, not an
-    encrypted lake. See `check_fits_home`.
-    """
-
-
-class WrongKeyHomeError(LakeError):
-    """The key home knows none of the lake's DEKs, and the files name another dataset than the home's.
-
-    A usage error (exit code 2): `--home` names the key home of another
-    dataset. See `check_fits_home`.
-    """
 
 _STATUSES = [s.value for s in ReadStatus]
 

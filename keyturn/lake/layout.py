@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,3 +263,10 @@ def _restore_lake(
 def as_lake(lake: Lake | str | os.PathLike[str]) -> Lake:
     """`lake` itself if it is a `Lake`, else `Lake(lake)`."""
     return lake if isinstance(lake, Lake) else Lake(lake)
+
+
+def new_run_id(now: datetime | None = None, *, prefix: str = "") -> str:
+    """A sortable, unique run id: ``[<prefix>-]20250131T120000Z-1a2b3c4d`` (`now` defaults to the current UTC time)."""
+    now = now or datetime.now(timezone.utc)
+    stamp = f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+    return f"{prefix}-{stamp}" if prefix else stamp
