@@ -76,12 +76,13 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fastavro
 from fastavro.validation import validate as _avro_validate
 
-from keyturn.context import MAX_VALUE_BYTES
+from keyturn.avro_values import avro_type_descriptor
+from keyturn.contract import DatasetContract, check_avro_write
 from keyturn.errors import ContractError, DecryptionError
 from keyturn.format import DEK_FIELD, VERSION_FIELD
 from keyturn.kms.base import KmsBackend
@@ -91,8 +92,6 @@ from keyturn.rewrap import rewrap_rows
 from keyturn.scope import DekScope, Location
 from keyturn.schemas import load_schema
 
-if TYPE_CHECKING:  # keyturn.contract imports pyarrow; this module must not
-    from keyturn.contract import DatasetContract
 
 __all__ = [
     "VERSION_FIELD",
@@ -188,26 +187,6 @@ def _short(avro_type: object) -> str:
 
 
 # -- plain types: cell serialization ------------------------------------------
-
-
-def avro_type_descriptor(plain_type: object) -> str:
-    """The type descriptor bound into every cell's associated data.
-
-    ``"avro:" + json.dumps(plain_type, sort_keys=True, separators=(",", ":"))``
-    of the field's plain type as written in the schema (the value of
-    ``keyturn.plain_type``). Part of wire format v1 (docs/FORMAT.md, "Cell
-    associated data"): cells sealed under one descriptor only open under the
-    same one, so this function must never change for v1. `ValueError` if the
-    type is not JSON or the descriptor is too long to bind.
-    """
-    try:
-        text = "avro:" + json.dumps(plain_type, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
-        raise ValueError("an Avro plain type must be JSON data (str, list, dict)") from None
-    if len(text.encode("utf-8")) > MAX_VALUE_BYTES:
-        raise ValueError(f"the Avro type descriptor exceeds {MAX_VALUE_BYTES} bytes")
-    return text
-
 
 
 def _walk(t: object, defined: set[str], referenced: set[str]) -> None:
@@ -519,8 +498,6 @@ class _ContractPlan:
 
 
 def _contract_plan(encrypted_schema: object, contract: DatasetContract) -> _ContractPlan:
-    from keyturn.contract import DatasetContract
-
     if not isinstance(contract, DatasetContract):
         raise TypeError(f"contract must be a DatasetContract, not {type(contract).__name__}")
     if contract.codec != "avro":
@@ -653,8 +630,6 @@ def encrypt_records(
     contract's fields and binds are encrypted. An empty list makes no KMS call.
     """
     if contract is not None:
-        from keyturn.contract import check_avro_write
-
         fields = _record_fields(plain_schema, "plain_schema")
         check_avro_write(
             contract,

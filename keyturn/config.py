@@ -338,6 +338,17 @@ class LifecycleConfig(BaseModel):
     read: `keyturn decrypt`, `DecryptBatches(..., rewrap_stale=True)`), or
     ``batch_lazy`` (nothing moves until a bounded job runs: `keyturn rewrap
     --max-deks`, `keyturn reencrypt --max-files`).
+
+    `max_kms_requests_per_second`: the most requests per second one process
+    sends to the KMS, counted once over every KMS call it makes, whatever
+    the command or job (CLI verbs, encrypt, decrypt, ingest, rewrap,
+    reencrypt, every DoFn instance and thread) and whatever the backend.
+    The key source's ``open_kms()`` applies it through one token bucket per
+    KMS per process (`keyturn.kms.decorators.process_bucket`), burst equal
+    to one second's worth: on ``local`` each GenerateDataKey, Decrypt and
+    ReEncrypt takes a token; on ``aws_kms`` each HTTP attempt does
+    (retries and DescribeKey included). N worker processes may reach N
+    times the rate together.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)

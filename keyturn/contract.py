@@ -33,6 +33,7 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
+from keyturn.avro_values import avro_type_descriptor
 from keyturn.errors import ContractError, DecryptionError
 
 if TYPE_CHECKING:  # Arrow is imported only by the Arrow functions, so the Avro path never loads pyarrow
@@ -211,8 +212,6 @@ def avro_contract(
     dataset: str, plain_types: Mapping[str, Any], columns: Sequence[str], *, bind: Sequence[str] = ()
 ) -> DatasetContract:
     """The contract a first Avro write pins; `plain_types` maps each field name to its plain Avro type."""
-    from keyturn.avro_codec import avro_type_descriptor
-
     out = []
     for name in columns:
         if name not in plain_types:
@@ -312,8 +311,6 @@ def check_avro_write(
     bind: Sequence[str] | None = None,
 ) -> None:
     """The Avro twin of `check_arrow_write`: `plain_types` maps field name -> plain Avro type."""
-    from keyturn.avro_codec import avro_type_descriptor
-
     _check_common(
         contract, "avro", contract.names if columns is None else columns, contract.bind if bind is None else bind, None
     )

@@ -31,6 +31,7 @@ __all__ = [
     "HomeError",
     "LakeError",
     "AccountingError",
+    "ElementTypeError",
     "NotAKeyturnLakeError",
     "WrongKeyHomeError",
     "InputError",
@@ -146,6 +147,10 @@ class LakeLockLostError(LakeLockedError):
 
 class InputError(KeyturnError, ValueError):
     """Input cannot be used as asked: a missing source or column, an unreadable file, a bad layout."""
+
+
+class ElementTypeError(InputError, TypeError):
+    """A transform was given elements of a type it does not take; the message names the forms it accepts."""
 
 
 class AuditSinkError(KeyturnError):

@@ -54,7 +54,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from keyturn.fsutil import fsync_dir
+from keyturn.fsutil import write_file_atomically
 from keyturn.audit.chain import AuditChain
 from keyturn.audit.events import AuditAction, build_event, utc_now
 from keyturn.config import KeyturnConfig, dump_config, load_config, parse_config, resolve_paths
@@ -91,15 +91,6 @@ HOME_FILES = (CONFIG_NAME, ROOT_KEY_NAME, KEYSTORE_NAME, REGISTRY_NAME, AUDIT_NA
 def default_home() -> str:
     """``$KEYTURN_HOME`` if set and non-empty, else ``./.keyturn``."""
     return os.environ.get(HOME_ENV) or DEFAULT_HOME
-
-
-def _write_new(path: str, text: str, mode: int = 0o644) -> None:
-    """Create `path` (refusing to overwrite), write `text`, fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class KeyHome:
@@ -205,8 +196,8 @@ class KeyHome:
             if config.audit.sink == "cloudwatch":
                 _send_to_sink(config, [event])
         # The config goes last: a home interrupted mid-init has no config and `open` says so.
-        _write_new(os.path.join(home, CONFIG_NAME), _config_header() + dump_config(_relative(config, home)))
-        fsync_dir(home)
+        text = _config_header() + dump_config(_relative(config, home))
+        write_file_atomically(os.path.join(home, CONFIG_NAME), text.encode("utf-8"), mode=0o644, exclusive=True)
         return cls.open(home, clock=clock)
 
     @staticmethod

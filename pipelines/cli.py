@@ -4,15 +4,16 @@
 
 Verbs: init, encrypt, rotate, reencrypt, decrypt, status, retire,
 schedule-deletion, audit verify, ingest, demo. The pipeline verbs call the
-``run(...)`` function of their module in `pipelines` and render the report
-it returns, as text or (``--json``) as one JSON object on stdout.
+``run(...)`` function of their module in `pipelines`; every verb returns a
+typed report (`keyturn.reports`), which `keyturn.pipelines.output` renders
+once, as text or (``--json``) as one JSON object on stdout.
 Everything after a bare ``--`` is passed to Beam's ``PipelineOptions``.
 
 Errors print one line, ``keyturn: error: <message>``, on stderr (plus, with
 ``--json``, an ``{"error": ..., "exit_code": ...}`` object on stdout) and
 exit with a code from `keyturn.pipelines.exitcodes`; ``--debug`` adds the
-traceback. Long local runs show a rich spinner on stderr when it is a
-terminal and ``--json`` is off.
+traceback. Long runs show rich progress bars on stderr (stage, files and
+rows done, rate, time left) when it is a terminal and ``--json`` is off.
 
 Lakes: every ``--lake`` (and decrypt's ``--out``) is a local path or
 ``s3://bucket/prefix``; ``--s3-endpoint-url`` (any verb) or the home
@@ -20,27 +21,40 @@ config's ``lake.s3_endpoint_url`` names the S3 endpoint, which travels with
 the `keyturn.lake.Lake` to the Beam workers.
 
 Testing aid: ``KEYTURN_NOW`` (ISO-8601; naive means UTC) replaces the
-current time for the control-plane verbs (init, rotate, retire,
-schedule-deletion, status), so ``rotate --if-due`` can be tested without
-waiting. Only this CLI layer reads it; the core takes an injected clock.
+current time: it is the clock every verb hands the key home and the jobs,
+so ``rotate --if-due`` can be tested without waiting. Only this CLI layer
+reads it; the core takes an injected clock.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import getpass
-import inspect
-import json
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import date, datetime, timezone
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime, timezone
 from typing import Any, NoReturn
 
-from keyturn.pipelines import exitcodes
+from keyturn.reports import (
+    AuditReport,
+    ContractReport,
+    DirectoryReport,
+    InitReport,
+    ProgressFn,
+    RebuildReport,
+    Report,
+    RetireReport,
+    RewrapReport,
+    RotateReport,
+    RotationNotDueReport,
+    ScheduleDeletionReport,
+)
+from keyturn.pipelines import exitcodes, output
 
 __all__ = ["main", "build_parser", "NOW_ENV"]
 
@@ -314,7 +328,7 @@ def _actor() -> str:
 
 
 class _Context:
-    """What a handler needs: parsed args, Beam args, the clock, and progress display."""
+    """What a handler needs: parsed args, Beam args, the clock, the actor, and the progress display."""
 
     def __init__(self, args: argparse.Namespace, beam_args: list[str]) -> None:
         self.args = args
@@ -336,21 +350,9 @@ class _Context:
     def show_progress(self) -> bool:
         return not self.args.json and sys.stderr.isatty()
 
-    @contextlib.contextmanager
-    def progress(self, label: str) -> Iterator[Callable[..., None] | None]:
-        """A rich spinner on stderr while a long run works; yields a `progress(message)` callback or None."""
-        if not self.show_progress:
-            yield None
-            return
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        with console.status(label) as status:
-
-            def update(message: str = "", *_: Any, **__: Any) -> None:
-                status.update(message or label)
-
-            yield update
+    def progress(self, label: str) -> AbstractContextManager[ProgressFn | None]:
+        """The `progress` callback for a long run: rich bars on stderr starting at `label`, or None (no display)."""
+        return output.progress_display(self.show_progress, label)
 
 
 def _default_home() -> str:
@@ -359,29 +361,10 @@ def _default_home() -> str:
     return default_home()
 
 
-def _call_run(run: Callable[..., Mapping[str, Any]], ctx: _Context, label: str, **kwargs: Any) -> dict[str, Any]:
-    """Call a pipeline's `run(...)` with Beam args, plus the actor and a progress callback if it takes them."""
-    with ctx.progress(label) as progress:
-        try:
-            params = inspect.signature(run).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if progress is not None and "progress" in params:
-            kwargs["progress"] = progress
-        if "actor" in params:
-            kwargs["actor"] = ctx.actor
-        if "clock" in params:
-            kwargs["clock"] = ctx.clock
-        report = run(beam_args=ctx.beam_args, **kwargs)
-    if not isinstance(report, Mapping):
-        raise TypeError(f"{run.__module__}.run returned {type(report).__name__}, not a report dict")
-    return dict(report)
-
-
 # --------------------------------------------------------------------------- verbs
 
 
-def _cmd_init(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_init(ctx: _Context) -> InitReport:
     from keyturn.home import KeyHome
 
     a = ctx.args
@@ -406,37 +389,21 @@ def _cmd_init(ctx: _Context) -> tuple[dict[str, Any], str]:
     )
     active = home.registry().active()
     cfg = home.config
-    report = {
-        "home": home.path,
-        "dataset": home.dataset,
-        "provider": cfg.key_hierarchy.cmk.provider,
-        "registry": cfg.version_tracking.storage,
-        "registry_table": cfg.version_tracking.table,
-        "audit_sink": cfg.audit.sink,
-        "active_version": active.version,
-        "kek_id": active.kek_id,
-        "rotation_interval_days": cfg.key_hierarchy.rotation_interval_days,
-    }
-    if home.is_aws:
-        where = (f"DynamoDB table {cfg.version_tracking.table}" if cfg.version_tracking.storage == "dynamodb"
-                 else "registry.sqlite")
-        text = (
-            f"Created key home {home.path} on AWS KMS\n"
-            f"  dataset {home.dataset!r}; key version {active.version} is active (KMS key {active.kek_id}); "
-            f"registry in {where}.\n"
-            f"  No key material is stored in the home; audit.log keeps the control-plane events"
-            + (f" (also sent to CloudWatch Logs {cfg.audit.log_group})." if cfg.audit.sink == "cloudwatch" else ".")
-        )
-    else:
-        text = (
-            f"Created key home {home.path}\n"
-            f"  dataset {home.dataset!r}; key version {active.version} is active (KEK {active.kek_id}).\n"
-            f"  The keystore is a local single-node file; keep root.key (mode 0600) secret and backed up."
-        )
-    return report, text
+    return InitReport(
+        home=home.path,
+        dataset=home.dataset,
+        provider=cfg.key_hierarchy.cmk.provider,
+        registry=cfg.version_tracking.storage,
+        registry_table=cfg.version_tracking.table,
+        audit_sink=cfg.audit.sink,
+        active_version=active.version,
+        kek_id=active.kek_id,
+        rotation_interval_days=cfg.key_hierarchy.rotation_interval_days,
+        log_group=cfg.audit.log_group,
+    )
 
 
-def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_rotate(ctx: _Context) -> RotateReport | RotationNotDueReport:
     from keyturn.rotation import next_rotation_due, rotate
 
     home = ctx.home()
@@ -447,16 +414,8 @@ def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
     if ctx.args.if_due:
         due_at = next_rotation_due(registry, interval)
         if now < due_at:
-            report = {
-                "rotated": False,
-                "due": False,
-                "active_version": before.version,
-                "next_due": due_at.isoformat(),
-                "rotation_interval_days": interval,
-            }
-            return report, (
-                f"Rotation not due: key version {before.version} is active until {due_at:%Y-%m-%d %H:%M} UTC "
-                f"(every {interval} days). Nothing changed."
+            return RotationNotDueReport(
+                active_version=before.version, next_due=due_at, rotation_interval_days=interval
             )
     new = rotate(
         registry,
@@ -473,93 +432,52 @@ def _cmd_rotate(ctx: _Context) -> tuple[dict[str, Any], str]:
     model = None
     if home.is_aws:
         model = "new_key" if ctx.args.new_key else "kms_rotation"
-    report = {
-        "rotated": True,
-        "version_from": new.version - 1,
-        "version_to": new.version,
-        "kek_id": new.kek_id,
-        "rotation_model": model,
-        "reason": ctx.args.reason,
-        "next_due": next_rotation_due(registry, interval).isoformat(),
-        "reencryption_strategy": strategy,
-        "rewrap": rewrapped,
-    }
-    text = (
-        f"Rotated: key version {new.version} (KEK {new.kek_id}) is now active; "
-        f"version {new.version - 1} is decrypt-only.\n"
+    return RotateReport(
+        version_from=new.version - 1,
+        version_to=new.version,
+        kek_id=new.kek_id,
+        rotation_model=model,
+        reason=ctx.args.reason,
+        next_due=next_rotation_due(registry, interval),
+        reencryption_strategy=strategy,
+        rewrap=rewrapped,
     )
-    if rewrapped is None and strategy == "lazy":
-        text += (
-            f"  Existing data is untouched; readers re-wrap the DEKs they read onto version {new.version} "
-            "(lifecycle.reencryption_strategy: lazy); `keyturn rewrap` moves the rest at once."
-        )
-    elif rewrapped is None:
-        text += f"  Existing data is untouched; run `keyturn rewrap` to move its DEKs onto version {new.version}."
-    else:
-        text += "  " + _render_rewrap(rewrapped)
-    return report, text
 
 
-def _rewrap(ctx: _Context, home: Any, reason: str) -> dict[str, Any]:
+def _rewrap(ctx: _Context, home: Any, reason: str) -> RewrapReport:
     """`keyturn.rotation.rewrap` on the home: its registry, KMS (rate-limited) and audit log."""
-    from keyturn.lake.throttle import RateLimitedKms
     from keyturn.rotation import rewrap
 
-    rate = home.config.lifecycle.max_kms_requests_per_second
-    with home.kms() as kms:
-        limited = RateLimitedKms(kms, rate) if rate and not home.is_aws else kms  # the AWS key source limits itself
+    with home.kms() as limited:  # the key source applies lifecycle.max_kms_requests_per_second, once
         with ctx.progress("re-wrapping DEKs"):
-            return rewrap(
+            return RewrapReport(**rewrap(
                 home.registry(), limited, home.chain(), actor=ctx.actor, reason=reason, clock=ctx.clock,
                 dataset=home.dataset, max_deks=getattr(ctx.args, "max_deks", None),
-            )
+            ))
 
 
-def _render_rewrap(r: Mapping[str, Any]) -> str:
-    left = sum(r["remaining"].values())
-    text = (
-        f"Re-wrapped {r['deks_moved']:,} DEK(s) onto key version {r['active_version']} with {r['kms_calls']} KMS "
-        f"call(s); 0 lake bytes written. "
-    )
-    text += "Every DEK is on the active version." if r["complete"] else f"{left:,} DEK(s) still on older versions."
-    if r["deks_failed"]:
-        text += f" {len(r['deks_failed'])} DEK(s) could not be re-wrapped (their envelopes did not authenticate)."
-    return text
-
-
-def _cmd_rewrap(ctx: _Context) -> tuple[dict[str, Any], str]:
-    home = ctx.home()
-    report = _rewrap(ctx, home, ctx.args.reason)
-    report["problems"] = [
+def _cmd_rewrap(ctx: _Context) -> RewrapReport:
+    report = _rewrap(ctx, ctx.home(), ctx.args.reason)
+    return dataclasses.replace(report, problems=[
         {"path": None, "partition": None, "reason": "corrupt", "detail": f"DEK {d}: its envelope did not re-wrap"}
-        for d in report["deks_failed"]
-    ]
-    return report, _render_rewrap(report)
+        for d in report.deks_failed
+    ])
 
 
-def _cmd_directory(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_directory(ctx: _Context) -> DirectoryReport | RebuildReport:
     home = ctx.home()
     registry = home.registry()
     if ctx.args.directory_verb == "show":
-        counts = registry.deks_by_version()
-        states = {v.version: v.state.value for v in registry.versions()}
-        report = {"deks_by_version": {str(v): n for v, n in counts.items()}, "states": {str(v): s for v, s in states.items()}}
-        lines = [f"DEK directory: {sum(counts.values()):,} DEK(s)."]
-        lines += [f"  version {v} ({states.get(v, 'unknown')}): {n:,} DEK(s)" for v, n in counts.items()]
-        return report, "\n".join(lines)
+        states = {str(v.version): v.state.value for v in registry.versions()}
+        return DirectoryReport({str(v): n for v, n in registry.deks_by_version().items()}, states)
     from keyturn.lake.rebuild import rebuild_directory
 
     lake = ctx.lake(home, ctx.args.lake)
     with home.kms() as kms, ctx.progress("reading the lake's birth envelopes"):
-        report = rebuild_directory(lake, registry, kms, home.dataset, actor=ctx.actor, clock=ctx.clock)
-    text = (
-        f"Directory rebuild of {lake.uri}: {report['deks_in_lake']:,} DEK(s) in {report['files']} file(s), "
-        f"{report['deks_already_known']:,} already known, {report['deks_registered']:,} registered."
-    )
-    return report, text + "".join("\n" + _one_line(f"problem: {p['reason']}: {p.get('detail', '')}") for p in report["problems"][:20])
+        return RebuildReport(**rebuild_directory(lake, registry, kms, home.dataset, actor=ctx.actor, clock=ctx.clock))
 
 
-def _cmd_dataset(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_dataset(ctx: _Context) -> ContractReport:
     from keyturn.contract import add_column
     from keyturn.errors import ContractError
 
@@ -568,12 +486,10 @@ def _cmd_dataset(ctx: _Context) -> tuple[dict[str, Any], str]:
     contract = registry.get_contract(home.dataset)
     if ctx.args.dataset_verb == "show":
         if contract is None:
-            return {"dataset": home.dataset, "contract": None}, (
-                f"Dataset {home.dataset!r} has no contract yet: its first write pins one."
-            )
+            return ContractReport(home.dataset, None)
         history = [{"revision": h["revision"], "at": h["at"].isoformat(), "actor": h["actor"], "reason": h["reason"]}
                    for h in registry.contract_history(home.dataset)]
-        return {"dataset": home.dataset, "contract": contract.to_json(), "history": history}, contract.describe()
+        return ContractReport(home.dataset, contract.to_json(), history, described=contract.describe())
     if contract is None:
         raise ContractError(f"dataset {home.dataset!r} has no contract yet; its first write pins one")
     column = _column_from_source(ctx.args.source, ctx.args.column, contract)
@@ -581,10 +497,7 @@ def _cmd_dataset(ctx: _Context) -> tuple[dict[str, Any], str]:
         add_column(contract, column), expected_revision=contract.revision, actor=ctx.actor, reason=ctx.args.reason
     )
     _log_contract_change(home, ctx, new, ctx.args.reason)
-    return {"dataset": home.dataset, "contract": new.to_json()}, (
-        f"Dataset {home.dataset!r}: column {ctx.args.column!r} is encrypted from contract revision {new.revision} on. "
-        f"Rows under DEKs made before it read the column as null (clear values stored there are never returned)."
-    )
+    return ContractReport(home.dataset, new.to_json(), added_column=ctx.args.column)
 
 
 def _column_from_source(source: str, name: str, contract: Any) -> Any:
@@ -612,46 +525,52 @@ def _log_contract_change(home: Any, ctx: _Context, contract: Any, reason: str) -
     home.chain().append(event)
 
 
-def _pipeline(ctx: _Context, module: Any, label: str, **kwargs: Any) -> tuple[dict[str, Any], str]:
-    """Run `module.run(home=<home path>, **kwargs)` and render its report (its own `render` if it has one)."""
+def _job(ctx: _Context, run: Callable[..., Report], label: str, **kwargs: Any) -> Report:
+    """`run(home=<home path>, **kwargs)` with the Beam args, the actor, the clock and the progress display."""
     home = ctx.home()  # open and validate here, so a broken home fails before any pipeline starts
     for name in ("lake", "out"):  # an s3:// lake goes as a Lake: it carries --s3-endpoint-url to the workers
         if isinstance(kwargs.get(name), str) and kwargs[name].startswith("s3://"):
             kwargs[name] = ctx.lake(home, kwargs[name])
-    report = _call_run(module.run, ctx, label, home=home.path, **kwargs)
-    _forward_audit(home, ctx.lake(home, kwargs["lake"]) if isinstance(kwargs.get("lake"), str) else kwargs.get("lake"), report)
-    render = getattr(module, "render", None)
-    verb = module.__name__.rsplit(".", 1)[-1]
-    return report, (render(report) if callable(render) else _render_pipeline(verb, report))
+    with ctx.progress(label) as progress:
+        return run(home=home.path, beam_args=ctx.beam_args, actor=ctx.actor, clock=ctx.clock, progress=progress,
+                   **kwargs)
 
 
-def _forward_audit(home: Any, lake: Any, report: dict[str, Any]) -> None:
-    """With ``audit.sink: cloudwatch``, send the run's audit events (``_keyturn/audit/<run-id>.avro``) to CloudWatch too."""
-    if home.config.audit.sink != "cloudwatch" or lake is None or not report.get("run_id") or report.get("dry_run"):
-        return
+def _forwarded(ctx: _Context, lake: Any, report: Report) -> Report:
+    """`report`, and with ``audit.sink: cloudwatch`` the run's audit events (``_keyturn/audit/<run-id>.avro``
+    under `lake`) sent to CloudWatch too, counted in ``audit_events_forwarded``."""
+    home = ctx.home(check_keys=False)
+    run_id = getattr(report, "run_id", None)
+    if home.config.audit.sink != "cloudwatch" or lake is None or not run_id or getattr(report, "dry_run", False):
+        return report
     from keyturn.lake.sideoutputs import read_side_outputs
     from keyturn.home import forward_audit
 
-    report["audit_events_forwarded"] = forward_audit(home, read_side_outputs(lake, "audit", run_id=report["run_id"]))
+    if isinstance(lake, str):
+        lake = ctx.lake(home, lake)
+    forwarded = forward_audit(home, read_side_outputs(lake, "audit", run_id=run_id))
+    return dataclasses.replace(report, audit_events_forwarded=forwarded)  # type: ignore[type-var]
 
 
-def _cmd_encrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_encrypt(ctx: _Context) -> Report:
     from keyturn.pipelines import encrypt
 
     a = ctx.args
-    return _pipeline(ctx, encrypt, "encrypting", source=a.source, lake=a.lake, columns=a.columns,
-                     partition_by=a.partition_by, bind=a.bind)
+    report = _job(ctx, encrypt.run, "encrypting", source=a.source, lake=a.lake, columns=a.columns,
+                  partition_by=a.partition_by, bind=a.bind)
+    return _forwarded(ctx, a.lake, report)
 
 
-def _cmd_reencrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_reencrypt(ctx: _Context) -> Report:
     from keyturn.pipelines import reencrypt
 
     a = ctx.args
-    return _pipeline(ctx, reencrypt, "re-encrypting", lake=a.lake, mode=a.mode, dry_run=a.dry_run,
-                     max_files=a.max_files)
+    report = _job(ctx, reencrypt.run, "re-encrypting", lake=a.lake, mode=a.mode, dry_run=a.dry_run,
+                  max_files=a.max_files)
+    return _forwarded(ctx, a.lake, report)
 
 
-def _cmd_decrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_decrypt(ctx: _Context) -> Report:
     from keyturn.pipelines import decrypt
 
     a = ctx.args
@@ -659,47 +578,41 @@ def _cmd_decrypt(ctx: _Context) -> tuple[dict[str, Any], str]:
     if a.side_outputs is not None:  # an s3:// one carries --s3-endpoint-url, like --lake and --out
         s3 = a.side_outputs.startswith("s3://")
         extra["side_outputs"] = ctx.lake(ctx.home(check_keys=False), a.side_outputs) if s3 else a.side_outputs
-    report, text = _pipeline(ctx, decrypt, "decrypting", lake=a.lake, out=a.out, columns=a.columns, **extra)
-    if report.get("side_outputs"):  # decrypt's audit events are with its side outputs, not in the lake
-        from keyturn.lake.sideoutputs import SideOutputDir
+    report = _job(ctx, decrypt.run, "decrypting", lake=a.lake, out=a.out, columns=a.columns, **extra)
+    side = getattr(report, "side_outputs", None)
+    if not side:
+        return report
+    from keyturn.lake.sideoutputs import SideOutputDir
 
-        home = ctx.home(check_keys=False)
-        _forward_audit(home, SideOutputDir.of(ctx.lake(home, report["side_outputs"])), report)
-    lines = [  # lake-level problems (a home that knows none of the lake's DEKs...): the summary alone hides them
-        f"  lake: {p['reason']}: {p['detail']}" for p in report.get("problems") or []
-        if p.get("path") is None and p.get("reason") not in ("retired", "unknown", "missing", "corrupt")
-    ]
-    if report.get("rows_not_written") or report.get("files_unreadable"):
-        lines.append(f"  Side outputs: {report['side_outputs']}")
-    return report, "\n".join([text, *lines])
+    # decrypt's audit events are with its side outputs, not in the lake
+    return _forwarded(ctx, SideOutputDir.of(ctx.lake(ctx.home(check_keys=False), side)), report)
 
 
-def _cmd_ingest(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_ingest(ctx: _Context) -> Report:
     from keyturn.pipelines import ingest
 
     a = ctx.args
     extra = {} if a.poll_interval is None else {"poll_interval": a.poll_interval}
-    return _pipeline(ctx, ingest, f"watching {a.watch}", watch=a.watch, lake=a.lake, columns=a.columns,
-                     partition_by=a.partition_by, bind=a.bind, until_idle=a.until_idle, **extra)
+    return _job(ctx, ingest.run, f"watching {a.watch}", watch=a.watch, lake=a.lake, columns=a.columns,
+                partition_by=a.partition_by, bind=a.bind, until_idle=a.until_idle, **extra)
 
 
-def _cmd_demo(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_demo(ctx: _Context) -> Report:
     from keyturn.pipelines import demo
 
     a = ctx.args
     kwargs = {k: v for k, v in (("rows", a.rows), ("partitions", a.partitions), ("out", a.out)) if v is not None}
-    report = _call_run(demo.run, ctx, "running the demo", **kwargs)
-    render = getattr(demo, "render", None)
-    return report, (render(report) if callable(render) else _render_pipeline("demo", report))
+    with ctx.progress("running the demo") as progress:
+        return demo.run(beam_args=ctx.beam_args, actor=ctx.actor, clock=ctx.clock, progress=progress, **kwargs)
 
 
-def _cmd_status(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_status(ctx: _Context) -> Report:
     from keyturn.pipelines import status
 
     home = ctx.home()
-    with ctx.progress("reading lake footers"):
-        report = status.run(home=home, lake=ctx.lake(home, ctx.args.lake), report_path=ctx.args.report, clock=ctx.clock)
-    return report, status.render_text(report)
+    with ctx.progress("reading lake footers") as progress:
+        return status.run(home=home, lake=ctx.lake(home, ctx.args.lake), report_path=ctx.args.report,
+                          clock=ctx.clock, progress=progress)
 
 
 def _lake_inventory(ctx: _Context, home: Any, lakes: Sequence[str], policy: Any) -> Any:
@@ -733,7 +646,7 @@ class _StrictInventory:
         return self.inventory.references(version) + sum(f.unknown_rows for f in self.inventory.files)
 
 
-def _cmd_retire(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_retire(ctx: _Context) -> RetireReport:
     from keyturn.rotation import check_transition_window, retire
 
     a = ctx.args
@@ -747,15 +660,10 @@ def _cmd_retire(ctx: _Context) -> tuple[dict[str, Any], str]:
         registry, a.version, home.chain(), inventory=inventory,
         actor=ctx.actor, reason=a.reason, clock=ctx.clock, dataset=home.dataset, transition_window_days=window,
     )
-    report = {"version": version.version, "state": version.state.value, "lakes": list(a.lake), "reason": a.reason}
-    checked = f" and in {len(a.lake)} lake(s)" if a.lake else ""
-    return report, (
-        f"Retired key version {version.version}: no DEK of the directory is wrapped under it{checked}; "
-        f"policy now refuses to decrypt with it."
-    )
+    return RetireReport(version.version, version.state.value, list(a.lake), a.reason)
 
 
-def _cmd_schedule_deletion(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_schedule_deletion(ctx: _Context) -> ScheduleDeletionReport:
     from keyturn.rotation import schedule_deletion
 
     a = ctx.args
@@ -769,37 +677,16 @@ def _cmd_schedule_deletion(ctx: _Context) -> tuple[dict[str, Any], str]:
         actor=ctx.actor, reason=a.reason, clock=ctx.clock, dataset=home.dataset,
     )
     delete_after = version.delete_after.isoformat() if version.delete_after else None
-    report = {
-        "version": version.version,
-        "state": version.state.value,
-        "delete_after": delete_after,
-        "pending_days": days,
-        "lakes": list(a.lake),
-        "reason": a.reason,
-    }
-    return report, (
-        f"Key version {version.version} is pending deletion after {delete_after} "
-        f"({days} days); `keyturn` never destroys key material before then."
-    )
+    return ScheduleDeletionReport(version.version, version.state.value, delete_after, days, list(a.lake), a.reason)
 
 
-def _cmd_audit(ctx: _Context) -> tuple[dict[str, Any], str]:
+def _cmd_audit(ctx: _Context) -> AuditReport:
     home = ctx.home(check_keys=False)
-    path = home.config.audit.path
     status = home.chain().verify()  # the chain, then that it still reaches the registry's anchor
-    report = {"ok": True, "log": path, **status.to_dict()}
-    text = f"Audit log OK: {status.entries} entries, hash chain intact (head {report['head'] or '-'})"
-    if status.anchor is None:
-        text += (f"; {status.anchored_in} holds no anchor for it yet (a home from before anchors), so a deleted tail "
-                 "cannot be detected until the next control-plane change anchors the log.")
-    else:
-        text += f"; it reaches the entry anchored in {status.anchored_in} (seq {status.anchor[0]})"
-        later = status.unanchored_entries
-        text += (f", and {later} later entr{'y is' if later == 1 else 'ies are'} not anchored." if later else ".")
-    return report, text
+    return AuditReport(ok=True, log=home.config.audit.path, **status.to_dict())
 
 
-_HANDLERS: dict[str, Callable[[_Context], tuple[dict[str, Any], str]]] = {
+_HANDLERS: dict[str, Callable[[_Context], Report]] = {
     "init": _cmd_init,
     "encrypt": _cmd_encrypt,
     "rotate": _cmd_rotate,
@@ -817,106 +704,7 @@ _HANDLERS: dict[str, Callable[[_Context], tuple[dict[str, Any], str]]] = {
 }
 
 
-# --------------------------------------------------------------------------- output
-
-
-def _render_encrypt(r: Mapping[str, Any]) -> str:
-    written, skipped = r.get("partitions_written") or {}, r.get("partitions_skipped") or {}
-    lines = [
-        f"Encrypted {r.get('rows_written', 0):,} rows into {r.get('files_written', 0):,} files in "
-        f"{len(written)} partitions of {r.get('lake')} (columns: {', '.join(r.get('columns') or [])}), "
-        f"with {r.get('kms_calls', 0):,} KMS calls."
-    ]
-    if skipped:
-        lines.append(
-            f"  Skipped {len(skipped)} partitions already in the lake ({r.get('rows_skipped', 0):,} source rows)."
-        )
-    if r.get("audit_file"):
-        lines.append(f"  Audit events: {r['audit_file']}")
-    return "\n".join(lines)
-
-
-def _render_decrypt(r: Mapping[str, Any]) -> str:
-    lines = [
-        f"Decrypted {r.get('rows_written', 0):,} rows from {r.get('files_read', 0):,} lake files into "
-        f"{r.get('out')} ({r.get('files_written', 0):,} plain Parquet files), with {r.get('kms_calls', 0):,} KMS calls."
-    ]
-    if r.get("rows_not_written"):
-        lines.append(f"  {r['rows_not_written']:,} rows were not written (see the side outputs).")
-    for key, label in (("mismatch_file", "version mismatches"), ("quarantine_file", "quarantined records")):
-        if r.get(key):
-            lines.append(f"  {label}: {r[key]}")
-    return "\n".join(lines)
-
-
-def _render_ingest(r: Mapping[str, Any]) -> str:
-    why = r.get("stopped") or "stopped"
-    lines = [
-        f"Ingested {r.get('files_ingested', 0):,} files from {r.get('watch')} in {r.get('batches', 0):,} batches: "
-        f"{r.get('rows_written', 0):,} rows appended to {r.get('lake')} as {r.get('files_written', 0):,} files, "
-        f"with {r.get('kms_calls', 0):,} KMS calls ({why} after {r.get('seconds', 0)} s)."
-    ]
-    if r.get("files_quarantined"):
-        lines.append(f"  {r['files_quarantined']:,} files were quarantined (unreadable or missing a column):")
-        lines.extend(f"    {path}" for path in (r.get("quarantined") or [])[:20])
-    return "\n".join(lines)
-
-
-_RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
-    "encrypt": _render_encrypt,
-    "decrypt": _render_decrypt,
-    "ingest": _render_ingest,
-}
-
-
-def _problem_lines(report: Mapping[str, Any], limit: int = 20) -> list[str]:
-    problems = report.get("problems")
-    if not isinstance(problems, list) or not problems:
-        return []
-    lines = [f"Problems ({len(problems)}):"]
-    for p in problems[:limit]:
-        if isinstance(p, Mapping):
-            lines.append(f"  {p.get('path') or 'lake'}: {p.get('reason')}: {p.get('detail') or ''}".rstrip())
-    if len(problems) > limit:
-        lines.append(f"  ... and {len(problems) - limit} more (see --json)")
-    return lines
-
-
-def _render_pipeline(verb: str, report: Mapping[str, Any]) -> str:
-    """A pipeline report as text: a verb-specific account (else its `summary` and scalar fields), then problems."""
-    if verb in _RENDERERS:
-        try:
-            return "\n".join([_RENDERERS[verb](report), *_problem_lines(report)])
-        except (TypeError, ValueError, AttributeError):  # an unexpected report shape: fall back to the fields
-            pass
-    summary = report.get("summary")
-    if isinstance(summary, str) and summary:
-        lines = [summary]
-    else:
-        lines = [f"{verb}: done"]
-        for key, value in report.items():
-            if not isinstance(value, (dict, list, tuple)):
-                lines.append(f"  {key.replace('_', ' ')}: {value}")
-    return "\n".join(lines + _problem_lines(report))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if hasattr(value, "value") and isinstance(getattr(value, "value"), (str, int)):  # enums
-        return value.value
-    return str(value)
-
-
-def _emit_json(obj: Mapping[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, sort_keys=True, indent=2, default=_json_default) + "\n")
-    sys.stdout.flush()
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split()) or "(no message)"
+# --------------------------------------------------------------------------- errors
 
 
 def _error_message(exc: BaseException, code: int, *, debug: bool = False) -> str:
@@ -970,7 +758,7 @@ class _StderrWithoutBeam:
     worker, ``--direct_running_mode=multi_threading``) prints the traceback
     of every failed bundle straight to sys.stderr before the runner raises
     the error, which the CLI then reports as its one line. Everything else
-    (the error line, the spinner) passes, and every other attribute is the
+    (the error line, the progress bars) passes, and every other attribute is the
     stream's own.
     """
 
@@ -1010,7 +798,7 @@ def _report_error(exc: BaseException, *, debug: bool, want_json: bool) -> int:
         if isinstance(getattr(cause, "index", None), int):
             error["index"] = cause.index  # type: ignore[attr-defined]
         try:
-            _emit_json(error)
+            output.write_json(error)
         except BrokenPipeError:
             _stdout_to_devnull()
     return code
@@ -1034,15 +822,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"Beam options after `--` apply only to {', '.join(sorted(BEAM_VERBS))}; `{args.verb}` runs no pipeline"
             )
         ctx = _Context(args, beam_args)
-        report, text = _HANDLERS[args.verb](ctx)
+        report = _HANDLERS[args.verb](ctx)
     except (KeyboardInterrupt, Exception) as exc:  # every failure: one line, a documented code
         return _report_error(exc, debug=debug, want_json=want_json)
     try:
-        if want_json:
-            _emit_json(report)
-        else:
-            sys.stdout.write(text.rstrip("\n") + "\n")
-            sys.stdout.flush()
+        output.emit(report, as_json=want_json)  # the one place a report becomes text or JSON
     except BrokenPipeError:  # `keyturn status | head -1`: the reader had enough; the run itself is done
         _stdout_to_devnull()
     return exitcodes.report_exit_code(report)

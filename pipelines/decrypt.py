@@ -1,6 +1,6 @@
 """`keyturn decrypt`: an encrypted lake back to plain Parquet, same hive layout.
 
-    python -m keyturn.pipelines.decrypt --home DIR --lake PATH --out PATH [--columns a,b] [--side-outputs PATH] [-- beam options]
+    keyturn [--home DIR] decrypt --lake PATH --out PATH [--columns a,b] [--side-outputs PATH] [-- beam options]
 
 The pipeline reads every data file of the lake as `(partition, batch)`
 (`keyturn.transforms.lakefiles.ReadLakeFiles`), decrypts with `DecryptBatches`, and
@@ -45,17 +45,18 @@ file, each of retired / unknown / missing / corrupt with its row count, and
 the lake-level problems of the check above (`path` None). A non-empty list
 makes the CLI exit with code 3. `--out` must be absent or empty, and
 outside the lake.
+
+`run` returns a `DecryptReport` (`keyturn.reports`) and tells its
+``progress`` callback the lake files and rows read as it reads them.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, Tuple
 
 import apache_beam as beam
@@ -64,11 +65,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
+from keyturn.audit.events import utc_now
 from keyturn.errors import InputError
 from keyturn.lake.inventory import check_fits_home, take_inventory
 from keyturn.lake.layout import Lake, is_hidden
 from keyturn.lake.sideoutputs import SideOutputDir
 from keyturn.policy import KeyPolicy, VersionRules
+from keyturn.reports import DecryptReport, ProgressFn, ProgressRelay, say
 from keyturn.transforms.lakefiles import ReadLakeFiles, WriteLakeFiles, WriteSideOutput
 from keyturn.home import lake_of
 from keyturn.lake.layout import new_run_id
@@ -77,7 +80,7 @@ from keyturn.lake.sideoutputs import read_side_outputs
 from keyturn.transforms.arrow import DecryptBatches
 from keyturn.transforms.tags import QUARANTINE
 
-__all__ = ["run", "main", "check_columns", "SIDE_DIR"]
+__all__ = ["run", "check_columns", "SIDE_DIR"]
 
 DEFAULT_BATCH_ROWS = 262_144
 Keyed = Tuple[str, pa.RecordBatch]
@@ -161,6 +164,17 @@ def _with_key_columns(element: Keyed) -> Keyed:
     return partition, pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
 
 
+class _KeyColumns(beam.DoFn):
+    """`_with_key_columns` on each whole lake file's batch, counting the file and its rows on `relay`."""
+
+    def __init__(self, relay: ProgressRelay) -> None:
+        self.relay = relay
+
+    def process(self, element: Keyed):  # type: ignore[no-untyped-def]
+        self.relay.add(files=1, rows=element[1].num_rows)
+        yield _with_key_columns(element)
+
+
 def run(
     *,
     home: Any,
@@ -173,19 +187,21 @@ def run(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     actor: str = "keyturn",
     reason: str = "keyturn decrypt",
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Decrypt `lake` into plain Parquet under `out`; returns a JSON-able report.
+    clock: Callable[[], datetime] = utc_now,
+    progress: ProgressFn | None = None,
+) -> DecryptReport:
+    """Decrypt `lake` into plain Parquet under `out`; returns its report.
 
     `partitions` (hive paths such as ``"region=3"``) limits the run to those
     partitions, e.g. to decrypt a sample. `side_outputs` is the directory
-    for the side outputs (default `<out>/_keyturn`).
+    for the side outputs (default `<out>/_keyturn`). `home` is a `KeyHome`
+    or its path (opened with `clock`); `progress`, if given, hears each
+    stage, and the lake files and rows read while decrypting.
     """
     started = time.monotonic()
-    say = progress or (lambda _msg: None)
     from keyturn.pipelines.encrypt import _open_home
 
-    home = _open_home(home)
+    home = _open_home(home, clock)
     if isinstance(columns, str):
         columns = [c for c in columns.split(",") if c]
     the_lake = lake_of(lake, home)
@@ -220,7 +236,7 @@ def run(
     with the_lake.lock(exclusive=False, owner=f"decrypt {run_id}"):
         files = [(f.partition, f.path) for f in select(the_lake.data_files())]
         out_fs.create_dir(out_root, recursive=True)
-        say(f"decrypting {len(files)} file(s)")
+        relay = ProgressRelay(progress, "decrypting", files_total=len(files))
         keys = home.key_source()
         dataset = home.dataset
         lake_uri = the_lake
@@ -236,7 +252,7 @@ def run(
             .with_output_types(Keyed)
             .with_outputs(QUARANTINE, main="main")
         )
-        whole = read.main | "KeyColumns" >> beam.Map(_with_key_columns).with_output_types(Keyed)
+        whole = read.main | "KeyColumns" >> beam.ParDo(_KeyColumns(relay)).with_output_types(Keyed)
         # which columns are ciphertext is the contract's word, not the files': every batch is read against it
         decrypted = [
             whole
@@ -257,10 +273,11 @@ def run(
         if home.config.audit.log_decrypt:
             _ = [d.audit for d in decrypted] | "Audit" >> beam.Flatten() | "WriteAudit" >> WriteSideOutput(side, "audit", run_id)
         del written
-        result = pipeline.run()
-        result.wait_until_finish()
+        with relay:
+            result = pipeline.run()
+            result.wait_until_finish()
 
-    say("counting")
+    say(progress, "counting")
     rows_written, files_written, per_partition = _count_out(out_fs, out_root)
     mismatch = read_side_outputs(side, "mismatch", run_id=run_id)
     quarantine = read_side_outputs(side, "quarantine", run_id=run_id)
@@ -289,35 +306,34 @@ def run(
                 "path": None, "partition": None, "reason": s, "rows": status[s],
                 "detail": f"{status[s]:,} {s} rows not written; see the {where[s]} side output",
             })
-    return {
-        "command": "decrypt",
-        "run_id": run_id,
-        "dataset": home.dataset,
-        "lake": lake,
-        "out": out,
-        "columns": None if columns is None else list(columns),
-        "only_partitions": None if partitions is None else sorted(partitions),
-        "files_read": len(files),
-        "files_unreadable": len(unreadable),
-        "unreadable": [q["detail"] for q in unreadable],
-        "files_written": files_written,
-        "rows_written": rows_written,
-        "partitions": per_partition,
-        "rows_by_status": status,
-        "rows_not_written": sum(status[s] for s in _PROBLEM_STATUSES),
-        "mismatch_events": len(mismatch),
-        "side_outputs": side.uri,
-        "mismatch_file": side.side_output_path("mismatch", run_id) if mismatch else None,
-        "quarantined_records": len(quarantine),
-        "quarantine_file": side.side_output_path("quarantine", run_id) if quarantine else None,
-        "audit_events": len(audit),
-        "audit_file": side.side_output_path("audit", run_id) if audit else None,
-        "kms_calls": kms_calls,
-        "reencryption_strategy": home.config.lifecycle.reencryption_strategy,
-        "deks_rewrapped": deks_rewrapped,
-        "seconds": round(time.monotonic() - started, 3),
-        "problems": problems,
-    }
+    return DecryptReport(
+        run_id=run_id,
+        dataset=home.dataset,
+        lake=lake,
+        out=out,
+        columns=None if columns is None else list(columns),
+        only_partitions=None if partitions is None else sorted(partitions),
+        files_read=len(files),
+        files_unreadable=len(unreadable),
+        unreadable=[q["detail"] for q in unreadable],
+        files_written=files_written,
+        rows_written=rows_written,
+        partitions=per_partition,
+        rows_by_status=status,
+        rows_not_written=sum(status[s] for s in _PROBLEM_STATUSES),
+        mismatch_events=len(mismatch),
+        side_outputs=side.uri,
+        mismatch_file=side.side_output_path("mismatch", run_id) if mismatch else None,
+        quarantined_records=len(quarantine),
+        quarantine_file=side.side_output_path("quarantine", run_id) if quarantine else None,
+        audit_events=len(audit),
+        audit_file=side.side_output_path("audit", run_id) if audit else None,
+        kms_calls=kms_calls,
+        reencryption_strategy=home.config.lifecycle.reencryption_strategy,
+        deks_rewrapped=deks_rewrapped,
+        seconds=round(time.monotonic() - started, 3),
+        problems=problems,
+    )
 
 
 def _remove_plain_output(fs: pafs.FileSystem, root: str) -> None:
@@ -361,29 +377,3 @@ def _metric(result: Any, name: str) -> int | None:
         return int(sum(c.committed or 0 for c in counters))
     except Exception:  # noqa: BLE001 - a runner without metrics: the report says "unknown"
         return None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyturn.pipelines.decrypt", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", default=None, help="key home (default: $KEYTURN_HOME or ./.keyturn)")
-    parser.add_argument("--lake", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--columns", default=None, help="comma-separated encrypted columns to decrypt (default: all)")
-    parser.add_argument("--side-outputs", default=None, help=f"directory for mismatch/quarantine/audit files (default: <out>/{SIDE_DIR})")
-    args, beam_args = parser.parse_known_args(argv)
-    from keyturn.home import default_home
-
-    report = run(
-        home=args.home or default_home(),
-        lake=args.lake,
-        out=args.out,
-        columns=args.columns,
-        side_outputs=args.side_outputs,
-        beam_args=[a for a in beam_args if a != "--"],
-    )
-    print(json.dumps(report, indent=2, sort_keys=True))
-    return 3 if report["problems"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

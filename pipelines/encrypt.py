@@ -1,6 +1,6 @@
 """`keyturn encrypt`: plain Parquet or Avro in, an encrypted hive-partitioned Parquet lake out.
 
-    python -m keyturn.pipelines.encrypt --home DIR --source PATH --lake PATH --columns a,b [--partition-by COL] [-- beam options]
+    keyturn [--home DIR] encrypt --source PATH --lake PATH --columns a,b [--partition-by COL] [-- beam options]
 
 The pipeline:
 
@@ -47,26 +47,27 @@ The pipeline:
    ``encrypt:before-cleanup``. `encrypt_files` is this step, shared with
    `keyturn.pipelines.ingest`.
 
+`run` returns an `EncryptReport` (`keyturn.reports`) and tells its
+``progress`` callback the files and rows read as the pipeline reads them.
+
 Encrypt and ingest hold the lake lock shared; `reencrypt` (which replaces
 files) holds it exclusively, so they never overlap.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import posixpath
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from typing import Any, Dict, Tuple
 
 import apache_beam as beam
 import pyarrow as pa
 
-from keyturn.audit.events import build_quarantine
+from keyturn.audit.events import build_quarantine, utc_now
 from keyturn.contract import settle_arrow_contract
 from keyturn.crash import crashpoint
 from keyturn.encrypt_plan import EncryptPlan, check_bind, plan
@@ -78,13 +79,14 @@ from keyturn.lake.hive import split_by_partition
 from keyturn.lake.layout import Lake, as_lake, new_run_id
 from keyturn.lake.ledger import record_sources
 from keyturn.lake.sideoutputs import read_side_outputs
+from keyturn.reports import EncryptReport, ProgressFn, ProgressRelay, say
 from keyturn.lake.staging import (
     COMMIT_MARKER,
     FAILED_FILE,
     READ_FILE,
     SKIPPED_FILE,
     STAGED_SUFFIX,
-    STAGING,
+    begin_run,
     encrypted_partitions,
     publish,
     read_json,
@@ -99,7 +101,7 @@ from keyturn.transforms.partition import PartitionBatches
 from keyturn.transforms.tags import QUARANTINE
 from keyturn.pipelines.runner import pipeline_options
 
-__all__ = ["run", "main", "encrypt_files", "quarantine_source", "resolve_bind"]
+__all__ = ["run", "encrypt_files", "quarantine_source", "resolve_bind"]
 
 DEFAULT_FILE_ROWS = 262_144
 Keyed = Tuple[str, pa.RecordBatch]
@@ -128,14 +130,18 @@ class _ReadSplit(beam.DoFn):
     With `whole_file`, a file is read completely before any piece is emitted,
     and a file that cannot be read goes to `failed` (its path) and to
     `quarantine` (its bytes) instead of failing the pipeline: nothing of a
-    bad file reaches the lake.
+    bad file reaches the lake. Each file read is counted on `relay`
+    (files and rows, for the job's progress display).
     """
 
     SKIPPED = "skipped"
     FAILED = "failed"
     READ = "read"
 
-    def __init__(self, plan: EncryptPlan, skip: frozenset[str], batch_rows: int, *, whole_file: bool = False, dataset: str = "") -> None:
+    def __init__(
+        self, plan: EncryptPlan, skip: frozenset[str], batch_rows: int, *, whole_file: bool = False, dataset: str = "",
+        relay: ProgressRelay | None = None,
+    ) -> None:
         self.schema = plan.data_schema
         self.split_columns = plan.split_columns
         self.drop = plan.drop
@@ -143,6 +149,7 @@ class _ReadSplit(beam.DoFn):
         self.batch_rows = batch_rows
         self.whole_file = whole_file
         self.dataset = dataset
+        self.relay = relay or ProgressRelay(None, "")
 
     def _pieces(self, source: SourceFile, read: list[int]) -> Iterator[Keyed]:
         try:
@@ -169,6 +176,7 @@ class _ReadSplit(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.SKIPPED, (partition, piece.num_rows))
             else:
                 yield partition, piece
+        self.relay.add(files=1, rows=read[0])
         yield beam.pvalue.TaggedOutput(self.READ, (source.path, read[0]))
 
 
@@ -218,6 +226,7 @@ def build_pipeline(
     reason: str,
     whole_file: bool = False,
     bind: Sequence[str] = (),
+    relay: ProgressRelay | None = None,
 ) -> None:
     """Add the encrypt steps to `p` (files -> staged lake files, audit, skipped, failed and read lists)."""
     pieces = (
@@ -225,7 +234,7 @@ def build_pipeline(
         | "Files" >> beam.Create(plan.files)
         | "Spread" >> beam.Reshuffle()
         | "ReadSplit"
-        >> beam.ParDo(_ReadSplit(plan, skip, batch_rows, whole_file=whole_file, dataset=dataset))
+        >> beam.ParDo(_ReadSplit(plan, skip, batch_rows, whole_file=whole_file, dataset=dataset, relay=relay))
         .with_output_types(Keyed, skipped=Tuple[str, int], failed=str, quarantine=Dict[str, Any], read=Tuple[str, int])
         .with_outputs(_ReadSplit.SKIPPED, _ReadSplit.FAILED, QUARANTINE, _ReadSplit.READ, main="main")
     )
@@ -270,14 +279,16 @@ def encrypt_files(
     whole_file: bool = False,
     sources: Callable[[list[str]], dict[str, dict[str, Any]]] | None = None,
     bind: Sequence[str] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline into staging, then commit (marker, publish, ledger, cleanup). Caller holds the lock.
 
     `sources(failed_paths)` gives the ledger entries to record with the
     commit (ingest); returns what was written, skipped and failed. `bind`:
     the row-key columns bound into every cell (default: `resolve_bind`).
-    Before the commit marker, every source row must be accounted for
-    (`AccountingError` otherwise, and nothing is committed).
+    `progress` hears the files and rows read (stage "encrypting"), then
+    "committing". Before the commit marker, every source row must be
+    accounted for (`AccountingError` otherwise, and nothing is committed).
     """
     bind = resolve_bind(home, bind)
     data_schema = pa.schema([f for f in the_plan.data_schema if f.name not in the_plan.split_columns])
@@ -287,29 +298,30 @@ def encrypt_files(
     settle_arrow_contract(
         home.registry(), home.dataset, data_schema, list(columns), bind=bind, partition_by=the_plan.drop, actor=actor
     )
-    staging_uri = lake.keyturn_path(STAGING, run_id)
-    lake.fs.create_dir(staging_uri, recursive=True)
+    staging_uri = begin_run(lake, run_id)  # its owner record: other runs' recovery leaves it alone while this one lives
     dek = home.config.dek
     try:
-        _run_pipeline(
-            beam_args,
-            plan=the_plan,
-            skip=skip,
-            keys=home.key_source(),
-            dataset=home.dataset,
-            columns=list(columns),
-            limits=ScopeLimits(max_cells=dek.max_cells, max_bytes=dek.max_bytes),
-            lake_uri=lake,
-            staging_uri=lake.sub(staging_uri),
-            run_id=run_id,
-            batch_rows=batch_rows,
-            file_rows=file_rows,
-            audit=home.config.audit.log_encrypt,
-            actor=actor,
-            reason=reason,
-            whole_file=whole_file,
-            bind=bind,
-        )
+        with ProgressRelay(progress, "encrypting", files_total=len(the_plan.files)) as relay:
+            _run_pipeline(
+                beam_args,
+                plan=the_plan,
+                skip=skip,
+                keys=home.key_source(),
+                dataset=home.dataset,
+                columns=list(columns),
+                limits=ScopeLimits(max_cells=dek.max_cells, max_bytes=dek.max_bytes),
+                lake_uri=lake,
+                staging_uri=lake.sub(staging_uri),
+                run_id=run_id,
+                batch_rows=batch_rows,
+                file_rows=file_rows,
+                audit=home.config.audit.log_encrypt,
+                actor=actor,
+                reason=reason,
+                whole_file=whole_file,
+                bind=bind,
+                relay=relay,
+            )
         staged = staged_files(lake, staging_uri)
         skipped = read_json(lake, posixpath.join(staging_uri, SKIPPED_FILE))
         failed = sorted(read_json(lake, posixpath.join(staging_uri, FAILED_FILE)))
@@ -330,6 +342,7 @@ def encrypt_files(
             pass
         raise
     ledger = sources(failed) if sources else {}
+    say(progress, "committing", files_done=len(staged), files_total=len(staged))
     crashpoint("encrypt:before-commit")
     write_json_atomically(lake, posixpath.join(staging_uri, COMMIT_MARKER), {"run_id": run_id, "files": len(staged), "sources": ledger})
     publish(lake, staging_uri)
@@ -417,17 +430,20 @@ def run(
     file_rows: int = DEFAULT_FILE_ROWS,
     actor: str = "keyturn",
     reason: str = "keyturn encrypt",
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Encrypt `source` into `lake`; returns a JSON-able report (see the module docstring).
+    clock: Callable[[], datetime] = utc_now,
+    progress: ProgressFn | None = None,
+) -> EncryptReport:
+    """Encrypt `source` into `lake`; returns its report (see the module docstring).
 
     `bind`: row-key columns bound into every cell, so a cell swapped between
     rows fails authentication (default: the config's
     `encryption.bind_columns`, else the dataset contract's, else none).
+    `home` is a `KeyHome` or its path (opened with `clock`); `progress`, if
+    given, hears each stage, and the files and rows read while encrypting.
     """
     started = time.monotonic()
-    say = progress or (lambda _msg: None)
-    home = _open_home(home)
+    pipeline_options(beam_args)  # a runner keyturn refuses (or a bad option) fails before anything is pinned or written
+    home = _open_home(home, clock)
     columns = _names(columns)
     partition_by = _names(partition_by)
     bind = resolve_bind(home, bind)
@@ -435,45 +451,43 @@ def run(
     lake = the_lake.uri
     if _overlap(source, lake):
         raise InputError(f"the source {source!r} and the lake {lake!r} overlap; encrypt into a separate lake directory")
-    say("checking the source")
+    say(progress, "checking the source")
     the_plan = plan(source, columns, partition_by, bind)
 
     the_lake.fs.create_dir(the_lake.root, recursive=True)
     run_id = new_run_id()
     with the_lake.lock(exclusive=False, owner=f"encrypt {run_id}"):
         recovered = recover_staging(the_lake)
-        say("taking the lake inventory")
+        say(progress, "taking the lake inventory")
         existing = encrypted_partitions(the_lake)
-        say(f"encrypting {len(the_plan.files)} file(s)")
         done = encrypt_files(
             home, the_lake, the_plan, columns, run_id=run_id, skip=frozenset(existing), beam_args=beam_args,
-            batch_rows=batch_rows, file_rows=file_rows, actor=actor, reason=reason, bind=bind,
+            batch_rows=batch_rows, file_rows=file_rows, actor=actor, reason=reason, bind=bind, progress=progress,
         )
     written, skipped = done["written"], done["skipped"]
-    return {
-        "command": "encrypt",
-        "run_id": run_id,
-        "dataset": home.dataset,
-        "source": source,
-        "lake": lake,
-        "columns": list(columns),
-        "partition_by": list(partition_by),
-        "bind": list(bind),
-        "source_files": len(the_plan.files),
-        "partitions_written": written,
-        "partitions_skipped": skipped,
-        "rows_source": done["rows_source"],
-        "rows_written": sum(p["rows"] for p in written.values()),
-        "rows_skipped": sum(skipped.values()),
-        "files_written": sum(p["files"] for p in written.values()),
-        "bytes_written": sum(p["bytes"] for p in written.values()),
-        "kms_calls": done["kms_calls"],
-        "audit_events": done["audit_events"],
-        "audit_file": the_lake.side_output_path("audit", run_id) if done["audit_events"] else None,
-        "recovered": recovered,
-        "seconds": round(time.monotonic() - started, 3),
-        "problems": [],
-    }
+    return EncryptReport(
+        run_id=run_id,
+        dataset=home.dataset,
+        source=source,
+        lake=lake,
+        columns=list(columns),
+        partition_by=list(partition_by),
+        bind=list(bind),
+        source_files=len(the_plan.files),
+        partitions_written=written,
+        partitions_skipped=skipped,
+        rows_source=done["rows_source"],
+        rows_written=sum(p["rows"] for p in written.values()),
+        rows_skipped=sum(skipped.values()),
+        files_written=sum(p["files"] for p in written.values()),
+        bytes_written=sum(p["bytes"] for p in written.values()),
+        kms_calls=done["kms_calls"],
+        audit_events=done["audit_events"],
+        audit_file=the_lake.side_output_path("audit", run_id) if done["audit_events"] else None,
+        recovered=recovered,
+        seconds=round(time.monotonic() - started, 3),
+        problems=[],
+    )
 
 
 def _names(value: str | Sequence[str] | None) -> list[str]:
@@ -484,40 +498,10 @@ def _names(value: str | Sequence[str] | None) -> list[str]:
     return list(value)
 
 
-def _open_home(home: Any) -> Any:
+def _open_home(home: Any, clock: Callable[[], datetime] = utc_now) -> Any:
+    """`home` if it is a `KeyHome`, else the key home at that path, opened with `clock`."""
     if isinstance(home, (str, os.PathLike)):
         from keyturn.home import KeyHome
 
-        return KeyHome.open(home)
+        return KeyHome.open(home, clock=clock)
     return home
-
-
-# ------------------------------------------------------------------ python -m keyturn.pipelines.encrypt
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyturn.pipelines.encrypt", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", default=None, help="key home (default: $KEYTURN_HOME or ./.keyturn)")
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--lake", required=True)
-    parser.add_argument("--columns", required=True, help="comma-separated columns to encrypt")
-    parser.add_argument("--partition-by", default=None, help="comma-separated partition columns")
-    parser.add_argument("--bind", default=None, help="comma-separated row-key columns bound into every cell")
-    args, beam_args = parser.parse_known_args(argv)
-    from keyturn.home import default_home
-
-    report = run(
-        home=args.home or default_home(),
-        source=args.source,
-        lake=args.lake,
-        columns=args.columns,
-        partition_by=args.partition_by,
-        bind=args.bind,
-        beam_args=[a for a in beam_args if a != "--"],
-    )
-    print(json.dumps(report, indent=2, sort_keys=True))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,9 +16,9 @@ hierarchy, so subclasses inherit their parent's code; errors added later
 (for example by the lake package) can set a class attribute `exit_code`
 to choose their own.
 
-`report_exit_code(report)` maps a pipeline's JSON-able report: DATA when
-``report["problems"]`` is a positive count or a non-empty list (of problem
-records), else OK.
+`report_exit_code(report)` maps a verb's report (a `keyturn.reports.Report`,
+or any mapping of its JSON form): DATA when ``report["problems"]`` is a
+positive count or a non-empty list (of problem records), else OK.
 
 Beam wraps what a DoFn raises. In process, the runner re-raises a copy
 with `` [while running 'STEP']`` added to the message (tagged

@@ -1,7 +1,7 @@
 """`keyturn ingest`: encrypt Avro/Parquet files as they land in a directory, and append them to the lake.
 
-    python -m keyturn.pipelines.ingest --home DIR --watch DIR --lake PATH [--columns a,b] [--partition-by COL]
-                               [--until-idle SECONDS] [--poll-interval S] [-- beam options]
+    keyturn [--home DIR] ingest --watch DIR --lake PATH [--columns a,b] [--partition-by COL]
+                                [--until-idle SECONDS] [--poll-interval S] [-- beam options]
 
 How it streams, and why this way
 --------------------------------
@@ -62,24 +62,27 @@ key home's, never what the lake files say), so appending to an existing
 lake needs neither; each landed file is checked against the contract on
 its own (columns and plain types) and a file that breaks it is rejected
 and quarantined while the stream goes on.
+
+`run` returns an `IngestReport` (`keyturn.reports`) and tells its
+``progress`` callback the files ingested and rows written so far after each
+batch (no total: the stream has none).
 """
 
 from __future__ import annotations
 
-import argparse
 import hmac
-import json
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 
+from keyturn.audit.events import utc_now
 from keyturn.contract import check_arrow_write
 from keyturn.errors import ContractError
 from keyturn.errors import InputError, LakeLockedError
@@ -93,8 +96,10 @@ from keyturn.home import lake_of
 from keyturn.lake.layout import new_run_id
 from keyturn.sources import DEFAULT_BATCH_ROWS, SourceFile, list_source_files, resolve
 from keyturn.lake.hive import hive_segments
+from keyturn.pipelines.runner import pipeline_options
+from keyturn.reports import IngestReport, ProgressFn, say
 
-__all__ = ["run", "main", "Watcher", "lake_partition_keys"]
+__all__ = ["run", "Watcher", "lake_partition_keys"]
 
 DEFAULT_POLL_SECONDS = 1.0
 DEFAULT_MAX_BATCH_FILES = 64
@@ -150,7 +155,9 @@ class Watcher:
         return self._same[seen]
 
 
-class _Report:
+class _Tally:
+    """The running totals of an ingest run, batch by batch."""
+
     def __init__(self) -> None:
         self.batches = 0
         self.files_ingested = 0
@@ -192,13 +199,18 @@ def run(
     max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
     actor: str = "keyturn",
     reason: str = "keyturn ingest",
-    progress: Callable[[str], None] | None = None,
+    clock: Callable[[], datetime] = utc_now,
+    progress: ProgressFn | None = None,
     stop: threading.Event | None = None,
-) -> dict[str, Any]:
-    """Watch `watch` and append new files to `lake` until idle or stopped; returns a JSON-able report."""
+) -> IngestReport:
+    """Watch `watch` and append new files to `lake` until idle or stopped; returns its report.
+
+    `home` is a `KeyHome` or its path (opened with `clock`); `progress`, if
+    given, hears the files ingested and rows written after each batch.
+    """
     started = time.monotonic()
-    say = progress or (lambda _msg: None)
-    home = _open_home(home)
+    pipeline_options(beam_args)  # a refused runner fails before anything is written
+    home = _open_home(home, clock)
     if poll_interval <= 0:
         raise InputError("--poll-interval must be positive")
     if until_idle is not None and until_idle < 0:
@@ -231,7 +243,7 @@ def run(
 
     stop = stop or threading.Event()
     restore = _stop_on_signals(stop)
-    report = _Report()
+    report = _Tally()
     macs = SourceMacs(home, actor=actor)
     watcher = Watcher(watch_root, macs)
     last_activity = time.monotonic()
@@ -244,12 +256,12 @@ def run(
             if seen_new:
                 last_activity = time.monotonic()
             if stable:
-                say(f"batch {report.batches + 1}: {len(stable)} file(s)")
                 committed = _ingest_batch(
                     home, the_lake, watcher, stable[:max_batch_files], columns, partition_by, report, recovered,
                     beam_args=beam_args, batch_rows=batch_rows, file_rows=file_rows, actor=actor, reason=reason,
                     bind=bind,
                 )
+                say(progress, f"watching {watch}", files_done=report.files_ingested, rows_done=report.rows_written)
                 last_activity = time.monotonic()  # work done, or waiting for the lake lock: not idle
                 if committed:
                     continue  # more may be waiting: poll again at once
@@ -259,33 +271,32 @@ def run(
             stop.wait(poll_interval)
     finally:
         restore()
-    return {
-        "command": "ingest",
-        "dataset": home.dataset,
-        "watch": watch,
-        "lake": lake,
-        "columns": columns,
-        "partition_by": partition_by,
-        "stopped": stopped,
-        "batches": report.batches,
-        "files_ingested": report.files_ingested,
-        "files_quarantined": report.files_quarantined,
-        "quarantined": report.quarantined,
-        "rows_written": report.rows_written,
-        "files_written": report.files_written,
-        "bytes_written": report.bytes_written,
-        "partitions": dict(sorted(report.partitions.items())),
-        "kms_calls": report.kms_calls,
-        "ledger_key_kms_calls": macs.kms_calls,
-        "lock_waits": report.waits_for_lock,
-        "run_ids": report.run_ids,
-        "recovered": recovered,
-        "seconds": round(time.monotonic() - started, 3),
-        "problems": [
+    return IngestReport(
+        dataset=home.dataset,
+        watch=watch,
+        lake=lake,
+        columns=columns,
+        partition_by=partition_by,
+        stopped=stopped,
+        batches=report.batches,
+        files_ingested=report.files_ingested,
+        files_quarantined=report.files_quarantined,
+        quarantined=report.quarantined,
+        rows_written=report.rows_written,
+        files_written=report.files_written,
+        bytes_written=report.bytes_written,
+        partitions=dict(sorted(report.partitions.items())),
+        kms_calls=report.kms_calls,
+        ledger_key_kms_calls=macs.kms_calls,
+        lock_waits=report.waits_for_lock,
+        run_ids=report.run_ids,
+        recovered=recovered,
+        seconds=round(time.monotonic() - started, 3),
+        problems=[
             {"path": path, "partition": None, "reason": "quarantined", "detail": "source file quarantined (unreadable or missing a column)"}
             for path in report.quarantined
         ],
-    }
+    )
 
 
 def _ingest_batch(
@@ -295,7 +306,7 @@ def _ingest_batch(
     files: list[SourceFile],
     columns: list[str],
     partition_by: list[str],
-    report: _Report,
+    report: _Tally,
     recovered: dict[str, int],
     **options: Any,
 ) -> bool:
@@ -306,7 +317,7 @@ def _ingest_batch(
             # An earlier run's committed batch is rolled forward (and its files recorded) first,
             # so those files are not ingested a second time below.
             for key, n in recover_staging(lake).items():
-                recovered[key] += n
+                recovered[key] = recovered.get(key, 0) + n
             done_already = read_ledger(lake)
             files = [f for f in files if not watcher.done(f, done_already)]
             if files:
@@ -324,7 +335,7 @@ def _commit_batch(
     files: list[SourceFile],
     columns: list[str],
     partition_by: list[str],
-    report: _Report,
+    report: _Tally,
     run_id: str,
     **options: Any,
 ) -> None:
@@ -387,33 +398,3 @@ def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
             signal.signal(sig, handler)
 
     return restore
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyturn.pipelines.ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", default=None, help="key home (default: $KEYTURN_HOME or ./.keyturn)")
-    parser.add_argument("--watch", required=True)
-    parser.add_argument("--lake", required=True)
-    parser.add_argument("--columns", default=None, help="comma-separated columns to encrypt (default: the lake's)")
-    parser.add_argument("--partition-by", default=None, help="comma-separated partition columns (default: the lake's)")
-    parser.add_argument("--until-idle", type=float, default=None, help="stop after this many seconds without new files")
-    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_SECONDS)
-    args, beam_args = parser.parse_known_args(argv)
-    from keyturn.home import default_home
-
-    report = run(
-        home=args.home or default_home(),
-        watch=args.watch,
-        lake=args.lake,
-        columns=args.columns,
-        partition_by=args.partition_by,
-        until_idle=args.until_idle,
-        poll_interval=args.poll_interval,
-        beam_args=[a for a in beam_args if a != "--"],
-    )
-    print(json.dumps(report, indent=2, sort_keys=True))
-    return 3 if report["problems"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

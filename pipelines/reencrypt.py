@@ -1,7 +1,7 @@
 """`keyturn reencrypt`: the batch-lazy job that brings a lake onto the active key version.
 
-    python -m keyturn.pipelines.reencrypt --lake PATH [--home DIR] [--mode rewrap|reencrypt|auto]
-                                  [--dry-run] [--max-files N] [--json] [-- BEAM OPTIONS]
+    keyturn [--home DIR] [--json] reencrypt --lake PATH [--mode rewrap|reencrypt|auto]
+                                            [--dry-run] [--max-files N] [-- BEAM OPTIONS]
 
 What one run does:
 
@@ -26,7 +26,9 @@ What one run does:
 
 A second run of a finished job finds no stale file, starts no pipeline and
 makes no KMS call. ``--dry-run`` stops after the plan and changes nothing
-(not even the lock file).
+(not even the lock file). `run` returns a `ReencryptReport`
+(`keyturn.reports`) and tells its ``progress`` callback each stage, and the
+files rewritten and rows moved as the partitions are done.
 
 Concurrency: each partition element rewrites its files in a thread pool of
 ``lifecycle.max_concurrent_reencryption_workers`` threads (override with
@@ -43,11 +45,9 @@ held under ``lifecycle.max_kms_requests_per_second`` per worker
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -64,13 +64,13 @@ from keyturn.lake import DataFile, Lake, as_lake, crashpoint, take_inventory
 from keyturn.lake.layout import new_run_id
 from keyturn.lake.inventory import Inventory
 from keyturn.lake.rewrite import rewrite_file
-from keyturn.lake.throttle import RateLimitedKms
 from keyturn.lake.sideoutputs import SCHEMA_OF, compact_parts, part_name, read_side_outputs, write_side_output
 from keyturn.policy import KeyPolicy, ReadStatus
+from keyturn.reports import ProgressFn, ProgressRelay, ReencryptReport, say
 from keyturn.scope import ScopeLimits
 from keyturn.pipelines.runner import pipeline_options
 
-__all__ = ["run", "main", "RewritePartitionFn", "plan_rewrites"]
+__all__ = ["run", "RewritePartitionFn", "plan_rewrites"]
 
 ACTOR = "keyturn reencrypt"
 JOB_MODES = ("reencrypt", "rewrap", "auto")
@@ -137,7 +137,8 @@ class RewritePartitionFn(beam.DoFn):
     are built in `setup()`. The key policy is read per partition, so a
     rotation during a long run is picked up. A KMS failure stops the
     partition (remaining files are reported as skipped) and is reported,
-    never retried blindly.
+    never retried blindly. Each file done is counted on `relay` (files, and
+    rows moved), for the job's progress display.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class RewritePartitionFn(beam.DoFn):
         include_request_ids: bool,
         kms_rate: float | None = None,
         now: datetime | None = None,
+        relay: ProgressRelay | None = None,
     ) -> None:
         self.keys = keys
         self.lake_uri = lake_uri
@@ -170,6 +172,7 @@ class RewritePartitionFn(beam.DoFn):
         self.include_request_ids = include_request_ids
         self.kms_rate = kms_rate
         self.now = now  # the job's "now" (the planner's), so plan and rewrite agree on which DEKs are over age
+        self.relay = relay or ProgressRelay(None, "")
         self._kms: Any = None
         self._registry: Any = None
 
@@ -179,9 +182,7 @@ class RewritePartitionFn(beam.DoFn):
         return state
 
     def setup(self) -> None:
-        self._kms = self.keys.open_kms()
-        if self.kms_rate:
-            self._kms = RateLimitedKms(self._kms, self.kms_rate)
+        self._kms = self.keys.open_kms()  # rate-limited by the key source
         self._registry = self.keys.open_registry()  # also the DEK directory and the dataset contracts
         self._files = Metrics.counter("keyturn", "files_rewritten")
         self._rows = Metrics.counter("keyturn", "rows_moved")
@@ -234,7 +235,9 @@ class RewritePartitionFn(beam.DoFn):
                 write_side_output(lake, "audit", part_name(self.run_id, token), [audit])
             write_side_output(lake, "quarantine", part_name(self.run_id, token), outcome.quarantine)
             crashpoint("rewrite:after-side-outputs")
-            return outcome.to_dict()
+            result = outcome.to_dict()
+            self.relay.add(files=1, rows=result.get("rows_moved", 0) or 0)
+            return result
 
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
             results = list(pool.map(one, relpaths))
@@ -287,14 +290,15 @@ def _run_beam(
 
 
 def _resolve_keys(
-    home: Any, keys: KeySource | None, dataset: str | None, config: KeyturnConfig | None
+    home: Any, keys: KeySource | None, dataset: str | None, config: KeyturnConfig | None,
+    clock: Callable[[], datetime] = utc_now,
 ) -> tuple[KeySource, str, KeyturnConfig, Any]:
     if keys is None:
         if home is None:
             raise ValueError("give a key home (home=) or a key source (keys=) and dataset")
         from keyturn.home import KeyHome
 
-        key_home = home if isinstance(home, KeyHome) else KeyHome.open(home)
+        key_home = home if isinstance(home, KeyHome) else KeyHome.open(home, clock=clock)
         return key_home.key_source(), dataset or key_home.dataset, config or key_home.config, key_home
     cfg = config or default_config()
     return keys, dataset or cfg.dataset, cfg, None
@@ -351,10 +355,10 @@ def run(
     actor: str = ACTOR,
     reason: str = "",
     run_id: str | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressFn | None = None,
     clock: Callable[[], datetime] = utc_now,
-) -> dict[str, Any]:
-    """Run the reencrypt job on `lake`; returns a JSON-able report.
+) -> ReencryptReport:
+    """Run the reencrypt job on `lake`; returns its report.
 
     Keys come from the key home `home` (`keyturn.home.KeyHome`), or from
     `keys` plus `dataset` (and optionally `config`, else the defaults).
@@ -366,8 +370,7 @@ def run(
     `LakeError` if there is no lake, `KmsUnavailableError` if the KMS failed
     mid-run (files done so far stay done; run again to finish).
     """
-    say = progress or (lambda _msg: None)
-    keys, dataset, cfg, key_home = _resolve_keys(home, keys, dataset, config)
+    keys, dataset, cfg, key_home = _resolve_keys(home, keys, dataset, config, clock)
     mode = mode or cfg.lifecycle.rewrap_mode
     if mode not in JOB_MODES:
         raise ValueError(f"mode must be one of {', '.join(JOB_MODES)}, not {mode!r}")
@@ -384,7 +387,7 @@ def run(
     directory_rewrap: dict[str, Any] | None = None
     if mode in ("rewrap", "auto") and not dry_run:
         # the control-plane half: re-wrap the directory's stale DEKs; no lake byte changes
-        say("re-wrapping stale DEKs in the key registry's directory")
+        say(progress, "re-wrapping stale DEKs in the key registry's directory")
         directory_rewrap = _rewrap_directory(keys, registry, key_home, cfg, actor=actor, reason=reason, clock=clock)
     policy = KeyPolicy.from_registry(registry)
     aged_before = None if mode == "rewrap" else clock() - timedelta(days=cfg.lifecycle.dek_max_age_days)
@@ -401,7 +404,7 @@ def run(
     }
 
     if dry_run:
-        say("taking the inventory (footers only)")
+        say(progress, "taking the inventory (footers only)")
         inventory = take_inventory(the_lake, policy, dataset=dataset, directory=registry)
         groups = [] if mode == "rewrap" else plan_rewrites(inventory, max_files, aged_before=aged_before)
         report.update(
@@ -413,22 +416,21 @@ def run(
             problems=inventory.problems(),
             complete=not groups,
         )
-        return report
+        return ReencryptReport(**report)
 
     with the_lake.lock(exclusive=True, owner=f"{actor} {run_id}"):
         crashpoint("run:after-lock")
         removed = the_lake.remove_temp_files()
         for kind in SCHEMA_OF:
             compact_parts(the_lake, kind)  # parts of crashed runs
-        say(f"removed {len(removed)} leftover temp files" if removed else "no leftover temp files")
-        say("taking the inventory (footers only)")
+        say(progress, "taking the inventory (footers only)")
         inventory = take_inventory(the_lake, policy, dataset=dataset, directory=registry)
         crashpoint("run:after-inventory")
         groups = [] if mode == "rewrap" else plan_rewrites(inventory, max_files, aged_before=aged_before)
         report.update(inventory_before=inventory.to_dict(), plan=_plan_report(inventory, groups), temp_files_removed=removed)
         results: list[dict[str, Any]] = []
         if groups:
-            say(f"rewriting {report['plan']['files']} files in {len(groups)} partitions ({mode}, {workers} at a time)")
+            relay = ProgressRelay(progress, "rewriting", files_total=report["plan"]["files"])
             dofn = RewritePartitionFn(
                 keys,
                 the_lake,
@@ -443,8 +445,10 @@ def run(
                 include_request_ids=cfg.audit.include_kms_request_ids,
                 kms_rate=cfg.lifecycle.max_kms_requests_per_second,
                 now=clock(),
+                relay=relay,
             )
-            results = _run_beam(groups, dofn, the_lake, run_id, beam_args)
+            with relay:
+                results = _run_beam(groups, dofn, the_lake, run_id, beam_args)
         crashpoint("run:before-report")
         for kind in ("audit", "quarantine"):
             compact_parts(the_lake, kind, run_id=run_id)
@@ -464,11 +468,7 @@ def run(
             f"the KMS failed during reencrypt ({kms_failures[0]['detail']}); "
             f"{report['files_rewritten']} files were done, run again to finish"
         )
-    say(
-        f"rewrote {report['files_rewritten']} files ({report['rows_moved']:,} rows) with {report['kms_calls']} KMS calls; "
-        f"{report['inventory']['stale_files']} stale files left"
-    )
-    return report
+    return ReencryptReport(**report)
 
 
 def _rewrap_directory(
@@ -477,9 +477,7 @@ def _rewrap_directory(
     """`keyturn.rotation.rewrap` with the home's audit log (or a throwaway log when run without a home)."""
     from keyturn.rotation import rewrap
 
-    kms = keys.open_kms()
-    if cfg.lifecycle.max_kms_requests_per_second:
-        kms = RateLimitedKms(kms, cfg.lifecycle.max_kms_requests_per_second)
+    kms = keys.open_kms()  # rate-limited by the key source
     try:
         if key_home is not None:
             chain = key_home.chain()
@@ -550,71 +548,3 @@ def _summarize(
         "problems": problems,
         "complete": not after.stale_files(),
     }
-
-
-# -- command line ----------------------------------------------------------------------
-
-
-def render(report: dict[str, Any]) -> str:
-    """A short plain-text account of a report."""
-    inv = report.get("inventory") or report.get("inventory_before") or {}
-    plan = report.get("plan", {})
-    lines = [f"lake {report['lake']} (dataset {report['dataset']}), active key version {report['active_version']}"]
-    if report["dry_run"]:
-        lines.append(
-            f"dry run: would rewrite {plan.get('files', 0)} files ({plan.get('stale_rows', 0):,} stale rows) "
-            f"in {len(plan.get('partitions', {}))} partitions ({report['mode']}); nothing was changed"
-        )
-    else:
-        lines.append(
-            f"rewrote {report['files_rewritten']} files ({report['rows_moved']:,} rows moved, "
-            f"{report['bytes_rewritten']:,} bytes written) with {report['kms_calls']} KMS calls ({report['mode']})"
-        )
-    lines.append(
-        f"{inv.get('current_fraction', 1.0):.1%} of {inv.get('rows', 0):,} rows on the active version; "
-        f"{inv.get('stale_files', 0)} files still stale"
-    )
-    for p in report.get("problems", []):
-        where = p.get("path") or "lake"
-        lines.append(f"problem: {where}: {p['reason']}: {p.get('detail') or ''}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    beam_args: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, beam_args = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(prog="python -m keyturn.pipelines.reencrypt", description=__doc__.split("\n")[0])
-    parser.add_argument("--lake", required=True)
-    parser.add_argument("--home", default=os.environ.get("KEYTURN_HOME", ".keyturn"))
-    parser.add_argument("--mode", choices=JOB_MODES)
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--max-files", type=int)
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--reason", default="")
-    parser.add_argument("--json", action="store_true")
-    args, unknown = parser.parse_known_args(argv)
-    beam_args = unknown + beam_args
-    report = run(
-        args.lake,
-        home=args.home,
-        mode=args.mode,
-        dry_run=args.dry_run,
-        max_files=args.max_files,
-        workers=args.workers,
-        beam_args=beam_args,
-        reason=args.reason,
-    )
-    print(json.dumps(report, sort_keys=True) if args.json else render(report))
-    try:
-        from keyturn.pipelines.exitcodes import report_exit_code
-
-        return report_exit_code(report)
-    except ImportError:
-        return 3 if report["problems"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,9 @@ its processing-time buffering timer exists even without a buffering
 duration) it sends to the BundleBasedDirectRunner instead, which fails an
 assertion in its GroupByKey when a combine (the audit side output's
 ``ToList``) follows the stateful step. Any other ``--runner`` (PortableRunner,
-DataflowRunner, FlinkRunner, ...) is passed to Beam as given.
+DataflowRunner, FlinkRunner, ...) is passed to Beam as given, except a
+runner keyturn refuses (Beam's DaskRunner misroutes tagged outputs, see
+`keyturn.transforms.runners` and docs/RUNNERS.md): `ConfigError` (exit code 2).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineRunner
 
 import keyturn.transforms.coders  # noqa: F401  (registers RecordBatchCoder)
+from keyturn.errors import ConfigError
+from keyturn.transforms.runners import runner_problem
 
 __all__ = ["DEFAULT_RUNNER", "DirectBatchRunner", "pipeline_options"]
 
@@ -101,11 +105,16 @@ def _is_direct_runner(name: str) -> bool:
 def pipeline_options(beam_args: Sequence[str] | None = None) -> PipelineOptions:
     """`PipelineOptions(beam_args)`; no runner or the DirectRunner means `DirectBatchRunner` (see the module doc).
 
+    `ConfigError` (field ``runner``) for a runner keyturn refuses (DaskRunner).
+
     Unless `beam_args` set ``--default_sdk_harness_log_level``, SDK worker
     processes log at the driver's level (the CLI's: ERROR, INFO with --debug).
     """
     args = list(beam_args or [])
     found = _runner_arg(args)
+    problem = runner_problem(found[2]) if found is not None else None
+    if problem is not None:  # refused before Beam even tries to build it (see keyturn.transforms.runners)
+        raise ConfigError("runner", f"--runner={found[2]}: {problem}")
     streaming = any(a == "--streaming" or a.startswith("--streaming=") for a in args)
     if found is None:
         args.append(f"--runner={DEFAULT_RUNNER}")

@@ -1,10 +1,10 @@
 """``keyturn status``: how far a lake is on its way to the current key version.
 
-    python -m keyturn.pipelines.status --lake PATH [--home DIR] [--json] [--report FILE.html]
+    keyturn [--home DIR] [--json] status --lake PATH [--report FILE.html]
 
 `run(home=..., lake=...)` takes the lake's inventory (`keyturn.lake.
 take_inventory`: Parquet footers only, no data pages) under the home's key
-policy and returns a JSON-able report:
+policy and returns a `StatusReport` (`keyturn.reports`), whose JSON form is:
 
 - ``rows``, ``files``, ``active_version``, ``percent_current`` (rows on the
   active version, 100 for an empty lake);
@@ -29,28 +29,28 @@ does not know with `WrongKeyHomeError`: one line each, exit code 2 (see
 `keyturn.lake.inventory.check_fits_home`).
 
 `write_html(report, path)` writes a self-contained HTML page (inline CSS and
-an inline SVG stacked bar per partition; no script, no network asset).
-`render_text(report)` is the terminal rendering.
+an inline SVG stacked bar per partition; no script, no network asset); it is
+the report's one HTML renderer. Its text rendering is the CLI's, in
+`keyturn.pipelines.output`.
 """
 
 from __future__ import annotations
 
 import html
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 from keyturn.policy import KeyPolicy
+from keyturn.reports import STATUSES, ProgressFn, StatusReport, say
 from keyturn.lake import Lake, take_inventory
 from keyturn.lake.inventory import check_fits_home
 from keyturn.home import lake_of
 
-__all__ = ["run", "render_text", "write_html", "main", "STATUSES", "MAX_CHART_PARTITIONS"]
+__all__ = ["run", "render_html", "write_html", "STATUSES", "MAX_CHART_PARTITIONS"]
 
-STATUSES = ("current", "stale", "retired", "unknown", "missing", "corrupt")
 MAX_CHART_PARTITIONS = 200
 """The HTML chart shows at most this many partitions: those furthest behind."""
 
@@ -74,11 +74,16 @@ def run(
     lake: str | Lake,
     report_path: str | None = None,
     clock: Callable[[], datetime] | None = None,
+    progress: ProgressFn | None = None,
     beam_args: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Inventory `lake` under `home`'s key policy; optionally write the HTML report. Reads footers only."""
+) -> StatusReport:
+    """Inventory `lake` under `home`'s key policy; optionally write the HTML report. Reads footers only.
+
+    It writes nothing else and takes no actor; `progress`, if given, hears its one stage.
+    """
     if beam_args:
         raise ValueError("status runs no Beam pipeline; it takes no Beam options")
+    say(progress, "reading lake footers")
     the_lake = lake_of(lake, home)
     lake = the_lake.uri
     the_lake.require()
@@ -123,28 +128,27 @@ def run(
 
     totals = inventory.totals()
     status_rows = {s: totals["status_rows"].get(s, 0) for s in STATUSES}
-    report: dict[str, Any] = {
-        "lake": the_lake.uri,
-        "dataset": home.dataset,
-        "taken_at": now.astimezone(timezone.utc).isoformat(),
-        "active_version": policy.active.version,
-        "rows": totals["rows"],
-        "files": totals["files"],
-        "partition_count": len(partitions),
-        "percent_current": _percent(status_rows["current"], totals["rows"]),
-        "status_rows": status_rows,
-        "status_files": status_files,
-        "stale_files": totals["stale_files"],
-        "current_files": totals["current_files"],
-        "versions": versions,
-        "partitions": partitions,
-        "problems": lake_problems + inventory.problems(),
-        "directory": {str(v): n for v, n in registry.deks_by_version().items()},
-        "contract": _contract_summary(contract),
-        "report": None,
-    }
+    report = StatusReport(
+        lake=the_lake.uri,
+        dataset=home.dataset,
+        taken_at=now.astimezone(timezone.utc).isoformat(),
+        active_version=policy.active.version,
+        rows=totals["rows"],
+        files=totals["files"],
+        partition_count=len(partitions),
+        percent_current=_percent(status_rows["current"], totals["rows"]),
+        status_rows=status_rows,
+        status_files=status_files,
+        stale_files=totals["stale_files"],
+        current_files=totals["current_files"],
+        versions=versions,
+        partitions=partitions,
+        problems=lake_problems + inventory.problems(),
+        directory={str(v): n for v, n in registry.deks_by_version().items()},
+        contract=_contract_summary(contract),
+        report=None if report_path is None else os.path.abspath(report_path),
+    )
     if report_path is not None:
-        report["report"] = os.path.abspath(report_path)
         write_html(report, report_path)
     return report
 
@@ -159,52 +163,6 @@ def _contract_summary(contract: Any) -> dict[str, Any] | None:
         "bind": list(contract.bind),
         "partition_by": None if contract.partition_by is None else list(contract.partition_by),
     }
-
-
-# --------------------------------------------------------------------------- text
-
-
-def _n(value: int) -> str:
-    return f"{value:,}"
-
-
-def render_text(report: Mapping[str, Any]) -> str:
-    """The report as a few human-readable lines and two small tables."""
-    lines = [
-        f"Lake {report['lake']} (dataset {report['dataset']!r}): {_n(report['rows'])} rows in "
-        f"{_n(report['files'])} files, {report['partition_count']} partitions.",
-        f"Active key version {report['active_version']}: {report['percent_current']:.1f}% of rows are on it.",
-        "  rows:  " + ", ".join(f"{s} {_n(report['status_rows'][s])}" for s in STATUSES),
-        f"  files: {_n(report['current_files'])} current, {_n(report['stale_files'])} with stale rows, "
-        f"{_n(report['status_files']['unreadable'])} unreadable",
-    ]
-    if report["versions"]:
-        lines.append("Key versions:")
-        for v, info in report["versions"].items():
-            lines.append(f"  v{v:<4} {info['state']:<17} {_n(info['rows']):>14} rows {_n(info['files']):>8} files")
-    parts = report["partitions"]
-    if parts:
-        vs = list(report["versions"])
-        width = max(9, *(len(p) for p in parts))
-        header = f"  {'partition':<{width}} {'files':>7} {'rows':>12} " + " ".join(f"{'v' + v:>12}" for v in vs)
-        lines.append("Partitions (rows per key version):")
-        lines.append(header + f" {'current':>8}")
-        for name, p in parts.items():
-            per_version = " ".join(f"{_n(p['rows_by_version'].get(v, 0)):>12}" for v in vs)
-            lines.append(
-                f"  {name or '(root)':<{width}} {_n(p['files']):>7} {_n(p['rows']):>12} {per_version} "
-                f"{p['percent_current']:>7.1f}%"
-            )
-    problems = report["problems"]
-    if problems:
-        lines.append(f"Problems ({len(problems)}):")
-        for item in problems[:50]:
-            lines.append(f"  {item['path'] or 'lake'}: {item['reason']}: {item.get('detail') or ''}".rstrip())
-        if len(problems) > 50:
-            lines.append(f"  ... and {len(problems) - 50} more (see --json)")
-    if report.get("report"):
-        lines.append(f"HTML report written to {report['report']}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -327,14 +285,3 @@ def write_html(report: Mapping[str, Any], path: str | os.PathLike[str]) -> str:
             os.unlink(tmp)
         raise
     return target
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keyturn.pipelines.status ...``: the same as ``keyturn status ...``."""
-    from keyturn.pipelines.cli import main as cli_main
-
-    return cli_main(["status", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

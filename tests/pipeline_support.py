@@ -139,5 +139,23 @@ def run_python(code: str, *, env: Mapping[str, str] | None = None, timeout: floa
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
 
 
+def cli_command(*args: str) -> list[str]:
+    """The argv of a `keyturn` command line run as a subprocess (``python -m keyturn.pipelines.cli ARGS``)."""
+    return [sys.executable, "-m", "keyturn.pipelines.cli", *args]
+
+
+def set_config(home_dir: str | os.PathLike[str], section: str, **values: Any) -> None:
+    """Change settings of one section of a key home's config.yaml (for the next process that opens it)."""
+    import yaml
+
+    path = os.path.join(home_dir, "config.yaml")
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    raw.setdefault(section, {}).update(values)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(raw, fh, sort_keys=False)
+
+
 def run_cli(args: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`keyturn ARGS` in a fresh interpreter."""
     return run_python(f"import sys; from keyturn.pipelines.cli import main; sys.exit(main({list(args)!r}))", env=env, timeout=timeout)

@@ -12,7 +12,7 @@ import pytest
 from aws_support import AttemptCounter, FakeClock, FaultInjector, client, moto_url, new_kms_key, shorten_backoff  # noqa: F401
 
 from keyturn.aws.kms import AwsKms
-from keyturn.aws.ratelimit import TokenBucket
+from keyturn.kms.decorators import TokenBucket
 
 pytestmark = pytest.mark.aws
 

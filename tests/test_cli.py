@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -14,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from cli_support import customers, run_cli, snapshot, write_encrypted_file
-from keyturn import errors
+from keyturn import errors, reports
 from keyturn.audit.chain import verify_chain
 from keyturn.registry.base import KeyState
-from keyturn.pipelines import cli, exitcodes
+from keyturn.pipelines import cli, exitcodes, output
 from keyturn.home import KeyHome
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -148,26 +150,28 @@ class FakeRun:
         self.report = report
         self.calls = []
 
-    def __call__(self, *, home, beam_args, progress=None, actor="x", **kwargs):
-        self.calls.append(dict(home=home, beam_args=beam_args, progress=progress, actor=actor, **kwargs))
+    def __call__(self, *, home, beam_args, actor, clock, progress, **kwargs):
+        self.calls.append(dict(home=home, beam_args=beam_args, progress=progress, actor=actor, clock=clock, **kwargs))
         if progress is not None:
-            progress("halfway")
+            progress(reports.Progress("halfway", files_done=1, files_total=2, rows_done=10))
         return self.report
 
 
 def test_encrypt_passes_arguments_and_beam_options(home_dir, monkeypatch):
     from keyturn.pipelines import encrypt
 
-    fake = FakeRun({"rows_written": 5, "files_written": 1, "lake": "L", "columns": ["a", "b"], "problems": 0})
+    fake = FakeRun(reports.EncryptReport(rows_written=5, files_written=1, lake="L", columns=["a", "b"]))
     monkeypatch.setattr(encrypt, "run", fake)
     result = run_cli("--home", home_dir, "encrypt", "--source", "S", "--lake", "L", "--columns", "a, b",
-                     "--partition-by", "region", "--", "--runner=DirectRunner", "--direct_num_workers=2")
+                     "--partition-by", "region", "--", "--runner=DirectRunner", "--direct_num_workers=2",
+                     env=at(T0 + timedelta(days=1)))
     assert result.code == 0, result.err
     [call] = fake.calls
     assert call["home"] == home_dir
     assert (call["source"], call["lake"], call["columns"], call["partition_by"]) == ("S", "L", ["a", "b"], "region")
     assert call["beam_args"] == ["--runner=DirectRunner", "--direct_num_workers=2"]
     assert call["actor"].startswith("cli:")
+    assert call["clock"]() == T0 + timedelta(days=1)  # the job gets the CLI's clock ($KEYTURN_NOW here)
     assert call["progress"] is None  # stderr is not a terminal here
     assert "Encrypted 5 rows into 1 files" in result.out
 
@@ -175,7 +179,7 @@ def test_encrypt_passes_arguments_and_beam_options(home_dir, monkeypatch):
 def test_progress_only_on_a_terminal_without_json(home_dir, monkeypatch):
     from keyturn.pipelines import decrypt
 
-    fake = FakeRun({"rows_written": 1, "problems": 0})
+    fake = FakeRun(reports.DecryptReport(rows_written=1))
     monkeypatch.setattr(decrypt, "run", fake)
     monkeypatch.setattr(cli._Context, "show_progress", property(lambda self: not self.args.json))
     assert run_cli("--home", home_dir, "decrypt", "--lake", "L", "--out", "O").code == 0
@@ -184,20 +188,41 @@ def test_progress_only_on_a_terminal_without_json(home_dir, monkeypatch):
     assert fake.calls[-1]["progress"] is None
 
 
+def test_progress_bars_show_files_rows_rate_and_time_left():
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=160, color_system=None)
+    with output.progress_display(True, "encrypting", console=console) as progress:
+        progress(reports.Progress("encrypting", files_done=3, files_total=8, rows_done=30_000))
+        progress(reports.Progress("committing"))
+    text = console.file.getvalue()
+    assert "encrypting" in text and "3/8 files" in text and "30,000 rows" in text
+    assert re.search(r"\d[\d,]* rows/s", text)
+    assert re.search(r"\d+:\d\d:\d\d|-:--:--", text)  # time left
+    assert "committing" in text
+    with output.progress_display(False, "encrypting", console=console) as progress:
+        assert progress is None  # no terminal (or --json): no display at all
+
+
 @pytest.mark.parametrize(
     "problems, code",
-    [(0, exitcodes.OK), (2, exitcodes.DATA), ([], exitcodes.OK), ([{"path": "p", "reason": "corrupt"}], exitcodes.DATA)],
+    [([], exitcodes.OK), ([{"path": "p", "reason": "corrupt", "detail": "bad"}], exitcodes.DATA)],
 )
 def test_pipeline_problems_exit_3(home_dir, monkeypatch, problems, code):
     from keyturn.pipelines import reencrypt
 
-    monkeypatch.setattr(reencrypt, "run", FakeRun({"problems": problems, "summary": "ok"}))
-    monkeypatch.setattr(reencrypt, "render", lambda report: "rendered by the pipeline")
+    report = reports.ReencryptReport(lake="L", dataset="d", mode="reencrypt", dry_run=True, problems=problems,
+                                     temp_files=0)
+    fake = FakeRun(report)
+    monkeypatch.setattr(reencrypt, "run", fake)
     result = run_cli("--home", home_dir, "reencrypt", "--lake", "L", "--dry-run", "--max-files", "3")
     assert result.code == code
-    assert result.out == "rendered by the pipeline\n"
+    assert (fake.calls[-1]["dry_run"], fake.calls[-1]["max_files"]) == (True, 3)
+    assert result.out.startswith("lake L (dataset d)") and "dry run: would rewrite 0 files" in result.out
+    assert ("problem: p: corrupt: bad" in result.out) == bool(problems)
     result = run_cli("--home", home_dir, "--json", "reencrypt", "--lake", "L")
-    assert result.code == code and result.json()["problems"] == problems
+    assert result.code == code and result.json() == report.to_json()
+    assert result.json()["problems"] == problems and "inventory_before" not in result.json()
 
 
 def test_pipeline_errors_map_to_exit_codes(home_dir, monkeypatch):

@@ -1,6 +1,6 @@
 """Crash safety: SIGKILL the reencrypt job and `keyturn rewrap` at every crashpoint, then check nothing was lost.
 
-Each lake case runs ``python -m keyturn.pipelines.reencrypt`` in a subprocess with
+Each lake case runs ``keyturn reencrypt`` in a subprocess with
 ``KEYTURN_CRASHPOINT`` set (see `keyturn.crash`), checks the process
 died by SIGKILL, and then checks the lake as any reader would find it:
 readable by pyarrow.dataset with the same non-sensitive data and layout,
@@ -21,12 +21,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cli_support import run_cli
+from pipeline_support import cli_command, set_config
 from keyturn.audit.chain import verify_chain
 from keyturn.crash import CRASHPOINTS
 from keyturn.lake import Lake
@@ -84,6 +84,7 @@ def setup(tmp_path):
     lake = build_lake(home, str(tmp_path / "lake"), source, files_per_partition=FILES_PER_PARTITION, row_group_size=15)
     rotate(home)
     assert home.registry().deks_by_version() == {1: DEKS}
+    set_config(home.path, "lifecycle", max_concurrent_reencryption_workers=1)  # one file in flight at a time
     return home, lake, source
 
 
@@ -93,7 +94,7 @@ def _crash(cmd, point, skip):
 
 
 def _run_crashing(lake, home, point, skip, mode):
-    cmd = [sys.executable, "-m", "keyturn.pipelines.reencrypt", "--lake", lake.uri, "--home", home.path, "--mode", mode, "--workers", "1"]
+    cmd = cli_command("--home", home.path, "reencrypt", "--lake", lake.uri, "--mode", mode)
     return _crash(cmd, point, skip)
 
 
@@ -174,9 +175,9 @@ def test_sigkill_in_the_middle_of_a_directory_rewrap_loses_nothing(setup, point,
     data_before = data_files_state(lake.uri)
 
     if command == "rewrap":
-        cmd = [sys.executable, "-m", "keyturn.pipelines.cli", "--home", home.path, "rewrap"]
+        cmd = cli_command("--home", home.path, "rewrap")
     else:
-        cmd = [sys.executable, "-m", "keyturn.pipelines.reencrypt", "--lake", lake.uri, "--home", home.path, "--mode", "rewrap"]
+        cmd = cli_command("--home", home.path, "reencrypt", "--lake", lake.uri, "--mode", "rewrap")
     proc = _crash(cmd, point, skip)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 

@@ -1,4 +1,4 @@
-"""The demo (`make demo`, `keyturn demo`, `python -m keyturn.pipelines.demo`), run small."""
+"""The demo (`make demo`, which runs `keyturn demo`), run small."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def test_demo_run_tells_the_whole_story(tmp_path):
     assert demo.run(rows=200, partitions=10, out=str(out))["encrypt"]["rows"] == 200
 
 
-def test_demo_module_and_cli_entry_points(tmp_path):
-    proc = run_python(f"import sys; from keyturn.pipelines.demo import main; sys.exit(main(['--rows', '500', '--partitions', '10', '--out', {str(tmp_path / 'a')!r}]))")
+def test_demo_text_and_json_through_the_cli(tmp_path):
+    proc = run_python(f"import sys; from keyturn.pipelines.cli import main; sys.exit(main(['demo', '--rows', '500', '--partitions', '10', '--out', {str(tmp_path / 'a')!r}]))")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "identical to the source" in proc.stdout
     proc = run_cli(["demo", "--rows", "500", "--partitions", "10", "--out", str(tmp_path / "b"), "--json"])

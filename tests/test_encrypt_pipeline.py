@@ -19,6 +19,7 @@ from keyturn.errors import InputError
 from keyturn.pipelines import decrypt, encrypt
 from keyturn.lake.sideoutputs import read_side_outputs
 from keyturn.lake.layout import Lake
+from keyturn.reports import EncryptReport
 from tests.pipeline_support import (
     SENSITIVE,
     all_files,
@@ -50,10 +51,22 @@ def test_encrypt_partitions_by_column_stamps_footers_and_audits(home, tmp_path):
     src = write_parquet_source(tmp_path / "src", table, files=3)
     lake = tmp_path / "lake"
 
-    report = encrypt.run(home=home, source=src, lake=str(lake), columns=SENSITIVE, partition_by="region")
+    heard = []
+    report = encrypt.run(home=home, source=src, lake=str(lake), columns=SENSITIVE, partition_by="region",
+                         progress=heard.append)
 
     files = data_files(lake)
     assert sorted({os.path.dirname(f) for f in files}) == [f"region={r}" for r in range(4)]
+    # progress came from the pipeline's own steps as they read: file by file, up to every file and row
+    reading = [e for e in heard if e.stage == "encrypting"]
+    assert [e.files_done for e in reading] == [0, 1, 2, 3] and {e.files_total for e in reading} == {3}
+    assert reading[-1].rows_done == 3000 and heard[-1].stage == "committing"
+    assert isinstance(report, EncryptReport) and report.rows_written == report["rows_written"]
+    assert set(report.to_json()) == {  # the --json keys
+        "command", "run_id", "dataset", "source", "lake", "columns", "partition_by", "bind", "source_files",
+        "partitions_written", "partitions_skipped", "rows_source", "rows_written", "rows_skipped", "files_written",
+        "bytes_written", "kms_calls", "audit_events", "audit_file", "recovered", "seconds", "problems",
+    }
     assert report["rows_written"] == 3000 and report["files_written"] == len(files)
     assert report["partitions_written"] == {f"region={r}": {"files": 1, "rows": 750, "bytes": report["partitions_written"][f"region={r}"]["bytes"]} for r in range(4)}
     for f in files:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.pipeline_support import (
     SENSITIVE,
     all_files,
     avro_records,
+    cli_command,
     customers,
     data_files,
     make_home,
@@ -206,8 +206,8 @@ def test_sigterm_stops_after_the_current_batch(home, tmp_path):
     land, lake = tmp_path / "land", tmp_path / "lake"
     land_parquet(land, "a.parquet", customers(100))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "keyturn.pipelines.ingest", "--home", home.path, "--watch", str(land), "--lake", str(lake),
-           "--columns", "email,ssn", "--poll-interval", "0.1"]
+    cmd = cli_command("--home", home.path, "--json", "ingest", "--watch", str(land), "--lake", str(lake),
+                      "--columns", "email,ssn", "--poll-interval", "0.1")
     proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

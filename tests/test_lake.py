@@ -426,7 +426,7 @@ def test_lake_plaintext_helper_sees_every_row(lake, home, source):
 
 
 def test_rate_limited_kms_waits_for_tokens():
-    from keyturn.lake.throttle import RateLimitedKms
+    from keyturn.kms.decorators import RateLimitedKms, TokenBucket
 
     now = [0.0]
     slept = []
@@ -442,11 +442,11 @@ def test_rate_limited_kms_waits_for_tokens():
             Inner.calls += 1
             return "ok"
 
-    kms = RateLimitedKms(Inner(), rate=2, burst=2, clock=lambda: now[0], sleep=sleep)
+    kms = RateLimitedKms(Inner(), TokenBucket(2, burst=2, clock=lambda: now[0], sleep=sleep))
     for _ in range(6):
         assert kms.decrypt("k", b"w", {}) == "ok"
     assert Inner.calls == 6
     assert slept == [0.5, 0.5, 0.5, 0.5]  # a burst of two, then one call every half second
     assert now[0] == pytest.approx(2.0)
     with pytest.raises(ValueError):
-        RateLimitedKms(Inner(), rate=0)
+        TokenBucket(0)

@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,7 +37,7 @@ from keyturn.lake.layout import TEMP_PREFIX, Lake, is_temp_name, temp_name_for
 from lake_support import rotate
 from keyturn.pipelines import encrypt, reencrypt
 from keyturn.lake.staging import COMMIT_MARKER, STAGED_SUFFIX, recover_staging
-from tests.pipeline_support import REPO, SENSITIVE, customers, make_home, write_parquet_source
+from tests.pipeline_support import REPO, SENSITIVE, cli_command, customers, make_home, set_config, write_parquet_source
 
 pytestmark = pytest.mark.beam
 
@@ -107,8 +106,8 @@ def test_an_unfinished_atomic_write_is_invisible_to_duckdb_and_pyarrow(lake):
 def test_duckdb_and_pyarrow_count_only_committed_rows_after_kill_9_of_a_rewrite(lake):
     home, lake_dir, _ = lake
     rotate(home)
-    cmd = [sys.executable, "-m", "keyturn.pipelines.reencrypt", "--lake", str(lake_dir), "--home", str(home.path),
-           "--mode", "reencrypt", "--workers", "1"]
+    set_config(home.path, "lifecycle", max_concurrent_reencryption_workers=1)  # one file in flight at a time
+    cmd = cli_command("--home", str(home.path), "reencrypt", "--lake", str(lake_dir), "--mode", "reencrypt")
     _kill_at("rewrite:mid-write", cmd)
     leftovers = [p for p in lake_dir.rglob(f"{TEMP_PREFIX}*")]
     assert len(leftovers) == 1 and leftovers[0].parent.name.startswith("region=")
@@ -125,8 +124,8 @@ def test_an_encrypt_killed_before_its_commit_is_invisible_to_duckdb_and_pyarrow(
     home, lake_dir, tmp_path = lake
     more = customers(300, partitions=1, start=10_000).set_column(1, "region", pa.array([9] * 300))
     src = write_parquet_source(tmp_path / "src2", more, files=1)
-    cmd = [sys.executable, "-m", "keyturn.pipelines.encrypt", "--home", str(home.path), "--source", src,
-           "--lake", str(lake_dir), "--columns", ",".join(SENSITIVE), "--partition-by", "region"]
+    cmd = cli_command("--home", str(home.path), "encrypt", "--source", src, "--lake", str(lake_dir),
+                      "--columns", ",".join(SENSITIVE), "--partition-by", "region")
     _kill_at("encrypt:before-commit", cmd)
     assert_readers_count(lake_dir, ROWS)
     staged = [p for p in (lake_dir / "_keyturn" / "staging").rglob("*") if p.is_file() and "part-" in p.name]
@@ -141,8 +140,8 @@ def test_an_encrypt_killed_after_its_commit_is_rolled_forward_under_parquet_name
     home, lake_dir, tmp_path = lake
     more = customers(200, partitions=1, start=20_000).set_column(1, "region", pa.array([8] * 200))
     src = write_parquet_source(tmp_path / "src3", more, files=1)
-    cmd = [sys.executable, "-m", "keyturn.pipelines.encrypt", "--home", str(home.path), "--source", src,
-           "--lake", str(lake_dir), "--columns", ",".join(SENSITIVE), "--partition-by", "region"]
+    cmd = cli_command("--home", str(home.path), "encrypt", "--source", src, "--lake", str(lake_dir),
+                      "--columns", ",".join(SENSITIVE), "--partition-by", "region")
     _kill_at("encrypt:before-record", cmd)
     assert_readers_count(lake_dir, ROWS + 200)
     assert [p.name for p in (lake_dir / "region=8").iterdir() if p.name.endswith(".parquet")]
@@ -158,7 +157,8 @@ def test_a_committed_staging_run_of_an_older_keyturn_is_still_rolled_forward(lak
     existing = next((lake_dir / "region=0").glob("*.parquet"))
     shutil.copy(existing, run_dir / "region=5" / "part-old.parquet")
     (run_dir / COMMIT_MARKER).write_text(json.dumps({"run_id": run_dir.name, "files": 1, "sources": {}}))
-    assert recover_staging(lake_obj) == {"rolled_forward_files": 1, "discarded_runs": 0}
+    recovered = recover_staging(lake_obj)
+    assert (recovered["rolled_forward_files"], recovered["discarded_runs"]) == (1, 0)
     assert (lake_dir / "region=5" / "part-old.parquet").is_file() and not run_dir.exists()
 
 

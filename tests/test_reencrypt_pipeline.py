@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cli_support import run_cli
 from keyturn.errors import LakeError, LakeLockedError
 from keyturn.lake import Lake, footer_for, write_parquet_atomically
 from keyturn.lake.sideoutputs import read_side_outputs
@@ -210,9 +210,9 @@ def test_bad_input_is_reported_and_nothing_is_deleted(lake, home, source, tmp_pa
         assert open(path, "rb").read() == data
     mismatch = read_side_outputs(lake, "mismatch", run_id=report["run_id"])
     assert {(m["reason"], m["found_version"], m["rows"]) for m in mismatch} == {("missing", None, 2), ("unknown", 7, 10)}
-    # the CLI entry point exits with "data problems"
-    code = reencrypt.main(["--lake", lake.uri, "--home", home.path, "--json"])
-    assert code == 3
+    # the CLI verb exits with "data problems"
+    result = run_cli("--home", home.path, "--json", "reencrypt", "--lake", lake.uri)
+    assert result.code == 3 and result.json()["problems"], result.err
     os.remove(truncated)  # helper below reads every file
     os.remove(plain)
     got, statuses = lake_plaintext(home, lake.uri)
@@ -267,11 +267,13 @@ def test_missing_lake_and_bad_arguments(home, tmp_path):
     assert report["complete"] and report["files_rewritten"] == 0
 
 
-def test_report_is_json_and_renders(lake, home, capsys):
+def test_report_is_json_and_renders(lake, home):
     rotate(home)
-    assert reencrypt.main(["--lake", lake.uri, "--home", home.path, "--dry-run", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    dry = run_cli("--home", home.path, "--json", "reencrypt", "--lake", lake.uri, "--dry-run")
+    assert dry.code == 0, dry.err
+    report = dry.json()
     assert report["dry_run"] and report["plan"]["files"] == 8
-    assert reencrypt.main(["--lake", lake.uri, "--home", home.path, "--max-files", "1"]) == 0
-    text = capsys.readouterr().out
-    assert "rewrote 1 files" in text and "7 files still stale" in text
+    assert "temp_files" in report and "inventory_before" not in report  # a dry run's keys only
+    one = run_cli("--home", home.path, "reencrypt", "--lake", lake.uri, "--max-files", "1")
+    assert one.code == 0, one.err
+    assert "rewrote 1 files" in one.out and "7 files still stale" in one.out

@@ -19,7 +19,7 @@ from cli_support import (
 )
 from keyturn.errors import LakeError, VersionInUseError
 from keyturn.rotation import rotate
-from keyturn.pipelines import exitcodes, status
+from keyturn.pipelines import exitcodes, output, status
 from keyturn.home import KeyHome
 
 
@@ -194,7 +194,7 @@ def test_empty_and_missing_lake(home, tmp_path):
     (tmp_path / "empty").mkdir()
     report = status.run(home=home, lake=str(tmp_path / "empty"))
     assert (report["rows"], report["files"], report["percent_current"], report["partitions"]) == (0, 0, 100.0, {})
-    assert "0 rows in 0 files" in status.render_text(report)
+    assert "0 rows in 0 files" in output.render_text(report)
     with pytest.raises(LakeError, match="does not exist"):
         status.run(home=home, lake=str(tmp_path / "nowhere"))
     result = run_cli("--home", home.path, "status", "--lake", str(tmp_path / "nowhere"))
@@ -236,7 +236,7 @@ def test_html_chart_caps_partitions(home, tmp_path, monkeypatch):
 
 
 def test_text_rendering(home, mixed_lake):
-    text = status.render_text(status.run(home=home, lake=mixed_lake))
+    text = output.render_text(status.run(home=home, lake=mixed_lake))
     assert "100 rows in 4 files, 2 partitions" in text
     assert "Active key version 2: 50.0% of rows are on it." in text
     assert re.search(r"region=0\s+3\s+60\s+50\s+10\s+16\.7%", text)
@@ -259,7 +259,7 @@ def test_cli_status_exit_3_on_problems(home, mixed_lake):
     assert os.path.exists(os.path.join(mixed_lake, "region=0", "part-junk.parquet"))
 
 
-def test_python_m_entry_point(home, mixed_lake, monkeypatch, capsys):
-    monkeypatch.setenv("KEYTURN_HOME", home.path)
-    assert status.main(["--lake", mixed_lake]) == 0
-    assert "Active key version 2" in capsys.readouterr().out
+def test_cli_status_takes_the_home_from_the_environment(home, mixed_lake):
+    result = run_cli("status", "--lake", mixed_lake, env={"KEYTURN_HOME": home.path})
+    assert result.code == 0, result.err
+    assert "Active key version 2" in result.out

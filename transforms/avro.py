@@ -1,11 +1,18 @@
 """Beam transforms over Avro records (dicts) keyed by partition.
 
-Input elements are `(partition: str, record: dict)`; records conform to the
-plain schema (EncryptRecords) or to the encrypted schema derived by
-`keyturn.avro_codec.derive_encrypted_schema` (the others). Outputs, as
-`KeyturnOutputs`:
+Input elements are `(partition: str, record: dict)`, or bare dicts (what
+`beam.io.ReadFromAvro` yields), which belong to partition "" or, with
+`partition_by=[fields]`, to the hive path of those fields' values
+(``region=eu``; the fields stay in the record, since the Avro schema names
+them). Records conform to the plain schema (EncryptRecords) or to the
+encrypted schema derived by `keyturn.avro_codec.derive_encrypted_schema`
+(the others; `EncryptRecords(...).encrypted_schema` is the one to give
+`beam.io.WriteToAvro`). Any other element is refused with an `ElementTypeError` (an `InputError`)
+naming these forms (`keyturn.transforms.partition.KeyRecords`). Outputs,
+as `KeyturnOutputs`:
 
-- `main`: `(partition, record)`, one element per record;
+- `main`: `(partition, record)`, one element per record; with
+  `output="records"`, the bare record (what `beam.io.WriteToAvro` takes);
 - `version_mismatch`: `(event: dict, records: list[dict])`: a
   VersionMismatchEvent and the encrypted records it describes;
 - `quarantine`: `dict` (schemas/quarantine_record.avsc); `payload` is an
@@ -31,9 +38,11 @@ from keyturn.transforms.adapters import AvroAdapter
 from keyturn.transforms.arrow import keyturn_pardo
 from keyturn.transforms.dofns import DecryptFn, EncryptFn, ReencryptFn
 from keyturn.transforms.outputs import KeyturnOutputs
+from keyturn.transforms.partition import KeyRecords, main_of
+from keyturn.transforms.runners import check_runner
 from keyturn.transforms.tags import AUDIT, MAIN, QUARANTINE, VERSION_MISMATCH
 
-__all__ = ["EncryptRecords", "DecryptRecords", "ReencryptRecords"]
+__all__ = ["EncryptRecords", "DecryptRecords", "ReencryptRecords", "OUTPUTS"]
 
 Record = Dict[str, Any]
 KeyedRecord = Tuple[str, Record]
@@ -50,18 +59,40 @@ def _explode(kv: tuple[str, list[dict]]):  # type: ignore[no-untyped-def]
         yield partition, record
 
 
+OUTPUTS = ("keyed", "records")
+
+
+def _record_of(kv: tuple[str, dict]) -> dict:
+    return kv[1]
+
+
 class _RecordsTransform(beam.PTransform):
     """Runs one keyturn DoFn over records, one record per element."""
 
     _fn: beam.DoFn
+    partition_by: list[str] | None = None
+    output: str = "keyed"
+
+    def _configure(self, partition_by: Sequence[str] | str | None, output: str) -> None:
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, not {output!r}")
+        self._key = KeyRecords(partition_by, what=type(self).__name__)
+        self.partition_by = self._key.partition_by
+        self.output = output
 
     def expand(self, pcoll: beam.PCollection) -> KeyturnOutputs:
+        pcoll = main_of(pcoll)  # a KeyturnOutputs piped in: its main
+        check_runner(pcoll.pipeline, type(self).__name__)
+        key = getattr(self, "_key", None) or KeyRecords(what=type(self).__name__)
         tagged = (
             pcoll
+            | "Key" >> key
             | "AsList" >> beam.Map(_as_list).with_output_types(KeyedRecords)
             | "Keyturn" >> keyturn_pardo(self._fn, KeyedRecords, Tuple[Record, List[Record]])
         )
         main = tagged[MAIN] | "Explode" >> beam.FlatMap(_explode).with_output_types(KeyedRecord)
+        if self.output == "records":
+            main = main | "Records" >> beam.Map(_record_of).with_output_types(Record)
         return KeyturnOutputs(main, tagged[VERSION_MISMATCH], tagged[QUARANTINE], tagged[AUDIT])
 
 
@@ -79,11 +110,16 @@ class EncryptRecords(_RecordsTransform):
         limits: ScopeLimits = ScopeLimits(),
         actor: str = "keyturn",
         reason: str = "encrypt",
+        partition_by: Sequence[str] | str | None = None,
+        output: str = "keyed",
     ) -> None:
         super().__init__()
         adapter = AvroAdapter(plain_schema=schema, fields=fields, bind_fields=bind_fields)
         self.encrypted_schema = adapter.encrypted_schema
         self._fn = EncryptFn(adapter, keys, dataset, limits=limits, actor=actor, reason=reason)
+        self._configure(partition_by, output)
+        if self.partition_by and set(self.partition_by) & set(fields):
+            raise ValueError(f"a partition field cannot be encrypted: {sorted(set(self.partition_by) & set(fields))}")
 
 
 class DecryptRecords(_RecordsTransform):
@@ -101,6 +137,8 @@ class DecryptRecords(_RecordsTransform):
         reason: str = "decrypt",
         version_rules: VersionRules | None = None,
         rewrap_stale: bool = False,
+        partition_by: Sequence[str] | str | None = None,
+        output: str = "keyed",
     ) -> None:
         super().__init__()
         adapter = AvroAdapter(encrypted_schema=encrypted_schema, decrypt_fields=fields)
@@ -108,6 +146,7 @@ class DecryptRecords(_RecordsTransform):
             adapter, keys, dataset, stale_to_main=stale_to_main, actor=actor, reason=reason,
             version_rules=version_rules, rewrap_stale=rewrap_stale,
         )
+        self._configure(partition_by, output)
 
 
 class ReencryptRecords(_RecordsTransform):
@@ -124,9 +163,12 @@ class ReencryptRecords(_RecordsTransform):
         limits: ScopeLimits = ScopeLimits(),
         actor: str = "keyturn",
         reason: str = "rotation",
+        partition_by: Sequence[str] | str | None = None,
+        output: str = "keyed",
     ) -> None:
         super().__init__()
         adapter = AvroAdapter(encrypted_schema=encrypted_schema)
         self._fn = ReencryptFn(
             adapter, keys, dataset, mode=mode, dek_max_age=dek_max_age, limits=limits, actor=actor, reason=reason
         )
+        self._configure(partition_by, output)

@@ -24,7 +24,7 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils.windowed_value import WindowedValue
 
 from keyturn.audit.events import AuditAction, MismatchReason, build_event, build_mismatch, build_quarantine
-from keyturn.kms.base import CountingKms
+from keyturn.kms.decorators import CountingKms
 from keyturn.keysource import KeySource
 from keyturn.contract import DatasetContract
 from keyturn.errors import KmsError, RegistryError

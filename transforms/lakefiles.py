@@ -15,6 +15,11 @@
   `<lake>/_keyturn/<kind>/<run-id>.avro` with the shipped schema
   (`keyturn.lake.sideoutputs`); nothing is written when the output is empty.
 
+`add_key_columns` gives a whole file's batch the key columns it lacks (as
+nulls), so `DecryptBatches` counts its rows `missing` instead of refusing it.
+`keyturn.transforms.lake.ReadLake` and `WriteLake` are the public
+PTransforms built on these.
+
 Each takes the lake as a `keyturn.lake.Lake` (or a local path): a `Lake`
 pickles with its filesystem settings, so workers reach an ``s3://`` lake at
 the same endpoint as the driver.
@@ -33,6 +38,7 @@ import pyarrow.parquet as pq
 from apache_beam.pvalue import TaggedOutput
 
 import keyturn.transforms.coders  # noqa: F401  (registers RecordBatchCoder)
+from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
 from keyturn.audit.events import build_quarantine
 from keyturn.crash import crashpoint
 from keyturn.lake.atomic import write_parquet_atomically
@@ -41,7 +47,7 @@ from keyturn.lake.layout import Lake, as_lake
 from keyturn.lake.sideoutputs import write_side_output
 from keyturn.transforms.tags import QUARANTINE
 
-__all__ = ["MAX_QUARANTINE_BYTES", "ReadLakeFiles", "WriteLakeFiles", "WriteSideOutput"]
+__all__ = ["MAX_QUARANTINE_BYTES", "ReadLakeFiles", "WriteLakeFiles", "WriteSideOutput", "add_key_columns"]
 
 
 MAX_QUARANTINE_BYTES = 64 << 20
@@ -51,6 +57,24 @@ SIDE_OUTPUT_SCHEMAS = {"audit": "audit_event", "mismatch": "version_mismatch", "
 
 
 Keyed = Tuple[str, pa.RecordBatch]
+_KEY_TYPES = {VERSION_COLUMN: pa.int64(), DEK_COLUMN: pa.dictionary(pa.int32(), pa.binary())}
+
+
+def add_key_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A whole lake file's batch with the key columns it lacks added as nulls.
+
+    `ReadLakeFiles` reads every column of a file, so a key column that is not
+    there is genuinely absent (a file keyturn never wrote, or one stripped of
+    its key columns): its rows are `missing`. `decrypt_batch` refuses a
+    batch without key columns, since it cannot tell it from a projection.
+    """
+    lacking = [name for name in (VERSION_COLUMN, DEK_COLUMN) if name not in batch.schema.names]
+    if not lacking:
+        return batch
+    n = batch.num_rows
+    arrays = list(batch.columns) + [pa.nulls(n, _KEY_TYPES[name]) for name in lacking]
+    fields = list(batch.schema) + [pa.field(name, _KEY_TYPES[name], nullable=True) for name in lacking]
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
 
 
 class ReadLakeFiles(beam.DoFn):

@@ -77,11 +77,10 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from keyturn.fsutil import fsync_dir
+from keyturn.fsutil import write_file_atomically
 from keyturn.audit.events import AuditEvent
 from keyturn.errors import AuditChainError, ConcurrentModificationError, RegistryError
 
@@ -491,21 +490,7 @@ class AuditChain:
         return last["seq"] + 1, last["hash"]
 
     def _write_sidecar(self, seq: int, digest: str) -> None:
-        directory = os.path.dirname(os.path.abspath(self.head_path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(self.head_path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_canonical({"seq": seq, "hash": digest}) + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.head_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        fsync_dir(directory)
+        write_file_atomically(self.head_path, _canonical({"seq": seq, "hash": digest}) + b"\n", mode=0o600)
 
     def entries(self) -> list[ChainEntry]:
         """Every entry, after verifying the whole chain; [] if there is no log yet."""

@@ -7,16 +7,16 @@
   CloudWatch Logs.
 - `AwsKeySource` (`keyturn.aws.keysource`): the picklable recipe a Beam
   DoFn opens in ``setup()``.
-- `TokenBucket` (`keyturn.aws.ratelimit`): the client-side KMS rate limit.
 
 `keyturn.keysource.key_source_from_config` picks a local or AWS key source
-from the YAML config. docs/AWS.md covers IAM, real-AWS use and moto.
+from the YAML config. The client-side KMS rate limit (`TokenBucket`) is in
+`keyturn.kms.decorators`, shared with the local backend. docs/AWS.md
+covers IAM, real-AWS use and moto.
 """
 
 from keyturn.aws.cloudwatch_sink import CloudWatchAuditSink
 from keyturn.aws.dynamodb_registry import DynamoDbKeyRegistry, create_table
 from keyturn.aws.keysource import AwsKeySource
 from keyturn.aws.kms import AwsKms
-from keyturn.aws.ratelimit import TokenBucket
 
-__all__ = ["AwsKms", "DynamoDbKeyRegistry", "create_table", "CloudWatchAuditSink", "AwsKeySource", "TokenBucket"]
+__all__ = ["AwsKms", "DynamoDbKeyRegistry", "create_table", "CloudWatchAuditSink", "AwsKeySource"]

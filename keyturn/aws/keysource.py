@@ -11,8 +11,11 @@ single-node setup, a SQLite file (`registry_path`); give exactly one. An
 endpoint left as None is resolved by botocore, which honours the standard
 ``AWS_ENDPOINT_URL_<SERVICE>`` / ``AWS_ENDPOINT_URL`` variables.
 
-`max_requests_per_second` is enforced per opened `AwsKms`, so per worker:
-divide the account's KMS quota by the number of workers.
+`max_requests_per_second` (default 50, the config's default; None for no
+limit) is enforced per process: every `AwsKms` opened in the process for
+the same region and endpoint takes its tokens, one per HTTP attempt, from
+one shared bucket (`keyturn.kms.decorators.process_bucket`). Divide the
+account's KMS quota by the number of worker processes.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import math
 from dataclasses import dataclass
 
 from keyturn.aws.clients import ClientSettings
+from keyturn.aws.dynamodb_registry import DynamoDbKeyRegistry
 from keyturn.aws.kms import AwsKms, _check_kek_id
+from keyturn.kms.decorators import DEFAULT_REQUESTS_PER_SECOND, process_bucket
 from keyturn.registry.base import KeyRegistry
+from keyturn.registry.sqlite import SqliteKeyRegistry
 
 __all__ = ["AwsKeySource"]
 
@@ -38,7 +44,7 @@ class AwsKeySource:
     registry_name: str = "default"
     registry_endpoint_url: str | None = None
     registry_path: str | None = None
-    max_requests_per_second: float | None = None
+    max_requests_per_second: float | None = DEFAULT_REQUESTS_PER_SECOND
     max_attempts: int = 5
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
@@ -59,22 +65,26 @@ class AwsKeySource:
         ):
             raise ValueError("max_requests_per_second must be a finite number > 0 or None")
 
+    @property
+    def kms_name(self) -> str:
+        """Which KMS this is, for `process_bucket`: the region and endpoint (None: botocore's default)."""
+        return f"aws-kms {self.region} {self.endpoint_url}"
+
     def open_kms(self) -> AwsKms:
-        """A new `AwsKms` (one per worker; close it in ``teardown()``)."""
+        """A new `AwsKms` on the process's shared rate limit (close it in ``teardown()``)."""
+        rate = self.max_requests_per_second
         return AwsKms(
             region=self.region,
             endpoint_url=self.endpoint_url,
             max_attempts=self.max_attempts,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
-            max_requests_per_second=self.max_requests_per_second,
+            rate_limiter=None if rate is None else process_bucket(self.kms_name, rate),
         )
 
     def open_registry(self) -> KeyRegistry:
         """The key registry: DynamoDB when `registry_table` is set, else the SQLite file."""
         if self.registry_table is not None:
-            from keyturn.aws.dynamodb_registry import DynamoDbKeyRegistry
-
             return DynamoDbKeyRegistry(
                 self.registry_table,
                 name=self.registry_name,
@@ -84,7 +94,5 @@ class AwsKeySource:
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,
             )
-        from keyturn.registry.sqlite import SqliteKeyRegistry
-
         assert self.registry_path is not None
         return SqliteKeyRegistry(self.registry_path)

@@ -30,8 +30,11 @@ Errors (see `keyturn.kms.base`):
 - any other AWS error -> `KmsError`.
 
 Retries are botocore's standard mode (see `keyturn.aws.clients`). An
-optional `TokenBucket` limits requests per second, counting every HTTP
-attempt, retries included; the limit is per `AwsKms` instance (per worker).
+optional `TokenBucket` (`keyturn.kms.decorators`) limits requests per
+second: a botocore hook takes one token per HTTP attempt to KMS, retries
+and DescribeKey included. `AwsKeySource.open_kms` passes the process's
+shared bucket (`process_bucket`), so the limit holds per process, not per
+instance; `RateLimitedKms` refuses to wrap an `AwsKms` that has one.
 
 An `AwsKms` holds no secret, but it holds a live client: it refuses pickling.
 Beam DoFns build it in ``setup()`` from an `AwsKeySource`.
@@ -57,7 +60,6 @@ from botocore.exceptions import (
 )
 
 from keyturn.aws.clients import ClientSettings, error_code, http_status, make_client, request_id
-from keyturn.aws.ratelimit import TokenBucket
 from keyturn.context import encode_context
 from keyturn.errors import (
     DecryptionError,
@@ -70,6 +72,7 @@ from keyturn.errors import (
 )
 from keyturn.format import DEK_BYTES
 from keyturn.kms.base import GeneratedDataKey, RewrappedDataKey, UnwrappedDataKey
+from keyturn.kms.decorators import TokenBucket
 from keyturn.secret import SecretKey
 
 __all__ = ["AwsKms", "KmsKeyInfo", "BINDING_KEY", "bind_context", "MAX_KEY_ID_CHARS", "MAX_CIPHERTEXT_BYTES"]
@@ -159,8 +162,9 @@ class AwsKms:
 
         With an injected client its own retry configuration applies, and the
         other connection arguments must be left at their defaults.
-        `max_requests_per_second` builds a `TokenBucket`; `rate_limiter`
-        injects one (for example with a fake clock). Give at most one.
+        `max_requests_per_second` builds a `TokenBucket` of this instance's
+        own; `rate_limiter` injects one (the process's shared bucket, or one
+        on a fake clock). Give at most one.
         """
         if max_requests_per_second is not None and rate_limiter is not None:
             raise ValueError("give max_requests_per_second or rate_limiter, not both")

@@ -13,12 +13,14 @@ It maps its own failures to `keyturn.errors`:
 
 The shape follows AWS KMS (GenerateDataKey, Decrypt, ReEncrypt) so the AWS
 backend fits without adapters. Plaintext keys come back as `SecretKey`.
+Wrappers around a backend (rate limit, call counts) live in
+`keyturn.kms.decorators`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from keyturn.secret import SecretKey
@@ -78,44 +80,5 @@ class KmsBackend(Protocol):
         ...
 
 
-@dataclass
-class KmsCallLog:
-    """Counts of KMS calls by operation, and their request ids."""
-
-    generate: int = 0
-    decrypt: int = 0
-    rewrap: int = 0
-    request_ids: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return self.generate + self.decrypt + self.rewrap
-
-
-class CountingKms:
-    """Wraps a backend and counts successful calls per operation (for tests, metrics, benchmarks)."""
-
-    def __init__(self, inner: KmsBackend) -> None:
-        self.inner = inner
-        self.calls = KmsCallLog()
-
-    def generate_data_key(self, kek_id: str, context: Mapping[str, str]) -> GeneratedDataKey:
-        result = self.inner.generate_data_key(kek_id, context)
-        self.calls.generate += 1
-        self.calls.request_ids.append(result.request_id)
-        return result
-
-    def decrypt(self, kek_id: str, wrapped: bytes, context: Mapping[str, str]) -> UnwrappedDataKey:
-        result = self.inner.decrypt(kek_id, wrapped, context)
-        self.calls.decrypt += 1
-        self.calls.request_ids.append(result.request_id)
-        return result
-
-    def rewrap(self, wrapped: bytes, **kwargs) -> RewrappedDataKey:  # type: ignore[no-untyped-def]
-        result = self.inner.rewrap(wrapped, **kwargs)
-        self.calls.rewrap += 1
-        self.calls.request_ids.append(result.request_id)
-        return result
-
-    def __repr__(self) -> str:
-        return f"CountingKms({self.inner!r}, calls={self.calls.total})"
+# Moved to keyturn.kms.decorators (the one module of KMS wrappers); importable from here as before.
+from keyturn.kms.decorators import CountingKms, KmsCallLog  # noqa: E402

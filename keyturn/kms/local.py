@@ -46,8 +46,9 @@ kept until the file changes. Plaintext DEKs are never cached.
 
 Writes (`create_kek`, `disable_kek`, `enable_kek`) take an exclusive `fcntl`
 lock on the sidecar ``<keystore>.lock`` (never deleted), re-read the file
-under the lock, and replace it atomically (temp file in the same directory,
-fsync, `os.replace`, fsync of the directory). POSIX only.
+under the lock, and replace it atomically with
+`keyturn.fsutil.write_file_atomically` (temp file in the same directory,
+mode 0600, fsync, `os.replace`, fsync of the directory). POSIX only.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ import binascii
 import fcntl
 import json
 import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -69,7 +69,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from keyturn.fsutil import fsync_dir
+from keyturn.fsutil import write_file_atomically
 from keyturn.context import encode_context
 from keyturn.errors import DecryptionError, KeystoreError, KmsAccessDeniedError, KmsClosedError, KmsKeyNotFoundError
 from keyturn.kms.base import GeneratedDataKey, RewrappedDataKey, UnwrappedDataKey
@@ -208,32 +208,6 @@ def _read_key_file(key_file: str | os.PathLike[str]) -> AESGCM:
         os.close(fd)
 
 
-def _write_temp(directory: str, base: str, data: bytes) -> str:
-    """Write `data` to a fresh 0600 temp file in `directory`, fsynced; returns its path."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def _publish_new(tmp: str, path: str) -> None:
-    """Atomically move `tmp` to `path`, refusing (`FileExistsError`) if `path` exists."""
-    try:
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    fsync_dir(os.path.dirname(path))
-
-
 def generate_root_key_file(path: str | os.PathLike[str]) -> str:
     """Write 32 random bytes to a new file with mode 0600, atomically.
 
@@ -241,14 +215,12 @@ def generate_root_key_file(path: str | os.PathLike[str]) -> str:
     key makes its keystore unreadable. Returns the path.
     """
     name = os.path.abspath(os.fspath(path))
-    directory, base = os.path.split(name)
     key = bytearray(os.urandom(KEY_BYTES))
     try:
-        tmp = _write_temp(directory, base, bytes(key))
+        write_file_atomically(name, key, mode=0o600, exclusive=True)
     finally:
         for i in range(len(key)):
             key[i] = 0
-    _publish_new(tmp, name)
     return os.fspath(path)
 
 
@@ -505,9 +477,8 @@ class LocalKms:
         self._setup(name, random_bytes)
         self._root = root
         with self._file_lock():
-            tmp = _write_temp(os.path.dirname(name), os.path.basename(name), data)
             try:
-                _publish_new(tmp, name)
+                write_file_atomically(name, data, mode=0o600, exclusive=True)
             except FileExistsError:
                 raise FileExistsError(f"keystore {name!r} already exists") from None
         self._raw, self._doc = data, doc
@@ -593,13 +564,7 @@ class LocalKms:
                 doc = self._load(data)
                 change(doc)
                 new = _serialize(doc)
-                tmp = _write_temp(os.path.dirname(self._path), os.path.basename(self._path), new)
-                try:
-                    os.replace(tmp, self._path)
-                except BaseException:
-                    os.unlink(tmp)
-                    raise
-                fsync_dir(os.path.dirname(self._path))
+                write_file_atomically(self._path, new, mode=0o600)
             self._doc, self._raw = doc, new
 
     def _seal_kek(self, kek_id: str, kek: _Kek, material: bytes) -> None:

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from keyturn.fsutil import fsync_dir as local_fsync_dir
+from keyturn.fsutil import fsync_dir as local_fsync_dir, write_file_atomically
 from keyturn.lake.footer import FOOTER_KEY, Footer, strip_footer
 from keyturn.lake.layout import Lake, temp_name_for
 
@@ -168,21 +168,20 @@ def write_bytes_atomically(lake: Lake, path: str, data: bytes) -> None:
     """Replace the small file `path` of `lake` with `data`: a fresh temp file beside it, fsync, rename, fsync the directory.
 
     The lake-side small-file writer (commit markers, the source ledger, the
-    staging lists). Two writers never share a temp file; a crash leaves the
-    old file or the new one, never a mix (on S3: one PUT, then a copy).
+    staging lists). On a local lake it is `keyturn.fsutil.write_file_atomically`
+    (mode 0644), the writer of every other small local file. Two writers
+    never share a temp file; a crash leaves the old file or the new one,
+    never a mix (on S3: one PUT, then a copy).
     """
     directory = posixpath.dirname(path)
-    tmp = posixpath.join(directory, temp_name_for(posixpath.basename(path)))
     lake.fs.create_dir(directory, recursive=True)
+    if lake.is_local:
+        write_file_atomically(path, data)
+        return
+    tmp = posixpath.join(directory, temp_name_for(posixpath.basename(path)))
     try:
         with lake.fs.open_output_stream(tmp) as out:
             out.write(data)
-        if lake.is_local:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         lake.fs.move(tmp, path)
     except BaseException:
         try:
@@ -190,7 +189,6 @@ def write_bytes_atomically(lake: Lake, path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(lake, directory)
 
 
 def write_json_atomically(lake: Lake, path: str, payload: Any) -> None:

@@ -38,12 +38,12 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from keyturn.errors import LakeError
+from keyturn.fsutil import TEMP_PREFIX, TEMP_SUFFIX, is_temp_name, temp_name_for  # one temp-name scheme for every file
+from keyturn.lake.lock import open_lock
 from keyturn.lake.s3 import S3Settings, parse_s3_uri
 
 __all__ = ["Lake", "DataFile", "TEMP_PREFIX", "TEMP_SUFFIX", "KEYTURN_DIR", "is_hidden", "is_temp_name", "temp_name_for", "as_lake"]
 
-TEMP_PREFIX = ".keyturn-tmp-"
-TEMP_SUFFIX = ".tmp"
 KEYTURN_DIR = "_keyturn"
 SIDE_OUTPUT_KINDS = ("audit", "mismatch", "quarantine")
 
@@ -51,21 +51,6 @@ SIDE_OUTPUT_KINDS = ("audit", "mismatch", "quarantine")
 def is_hidden(name: str) -> bool:
     """True for names that are never data: they start with "." or "_"."""
     return name.startswith((".", "_"))
-
-
-def is_temp_name(name: str) -> bool:
-    """True for keyturn's temp files: ``.keyturn-tmp-<uuid>-<name>.tmp``, and the older
-    ``.keyturn-tmp-<uuid>-<name>`` (without ``.tmp``) that earlier versions left behind."""
-    return name.startswith(TEMP_PREFIX)
-
-
-def temp_name_for(name: str) -> str:
-    """A fresh temp file name for a file called `name`, in the same directory.
-
-    Hidden (a leading ".") for pyarrow and Spark, and ending in ``.tmp`` so
-    that no glob for the final suffix (DuckDB's ``*.parquet``) matches it.
-    """
-    return f"{TEMP_PREFIX}{uuid.uuid4().hex}-{name}{TEMP_SUFFIX}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,8 +217,6 @@ class Lake:
 
     def lock(self, *, exclusive: bool = True, owner: str = "keyturn", **options: Any):  # type: ignore[no-untyped-def]
         """The lake lock: `flock` on a local lake, a conditional-write lease on S3 (see `keyturn.lake.lock`)."""
-        from keyturn.lake.lock import open_lock
-
         if self.is_s3:
             options = {**self.lock_options, **options}
         return open_lock(self, exclusive=exclusive, owner=owner, **options)

@@ -42,10 +42,13 @@ import socket
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyturn.errors import LakeError, LakeLockedError
-from keyturn.lake.layout import Lake
+from keyturn.lake.s3lock import S3LeaseLock
+
+if TYPE_CHECKING:  # a lock is taken on a Lake (`Lake.lock()` builds it); the layout sits above the lock
+    from keyturn.lake.layout import Lake
 
 __all__ = ["LakeLock", "open_lock", "LOCK_FORMAT", "holder_state"]
 
@@ -61,8 +64,6 @@ def open_lock(lake: Lake, *, exclusive: bool = True, owner: str = "keyturn", **o
             raise TypeError(f"the local lake lock takes no options ({', '.join(sorted(options))})")
         return LakeLock(lake, exclusive=exclusive, owner=owner)
     if lake.is_s3:
-        from keyturn.lake.s3lock import S3LeaseLock
-
         return S3LeaseLock(lake, exclusive=exclusive, owner=owner, **options)
     raise LakeError(f"the lake lock supports local and S3 lakes, not {type(lake.fs).__name__} ({lake.uri})")
 
@@ -106,8 +107,8 @@ def _process_start(pid: int) -> str | None:
     return None if stat is None else stat[1]
 
 
-def _identity() -> dict[str, Any]:
-    """This process as a lock holder records it."""
+def process_identity() -> dict[str, Any]:
+    """This process as a lock holder (or a staged run's owner) records it; `holder_state` reads it back."""
     pid = os.getpid()
     return {
         "pid": pid,
@@ -120,7 +121,7 @@ def _identity() -> dict[str, Any]:
 
 def holder_state(holder: dict[str, Any], here: dict[str, Any] | None = None) -> str:
     """``alive``, ``gone`` (with certainty) or ``unknown`` (another host or PID namespace) for one holder entry."""
-    here = here or _identity()
+    here = here or process_identity()
     pid = holder.get("pid")
     if holder.get("host") != here["host"] or isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return "unknown"
@@ -231,7 +232,7 @@ class LakeLock:
             raise LakeError(f"no lake at {self.lake.uri}: the directory does not exist")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         token = uuid.uuid4().hex
-        here = _identity()
+        here = process_identity()
 
         def take(holders: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], None]:
             gone: list[dict[str, Any]] = []

@@ -46,13 +46,15 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from keyturn.errors import LakeError, LakeLockedError, LakeLockLostError
-from keyturn.lake.layout import Lake
 from keyturn.lake.s3 import S3Settings, s3_client, settings_of_filesystem, split_bucket_key
+
+if TYPE_CHECKING:  # a lease is taken on a Lake (`Lake.lock()` builds it); the layout sits above the lock
+    from keyturn.lake.layout import Lake
 
 __all__ = ["S3LeaseLock", "DEFAULT_LEASE_SECONDS", "LOCK_FORMAT"]
 
