@@ -24,27 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import date, datetime
 from typing import Any, TextIO
 
-from keyturn.reports import (
-    AuditReport,
-    ContractReport,
-    DecryptReport,
-    DemoReport,
-    DirectoryReport,
-    EncryptReport,
-    IngestReport,
-    InitReport,
-    Progress,
-    RebuildReport,
-    ReencryptReport,
-    Report,
-    RetireReport,
-    RewrapReport,
-    RotateReport,
-    RotationNotDueReport,
-    ScheduleDeletionReport,
-    StatusReport,
-    STATUSES,
-)
+from keyturn import reports
 
 __all__ = ["emit", "render_text", "write_json", "progress_display", "ProgressDisplay"]
 
@@ -53,7 +33,7 @@ __all__ = ["emit", "render_text", "write_json", "progress_display", "ProgressDis
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, Report):
+    if isinstance(value, reports.Report):
         return value.to_json()
     if isinstance(value, (datetime, date)):
         return value.isoformat()
@@ -67,12 +47,12 @@ def _json_default(value: Any) -> Any:
 def write_json(obj: Mapping[str, Any], stream: TextIO | None = None) -> None:
     """`obj` as one indented JSON object with sorted keys, and a newline."""
     out = stream or sys.stdout
-    data = obj.to_json() if isinstance(obj, Report) else obj
+    data = obj.to_json() if isinstance(obj, reports.Report) else obj
     out.write(json.dumps(data, sort_keys=True, indent=2, default=_json_default) + "\n")
     out.flush()
 
 
-def emit(report: Report, *, as_json: bool, stream: TextIO | None = None) -> None:
+def emit(report: reports.Report, *, as_json: bool, stream: TextIO | None = None) -> None:
     """Write `report` to `stream` (default stdout): its JSON form with `as_json`, else its text."""
     if as_json:
         write_json(report, stream)
@@ -85,7 +65,7 @@ def emit(report: Report, *, as_json: bool, stream: TextIO | None = None) -> None
 # --------------------------------------------------------------------------- text
 
 
-def render_text(report: Report) -> str:
+def render_text(report: reports.Report) -> str:
     """`report` as the lines a person reads (one renderer per report type)."""
     for cls in type(report).__mro__:
         render = _RENDERERS.get(cls)
@@ -110,7 +90,7 @@ def _problem_lines(problems: Any, limit: int = 20) -> list[str]:
     return lines
 
 
-def _encrypt(r: EncryptReport) -> str:
+def _encrypt(r: reports.EncryptReport) -> str:
     lines = [
         f"Encrypted {r.rows_written:,} rows into {r.files_written:,} files in "
         f"{len(r.partitions_written)} partitions of {r.lake} (columns: {', '.join(r.columns)}), "
@@ -123,7 +103,7 @@ def _encrypt(r: EncryptReport) -> str:
     return "\n".join(lines + _problem_lines(r.problems))
 
 
-def _decrypt(r: DecryptReport) -> str:
+def _decrypt(r: reports.DecryptReport) -> str:
     kms = f"{r.kms_calls:,}" if r.kms_calls is not None else "an unknown number of"
     lines = [
         f"Decrypted {r.rows_written:,} rows from {r.files_read:,} lake files into "
@@ -144,7 +124,7 @@ def _decrypt(r: DecryptReport) -> str:
     return "\n".join(lines)
 
 
-def _ingest(r: IngestReport) -> str:
+def _ingest(r: reports.IngestReport) -> str:
     lines = [
         f"Ingested {r.files_ingested:,} files from {r.watch} in {r.batches:,} batches: "
         f"{r.rows_written:,} rows appended to {r.lake} as {r.files_written:,} files, "
@@ -156,7 +136,7 @@ def _ingest(r: IngestReport) -> str:
     return "\n".join(lines + _problem_lines(r.problems))
 
 
-def _reencrypt(r: ReencryptReport) -> str:
+def _reencrypt(r: reports.ReencryptReport) -> str:
     inv = r.inventory or r.inventory_before or {}
     plan = r.plan
     lines = [f"lake {r.lake} (dataset {r.dataset}), active key version {r.active_version}"]
@@ -183,11 +163,11 @@ def _n(value: int) -> str:
     return f"{value:,}"
 
 
-def _status(r: StatusReport) -> str:
+def _status(r: reports.StatusReport) -> str:
     lines = [
         f"Lake {r.lake} (dataset {r.dataset!r}): {_n(r.rows)} rows in {_n(r.files)} files, {r.partition_count} partitions.",
         f"Active key version {r.active_version}: {r.percent_current:.1f}% of rows are on it.",
-        "  rows:  " + ", ".join(f"{s} {_n(r.status_rows[s])}" for s in STATUSES),
+        "  rows:  " + ", ".join(f"{s} {_n(r.status_rows[s])}" for s in reports.STATUSES),
         f"  files: {_n(r.current_files)} current, {_n(r.stale_files)} with stale rows, "
         f"{_n(r.status_files['unreadable'])} unreadable",
     ]
@@ -218,7 +198,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def _demo(r: DemoReport) -> str:
+def _demo(r: reports.DemoReport) -> str:
     s = r.steps
     enc, rw, pct, sample = r.encrypt, r.rewrap, r.percent_current, r.sample
     cols = ", ".join(r.sensitive_columns)
@@ -252,7 +232,7 @@ def _demo(r: DemoReport) -> str:
     return "\n".join(lines)
 
 
-def _init(r: InitReport) -> str:
+def _init(r: reports.InitReport) -> str:
     if r.provider == "aws_kms":
         where = f"DynamoDB table {r.registry_table}" if r.registry == "dynamodb" else "registry.sqlite"
         return (
@@ -269,7 +249,7 @@ def _init(r: InitReport) -> str:
     )
 
 
-def _rewrap(r: RewrapReport) -> str:
+def _rewrap(r: reports.RewrapReport) -> str:
     left = sum(r.remaining.values())
     text = (
         f"Re-wrapped {r.deks_moved:,} DEK(s) onto key version {r.active_version} with {r.kms_calls} KMS "
@@ -281,7 +261,7 @@ def _rewrap(r: RewrapReport) -> str:
     return text
 
 
-def _rotate(r: RotateReport) -> str:
+def _rotate(r: reports.RotateReport) -> str:
     text = (
         f"Rotated: key version {r.version_to} (KEK {r.kek_id}) is now active; "
         f"version {r.version_from} is decrypt-only.\n"
@@ -298,7 +278,7 @@ def _rotate(r: RotateReport) -> str:
     return text
 
 
-def _not_due(r: RotationNotDueReport) -> str:
+def _not_due(r: reports.RotationNotDueReport) -> str:
     due = r.next_due
     when = f"{due:%Y-%m-%d %H:%M}" if isinstance(due, datetime) else str(due)
     return (
@@ -307,13 +287,13 @@ def _not_due(r: RotationNotDueReport) -> str:
     )
 
 
-def _directory(r: DirectoryReport) -> str:
+def _directory(r: reports.DirectoryReport) -> str:
     lines = [f"DEK directory: {sum(r.deks_by_version.values()):,} DEK(s)."]
     lines += [f"  version {v} ({r.states.get(v, 'unknown')}): {n:,} DEK(s)" for v, n in r.deks_by_version.items()]
     return "\n".join(lines)
 
 
-def _rebuild(r: RebuildReport) -> str:
+def _rebuild(r: reports.RebuildReport) -> str:
     text = (
         f"Directory rebuild of {r.lake}: {r.deks_in_lake:,} DEK(s) in {r.files} file(s), "
         f"{r.deks_already_known:,} already known, {r.deks_registered:,} registered."
@@ -321,7 +301,7 @@ def _rebuild(r: RebuildReport) -> str:
     return text + "".join("\n" + _one_line(f"problem: {p['reason']}: {p.get('detail', '')}") for p in r.problems[:20])
 
 
-def _contract(r: ContractReport) -> str:
+def _contract(r: reports.ContractReport) -> str:
     if r.added_column is not None and r.contract is not None:
         return (
             f"Dataset {r.dataset!r}: column {r.added_column!r} is encrypted from contract revision "
@@ -333,7 +313,7 @@ def _contract(r: ContractReport) -> str:
     return r.described or f"dataset {r.dataset!r}, revision {r.contract.get('revision')}"
 
 
-def _retire(r: RetireReport) -> str:
+def _retire(r: reports.RetireReport) -> str:
     checked = f" and in {len(r.lakes)} lake(s)" if r.lakes else ""
     return (
         f"Retired key version {r.version}: no DEK of the directory is wrapped under it{checked}; "
@@ -341,14 +321,14 @@ def _retire(r: RetireReport) -> str:
     )
 
 
-def _schedule_deletion(r: ScheduleDeletionReport) -> str:
+def _schedule_deletion(r: reports.ScheduleDeletionReport) -> str:
     return (
         f"Key version {r.version} is pending deletion after {r.delete_after} "
         f"({r.pending_days} days); `keyturn` never destroys key material before then."
     )
 
 
-def _audit(r: AuditReport) -> str:
+def _audit(r: reports.AuditReport) -> str:
     text = f"Audit log OK: {r.entries} entries, hash chain intact (head {r.head or '-'})"
     if r.anchor is None:
         text += (f"; {r.anchored_in} holds no anchor for it yet (a home from before anchors), so a deleted tail "
@@ -361,22 +341,22 @@ def _audit(r: AuditReport) -> str:
 
 
 _RENDERERS: dict[type, Callable[[Any], str]] = {
-    EncryptReport: _encrypt,
-    DecryptReport: _decrypt,
-    IngestReport: _ingest,
-    ReencryptReport: _reencrypt,
-    StatusReport: _status,
-    DemoReport: _demo,
-    InitReport: _init,
-    RewrapReport: _rewrap,
-    RotateReport: _rotate,
-    RotationNotDueReport: _not_due,
-    DirectoryReport: _directory,
-    RebuildReport: _rebuild,
-    ContractReport: _contract,
-    RetireReport: _retire,
-    ScheduleDeletionReport: _schedule_deletion,
-    AuditReport: _audit,
+    reports.EncryptReport: _encrypt,
+    reports.DecryptReport: _decrypt,
+    reports.IngestReport: _ingest,
+    reports.ReencryptReport: _reencrypt,
+    reports.StatusReport: _status,
+    reports.DemoReport: _demo,
+    reports.InitReport: _init,
+    reports.RewrapReport: _rewrap,
+    reports.RotateReport: _rotate,
+    reports.RotationNotDueReport: _not_due,
+    reports.DirectoryReport: _directory,
+    reports.RebuildReport: _rebuild,
+    reports.ContractReport: _contract,
+    reports.RetireReport: _retire,
+    reports.ScheduleDeletionReport: _schedule_deletion,
+    reports.AuditReport: _audit,
 }
 
 
@@ -411,7 +391,7 @@ class ProgressDisplay:
         )
         self._stage: str | None = None
         self._task: Any = None
-        self._last: Progress | None = None
+        self._last: reports.Progress | None = None
         self._started = 0.0
         if placeholder:
             self._task = self._bars.add_task(placeholder, total=None, files="", rows="", rate="")
@@ -423,7 +403,7 @@ class ProgressDisplay:
     def __exit__(self, *exc: Any) -> None:
         self._bars.stop()
 
-    def __call__(self, event: Progress) -> None:
+    def __call__(self, event: reports.Progress) -> None:
         if event.stage != self._stage:
             self._new_stage(event.stage)
         elapsed = max(time.monotonic() - self._started, 1e-6)

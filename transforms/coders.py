@@ -7,6 +7,8 @@ inside tuples) uses them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import apache_beam as beam
 import pyarrow as pa
 
@@ -15,7 +17,36 @@ from keyturn.ipc import batch_from_ipc, batch_to_ipc
 __all__ = ["RecordBatchCoder", "TableCoder"]
 
 
-class RecordBatchCoder(beam.coders.Coder):
+class _ArrowIpcCoder(beam.coders.Coder):
+    """An Arrow value as one IPC stream; subclasses name the type and the two conversions."""
+
+    value_type: type
+
+    def _encode(self, value: Any) -> bytes:
+        raise NotImplementedError
+
+    def _decode(self, encoded: bytes) -> Any:
+        raise NotImplementedError
+
+    def encode(self, value: Any) -> bytes:
+        if not isinstance(value, self.value_type):
+            raise TypeError(f"{type(self).__name__} encodes pyarrow.{self.value_type.__name__}, not {type(value).__name__}")
+        return self._encode(value)
+
+    def decode(self, encoded: bytes) -> Any:
+        return self._decode(encoded)
+
+    def to_type_hint(self) -> type:
+        return self.value_type
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class RecordBatchCoder(_ArrowIpcCoder):
     """Encodes one `pyarrow.RecordBatch` as an Arrow IPC stream (schema + batch).
 
     Deterministic: `keyturn.ipc.batch_to_ipc` compacts sliced batches before
@@ -23,54 +54,34 @@ class RecordBatchCoder(beam.coders.Coder):
     equal schemas encode to equal bytes.
     """
 
-    def encode(self, value: pa.RecordBatch) -> bytes:
-        if not isinstance(value, pa.RecordBatch):
-            raise TypeError(f"RecordBatchCoder encodes pyarrow.RecordBatch, not {type(value).__name__}")
+    value_type = pa.RecordBatch
+
+    def _encode(self, value: pa.RecordBatch) -> bytes:
         return batch_to_ipc(value)
 
-    def decode(self, encoded: bytes) -> pa.RecordBatch:
+    def _decode(self, encoded: bytes) -> pa.RecordBatch:
         return batch_from_ipc(encoded)
 
     def is_deterministic(self) -> bool:
         return True
 
-    def to_type_hint(self) -> type:
-        return pa.RecordBatch
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self)
-
-    def __hash__(self) -> int:
-        return hash(type(self))
-
-
-
-
-class TableCoder(beam.coders.Coder):
+class TableCoder(_ArrowIpcCoder):
     """Encodes a `pyarrow.Table` as one Arrow IPC stream, so tables, like batches, never travel as pickles."""
 
-    def encode(self, value: pa.Table) -> bytes:
-        if not isinstance(value, pa.Table):
-            raise TypeError(f"TableCoder encodes pyarrow.Table, not {type(value).__name__}")
+    value_type = pa.Table
+
+    def _encode(self, value: pa.Table) -> bytes:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, value.schema) as writer:
             writer.write_table(value)
         return sink.getvalue().to_pybytes()
 
-    def decode(self, encoded: bytes) -> pa.Table:
+    def _decode(self, encoded: bytes) -> pa.Table:
         return pa.ipc.open_stream(pa.py_buffer(encoded)).read_all()
 
     def is_deterministic(self) -> bool:
         return False
-
-    def to_type_hint(self) -> type:
-        return pa.Table
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self)
-
-    def __hash__(self) -> int:
-        return hash(type(self))
 
 
 beam.coders.registry.register_coder(pa.RecordBatch, RecordBatchCoder)
