@@ -21,6 +21,13 @@ Subject (decrypt): a fresh `DekReader` (one KMS Decrypt call) and
 cell decryption, rebuilding the Arrow column). Baseline (decrypt): a list
 comprehension calling `decrypt(nonce, ciphertext, aad)` on the baseline's own
 ciphertexts, with nonces and ciphertexts already in separate lists.
+
+Targets: keyturn at >= 0.85 of the baseline's cells/s, for both.
+
+Profiles: keyturn calls AES-GCM through `map` (C calling C), which cProfile
+does not see as calls; that time is the own time of the one function that
+maps them (`DekScope._seal_part`, `OpenedDek.open_many`), which does nothing
+else per cell, and is counted as AES-GCM in `aes_gcm_share`.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from keyturn.reader import DekReader
 from keyturn.registry.base import KeyState, KeyVersion
 from keyturn.scope import DekScope, KekRef, Location
 
-__all__ = ["run", "make_batch", "DEFAULT_ROWS", "QUICK_ROWS", "SEED", "ENCRYPT_TARGET"]
+__all__ = ["run", "make_batch", "DEFAULT_ROWS", "QUICK_ROWS", "SEED", "ENCRYPT_TARGET", "DECRYPT_TARGET"]
 
 DEFAULT_ROWS = 1_000_000
 QUICK_ROWS = 50_000
@@ -50,7 +57,10 @@ SEED = 20240601
 COLUMN = "value"
 MIN_LEN, MAX_LEN = 16, 32
 BASELINE_AAD_BYTES = 100
-ENCRYPT_TARGET = 0.8  # keyturn cells/s over bare AES-GCM cells/s
+ENCRYPT_TARGET = 0.85  # keyturn cells/s over bare AES-GCM cells/s
+DECRYPT_TARGET = 0.85
+AES_ENCRYPT_MAPPERS = ("(_seal_part)",)  # keyturn functions whose own time is AES-GCM calls made through map
+AES_DECRYPT_MAPPERS = ("(open_many)",)
 KMS_TARGET_PER_SCOPE = 1
 KEK_ID = "bench-kek"
 
@@ -139,11 +149,12 @@ def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int =
         prof = profile_top(keyturn_encrypt, repeat=3)
         del generate_calls[mark:]
         is_aes = lambda label: "AESGCM" in label and "encrypt" in label  # noqa: E731
+        is_mapped = lambda label: label.startswith("keyturn") and label.endswith(AES_ENCRYPT_MAPPERS)  # noqa: E731
         profiles["encrypt_batch"] = {
             "total_s": prof["total_s"],
             "top": prof["top"],
-            "aes_gcm_share": profile_share(prof, is_aes),
-            "keyturn_python_share": profile_share(prof, lambda label: label.startswith("keyturn")),
+            "aes_gcm_share": profile_share(prof, lambda label: is_aes(label) or is_mapped(label)),
+            "keyturn_python_share": profile_share(prof, lambda label: label.startswith("keyturn") and not is_mapped(label)),
         }
         prof = profile_top(bare_encrypt, repeat=3, top=5)
         profiles["bare_encrypt"] = {
@@ -154,11 +165,12 @@ def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int =
         mark = len(decrypt_calls)
         prof = profile_top(keyturn_decrypt, repeat=2)
         del decrypt_calls[mark:]
+        is_mapped = lambda label: label.startswith("keyturn") and label.endswith(AES_DECRYPT_MAPPERS)  # noqa: E731
         profiles["decrypt_batch"] = {
             "total_s": prof["total_s"],
             "top": prof["top"],
-            "aes_gcm_share": profile_share(prof, lambda label: "AESGCM" in label and "decrypt" in label),
-            "keyturn_python_share": profile_share(prof, lambda label: label.startswith("keyturn")),
+            "aes_gcm_share": profile_share(prof, lambda label: ("AESGCM" in label and "decrypt" in label) or is_mapped(label)),
+            "keyturn_python_share": profile_share(prof, lambda label: label.startswith("keyturn") and not is_mapped(label)),
         }
 
     enc_ratio = ratio(enc["keyturn"], enc["baseline"])
@@ -191,8 +203,8 @@ def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int =
             "keyturn_cells_per_s": rate(rows, dec["keyturn"]),
             "baseline_cells_per_s": rate(rows, dec["baseline"]),
             "ratio": dec_ratio.to_dict(),
-            "target": None,
-            "met": None,
+            "target": DECRYPT_TARGET,
+            "met": dec_ratio.median >= DECRYPT_TARGET,
         },
         "kms": {
             "generate_calls_per_encrypt_run": generate_calls,

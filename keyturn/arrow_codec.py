@@ -31,23 +31,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from keyturn.arrow_values import (
+    ArrowPlaintexts,
     arrow_type_descriptor,
     decode_plain_field,
     encode_plain_field,
-    from_plaintexts,
+    from_plain_array,
     to_plaintexts,
 )
 from keyturn.context import MAX_VALUE_BYTES
 from keyturn.contract import DatasetContract, check_arrow_write
 from keyturn.errors import DecryptionError
-from keyturn.format import DEK_FIELD, VERSION_FIELD
+from keyturn.format import (
+    CELL_HEADER_BYTES,
+    CELL_OVERHEAD,
+    DEK_FIELD,
+    DEK_ID_BYTES,
+    FORMAT_VERSION,
+    MAX_CELL_PLAINTEXT,
+    NONCE_BYTES,
+    VERSION_FIELD,
+)
 from keyturn.kms.base import KmsBackend
-from keyturn.policy import KeyPolicy, ReadStatus, RowKeys, classify_keys, classify_rows, count_statuses
-from keyturn.reader import DekReader, open_rows
+from keyturn.policy import KeyPolicy, PairKeys, ReadStatus, classify_pair, classify_rows, count_statuses
+from keyturn.reader import DekReader, OpenedDek, cell_aad_bytes
 from keyturn.rewrap import rewrap_rows
-from keyturn.scope import DekScope, Location
+from keyturn.scope import ColumnSizes, DekScope, Location, SealedPart, Sealing
 
 __all__ = [
     "VERSION_COLUMN",
@@ -73,9 +84,9 @@ DEK_COLUMN = DEK_FIELD
 META_FORMAT = b"keyturn.format"
 META_PLAIN = b"keyturn.plain_field"
 META_BIND = b"keyturn.bind"
-_CURRENT, _STALE = ReadStatus.CURRENT, ReadStatus.STALE  # identity checks in per-row loops
 _RESERVED = (VERSION_COLUMN, DEK_COLUMN)
 _DEK_TYPE = pa.dictionary(pa.int32(), pa.binary())
+_NO_SEPARATOR = pa.scalar(b"", pa.binary())
 
 
 def encrypted_columns(schema: pa.Schema) -> list[str]:
@@ -179,10 +190,13 @@ def encrypt_batch(
     if set(already) & set(columns):
         raise ValueError(f"columns already encrypted: {sorted(set(already) & set(columns))}")
 
-    plaintexts = [to_plaintexts(batch.column(name)) for name in columns]
+    plaintexts = [ArrowPlaintexts(batch.column(name)) for name in columns]
     types = [arrow_type_descriptor(batch.schema.field(name).type) for name in columns]
-    sealed = scope.seal_rows(columns, plaintexts, _bindings(batch, bind_columns), types=types)
-    sealed_by_name = dict(zip(columns, sealed.cells))
+    outputs = [_CellColumn(batch.num_rows, column.sizes()) for column in plaintexts]  # refuses > 2 GiB before any KMS call
+    sealing = scope.seal_stream(columns, plaintexts, _bindings(batch, bind_columns), types=types)
+    for j, part in sealing.parts:  # framed as they come, while the chunk is in cache
+        outputs[j].add(part)
+    sealed_by_name = {name: out.array() for name, out in zip(columns, outputs)}
 
     bind_json = json.dumps(bind_columns).encode()
     arrays: list[pa.Array] = []
@@ -191,7 +205,7 @@ def encrypt_batch(
         if f.name in sealed_by_name:
             meta = {META_FORMAT: b"1", META_PLAIN: encode_plain_field(f), META_BIND: bind_json}
             fields.append(pa.field(f.name, pa.binary(), nullable=True, metadata=meta))
-            arrays.append(pa.array(sealed_by_name[f.name], pa.binary()))
+            arrays.append(sealed_by_name[f.name])
         else:
             fields.append(f)
             arrays.append(arr)
@@ -199,12 +213,101 @@ def encrypt_batch(
     fields.append(pa.field(VERSION_COLUMN, pa.int64(), nullable=True))
     arrays.append(pa.array(np.full(n, scope.kek.version, dtype=np.int64)))
     fields.append(pa.field(DEK_COLUMN, _DEK_TYPE, nullable=True))
-    arrays.append(
-        pa.DictionaryArray.from_arrays(
-            pa.array(sealed.row_envelope, pa.int32()), pa.array(sealed.envelopes, pa.binary())
-        )
-    )
+    arrays.append(pa.DictionaryArray.from_arrays(_envelope_indices(sealing), pa.array(sealing.envelopes, pa.binary())))
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
+
+
+def _framed(part: SealedPart) -> pa.Array:
+    """The cells of `part` as a `binary` array, framed by one Arrow kernel rather than per cell in Python."""
+    count = len(part.bodies)
+    offsets = np.arange(0, NONCE_BYTES * (count + 1), NONCE_BYTES, dtype=np.int32)
+    nonces = pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(part.nonces)])
+    bodies = pa.array(part.bodies, pa.binary())
+    return pc.binary_join_element_wise(pa.scalar(part.header, pa.binary()), nonces, bodies, _NO_SEPARATOR)
+
+
+_MAX_BINARY = (1 << 31) - 1  # the data a `binary` array can hold
+
+
+class _BinaryBuilder:
+    """Binary pieces appended into one buffer sized up front; the pieces' own buffers are let go (and reused).
+
+    Building a column this way allocates its output once, instead of once
+    for the pieces and again to concatenate them.
+    """
+
+    def __init__(self, nbytes: int, count: int) -> None:
+        self._large = nbytes > _MAX_BINARY
+        self._data = np.empty(nbytes, dtype=np.uint8)
+        self._offsets = np.zeros(count + 1, dtype=np.int64 if self._large else np.int32)
+        self.count = 0
+
+    def add(self, piece: pa.Array) -> None:
+        """Append the values of `piece` (binary or large_binary, no nulls); `ValueError` past the capacity."""
+        k = len(piece)
+        width = np.int64 if pa.types.is_large_binary(piece.type) else np.int32
+        offsets = np.frombuffer(piece.buffers()[1], dtype=width)[piece.offset : piece.offset + k + 1].astype(np.int64)
+        size, base = int(offsets[-1] - offsets[0]), int(self._offsets[self.count])
+        if self.count + k >= len(self._offsets) or base + size > len(self._data):
+            raise ValueError("binary pieces outgrew the capacity they were given")
+        self._data[base : base + size] = np.frombuffer(piece.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+        self._offsets[self.count + 1 : self.count + k + 1] = offsets[1:] - offsets[0] + base
+        self.count += k
+
+    @property
+    def full(self) -> bool:
+        return self.count == len(self._offsets) - 1 and int(self._offsets[-1]) == len(self._data)
+
+    def array(self) -> pa.Array:
+        """What was appended, as one binary (large_binary past 2 GiB) array."""
+        offsets = self._offsets[: self.count + 1]
+        data = self._data[: int(offsets[-1])]
+        kind = pa.large_binary() if self._large else pa.binary()
+        return pa.Array.from_buffers(kind, self.count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+class _CellColumn:
+    """One sealed field, built as its parts arrive: each part framed, then copied into one `_BinaryBuilder`."""
+
+    def __init__(self, nrows: int, sizes: ColumnSizes) -> None:
+        nbytes = sizes.bytes + CELL_OVERHEAD * sizes.cells
+        if nbytes > _MAX_BINARY:
+            raise ValueError("an encrypted column of one batch must stay under 2 GiB; split the batch")
+        self._nrows = nrows
+        self._cells = _BinaryBuilder(nbytes, sizes.cells)
+        self._rows: list[range | list[int]] = []
+
+    def add(self, part: SealedPart) -> None:
+        """Frame `part` and append its cells."""
+        if part.bodies:
+            self._cells.add(_framed(part))
+            self._rows.append(part.rows)
+
+    def array(self) -> pa.Array:
+        """The column: every row's cell, null where the value was null."""
+        if not self._cells.full:
+            raise ValueError("a sealed column fell short of the sizes its plaintexts reported")
+        if not self._cells.count:
+            return pa.nulls(self._nrows, pa.binary())
+        cells = self._cells.array()
+        if self._cells.count == self._nrows:
+            return cells
+        valid = np.zeros(self._nrows, dtype=bool)  # nulls: put each cell in its row
+        for rows in self._rows:
+            if isinstance(rows, range):
+                valid[rows.start : rows.stop] = True
+            else:
+                valid[np.asarray(rows, dtype=np.int64)] = True
+        position = np.cumsum(valid, dtype=np.int64) - 1
+        return cells.take(pa.array(position, mask=~valid))
+
+
+def _envelope_indices(sealing: Sealing) -> pa.Array:
+    """Per row, the int32 index of its envelope in `sealing.envelopes`."""
+    indices = np.empty(sealing.nrows, dtype=np.int32)
+    for index, start, stop in sealing.segments:
+        indices[start:stop] = index
+    return pa.array(indices)
 
 
 # -- reading: per-row classification -----------------------------------------
@@ -232,14 +335,121 @@ def _classify_rows(
     return classify_rows(policy, versions, envelopes), versions, envelopes
 
 
-def _classify_keys(
-    batch: pa.RecordBatch, policy: KeyPolicy, reader: DekReader, location: Location
-) -> tuple[RowKeys, list[bytes | None]]:
-    """Classify every row, against the reader's DEK directory when it has one."""
-    versions, envelopes = row_keys(batch)
+# Read-path row state as arrays: a status is its index in _STATUSES
+_STATUSES = tuple(ReadStatus)
+_CODE = {s: i for i, s in enumerate(_STATUSES)}
+_CORRUPT = _CODE[ReadStatus.CORRUPT]
+_LAST_READABLE = 1  # codes 0 and 1 (current, stale) are read; `_readable` compares instead of looking up
+if [s.readable for s in _STATUSES] != [i <= _LAST_READABLE for i in range(len(_STATUSES))]:
+    raise ImportError("ReadStatus must list its readable statuses first")
+_STATUS_OBJECTS = np.empty(len(_STATUSES), dtype=object)
+_STATUS_OBJECTS[:] = _STATUSES
+_EVERY_COLUMN = np.iinfo(np.int64).max  # the revision of a DEK that needs every contract column (None in RowKeys)
+
+
+@dataclass
+class _BatchKeys:
+    """Every row's key facts, as arrays: its `classify_keys` outcome and its envelope."""
+
+    codes: np.ndarray  # int8 status code per row (index into _STATUSES)
+    versions: list[int | None]  # the effective key version per row (`RowKeys.versions`)
+    revisions: np.ndarray  # int64 contract revision of the row's DEK; _EVERY_COLUMN for None
+    envelope: np.ndarray | None  # int64 index of the row's envelope in `envelopes`, -1 for none; None: all envelopes[0]
+    envelopes: list[bytes]  # the batch's distinct envelopes
+
+
+def _value_codes(array: pa.Array) -> tuple[np.ndarray | None, list]:
+    """(per row, the index of its value among the distinct values, -1 for null; those values).
+
+    The codes are None when every row holds `values[0]` (the common case, found without hashing).
+    """
+    if array.null_count == 0 and len(array) and (pa.types.is_integer(array.type) or pa.types.is_dictionary(array.type)):
+        bounds = pc.min_max(array.indices if pa.types.is_dictionary(array.type) else array)
+        if bounds["min"] == bounds["max"]:
+            only = bounds["min"].as_py()
+            return None, [array.dictionary[only].as_py() if pa.types.is_dictionary(array.type) else only]
+    encoded = array if pa.types.is_dictionary(array.type) else array.dictionary_encode()
+    indices = pc.fill_null(encoded.indices.cast(pa.int64()), -1).to_numpy()
+    return indices, encoded.dictionary.to_pylist()
+
+
+def _envelope_codes(batch: pa.RecordBatch) -> tuple[np.ndarray | None, list[bytes]]:
+    """Per row, the index of its envelope among the batch's distinct envelopes (-1 for none); those envelopes.
+
+    The codes are None when every row holds `envelopes[0]`.
+    """
+    n = batch.num_rows
+    if DEK_COLUMN not in batch.schema.names:
+        return np.full(n, -1, dtype=np.int64), []
+    codes, values = _value_codes(batch.column(DEK_COLUMN))
+    if codes is None:
+        return (None, values) if values[0] is not None else (np.full(n, -1, dtype=np.int64), [])
+    distinct: dict[bytes, int] = {}  # a dictionary may repeat an envelope, or hold a null
+    remap = [-1 if v is None else distinct.setdefault(v, len(distinct)) for v in values]
+    return np.array([*remap, -1], dtype=np.int64)[codes], list(distinct)
+
+
+def _distinct(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct values of `keys`, ascending; per row, the position of its value among them). Keys are 0..size-1."""
+    if size <= max(1 << 16, 4 * len(keys)):
+        seen = np.bincount(keys, minlength=size) > 0
+        return np.flatnonzero(seen), (np.cumsum(seen) - 1)[keys]
+    distinct, inverse = np.unique(keys, return_inverse=True)
+    return distinct, inverse.reshape(-1)
+
+
+def _batch_keys(batch: pa.RecordBatch, policy: KeyPolicy, reader: DekReader, location: Location) -> _BatchKeys:
+    """Classify every row (`classify_keys`'s rules), once per distinct (version, envelope) pair.
+
+    Against the reader's DEK directory when it has one (one lookup for the batch's envelopes).
+    """
+    n = batch.num_rows
+    if VERSION_COLUMN in batch.schema.names:
+        version_codes, versions = _value_codes(batch.column(VERSION_COLUMN))
+    else:
+        version_codes, versions = np.full(n, -1, dtype=np.int64), []
+    envelope_codes, envelopes = _envelope_codes(batch)
     entries = reader.entries(envelopes)
-    keys = classify_keys(policy, versions, envelopes, entries=entries, location=location if entries is not None else None)
-    return keys, envelopes
+
+    def classify(version: int | None, envelope: bytes | None) -> PairKeys:
+        return classify_pair(policy, version, envelope, entries=entries, location=location if entries is not None else None)
+
+    if version_codes is None and envelope_codes is None:  # one pair for every row: no per-row work
+        only = classify(versions[0], envelopes[0])
+        revision = _EVERY_COLUMN if only.revision is None else only.revision
+        return _BatchKeys(
+            np.full(n, _CODE[only.status], dtype=np.int8), [only.version] * n, np.full(n, revision, dtype=np.int64), None, envelopes
+        )
+    version_codes = np.zeros(n, dtype=np.int64) if version_codes is None else version_codes
+    envelope_codes = np.zeros(n, dtype=np.int64) if envelope_codes is None else envelope_codes
+    width = len(envelopes) + 1
+    pairs, row_pair = _distinct((version_codes + 1) * width + (envelope_codes + 1), (len(versions) + 1) * width)
+    found = [
+        classify(versions[p // width - 1] if p >= width else None, envelopes[p % width - 1] if p % width else None)
+        for p in pairs.tolist()
+    ]
+    codes = np.array([_CODE[f.status] for f in found], dtype=np.int8)
+    revisions = np.array([_EVERY_COLUMN if f.revision is None else f.revision for f in found], dtype=np.int64)
+    table = np.empty(len(found), dtype=object)
+    table[:] = [f.version for f in found]
+    return _BatchKeys(codes[row_pair], table[row_pair].tolist(), revisions[row_pair], envelope_codes, envelopes)
+
+
+def _readable(codes: np.ndarray) -> np.ndarray:
+    """Per row, whether its status is current or stale (decrypted)."""
+    return codes <= _LAST_READABLE
+
+
+def _rows_where(mask: np.ndarray) -> np.ndarray:
+    """The indices where `mask` holds (int64, ascending)."""
+    return np.arange(len(mask), dtype=np.int64) if mask.all() else np.flatnonzero(mask)
+
+
+def _status_list(codes: np.ndarray) -> list[ReadStatus]:
+    """The `ReadStatus` of each status code."""
+    if len(codes) and codes.min() == codes.max():
+        return [_STATUSES[codes[0]]] * len(codes)
+    return _STATUS_OBJECTS[codes].tolist()
 
 
 _SEALED, _PLAIN, _ABSENT = "sealed", "plain", "absent"
@@ -481,65 +691,28 @@ def decrypt_batch(
     if contract is None:
         layout = _layout_from_metadata(batch.schema, wanted)
 
-    keys, envelopes = _classify_keys(batch, policy, reader, location)
-    status = keys.status
+    keys = _batch_keys(batch, policy, reader, location)
+    codes = keys.codes
     for name in layout.foreign:  # cells this version cannot authenticate: never clear data
-        for i, valid in enumerate(batch.column(name).is_valid().to_pylist()):
-            if valid:
-                status[i] = ReadStatus.CORRUPT
-    readable = [i for i, s in enumerate(status) if s is _CURRENT or s is _STALE]
+        codes[_valid(batch.column(name))] = _CORRUPT
     missing_binds = [b for b in layout.binds if b not in batch.schema.names]
     if layout.broken or missing_binds:
-        for i in readable:
-            status[i] = ReadStatus.CORRUPT
-        readable = []
+        codes[_readable(codes)] = _CORRUPT
+    sealed = _mark_downgrades(layout, wanted if contract is None else layout.sensitive, codes, keys.revisions)
+    opened = _open_columns(batch, reader, location, layout, [name for name in wanted if name in sealed], keys)
 
-    # which readable rows need each column as ciphertext. A row under a DEK born before the column joined
-    # the contract (`dataset add-column`) does not; it reads the column as null unless it holds ciphertext:
-    # a plain value stored there is never returned, because nothing proves it is not forged (its row may
-    # name any old DEK), and it stays in the file untouched
-    decrypt_rows: dict[str, list[int]] = {}
-    if readable:
-        for name in wanted if contract is None else layout.sensitive:
-            mode, since = layout.modes[name], layout.since[name]
-            needs = [i for i in readable if keys.revisions[i] is None or keys.revisions[i] >= since]
-            if mode != _SEALED:
-                for i in needs:  # a downgrade: plaintext (or nothing) where the contract says ciphertext
-                    status[i] = ReadStatus.CORRUPT
-                decrypt_rows[name] = []
-            else:
-                decrypt_rows[name] = [i for i in readable]
-        readable = [i for i in readable if status[i] is _CURRENT or status[i] is _STALE]
-
-    values: dict[str, list[bytes | None]] = {}
-    if readable:
-        bindings = _bindings(batch, layout.binds)
-        for name in wanted:
-            rows = [i for i in decrypt_rows[name] if status[i].readable]
-            if not rows:
-                continue
-            cells = _binary(batch.column(name)).to_pylist()
-            opened = open_rows(
-                reader, location, [name], [cells], envelopes, rows, bindings, types=[layout.types[name]]
-            )
-            for i in opened.failed:
-                status[i] = ReadStatus.CORRUPT
-            values[name] = opened.values[0]
-        readable = [i for i in readable if status[i] is _CURRENT or status[i] is _STALE]
-
-    take = pa.array(readable, pa.int64())
+    readable = _rows_where(_readable(codes))
     rebuilt: dict[str, pa.Array] = {}
     plain_fields = dict(layout.plain_fields)
     try:
         for name in wanted:
             field_ = plain_fields.get(name, pa.field(name, pa.null()))
-            column_values = values.get(name)
-            decoded = from_plaintexts([column_values[i] for i in readable] if column_values else [None] * len(readable), field_)
-            rebuilt[name] = decoded
+            pieces = opened.get(name)
+            values = _plain_values(pieces, readable, batch.num_rows) if pieces else pa.nulls(len(readable), pa.binary())
+            rebuilt[name] = from_plain_array(values, field_)
     except (DecryptionError, pa.ArrowException):  # plaintext does not fit the declared type: refuse every row
-        for i in readable:
-            status[i] = ReadStatus.CORRUPT
-        readable, take = [], pa.array([], pa.int64())
+        codes[readable] = _CORRUPT
+        readable = readable[:0]
         rebuilt = {}
         for name in wanted:
             try:
@@ -548,6 +721,7 @@ def decrypt_batch(
                 plain_fields[name] = pa.field(name, pa.null())
                 rebuilt[name] = pa.nulls(0)
 
+    take = None if len(readable) == batch.num_rows else pa.array(readable, pa.int64())
     arrays, fields = [], []
     skip = set(_RESERVED) | set(layout.foreign) | (set(layout.sensitive) - set(rebuilt))
     for f in batch.schema:
@@ -558,12 +732,196 @@ def decrypt_batch(
             arrays.append(rebuilt.pop(f.name))
         else:
             fields.append(f)
-            arrays.append(batch.column(f.name).take(take))
+            arrays.append(batch.column(f.name) if take is None else batch.column(f.name).take(take))
     for name, array in rebuilt.items():  # contract columns absent from the file (rows that did not need them)
         fields.append(plain_fields[name])
         arrays.append(array)
     plain = pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
-    return DecryptResult(plain, [status[i] for i in readable], status, keys.versions, batch)
+    return DecryptResult(plain, _status_list(codes[readable]), _status_list(codes), keys.versions, batch)
+
+
+def _valid(array: pa.Array) -> np.ndarray:
+    """Per row, whether `array` holds a value there."""
+    if array.null_count == 0:
+        return np.ones(len(array), dtype=bool)
+    return array.is_valid().to_numpy(zero_copy_only=False)
+
+
+def _mark_downgrades(layout: _ReadLayout, names: Sequence[str], codes: np.ndarray, revisions: np.ndarray) -> set[str]:
+    """Mark corrupt each readable row that needs a column the file does not hold as ciphertext; the names it does hold so.
+
+    A row under a DEK born before the column joined the contract (`dataset
+    add-column`) does not need it: it reads the column as null unless it
+    holds ciphertext. A plain value stored there is never returned, because
+    nothing proves it is not forged (its row may name any old DEK), and it
+    stays in the file untouched.
+    """
+    readable = _readable(codes)
+    if not readable.any():
+        return set()
+    sealed = set()
+    for name in names:
+        if layout.modes[name] == _SEALED:
+            sealed.add(name)
+        else:  # a downgrade: plaintext (or nothing) where the contract says ciphertext
+            codes[readable & (revisions >= layout.since[name])] = _CORRUPT
+    return sealed
+
+
+def _open_columns(
+    batch: pa.RecordBatch,
+    reader: DekReader,
+    location: Location,
+    layout: _ReadLayout,
+    names: Sequence[str],
+    keys: _BatchKeys,
+) -> dict[str, list[tuple[np.ndarray, pa.Array]]]:
+    """Decrypt the cells of `names` in the readable rows, DEK by DEK; a row with any cell that fails becomes corrupt.
+
+    Per column, the pieces (rows, their plaintexts) that opened, rows
+    ascending within a piece; rows with a null cell are in no piece. Marks
+    `keys.codes` as it goes. KMS errors propagate.
+    """
+    codes = keys.codes
+    out: dict[str, list[tuple[np.ndarray, pa.Array]]] = {}
+    bindings: list[dict[str, bytes]] | None = None
+    for name in names:
+        rows = _rows_where(_readable(codes))
+        if not len(rows):
+            break
+        if bindings is None and layout.binds:
+            bindings = _bindings(batch, layout.binds)
+        cells = _binary(batch.column(name))
+        pieces = out[name] = []
+        for envelope, group in _by_envelope(keys.envelope, rows):
+            try:
+                if envelope < 0:  # unreachable: a row without an envelope is `missing`
+                    raise DecryptionError()
+                dek = reader.open(keys.envelopes[envelope], location)
+            except DecryptionError:
+                codes[group] = _CORRUPT
+                continue
+            aad = _AadSource(location, name, dek.envelope.dek_id, layout.types[name], bindings)
+            bad, good, plaintexts = _open_group(dek, cells, group, aad)
+            codes[bad] = _CORRUPT
+            pieces.append((good, plaintexts))
+    return out
+
+
+def _by_envelope(envelope: np.ndarray | None, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """`rows` (ascending) grouped by their envelope index (None: all 0), each group still ascending."""
+    if envelope is None:
+        return [(0, rows)]
+    of_rows = envelope[rows]
+    if (of_rows == of_rows[0]).all():  # the common case: one DEK
+        return [(int(of_rows[0]), rows)]
+    order = np.argsort(of_rows, kind="stable")
+    ordered = of_rows[order]
+    cuts = np.flatnonzero(np.diff(ordered)) + 1
+    return [(int(ordered[start]), group) for start, group in zip([0, *cuts.tolist()], np.split(rows[order], cuts))]
+
+
+@dataclass(frozen=True)
+class _AadSource:
+    """The associated data of one column's cells under one DEK: one for all rows, or one per row with bindings."""
+
+    location: Location
+    field: str
+    dek_id: bytes
+    value_type: str
+    bindings: list[dict[str, bytes]] | None
+
+    def for_rows(self, rows: np.ndarray) -> bytes | list[bytes]:
+        if self.bindings is None:
+            return cell_aad_bytes(self.location, self.field, self.dek_id, self.value_type)
+        return [cell_aad_bytes(self.location, self.field, self.dek_id, self.value_type, self.bindings[i]) for i in rows.tolist()]
+
+
+_VERSION_BYTE = bytes([FORMAT_VERSION])
+_PREFIX = 1 + DEK_ID_BYTES  # version byte + dek_id
+_MAX_CELL = CELL_OVERHEAD + MAX_CELL_PLAINTEXT
+
+
+def _open_group(
+    dek: OpenedDek, cells: pa.Array, rows: np.ndarray, aad: _AadSource
+) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Open the cells of `rows` under `dek`: (rows with a bad cell, rows that opened, their plaintexts as binary).
+
+    `OpenedDek.open_cell`'s checks on whole arrays: a non-null cell must be
+    45 to 45 + 64 MiB bytes long and start with the version byte and this
+    DEK's dek_id, and then authenticate (`OpenedDek.open_many`). Null cells
+    are neither bad nor opened. Cells are decrypted `_OPEN_CHUNK` at a time,
+    so their Python objects stay few and in cache.
+    """
+    group = cells if len(rows) == len(cells) else cells.take(pa.array(rows))
+    lengths = pc.fill_null(pc.binary_length(group), 0).to_numpy()
+    prefixed = pc.fill_null(pc.starts_with(group, _VERSION_BYTE + dek.envelope.dek_id), False).to_numpy(zero_copy_only=False)
+    well = prefixed & (lengths >= CELL_OVERHEAD) & (lengths <= _MAX_CELL)  # a null cell is never prefixed
+    bad = [rows[_valid(group) & ~well]]
+    if not well.all():
+        group, rows = group.filter(pa.array(well)), rows[well]
+    opened, failures = [], False
+    plaintexts = _BinaryBuilder(int(lengths[well].sum()) - CELL_OVERHEAD * len(rows), len(rows))  # at most this
+    shared = aad.for_rows(rows) if aad.bindings is None else None  # one associated data for every cell
+    for lo in range(0, len(rows), _OPEN_CHUNK):
+        chunk, chunk_rows = group.slice(lo, _OPEN_CHUNK), rows[lo : lo + _OPEN_CHUNK]
+        bodies = pc.binary_slice(chunk, CELL_HEADER_BYTES, _MAX_CELL).to_pylist()
+        values, failed = dek.open_many(_nonce_list(chunk), bodies, aad.for_rows(chunk_rows) if shared is None else shared)
+        if failed:
+            keep = np.ones(len(chunk_rows), dtype=bool)
+            keep[failed] = False
+            bad.append(chunk_rows[~keep])
+            chunk_rows, values, failures = chunk_rows[keep], [v for v in values if v is not None], True
+        opened.append(chunk_rows)
+        plaintexts.add(_binary_values(values))  # type: ignore[arg-type]
+    return np.concatenate(bad), _concat_rows(opened) if failures else rows, plaintexts.array()
+
+
+_OPEN_CHUNK = 1 << 14  # cells decrypted per `open_many` call
+
+
+def _nonce_list(cells: pa.Array) -> list[bytes]:
+    """The 12-byte nonce of each (well-formed, non-null) cell, as `bytes`, without a Python loop."""
+    nonces = pc.binary_slice(cells, _PREFIX, CELL_HEADER_BYTES)
+    if not len(nonces):
+        return []
+    offsets = np.frombuffer(nonces.buffers()[1], dtype=np.int32)[nonces.offset : nonces.offset + len(nonces) + 1]
+    data = np.frombuffer(nonces.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    if len(data) != NONCE_BYTES * len(nonces):  # unreachable for checked cells; never guess
+        return nonces.to_pylist()
+    return data.view(f"V{NONCE_BYTES}").tolist()
+
+
+def _concat_rows(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def _plain_values(pieces: list[tuple[np.ndarray, pa.Array]], readable: np.ndarray, nrows: int) -> pa.Array:
+    """The plaintexts of the `readable` rows as one binary array: null where a row has none."""
+    if len(pieces) == 1 and np.array_equal(pieces[0][0], readable):  # the common case: every row, in order
+        return pieces[0][1]
+    values = _concat_binary([values for _, values in pieces])
+    where = np.full(nrows, -1, dtype=np.int64)
+    where[_concat_rows([rows for rows, _ in pieces])] = np.arange(len(values))
+    index = where[readable]
+    return values.take(pa.array(index, mask=index < 0))
+
+
+def _binary_values(values: list[bytes]) -> pa.Array:
+    """`values` as one binary array (large_binary past 2 GiB)."""
+    array = pa.array(values, pa.binary())
+    return pa.array(values, pa.large_binary()) if isinstance(array, pa.ChunkedArray) else array
+
+
+def _concat_binary(arrays: list[pa.Array]) -> pa.Array:
+    """Binary arrays as one (large_binary when they hold 2 GiB or more)."""
+    if len(arrays) == 1:
+        return arrays[0]
+    if not arrays:
+        return pa.array([], pa.binary())
+    if sum(a.nbytes for a in arrays) >= (1 << 31) - 1 or any(a.type != pa.binary() for a in arrays):
+        arrays = [a.cast(pa.large_binary()) for a in arrays]
+    return pa.concat_arrays(arrays)
 
 
 # -- rewrap -----------------------------------------------------------------

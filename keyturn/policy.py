@@ -14,6 +14,7 @@ as ``version_tracking.on_missing_version`` / ``on_unknown_version`` say.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,7 +25,17 @@ from keyturn.format import Envelope, parse_envelope
 from keyturn.registry.base import KeyRegistry, KeyState, KeyVersion
 from keyturn.scope import KekRef, Location
 
-__all__ = ["ReadStatus", "KeyPolicy", "RowKeys", "VersionRules", "classify_rows", "classify_keys", "count_statuses"]
+__all__ = [
+    "ReadStatus",
+    "KeyPolicy",
+    "RowKeys",
+    "PairKeys",
+    "VersionRules",
+    "classify_rows",
+    "classify_keys",
+    "classify_pair",
+    "count_statuses",
+]
 
 
 class ReadStatus(str, enum.Enum):
@@ -111,6 +122,51 @@ def classify_rows(
     return classify_keys(policy, versions, envelopes, entries=entries, location=location).status
 
 
+@dataclass(frozen=True, slots=True)
+class PairKeys:
+    """The outcome of classifying one (version, envelope) pair: see `RowKeys` for the fields."""
+
+    status: ReadStatus
+    version: int | None
+    revision: int | None
+
+
+def classify_pair(
+    policy: KeyPolicy,
+    version: int | None,
+    envelope: bytes | None,
+    *,
+    entries: Mapping[bytes, DekEntry | None] | None = None,
+    location: Location | None = None,
+) -> PairKeys:
+    """Classify the rows that carry `version` and `envelope` (the rules of `classify_keys`)."""
+    if version is None or envelope is None:
+        return PairKeys(ReadStatus.MISSING, version, None)
+    try:
+        birth = parse_envelope(envelope)
+    except DecryptionError:
+        return PairKeys(ReadStatus.CORRUPT, version, None)
+    if birth.key_version != version:
+        return PairKeys(ReadStatus.CORRUPT, version, None)
+    current, revision = birth, None
+    if entries is not None:
+        entry = entries.get(birth.dek_id)
+        if entry is None:
+            return PairKeys(ReadStatus.UNKNOWN, version, None)
+        if not _entry_matches(entry, birth, location):
+            return PairKeys(ReadStatus.CORRUPT, version, None)
+        try:
+            current = parse_envelope(entry.envelope)
+        except DecryptionError:
+            return PairKeys(ReadStatus.CORRUPT, version, None)
+        # a DEK registered without a contract revision (0) needs every contract column: the strictest reading
+        revision = entry.contract_revision or None
+    row_status = policy.classify(current.key_version)
+    if row_status.readable and policy.kek_ids.get(current.key_version) != current.kek_id:
+        return PairKeys(ReadStatus.CORRUPT, current.key_version, revision)
+    return PairKeys(row_status, current.key_version, revision)
+
+
 def classify_keys(
     policy: KeyPolicy,
     versions: Sequence[int | None],
@@ -119,7 +175,7 @@ def classify_keys(
     entries: Mapping[bytes, DekEntry | None] | None = None,
     location: Location | None = None,
 ) -> RowKeys:
-    """Classify every row; each distinct (version, envelope) pair is worked out once.
+    """Classify every row; each distinct (version, envelope) pair is worked out once (`classify_pair`).
 
     Missing metadata gives `missing`. An envelope that does not parse, or
     whose key version differs from the row's version field, gives `corrupt`.
@@ -136,46 +192,16 @@ def classify_keys(
         raise ValueError("versions and envelopes must have one entry per row")
     if entries is not None and location is None:
         raise ValueError("classifying against directory entries needs the data's location")
-
-    def classify_one(version: int | None, env: bytes | None) -> tuple[ReadStatus, int | None, int | None]:
-        if version is None or env is None:
-            return ReadStatus.MISSING, version, None
-        try:
-            birth = parse_envelope(env)
-        except DecryptionError:
-            return ReadStatus.CORRUPT, version, None
-        if birth.key_version != version:
-            return ReadStatus.CORRUPT, version, None
-        current, revision = birth, None
-        if entries is not None:
-            entry = entries.get(birth.dek_id)
-            if entry is None:
-                return ReadStatus.UNKNOWN, version, None
-            if not _entry_matches(entry, birth, location):
-                return ReadStatus.CORRUPT, version, None
-            try:
-                current = parse_envelope(entry.envelope)
-            except DecryptionError:
-                return ReadStatus.CORRUPT, version, None
-            # a DEK registered without a contract revision (0) needs every contract column: the strictest reading
-            revision = entry.contract_revision or None
-        row_status = policy.classify(current.key_version)
-        if row_status.readable and policy.kek_ids.get(current.key_version) != current.kek_id:
-            return ReadStatus.CORRUPT, current.key_version, revision
-        return row_status, current.key_version, revision
-
-    by_pair: dict[tuple[int | None, bytes | None], tuple[ReadStatus, int | None, int | None]] = {}
-    status: list[ReadStatus] = []
-    effective: list[int | None] = []
-    revisions: list[int | None] = []
-    for pair in zip(versions, envelopes):
-        found = by_pair.get(pair)
-        if found is None:
-            found = by_pair[pair] = classify_one(*pair)
-        status.append(found[0])
-        effective.append(found[1])
-        revisions.append(found[2])
-    return RowKeys(status, effective, revisions)
+    pairs = list(zip(versions, envelopes))
+    by_pair = {
+        pair: classify_pair(policy, *pair, entries=entries, location=location) for pair in dict.fromkeys(pairs)
+    }
+    if len(by_pair) == 1:  # the common case: one DEK, one version
+        (found,) = by_pair.values()
+        n = len(pairs)
+        return RowKeys([found.status] * n, [found.version] * n, [found.revision] * n)
+    rows = list(map(by_pair.__getitem__, pairs))
+    return RowKeys([r.status for r in rows], [r.version for r in rows], [r.revision for r in rows])
 
 
 def _entry_matches(entry: DekEntry, birth: Envelope, location: Location | None) -> bool:
@@ -185,8 +211,8 @@ def _entry_matches(entry: DekEntry, birth: Envelope, location: Location | None) 
 def count_statuses(status: Sequence[ReadStatus]) -> dict[str, int]:
     """Rows per status value, every status present (zeros included), in `ReadStatus` order."""
     out = {s.value: 0 for s in ReadStatus}
-    for s in status:
-        out[ReadStatus(s).value] += 1
+    for value, rows in Counter(status).items():
+        out[ReadStatus(value).value] += rows
     return out
 
 

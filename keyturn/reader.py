@@ -5,15 +5,18 @@ the key commitment before any cell is touched, and keeps the cell cipher only
 until `close()`. Opened DEKs can only decrypt: encryption needs a fresh DEK
 from a `DekScope`, so a nonce is never reused.
 
-`open_rows` is the read path shared by the Arrow and Avro codecs: it turns
-sealed cells back into plaintext, row by row, and reports rows that fail to
-authenticate instead of raising, so callers can quarantine them.
+`open_rows` is the Avro codec's read path: it turns sealed cells back into
+plaintext, row by row, and reports rows that fail to authenticate instead of
+raising, so callers can quarantine them. The Arrow codec checks cells with
+Arrow kernels and decrypts them in bulk with `OpenedDek.open_many`, under the
+same rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
@@ -39,7 +42,7 @@ from keyturn.format import (
 from keyturn.kms.base import KmsBackend
 from keyturn.scope import Location, check_types
 
-__all__ = ["DekReader", "OpenedDek", "open_rows", "OpenedRows", "envelope_dek_id", "entry_matches"]
+__all__ = ["DekReader", "OpenedDek", "open_rows", "OpenedRows", "envelope_dek_id", "entry_matches", "cell_aad_bytes"]
 
 _PREFIX = 1 + DEK_ID_BYTES  # format version byte + dek_id
 _MAX_CELL = CELL_OVERHEAD + MAX_CELL_PLAINTEXT
@@ -85,6 +88,34 @@ class OpenedDek:
                 out[i] = decrypt(cell[_PREFIX:CELL_HEADER_BYTES], cell[CELL_HEADER_BYTES:], aad)
             except InvalidTag:
                 failed.add(i)
+
+    def open_many(
+        self, nonces: Sequence[bytes], bodies: Sequence[bytes], aad: bytes | Sequence[bytes]
+    ) -> tuple[list[bytes | None], list[int]]:
+        """Decrypt `bodies[k]` (a cell's ciphertext and tag) with `nonces[k]`; (plaintexts, failed positions).
+
+        The bulk form of `open_cell` after its framing checks: the caller has
+        checked each cell (length bounds, version byte, this DEK's dek_id) and
+        split off its 12-byte nonce. `aad` is one associated data for every
+        cell, or one per cell. A body that fails authentication gives None
+        and its position in the failed list; no wrong plaintext is returned.
+        """
+        aads = repeat(aad) if isinstance(aad, bytes) else aad
+        decrypt = self._aead.decrypt
+        try:
+            return list(map(decrypt, nonces, bodies, aads)), []
+        except InvalidTag:  # some cell is bad: find which, one by one
+            pass
+        aads = repeat(aad) if isinstance(aad, bytes) else aad
+        out: list[bytes | None] = []
+        failed: list[int] = []
+        for k, (nonce, body, one_aad) in enumerate(zip(nonces, bodies, aads)):
+            try:
+                out.append(decrypt(nonce, body, one_aad))
+            except InvalidTag:
+                out.append(None)
+                failed.append(k)
+        return out, failed
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("an opened DEK never leaves its scope")
@@ -235,6 +266,22 @@ def envelope_dek_id(envelope_bytes: bytes) -> bytes | None:
         return None
 
 
+def cell_aad_bytes(
+    location: Location, field: str, dek_id: bytes, value_type: str, bindings: Mapping[str, bytes] | None = None
+) -> bytes:
+    """The encoded associated data of a cell of `field` at `location` under the DEK `dek_id` (docs/FORMAT.md section 8)."""
+    return encode_context(
+        cell_aad(
+            dataset=location.dataset,
+            partition=location.partition,
+            field=field,
+            dek_id=dek_id,
+            value_type=value_type,
+            bindings=None if bindings is None else dict(bindings),
+        )
+    )
+
+
 @dataclass(slots=True)
 class OpenedRows:
     """Plaintext per field (None for null or failed cells) and the rows that failed."""
@@ -283,23 +330,12 @@ def open_rows(
             continue
         dek_id = dek.envelope.dek_id
         for j, (name, value_type) in enumerate(zip(fields, types)):
-            def aad_for(row_bindings: Mapping[str, bytes] | None) -> bytes:
-                return encode_context(
-                    cell_aad(
-                        dataset=location.dataset,
-                        partition=location.partition,
-                        field=name,
-                        dek_id=dek_id,
-                        value_type=value_type,
-                        bindings=None if row_bindings is None else dict(row_bindings),
-                    )
-                )
-
             if bindings is None:
-                dek.open_cells(cells[j], group, aad_for(None), values[j], failed)
+                dek.open_cells(cells[j], group, cell_aad_bytes(location, name, dek_id, value_type), values[j], failed)
             else:
                 for i in group:
-                    dek.open_cells(cells[j], (i,), aad_for(bindings[i]), values[j], failed)
+                    aad = cell_aad_bytes(location, name, dek_id, value_type, bindings[i])
+                    dek.open_cells(cells[j], (i,), aad, values[j], failed)
     for i in failed:
         for col in values:
             col[i] = None

@@ -22,11 +22,14 @@ then wiped; the scope keeps only an `AESGCM` object, and drops it on
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import repeat
 from typing import NoReturn
 
+import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyturn.context import MAX_VALUE_BYTES, encode_context
@@ -45,14 +48,53 @@ from keyturn.format import (
 )
 from keyturn.kms.base import KmsBackend
 
-__all__ = ["KekRef", "ScopeLimits", "DekScope", "SealedRows", "Location"]
+__all__ = [
+    "KekRef",
+    "ScopeLimits",
+    "DekScope",
+    "SealedRows",
+    "SealedColumn",
+    "SealedPart",
+    "Sealing",
+    "PlainColumn",
+    "ColumnSizes",
+    "Location",
+    "nonce_block",
+]
 
 _MAX_NONCE = (1 << (8 * NONCE_BYTES)) - 1
+_VERSION_BYTE = bytes([FORMAT_VERSION])
+_CHUNK = 1 << 14  # rows sealed per part: bounds the temporary Python objects and keeps them in cache
+_LOW = 1 << 64  # nonce_block writes the counter as a big-endian u32 (high) and u64 (low)
+_NONCE_DTYPE = np.dtype([("high", ">u4"), ("low", ">u8")])  # 12 bytes, packed
 
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
-_CHUNK = 1 << 16  # cells sealed per comprehension; bounds the temporary list of nonces
+
+
+def nonce_block(first: int, count: int) -> np.ndarray:
+    """Nonces `first` .. `first + count - 1` as a (count, 12) uint8 array: 96-bit big-endian counters.
+
+    Row k equals ``(first + k).to_bytes(12, "big")`` (docs/FORMAT.md section 6).
+    `OverflowError` if the run leaves the 96-bit nonce space.
+    """
+    if first < 0 or count < 0 or first + count - 1 > _MAX_NONCE:
+        raise OverflowError("nonce space exhausted")
+    out = np.empty(count, dtype=_NONCE_DTYPE)
+    done = 0
+    while done < count:  # one pass, unless the low 64 bits wrap inside the run
+        high, low = divmod(first + done, _LOW)
+        k = min(count - done, _LOW - low)
+        out["high"][done : done + k] = high
+        out["low"][done : done + k] = np.arange(k, dtype=np.uint64) + np.uint64(low)
+        done += k
+    return out.view(np.uint8).reshape(count, NONCE_BYTES)
+
+
+def _nonce_list(block: np.ndarray) -> list[bytes]:
+    """The rows of a `nonce_block` as 12-byte `bytes`, made without a Python loop."""
+    return np.ascontiguousarray(block).view(f"V{NONCE_BYTES}").ravel().tolist()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,17 +139,99 @@ class ScopeLimits:
             raise ValueError("max_bytes must be an int >= 1")
 
 
+@dataclass(frozen=True, slots=True)
+class SealedPart:
+    """What one DEK sealed of one field: `bodies[k]` (AES-GCM ciphertext and tag) belongs to row `rows[k]`
+    and was sealed with nonce `nonces[k]` (a row of a `nonce_block`).
+
+    A cell is `header` + nonce + body (docs/FORMAT.md section 4): `cells()`
+    frames them in Python; a codec may frame them in bulk from the same parts.
+    """
+
+    dek_id: bytes
+    nonces: np.ndarray = field(repr=False)
+    rows: range | list[int] = field(repr=False)
+    bodies: list[bytes] = field(repr=False)
+
+    @property
+    def header(self) -> bytes:
+        """The bytes every cell of the part starts with: the format version byte and the dek_id."""
+        return _VERSION_BYTE + self.dek_id
+
+    def cells(self) -> list[bytes]:
+        """The framed cell ciphertexts, in order."""
+        header = self.header
+        return [header + nonce + body for nonce, body in zip(_nonce_list(self.nonces), self.bodies)]
+
+
+@dataclass(frozen=True, slots=True)
+class SealedColumn:
+    """One field's cells over `nrows` rows: the parts in row order; a row no part names is a null cell."""
+
+    nrows: int
+    parts: list[SealedPart]
+
+    def cells(self) -> list[bytes | None]:
+        """One framed cell per row, None for a null."""
+        out: list[bytes | None] = [None] * self.nrows
+        for part in self.parts:
+            if isinstance(part.rows, range):
+                out[part.rows.start : part.rows.stop] = part.cells()
+            else:
+                for i, cell in zip(part.rows, part.cells()):
+                    out[i] = cell
+        return out
+
+
 @dataclass(slots=True)
 class SealedRows:
     """The result of sealing rows: cells per field, and one envelope per row.
 
-    `row_envelope[i]` indexes `envelopes`; `envelopes` lists each DEK used by
-    this call once, in order of first use.
+    `columns[j]` holds field j's cells (`cells[j]` lists them framed, None
+    for nulls). `segments` are (envelope index, start, stop): rows
+    start..stop-1 are sealed under `envelopes[index]`; `row_envelope[i]`
+    indexes `envelopes` per row. `envelopes` lists each DEK used by this call
+    once, in order of first use.
     """
 
-    cells: list[list[bytes | None]]
-    row_envelope: list[int]
+    columns: list[SealedColumn]
+    segments: list[tuple[int, int, int]]
     envelopes: list[bytes]
+    nrows: int
+    _cells: list[list[bytes | None]] | None = field(default=None, repr=False, compare=False)
+    _row_envelope: list[int] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def cells(self) -> list[list[bytes | None]]:
+        """Per field, one framed cell per row (None for nulls); built on first use."""
+        if self._cells is None:
+            self._cells = [column.cells() for column in self.columns]
+        return self._cells
+
+    @property
+    def row_envelope(self) -> list[int]:
+        """Per row, the index of its envelope in `envelopes`; built on first use."""
+        if self._row_envelope is None:
+            out = [0] * self.nrows
+            for index, start, stop in self.segments:
+                out[start:stop] = [index] * (stop - start)
+            self._row_envelope = out
+        return self._row_envelope
+
+
+@dataclass
+class Sealing:
+    """A `DekScope.seal_stream` call: every row's DEK is chosen; iterating `parts` seals the cells.
+
+    `segments` and `envelopes` are as in `SealedRows`. `parts` yields
+    (field index, `SealedPart`) in sealing order; a field's parts are in row
+    order.
+    """
+
+    nrows: int
+    segments: list[tuple[int, int, int]]
+    envelopes: list[bytes]
+    parts: Iterator[tuple[int, SealedPart]] = field(repr=False)
 
 
 class _ActiveDek:
@@ -245,7 +369,7 @@ class DekScope:
     def seal_rows(
         self,
         fields: Sequence[str],
-        columns: Sequence[Sequence[bytes | None]],
+        columns: Sequence[Sequence[bytes | None] | PlainColumn],
         bindings: Sequence[Mapping[str, bytes]] | None = None,
         *,
         types: Sequence[str],
@@ -257,45 +381,84 @@ class DekScope:
         the field. `bindings[i]`, if given, maps row-key column names to
         serialized values bound into row i's associated data.
         """
+        sealing = self.seal_stream(fields, columns, bindings, types=types)
+        parts: list[list[SealedPart]] = [[] for _ in fields]
+        for j, part in sealing.parts:
+            parts[j].append(part)
+        return SealedRows([SealedColumn(sealing.nrows, p) for p in parts], sealing.segments, sealing.envelopes, sealing.nrows)
+
+    def seal_stream(
+        self,
+        fields: Sequence[str],
+        columns: Sequence[Sequence[bytes | None] | PlainColumn],
+        bindings: Sequence[Mapping[str, bytes]] | None = None,
+        *,
+        types: Sequence[str],
+    ) -> Sealing:
+        """`seal_rows`, streamed: every check and every DEK now, the cells as `Sealing.parts` is iterated.
+
+        A column is a sequence of plaintexts (None for null) or a
+        `PlainColumn`, which hands out its values `_CHUNK` rows at a time so
+        a codec can convert, seal and frame a chunk while it is in cache.
+        Parts come field by field, rows in order within a DEK: the nonces
+        are exactly those `seal_rows` would use.
+        """
         if self._closed:
             raise ScopeClosedError("this DEK scope is closed")
         if len(fields) != len(columns):
             raise ValueError("fields and columns must have the same length")
         types = check_types(fields, types)
-        nrows = len(columns[0]) if columns else (len(bindings) if bindings is not None else 0)
-        if any(len(col) != nrows for col in columns):
+        plain = [col if isinstance(col, PlainColumn) else _ListColumn(col) for col in columns]
+        nrows = len(plain[0]) if plain else (len(bindings) if bindings is not None else 0)
+        if any(len(col) != nrows for col in plain):
             raise ValueError("all columns must have the same number of rows")
         if bindings is not None and len(bindings) != nrows:
             raise ValueError("bindings must have one entry per row")
-        lengths = [_value_lengths(col) for col in columns]
-        if any(col_lengths and max(col_lengths) > MAX_CELL_PLAINTEXT for col_lengths in lengths):
+        sizes = [col.sizes() for col in plain]
+        if any(size.longest > MAX_CELL_PLAINTEXT for size in sizes):
             raise ValueError(f"a cell value exceeds {MAX_CELL_PLAINTEXT} bytes")
-
-        segments = self._plan_segments(columns, nrows, lengths)
-        cells: list[list[bytes | None]] = [[None] * nrows for _ in columns]
-        row_envelope = [0] * nrows
+        plan = self._plan_segments(plain, nrows, sizes)
+        segments: list[tuple[int, int, int]] = []
         envelopes: list[bytes] = []
-        for dek, start, stop in segments:
+        for dek, start, stop in plan:
             if not envelopes or envelopes[-1] != dek.envelope:
                 envelopes.append(dek.envelope)
-            env_index = len(envelopes) - 1
-            row_envelope[start:stop] = [env_index] * (stop - start)
-            for name, value_type, col, out in zip(fields, types, columns, cells):
-                self._seal_column(dek, name, value_type, col, out, start, stop, bindings)
+            segments.append((len(envelopes) - 1, start, stop))
         self.stats.rows += nrows
-        return SealedRows(cells, row_envelope, envelopes)
+        return Sealing(nrows, segments, envelopes, self._parts(plan, fields, types, plain, sizes, bindings))
+
+    def _parts(
+        self,
+        plan: list[tuple[_ActiveDek, int, int]],
+        fields: Sequence[str],
+        types: Sequence[str],
+        columns: Sequence[PlainColumn],
+        sizes: Sequence[ColumnSizes],
+        bindings: Sequence[Mapping[str, bytes]] | None,
+    ) -> Iterator[tuple[int, SealedPart]]:
+        """Seal the planned runs: per DEK, field by field, `_CHUNK` rows at a time; (field index, part)."""
+        for dek, start, stop in plan:
+            for j, (name, value_type, col, size) in enumerate(zip(fields, types, columns, sizes)):
+                sealed = 0
+                for lo in range(start, stop, _CHUNK):
+                    if self._closed:
+                        raise ScopeClosedError("this DEK scope is closed")
+                    part = self._seal_part(dek, name, value_type, col, lo, min(stop, lo + _CHUNK), bindings, nulls=size.nulls)
+                    sealed += len(part.bodies)
+                    yield j, part
+                if len(plan) == 1 and sealed != size.cells:  # the column's sizes were wrong, so the caps were
+                    if self._dek is dek:
+                        self._dek = None  # never seal under it again
+                    raise ValueError(f"column {name!r} reported {size.cells} values but held {sealed}")
 
     def _plan_segments(
-        self, columns: Sequence[Sequence[bytes | None]], nrows: int, lengths: Sequence[Sequence[int]]
+        self, columns: Sequence[PlainColumn], nrows: int, sizes: Sequence[ColumnSizes]
     ) -> list[tuple[_ActiveDek, int, int]]:
-        """Split rows into runs that each fit one DEK, generating DEKs as needed.
-
-        `lengths[j]` lists the lengths of column j's non-None values (see `_value_lengths`).
-        """
+        """Split rows into runs that each fit one DEK, generating DEKs as needed."""
         if nrows == 0:
             return []
-        total_cells = sum(len(col_lengths) for col_lengths in lengths)
-        total_bytes = sum(sum(col_lengths) for col_lengths in lengths)
+        total_cells = sum(size.cells for size in sizes)
+        total_bytes = sum(size.bytes for size in sizes)
         dek = self._dek
         limits = self.limits
         if dek is not None and dek.cells + total_cells <= limits.max_cells and dek.bytes + total_bytes <= limits.max_bytes:
@@ -305,13 +468,14 @@ class DekScope:
             dek = self._dek_for(0, 0)
             self._charge(dek, total_cells, total_bytes)
             return [(dek, 0, nrows)]
+        values = [col.values(0, nrows) for col in columns]  # row by row from here: the rare case of a cap inside the call
         segments: list[tuple[_ActiveDek, int, int]] = []
         start = 0
         current: _ActiveDek | None = None
         for i in range(nrows):
             row_cells = 0
             row_bytes = 0
-            for col in columns:
+            for col in values:
                 v = col[i]
                 if v is not None:
                     row_cells += 1
@@ -332,61 +496,50 @@ class DekScope:
         self.stats.cells += cells
         self.stats.bytes += nbytes
 
-    def _seal_column(
+    def _seal_part(
         self,
         dek: _ActiveDek,
         name: str,
         value_type: str,
-        col: Sequence[bytes | None],
-        out: list[bytes | None],
+        col: PlainColumn,
         start: int,
         stop: int,
         bindings: Sequence[Mapping[str, bytes]] | None,
-    ) -> None:
+        *,
+        nulls: bool,
+    ) -> SealedPart:
+        """Seal the non-null values of rows start..stop-1 of `col` under `dek`, taking its next nonces in row order.
+
+        `nulls` says whether `col` holds any None. The nonces are reserved
+        before the first cell is sealed, so a failure part way never lets a
+        later call take them again.
+        """
+        rows: range | list[int] = range(start, stop)
+        values = col.values(start, stop)
+        if nulls:
+            rows = [i for i, v in zip(rows, values) if v is not None]
+            values = [v for v in values if v is not None]
+        count = len(values)
+        first = dek.next_nonce
+        nonces = nonce_block(first, count)  # OverflowError past 2**96 - 1: unreachable with validated limits
+        dek.next_nonce = first + count
         loc = self.location
-        header = bytes([FORMAT_VERSION]) + dek.dek_id
-        encrypt = dek.aead.encrypt
-        counter = dek.next_nonce
-        if bindings is None:
-            aad = encode_context(
-                cell_aad(dataset=loc.dataset, partition=loc.partition, field=name, dek_id=dek.dek_id, value_type=value_type)
+
+        def aad(row_bindings: Mapping[str, bytes] | None) -> bytes:
+            return encode_context(
+                cell_aad(
+                    dataset=loc.dataset,
+                    partition=loc.partition,
+                    field=name,
+                    dek_id=dek.dek_id,
+                    value_type=value_type,
+                    bindings=None if row_bindings is None else dict(row_bindings),
+                )
             )
-            for lo in range(start, stop, _CHUNK):
-                hi = min(stop, lo + _CHUNK)
-                values = col[lo:hi]
-                if _count_none(values):
-                    for i in range(lo, hi):
-                        value = col[i]
-                        if value is not None:
-                            nonce = counter.to_bytes(12, "big")
-                            counter += 1
-                            out[i] = header + nonce + encrypt(nonce, value, aad)
-                else:
-                    # No nulls (the common case): the same nonces in the same
-                    # order as the loop above, built in two comprehensions.
-                    nonces = [c.to_bytes(12, "big") for c in range(counter, counter + (hi - lo))]
-                    out[lo:hi] = [header + nonce + encrypt(nonce, value, aad) for nonce, value in zip(nonces, values)]
-                    counter += hi - lo
-        else:
-            for i in range(start, stop):
-                value = col[i]
-                if value is not None:
-                    aad = encode_context(
-                        cell_aad(
-                            dataset=loc.dataset,
-                            partition=loc.partition,
-                            field=name,
-                            dek_id=dek.dek_id,
-                            value_type=value_type,
-                            bindings=dict(bindings[i]),
-                        )
-                    )
-                    nonce = counter.to_bytes(12, "big")
-                    counter += 1
-                    out[i] = header + nonce + encrypt(nonce, value, aad)
-        if counter > _MAX_NONCE:  # unreachable with validated limits; a last guard
-            raise OverflowError("nonce space exhausted")
-        dek.next_nonce = counter
+
+        aads = repeat(aad(None)) if bindings is None else [aad(bindings[i]) for i in rows]
+        bodies = list(map(dek.aead.encrypt, _nonce_list(nonces), values, aads))
+        return SealedPart(dek.dek_id, nonces, rows, bodies)
 
 
 def check_types(fields: Sequence[str], types: Sequence[str]) -> list[str]:
@@ -404,15 +557,63 @@ def check_types(fields: Sequence[str], types: Sequence[str]) -> list[str]:
     return out
 
 
-def _value_lengths(col: Sequence[bytes | None]) -> list[int]:
-    """The lengths of the non-None values of `col`, in order."""
-    if _count_none(col):
-        return [len(v) for v in col if v is not None]
-    return list(map(len, col))
+@dataclass(frozen=True, slots=True)
+class ColumnSizes:
+    """What the caps need of one field's plaintexts: the non-null values, their bytes, the longest, whether any is null.
+
+    A `PlainColumn` must report `cells`, `bytes` and `nulls` exactly: the
+    per-DEK caps are charged from them. `longest` may be any bound on the
+    longest value that is exact once it passes `MAX_CELL_PLAINTEXT`.
+    """
+
+    cells: int
+    bytes: int
+    longest: int
+    nulls: bool
 
 
-def _count_none(col: Sequence[bytes | None]) -> int:
-    try:
-        return col.count(None)  # type: ignore[union-attr]
-    except AttributeError:
-        return sum(1 for v in col if v is None)
+class PlainColumn(ABC):
+    """One field's plaintexts, as `DekScope.seal_stream` reads them: sizes first, then values by row range."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """The number of rows."""
+
+    @abstractmethod
+    def sizes(self) -> ColumnSizes:
+        """The exact sizes of the non-null values."""
+
+    @abstractmethod
+    def values(self, start: int, stop: int) -> Sequence[bytes | None]:
+        """The plaintexts of rows start..stop-1, None for a null."""
+
+
+class _ListColumn(PlainColumn):
+    """A sequence of plaintexts (None for null) as a `PlainColumn`."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Sequence[bytes | None]) -> None:
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def sizes(self) -> ColumnSizes:
+        """One C-level pass when no value is None; the longest value is looked for only past the cap."""
+        col = self._values
+        try:
+            cells, nbytes, nulls = len(col), sum(map(len, col)), False
+        except TypeError:  # a None (or a value without a length, which raises again below)
+            lengths = [len(v) for v in col if v is not None]
+            cells, nbytes, nulls = len(lengths), sum(lengths), len(lengths) != len(col)
+        longest = nbytes  # a bound, exact enough while under the cap
+        if nbytes > MAX_CELL_PLAINTEXT:
+            longest = max((len(v) for v in col if v is not None), default=0)
+        return ColumnSizes(cells, nbytes, longest, nulls)
+
+    def values(self, start: int, stop: int) -> Sequence[bytes | None]:
+        col = self._values
+        if start == 0 and stop == len(col) and isinstance(col, list):
+            return col
+        return col[start:stop]
