@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
 from keyturn.errors import InputError
-from keyturn.lake.hive import check_partition_names, hive_segments
+from keyturn.lake.hive import check_partition_names, check_partition_type, hive_segments
 from keyturn.sources import SourceFile, file_schema_and_rows, list_source_files
 
 __all__ = ["EncryptPlan", "plan", "plan_files", "check_bind"]
@@ -76,8 +76,7 @@ def plan_files(
             if column not in names:
                 raise InputError(f"partition column {column!r} is not in source file {f.path!r} (columns: {', '.join(names)})")
             kind = schema.field(column).type
-            if pa.types.is_nested(kind) or pa.types.is_null(kind):
-                raise InputError(f"partition column {column!r} has type {kind}, which a hive path cannot hold")
+            check_partition_type(column, kind)
     for column in columns:
         if column in partition_by or column in hive_keys:
             raise InputError(f"column {column!r} is a partition column; partition values are stored in clear in the path")

@@ -19,9 +19,14 @@ so WriteLake never re-partitions. The pipeline steps:
    ``<lake>/_keyturn/staging/<run-id>/<partition>/part-<uuid>.parquet.staged``
    (invisible to readers and to ``**/*.parquet`` globs), after checks: the
    dataset must have a contract in the key home (EncryptBatches pins it on
-   the first write), every contract column must be ciphertext and the key
-   columns present (`keyturn.arrow_codec.contract_violations`; otherwise
-   `ContractError`), and the partition must be a visible relative path.
+   the first write), and the batch must be sealed output of this key home
+   for this dataset and partition (`keyturn.lake.admission`: contract
+   columns ciphertext whose cells name their row's DEK, key columns on
+   every row, every DEK in the key home's directory for this partition, no
+   column shadowing a contract column by case; otherwise `ContractError`),
+   and the partition must be a visible relative path. Input must be bounded
+   and in the global window (`InputError` when the pipeline is built); an
+   explicit `run_id` must be one plain name no earlier run left behind.
    Emits one record per file.
 2. Side outputs: with a `KeyturnOutputs` input, its audit events,
    version-mismatch events and quarantine records go to
@@ -34,7 +39,8 @@ so WriteLake never re-partitions. The pipeline steps:
    (`AccountingError` otherwise, nothing committed); staged files no
    record lists (written by bundle attempts the runner retried and
    discarded) are deleted; then the ``_COMMITTED`` marker, then every file
-   is moved to ``<lake>/<partition>/part-<uuid>.parquet``, then the staging
+   is moved to ``<lake>/<partition>/part-<uuid>.parquet`` (exactly the
+   files the marker lists: one that turns up later is never published), then the staging
    directory goes. A re-run of the commit step (a retried bundle) finds the
    marker and rolls forward, or finds the run published and does nothing.
    So a retried bundle never duplicates rows, and a failed or cancelled
@@ -75,6 +81,7 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Dict, NamedTuple, Tuple
@@ -86,14 +93,24 @@ import pyarrow.parquet as pq
 from apache_beam.pvalue import AsList, AsSingleton, TaggedOutput
 
 import keyturn.transforms.coders  # noqa: F401  (registers RecordBatchCoder and TableCoder)
-from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN, contract_violations
+from keyturn.lake.admission import admission_problems
 from keyturn.crash import crashpoint
 from keyturn.errors import AccountingError, ContractError, InputError, LakeError
-from keyturn.lake.atomic import write_json_atomically
 from keyturn.lake.footer import parse_footer, read_footer
 from keyturn.lake.footer import FOOTER_KEY
 from keyturn.lake.layout import Lake, as_lake, is_hidden, new_run_id
-from keyturn.lake.staging import COMMIT_MARKER, OWNER_FILE, STAGED_SUFFIX, STAGING, begin_run, publish, staged_files
+from keyturn.lake.staging import (
+    COMMIT_MARKER,
+    OWNER_FILE,
+    STAGED_SUFFIX,
+    STAGING,
+    begin_run,
+    check_run_id,
+    commit_run_marker,
+    heartbeat,
+    publish,
+    staged_files,
+)
 from keyturn.transforms.lakefiles import ReadLakeFiles, WriteLakeFiles, WriteSideOutput, add_key_columns
 from keyturn.transforms.outputs import KeyturnOutputs
 from keyturn.transforms.partition import KeyBatches, main_of
@@ -103,6 +120,7 @@ from keyturn.transforms.tags import QUARANTINE
 __all__ = ["ReadLake", "WriteLake", "LakeReadOutputs", "commit_run"]
 
 Keyed = Tuple[str, pa.RecordBatch]
+_HEARTBEAT_SECONDS = 600  # how often a staging worker renews its run's owner record (STALE_RUN_SECONDS is 24 h)
 
 
 # ------------------------------------------------------------------ WriteLake
@@ -135,6 +153,7 @@ class _StageFiles(WriteLakeFiles):
         self.keys = keys
         self._registry: Any = None
         self._contract: Any = None
+        self._beat = time.monotonic()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_registry": None, "_contract": None}
@@ -147,6 +166,9 @@ class _StageFiles(WriteLakeFiles):
 
     def start_bundle(self) -> None:
         self._contract = None  # read once per bundle: a contract pinned meanwhile (first write) is seen
+        if time.monotonic() - self._beat >= _HEARTBEAT_SECONDS:  # the run is alive: other jobs' recovery leaves it
+            heartbeat(self.lake, self.run_id)
+            self._beat = time.monotonic()
 
     def process(self, element: Keyed) -> Iterator[Dict[str, Any]]:
         partition, batch = element
@@ -158,8 +180,7 @@ class _StageFiles(WriteLakeFiles):
                 f"dataset {self.dataset!r} has no contract in the key home, so nothing says which columns must be "
                 "ciphertext; encrypt with EncryptBatches (which pins it on the first write) before WriteLake"
             )
-        problems = contract_violations(batch.schema, self._contract)
-        problems += [f"key column {c!r} is missing" for c in (VERSION_COLUMN, DEK_COLUMN) if c not in batch.schema.names]
+        problems = admission_problems(batch, partition, self._contract, self._registry, self.dataset)
         if problems:
             raise ContractError(
                 f"WriteLake refuses a batch of partition {partition!r}: {problems[0]}"
@@ -231,6 +252,8 @@ def commit_run(
         part["files"] += 1
         part["rows"] += int(r["rows"])
         part["bytes"] += int(r["bytes"])
+    if lake.fs.get_file_info(run_dir).type == pafs.FileType.Directory:
+        heartbeat(lake, run_id)  # keep the run live while this step verifies and publishes it
     with _lock(lake, lock, f"beam WriteLake {run_id}"):
         marker = posixpath.join(run_dir, COMMIT_MARKER)
         if _exists(lake, marker):  # an earlier attempt of this step committed: roll forward
@@ -264,7 +287,7 @@ def commit_run(
             lake.fs.delete_file(staged[rel])
         report["discarded_files"] = len(orphans)
         crashpoint("writelake:before-commit")
-        write_json_atomically(lake, marker, {"run_id": run_id, "files": len(by_path), "sources": {}})
+        commit_run_marker(lake, run_dir, run_id, sorted(by_path))  # exactly the verified files, nothing that turns up later
         publish(lake, run_dir)
         crashpoint("writelake:before-cleanup")
         lake.fs.delete_dir(run_dir)
@@ -273,6 +296,24 @@ def commit_run(
 
 def _side_count(n: int, kind: str) -> tuple[str, int]:
     return kind, n
+
+
+def _check_bounded_global(pcoll: beam.PCollection) -> None:
+    """`InputError` for windowed or unbounded input: WriteLake commits once, after all of a bounded input."""
+    from apache_beam.transforms.window import GlobalWindows
+
+    windowfn = getattr(getattr(pcoll, "windowing", None), "windowfn", None)
+    if not getattr(pcoll, "is_bounded", True) or (windowfn is not None and not isinstance(windowfn, GlobalWindows)):
+        raise InputError(
+            "WriteLake writes a bounded PCollection in the global window (it commits once, after every file is "
+            "written); for a stream, window it into bounded runs yourself or use `keyturn ingest`"
+        )
+
+
+def _run_id_used(lake: Lake, run_id: str) -> bool:
+    """Whether `run_id` already names a staged run or a side-output file of the lake."""
+    paths = [lake.keyturn_path(STAGING, run_id)] + [lake.side_output_path(k, run_id) for k in ("audit", "mismatch", "quarantine")]
+    return any(lake.fs.get_file_info(p).type != pafs.FileType.NotFound for p in paths)
 
 
 class WriteLake(beam.PTransform):
@@ -301,15 +342,18 @@ class WriteLake(beam.PTransform):
         self.lake_uri = lake_uri
         self.dataset = dataset
         self.keys = keys
-        self.run_id = run_id
+        self.run_id = None if run_id is None else check_run_id(run_id)
         self.lock = lock
 
     def expand(self, pvalueish: Any) -> beam.PCollection:
         outputs = pvalueish if isinstance(pvalueish, KeyturnOutputs) else None
         main = main_of(pvalueish)
         check_runner(main.pipeline, "WriteLake")
+        _check_bounded_global(main)
         lake = as_lake(self.lake_uri)
         run_id = self.run_id or new_run_id(prefix="beam")
+        if self.run_id is not None and _run_id_used(lake, run_id):
+            raise InputError(f"run id {run_id!r} was used before in the lake {lake.uri}: give each WriteLake run its own")
         keyed = main | "Key" >> KeyBatches(what="WriteLake")
         records = keyed | "Stage" >> beam.ParDo(_StageFiles(lake, run_id, self.dataset, self.keys)).with_output_types(Dict[str, Any])
         rows_in = keyed | "RowsIn" >> beam.Map(_rows) | "SumRows" >> beam.CombineGlobally(sum)

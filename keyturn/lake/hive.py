@@ -23,6 +23,7 @@ __all__ = [
     "hive_path",
     "hive_segments",
     "check_partition_names",
+    "check_partition_type",
     "split_by_partition",
     "conform",
 ]
@@ -95,6 +96,23 @@ def check_partition_names(names: Sequence[str]) -> None:
         seen.add(name)
 
 
+def check_partition_type(name: str, kind: pa.DataType) -> None:
+    """`InputError` for a partition column whose values a hive path cannot carry and give back as they were.
+
+    Nested and null types have no path form; binary values would be written
+    as hex text and read back as that text, a different value.
+    """
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_nested(kind) or pa.types.is_null(kind):
+        raise InputError(f"partition column {name!r} has type {kind}, which a hive path cannot hold")
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        raise InputError(
+            f"partition column {name!r} has type {kind}: a hive path holds text, so its bytes would come back as "
+            "their hex spelling; cast it to a string first"
+        )
+
+
 def split_by_partition(
     batch: pa.RecordBatch, base: str, split_columns: Sequence[str], drop: Sequence[str], schema: pa.Schema
 ) -> Iterator[Keyed]:
@@ -106,6 +124,9 @@ def split_by_partition(
     if not split_columns:
         yield base, conform(batch, schema, drop)
         return
+    for c in split_columns:
+        if c in batch.schema.names:
+            check_partition_type(c, batch.schema.field(c).type)
     table = pa.Table.from_batches([batch])
     table = table.append_column("__keyturn_row", pa.array(range(batch.num_rows), pa.int64()))
     groups = table.group_by(list(split_columns), use_threads=False).aggregate([("__keyturn_row", "list")])

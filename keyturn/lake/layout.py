@@ -194,9 +194,19 @@ class Lake:
         return out
 
     def temp_files(self) -> list[str]:
-        """Leftover ``.keyturn-tmp-*`` files anywhere in the lake (never data; old and new names)."""
+        """Leftover ``.keyturn-tmp-*`` files in the lake (never data; old and new names).
+
+        Not those under ``_keyturn/staging``: a staged run's temp files are
+        its own (a Beam run stages without the lake lock), and go with the
+        run when recovery discards it.
+        """
+        staging = self.keyturn_path("staging").rstrip("/") + "/"
         return sorted(
-            info.path for info in self._walk() if info.type == pafs.FileType.File and is_temp_name(posixpath.basename(info.path))
+            info.path
+            for info in self._walk()
+            if info.type == pafs.FileType.File
+            and is_temp_name(posixpath.basename(info.path))
+            and not info.path.startswith(staging)
         )
 
     def remove_temp_files(self) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from keyturn.crash import crashpoint
+from keyturn.errors import InputError, LakeError
 from keyturn.lake.atomic import fsync_dir, write_json_atomically
 from keyturn.lake.footer import read_footer
 from keyturn.lake.layout import Lake, is_hidden
@@ -44,6 +46,9 @@ __all__ = [
     "OWNER_FILE",
     "STALE_RUN_SECONDS",
     "begin_run",
+    "heartbeat",
+    "check_run_id",
+    "commit_run_marker",
     "run_is_live",
     "recover_staging",
     "staged_files",
@@ -79,6 +84,20 @@ STALE_RUN_SECONDS = 24 * 3600
 """How long an uncommitted run whose owner cannot be checked (another host, a Beam run) is left alone."""
 
 
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_FUTURE_SLACK_SECONDS = 300
+
+
+def check_run_id(run_id: object) -> str:
+    """`InputError` unless `run_id` is one visible path name (letters, digits, ``_ . -``; no ``..``)."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise InputError(
+            f"run id {run_id!r} must be 1-128 letters, digits, '_', '.' or '-', start with a letter or digit "
+            "and not contain '..' (it names a directory under _keyturn/staging)"
+        )
+    return run_id
+
+
 def begin_run(
     lake: Lake, run_id: str, *, process: bool = True, now: Callable[[], float] = time.time
 ) -> str:
@@ -88,11 +107,19 @@ def begin_run(
     processes) records no process: the run is then live for
     `STALE_RUN_SECONDS` after it began.
     """
-    run_dir = lake.keyturn_path(STAGING, run_id)
+    run_dir = lake.keyturn_path(STAGING, check_run_id(run_id))
     owner: dict[str, Any] = process_identity() if process else {"kind": "beam"}
-    owner["began_at"] = now()
+    owner["began_at"] = owner["seen_at"] = now()
     write_json_atomically(lake, posixpath.join(run_dir, OWNER_FILE), owner)
     return run_dir
+
+
+def heartbeat(lake: Lake, run_id: str, *, now: Callable[[], float] = time.time) -> None:
+    """Record that run `run_id`'s owner is still at work (a Beam run, whose liveness is its age)."""
+    run_dir = lake.keyturn_path(STAGING, check_run_id(run_id))
+    owner = dict(_owner_of(lake, run_dir) or {"kind": "beam", "began_at": now()})
+    owner["seen_at"] = now()
+    write_json_atomically(lake, posixpath.join(run_dir, OWNER_FILE), owner)
 
 
 def _owner_of(lake: Lake, run_dir: str) -> Mapping[str, Any] | None:
@@ -109,13 +136,47 @@ def run_is_live(lake: Lake, run_dir: str, *, now: Callable[[], float] = time.tim
     owner = _owner_of(lake, run_dir)
     if owner is None:
         return False
-    state = holder_state(dict(owner))
+    checkable = isinstance(owner.get("pid"), int) and bool(owner.get("start"))  # a pid alone may be reused
+    state = holder_state(dict(owner)) if checkable else "unknown"
     if state != "unknown":
         return state == "alive"
-    began = owner.get("began_at")
-    if isinstance(began, bool) or not isinstance(began, (int, float)):
+    stamps = [t for t in (owner.get("began_at"), owner.get("seen_at")) if isinstance(t, (int, float)) and not isinstance(t, bool)]
+    when = now()
+    if not stamps or max(stamps) > when + _FUTURE_SLACK_SECONDS:  # no time, or one from the future: forged
         return False
-    return now() - began < STALE_RUN_SECONDS
+    return when - max(stamps) < STALE_RUN_SECONDS
+
+
+def _marker(lake: Lake, run_dir: str) -> dict[str, Any] | None:
+    """The run's commit marker, None if it has none; `LakeError` naming the run if it is not one keyturn wrote."""
+    path = posixpath.join(run_dir, COMMIT_MARKER)
+    if lake.fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        with lake.fs.open_input_stream(path) as f:
+            marker = json.loads(f.read())
+    except (OSError, ValueError):
+        marker = None
+    paths = marker.get("paths") if isinstance(marker, dict) else None
+    sources = marker.get("sources") if isinstance(marker, dict) else None
+    if (
+        not isinstance(marker, dict)
+        or (paths is not None and not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)))
+        or not isinstance(sources or {}, dict)
+    ):
+        raise LakeError(
+            f"the commit marker of staged run {lake.relpath(run_dir)} is not one keyturn wrote; "
+            "inspect that directory and remove it (nothing of it was published)"
+        )
+    return marker
+
+
+def commit_run_marker(lake: Lake, run_dir: str, run_id: str, paths: list[str], sources: Mapping[str, Any] | None = None) -> None:
+    """Commit the run: its marker lists exactly the staged files (relative to `run_dir`) to publish."""
+    write_json_atomically(
+        lake, posixpath.join(run_dir, COMMIT_MARKER),
+        {"run_id": run_id, "files": len(paths), "paths": sorted(paths), "sources": dict(sources or {})},
+    )
 
 
 def recover_staging(lake: Lake, *, now: Callable[[], float] = time.time) -> dict[str, int]:
@@ -136,10 +197,11 @@ def recover_staging(lake: Lake, *, now: Callable[[], float] = time.time) -> dict
         if run_is_live(lake, run_dir, now=now):
             out["live_runs"] += 1
             continue
-        marker_path = posixpath.join(run_dir, COMMIT_MARKER)
-        if fs.get_file_info(marker_path).type == pafs.FileType.File:
-            with fs.open_input_stream(marker_path) as f:
-                marker = json.loads(f.read())
+        marker = _marker(lake, run_dir)
+        no_owner_file = fs.get_file_info(posixpath.join(run_dir, OWNER_FILE)).type == pafs.FileType.NotFound
+        if marker is None and no_owner_file and not staged_files(lake, run_dir):
+            continue  # being born (its owner record not yet in place), or empty: nothing to discard
+        if marker is not None:
             out["rolled_forward_files"] += len(publish(lake, run_dir))
             record_sources(lake, marker.get("sources") or {})
         else:
@@ -181,11 +243,18 @@ def staged_files(lake: Lake, run_dir: str) -> list[tuple[str, str]]:
 def publish(lake: Lake, run_dir: str) -> list[str]:
     """Move a committed run's staged files into the lake.
 
+    Only the files its marker lists (a marker without a list, from an older
+    keyturn, publishes every staged file): a file that turned up after the
+    commit (a late retried bundle, a planted file) is never published.
     Idempotent, also when two processes publish one run at once (its owner
     and a recovery): a staged file another one already moved is skipped.
     """
+    marker = _marker(lake, run_dir)
+    listed = None if marker is None or marker.get("paths") is None else {lake.path(_run_rel(lake, run_dir, p)) for p in marker["paths"]}
     moved = []
     for staged, final in staged_files(lake, run_dir):
+        if listed is not None and staged not in listed:
+            continue
         lake.fs.create_dir(posixpath.dirname(final), recursive=True)
         try:
             lake.fs.move(staged, final)
@@ -222,3 +291,11 @@ def read_json(lake: Lake, path: str) -> dict[str, int]:
         return {}
     with lake.fs.open_input_stream(path) as f:
         return {str(k): int(v) for k, v in json.loads(f.read()).items()}
+
+
+def _run_rel(lake: Lake, run_dir: str, rel: str) -> str:
+    """`rel` (a marker's path, relative to `run_dir`) as a lake-relative path; `LakeError` if it leaves the run."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise LakeError(f"the commit marker of staged run {lake.relpath(run_dir)} lists {rel!r}, which is not a file of the run")
+    return posixpath.join(lake.relpath(run_dir), rel)
