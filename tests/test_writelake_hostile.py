@@ -192,3 +192,19 @@ def test_temp_files_of_staged_runs_are_not_swept_by_the_lake_cleanup(tmp_path):
     open(stray, "wb").close()
     assert lake.remove_temp_files() == ["region=1/.keyturn-tmp-0456-part.parquet.tmp"]
     assert os.path.exists(inflight)
+
+
+def test_a_symlinked_lake_file_never_copies_its_target_into_quarantine(tmp_path):
+    from keyturn.transforms.lakefiles import ReadLakeFiles
+
+    secret = tmp_path / "operator-secret.txt"
+    secret.write_bytes(b"OPERATOR-PRIVATE-KEY-MATERIAL")
+    lake = Lake(tmp_path / "lake")
+    os.makedirs(lake.path("region=1"))
+    os.symlink(secret, lake.path("region=1", "part-evil.parquet"))
+    fn = ReadLakeFiles(lake, DATASET)
+    fn.setup()
+    [out] = list(fn.process(("region=1", lake.path("region=1", "part-evil.parquet"))))
+    record = out.value
+    assert record["reason"] == "unparseable" and "symbolic link" in record["detail"]
+    assert b"OPERATOR" not in (record["payload"] or b"")

@@ -28,6 +28,7 @@ the same endpoint as the driver.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Dict, Tuple
@@ -111,10 +112,13 @@ class ReadLakeFiles(beam.DoFn):
 
     def _quarantine(self, partition: str, path: str, exc: BaseException) -> dict[str, Any]:
         fs = self._lake.fs
-        size = fs.get_file_info(path).size or 0
-        with fs.open_input_stream(path) as f:
-            payload = f.read(MAX_QUARANTINE_BYTES)
-        note = "" if size <= MAX_QUARANTINE_BYTES else f"; first {MAX_QUARANTINE_BYTES} of {size} bytes kept"
+        if self._lake.is_local and os.path.islink(path):  # never copy a file from outside the lake into a record
+            payload, note = b"", "; a symbolic link, its target's bytes not kept"
+        else:
+            size = fs.get_file_info(path).size or 0
+            with fs.open_input_stream(path) as f:
+                payload = f.read(MAX_QUARANTINE_BYTES)
+            note = "" if size <= MAX_QUARANTINE_BYTES else f"; first {MAX_QUARANTINE_BYTES} of {size} bytes kept"
         detail = f"not a readable Parquet file: {self._lake.relpath(path)} ({type(exc).__name__}){note}; file left in place"
         return build_quarantine(
             "unparseable",
