@@ -64,7 +64,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from keyturn.arrow_codec import DEK_COLUMN, VERSION_COLUMN
 from keyturn.audit.events import utc_now
 from keyturn.errors import InputError
 from keyturn.lake.inventory import check_fits_home, take_inventory
@@ -72,7 +71,7 @@ from keyturn.lake.layout import Lake, is_hidden
 from keyturn.lake.sideoutputs import SideOutputDir
 from keyturn.policy import KeyPolicy, VersionRules
 from keyturn.reports import DecryptReport, ProgressFn, ProgressRelay, say
-from keyturn.transforms.lakefiles import ReadLakeFiles, WriteLakeFiles, WriteSideOutput
+from keyturn.transforms.lakefiles import ReadLakeFiles, WriteLakeFiles, WriteSideOutput, add_key_columns
 from keyturn.home import lake_of
 from keyturn.lake.layout import new_run_id
 from keyturn.pipelines.runner import pipeline_options
@@ -87,7 +86,6 @@ Keyed = Tuple[str, pa.RecordBatch]
 _PROBLEM_STATUSES = ("retired", "unknown", "missing", "corrupt")
 SIDE_DIR = "_keyturn"
 """The side outputs' directory under `--out` when `--side-outputs` is not given."""
-_KEY_TYPES = {VERSION_COLUMN: pa.int64(), DEK_COLUMN: pa.dictionary(pa.int32(), pa.binary())}
 
 
 def check_columns(contract: Any, columns: Sequence[str]) -> list[str]:
@@ -147,21 +145,9 @@ def _check_side_outputs(side_outputs: str | Lake | None, out: Lake, lake: Lake, 
 
 
 def _with_key_columns(element: Keyed) -> Keyed:
-    """A whole lake file's batch with the key columns it lacks added as nulls.
-
-    `ReadLakeFiles` reads every column of a file, so a key column that is not
-    there is genuinely absent (a file keyturn never wrote, or one stripped of
-    its key columns): its rows are `missing`. `decrypt_batch` refuses a
-    batch without key columns, since it cannot tell it from a projection.
-    """
+    """`keyturn.transforms.lakefiles.add_key_columns` on a keyed whole-file batch."""
     partition, batch = element
-    lacking = [name for name in (VERSION_COLUMN, DEK_COLUMN) if name not in batch.schema.names]
-    if not lacking:
-        return element
-    n = batch.num_rows
-    arrays = list(batch.columns) + [pa.nulls(n, _KEY_TYPES[name]) for name in lacking]
-    fields = list(batch.schema) + [pa.field(name, _KEY_TYPES[name], nullable=True) for name in lacking]
-    return partition, pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
+    return partition, add_key_columns(batch)
 
 
 class _KeyColumns(beam.DoFn):
