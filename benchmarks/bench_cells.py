@@ -24,6 +24,12 @@ ciphertexts, with nonces and ciphertexts already in separate lists.
 
 Targets: keyturn at >= 0.85 of the baseline's cells/s, for both.
 
+Native rows: where the native kernel is loaded (`keyturn.native`), the same
+subjects run a second time on it (``KEYTURN_NATIVE=1``; the `keyturn` rows
+force the pure-Python path with ``KEYTURN_NATIVE=0``), round-robin in the
+same rounds as the Python rows and the baselines. Targets: native
+`encrypt_batch` and `decrypt_batch` at >= 5x the baseline's cells/s.
+
 Profiles: keyturn calls AES-GCM through `map` (C calling C), which cProfile
 does not see as calls; that time is the own time of the one function that
 maps them (`DekScope._seal_part`, `OpenedDek.open_many`), which does nothing
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,6 +48,7 @@ import pyarrow as pa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from benchmarks.common import measure_rounds, profile_share, profile_top, random_strings, rate, ratio
+from keyturn import native
 from keyturn.arrow_codec import decrypt_batch, encrypt_batch
 from keyturn.kms.base import CountingKms
 from keyturn.kms.local import LocalKms
@@ -49,7 +57,17 @@ from keyturn.reader import DekReader
 from keyturn.registry.base import KeyState, KeyVersion
 from keyturn.scope import DekScope, KekRef, Location
 
-__all__ = ["run", "make_batch", "DEFAULT_ROWS", "QUICK_ROWS", "SEED", "ENCRYPT_TARGET", "DECRYPT_TARGET"]
+__all__ = [
+    "run",
+    "make_batch",
+    "DEFAULT_ROWS",
+    "QUICK_ROWS",
+    "SEED",
+    "ENCRYPT_TARGET",
+    "DECRYPT_TARGET",
+    "NATIVE_ENCRYPT_TARGET",
+    "NATIVE_DECRYPT_TARGET",
+]
 
 DEFAULT_ROWS = 1_000_000
 QUICK_ROWS = 50_000
@@ -59,6 +77,8 @@ MIN_LEN, MAX_LEN = 16, 32
 BASELINE_AAD_BYTES = 100
 ENCRYPT_TARGET = 0.85  # keyturn cells/s over bare AES-GCM cells/s
 DECRYPT_TARGET = 0.85
+NATIVE_ENCRYPT_TARGET = 5.0  # native keyturn cells/s over bare AES-GCM cells/s
+NATIVE_DECRYPT_TARGET = 5.0
 AES_ENCRYPT_MAPPERS = ("(_seal_part)",)  # keyturn functions whose own time is AES-GCM calls made through map
 AES_DECRYPT_MAPPERS = ("(open_many)",)
 KMS_TARGET_PER_SCOPE = 1
@@ -81,6 +101,28 @@ def _policy() -> KeyPolicy:
     )
 
 
+def _on_path(path: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run with ``KEYTURN_NATIVE`` set for `path` ("python" or "native"), restored afterwards."""
+
+    def on_path() -> Any:
+        before = os.environ.get(native.ENV_VAR)
+        os.environ[native.ENV_VAR] = "1" if path == "native" else "0"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ[native.ENV_VAR]
+            else:
+                os.environ[native.ENV_VAR] = before
+
+    return on_path
+
+
+def _native_row(subject: Any, baseline: Any, rows: int, target: float) -> dict[str, Any]:
+    r = ratio(subject, baseline)
+    return {"timing": subject.to_dict(), "cells_per_s": rate(rows, subject), "ratio": r.to_dict(), "target": target, "met": r.median >= target}
+
+
 def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int = SEED, profile: bool = True) -> dict[str, Any]:
     """Run the cells benchmark; return a JSON-able result (see BENCHMARKS.md for the fields)."""
     batch = make_batch(rows, seed)
@@ -92,12 +134,18 @@ def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int =
     # -- encrypt -----------------------------------------------------------
     generate_calls: list[int] = []
 
-    def keyturn_encrypt() -> pa.RecordBatch:
+    def any_encrypt() -> pa.RecordBatch:
         before = kms.calls.generate
         with DekScope(kms, kek, location) as scope:
             out = encrypt_batch(batch, [COLUMN], scope)
         generate_calls.append(kms.calls.generate - before)
         return out
+
+    has_native = native.kernel_loaded()
+    keyturn_encrypt = _on_path("python", any_encrypt)
+    encrypts = {"keyturn": keyturn_encrypt, "baseline": None}
+    if has_native:
+        encrypts["native"] = _on_path("native", any_encrypt)
 
     values: list[bytes] = batch.column(COLUMN).cast(pa.binary()).to_pylist()
     aead = AESGCM(AESGCM.generate_key(bit_length=256))
@@ -108,11 +156,12 @@ def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int =
         return [encrypt(i.to_bytes(12, "big"), v, aad) for i, v in enumerate(values)]
 
     def check_encrypt(name: str, result: Any) -> None:
-        n = result.num_rows if name == "keyturn" else len(result)
+        n = len(result) if name == "baseline" else result.num_rows
         if n != rows:
             raise AssertionError(f"{name} encrypt returned {n} rows, expected {rows}")
 
-    enc = measure_rounds({"keyturn": keyturn_encrypt, "baseline": bare_encrypt}, runs=runs, warmup=warmup, check=check_encrypt)
+    encrypts["baseline"] = bare_encrypt
+    enc = measure_rounds(encrypts, runs=runs, warmup=warmup, check=check_encrypt)
 
     # -- decrypt -----------------------------------------------------------
     encrypted = keyturn_encrypt()
@@ -122,25 +171,31 @@ def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int =
     decrypt_calls: list[int] = []
     expected = batch.column(COLUMN)
 
-    def keyturn_decrypt() -> Any:
+    def any_decrypt() -> Any:
         before = kms.calls.decrypt
         with DekReader(kms) as reader:
             out = decrypt_batch(encrypted, reader, policy, location)
         decrypt_calls.append(kms.calls.decrypt - before)
         return out
 
+    keyturn_decrypt = _on_path("python", any_decrypt)
+    decrypts = {"keyturn": keyturn_decrypt, "baseline": None}
+    if has_native:
+        decrypts["native"] = _on_path("native", any_decrypt)
+
     def bare_decrypt() -> list[bytes]:
         decrypt = aead.decrypt
         return [decrypt(n, c, aad) for n, c in zip(nonces, ciphertexts)]
 
     def check_decrypt(name: str, result: Any) -> None:
-        if name == "keyturn":
+        if name != "baseline":
             if result.plain.num_rows != rows or not result.plain.column(COLUMN).equals(expected):
                 raise AssertionError("keyturn decrypt did not return the original values")
         elif len(result) != rows:
             raise AssertionError("bare decrypt returned the wrong number of values")
 
-    dec = measure_rounds({"keyturn": keyturn_decrypt, "baseline": bare_decrypt}, runs=runs, warmup=warmup, check=check_decrypt)
+    decrypts["baseline"] = bare_decrypt
+    dec = measure_rounds(decrypts, runs=runs, warmup=warmup, check=check_decrypt)
 
     # -- profile (untimed) ---------------------------------------------------
     profiles: dict[str, Any] = {}
@@ -196,6 +251,7 @@ def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int =
             "ratio": enc_ratio.to_dict(),
             "target": ENCRYPT_TARGET,
             "met": enc_ratio.median >= ENCRYPT_TARGET,
+            "native": _native_row(enc["native"], enc["baseline"], rows, NATIVE_ENCRYPT_TARGET) if has_native else None,
         },
         "decrypt": {
             "keyturn": dec["keyturn"].to_dict(),
@@ -205,6 +261,7 @@ def run(*, rows: int = DEFAULT_ROWS, runs: int = 5, warmup: int = 1, seed: int =
             "ratio": dec_ratio.to_dict(),
             "target": DECRYPT_TARGET,
             "met": dec_ratio.median >= DECRYPT_TARGET,
+            "native": _native_row(dec["native"], dec["baseline"], rows, NATIVE_DECRYPT_TARGET) if has_native else None,
         },
         "kms": {
             "generate_calls_per_encrypt_run": generate_calls,

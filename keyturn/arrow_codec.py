@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from keyturn import native
 from keyturn.arrow_values import (
     ArrowPlaintexts,
     arrow_type_descriptor,
@@ -267,24 +268,41 @@ class _BinaryBuilder:
 
 
 class _CellColumn:
-    """One sealed field, built as its parts arrive: each part framed, then copied into one `_BinaryBuilder`."""
+    """One sealed field, built as its parts arrive.
+
+    A Python part is framed, then copied into one `_BinaryBuilder`; a native
+    part comes framed, nulls in place, and is kept as it is (the parts of
+    one field cover its rows in order, so they concatenate into the column).
+    """
 
     def __init__(self, nrows: int, sizes: ColumnSizes) -> None:
         nbytes = sizes.bytes + CELL_OVERHEAD * sizes.cells
         if nbytes > _MAX_BINARY:
             raise ValueError("an encrypted column of one batch must stay under 2 GiB; split the batch")
         self._nrows = nrows
-        self._cells = _BinaryBuilder(nbytes, sizes.cells)
+        self._nbytes, self._count = nbytes, sizes.cells
+        self._builder: _BinaryBuilder | None = None
         self._rows: list[range | list[int]] = []
+        self._framed: list[pa.Array] = []
+
+    @property
+    def _cells(self) -> _BinaryBuilder:
+        if self._builder is None:
+            self._builder = _BinaryBuilder(self._nbytes, self._count)
+        return self._builder
 
     def add(self, part: SealedPart) -> None:
         """Frame `part` and append its cells."""
-        if part.bodies:
+        if part.framed is not None:
+            self._framed.append(part.framed)
+        elif part.bodies:
             self._cells.add(_framed(part))
             self._rows.append(part.rows)
 
     def array(self) -> pa.Array:
         """The column: every row's cell, null where the value was null."""
+        if self._framed:
+            return self._native_array()
         if not self._cells.full:
             raise ValueError("a sealed column fell short of the sizes its plaintexts reported")
         if not self._cells.count:
@@ -300,6 +318,15 @@ class _CellColumn:
                 valid[np.asarray(rows, dtype=np.int64)] = True
         position = np.cumsum(valid, dtype=np.int64) - 1
         return cells.take(pa.array(position, mask=~valid))
+
+    def _native_array(self) -> pa.Array:
+        cells = self._framed[0] if len(self._framed) == 1 else pa.concat_arrays(self._framed)
+        if self._builder is not None or cells.type != pa.binary() or len(cells) != self._nrows:
+            raise ValueError("a sealed column's parts do not cover its rows")
+        offsets = np.frombuffer(cells.buffers()[1], dtype=np.int32)[cells.offset : cells.offset + len(cells) + 1]
+        if len(cells) - cells.null_count != self._count or int(offsets[-1] - offsets[0]) != self._nbytes:
+            raise ValueError("a sealed column fell short of the sizes its plaintexts reported")
+        return cells
 
 
 def _envelope_indices(sealing: Sealing) -> pa.Array:
@@ -785,6 +812,7 @@ def _open_columns(
     codes = keys.codes
     out: dict[str, list[tuple[np.ndarray, pa.Array]]] = {}
     bindings: list[dict[str, bytes]] | None = None
+    open_group = _open_group_native if native.native_available() else _open_group
     for name in names:
         rows = _rows_where(_readable(codes))
         if not len(rows):
@@ -802,7 +830,7 @@ def _open_columns(
                 codes[group] = _CORRUPT
                 continue
             aad = _AadSource(location, name, dek.envelope.dek_id, layout.types[name], bindings)
-            bad, good, plaintexts = _open_group(dek, cells, group, aad)
+            bad, good, plaintexts = open_group(dek, cells, group, aad)
             codes[bad] = _CORRUPT
             pieces.append((good, plaintexts))
     return out
@@ -878,6 +906,23 @@ def _open_group(
 
 
 _OPEN_CHUNK = 1 << 14  # cells decrypted per `open_many` call
+
+
+def _open_group_native(
+    dek: OpenedDek, cells: pa.Array, rows: np.ndarray, aad: _AadSource
+) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """`_open_group` in one native kernel call: the same checks per cell, the same rows bad, opened and null.
+
+    The kernel checks each non-null cell's length, version byte and dek_id,
+    then authenticates it (`keyturn.native.open_cells`); a failed cell is a
+    bad row and its plaintext is never returned.
+    """
+    group = cells if len(rows) == len(cells) else cells.take(pa.array(rows))
+    opened = native.open_cells(dek.kernel_key(), dek.envelope.dek_id, group, aad.for_rows(rows))
+    ok = opened.status == native.OPENED
+    if ok.all():
+        return opened.failed, rows, opened.values
+    return rows[opened.failed], rows[ok], opened.values.filter(pa.array(ok))
 
 
 def _nonce_list(cells: pa.Array) -> list[bytes]:

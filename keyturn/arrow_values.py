@@ -213,10 +213,57 @@ class ArrowPlaintexts(PlainColumn):
             return self._plaintexts[start:stop]
         return to_plaintexts(self._array.slice(start, stop - start))
 
+    arrow_backed = True
+
+    def arrow(self, start: int, stop: int) -> pa.Array:
+        """Strings and binaries as they are, fixed-width values as a binary view of their buffer (no copies).
+
+        Other types (serialized up front) as a binary array of their plaintexts.
+        """
+        if self._plaintexts is None:
+            view = _binary_view(self._array.slice(start, stop - start))
+            if view is not None:
+                return view
+        return pa.array(self.values(start, stop), pa.large_binary())
+
     def _all(self) -> list[bytes | None]:
         if self._plaintexts is None:
             self._plaintexts = to_plaintexts(self._array)
         return self._plaintexts
+
+
+def _binary_view(arr: pa.Array) -> pa.Array | None:
+    """`to_plaintexts(arr)` as a binary-like array over `arr`'s own buffers, or None where that is not a view.
+
+    A string or binary array is its own plaintexts. A fixed-width array's
+    values sit back to back in its data buffer, `width` bytes each: a binary
+    array with offsets 0, width, 2 * width, ... over that buffer (and the
+    same validity) holds exactly the plaintexts, nulls null.
+    """
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return arr
+    if _kind(t) != "fixed":
+        return None
+    width = t.bit_width // 8
+    validity, data = arr.buffers()
+    n = len(arr)
+    if data is None or not n:
+        return None
+    shift = arr.offset % 8  # keep the validity bitmap byte-aligned: slice whole bytes, carry the bit offset
+    first = arr.offset - shift
+    count = shift + n
+    large = count * width > _MAX_BINARY_DATA
+    offsets = np.arange(0, (count + 1) * width, width, dtype=np.int64 if large else np.int32)
+    buffers = [
+        None if validity is None or arr.null_count == 0 else validity.slice(first // 8),
+        pa.py_buffer(offsets),
+        data.slice(first * width, count * width),
+    ]
+    return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), n, buffers, offset=shift)
+
+
+_MAX_BINARY_DATA = (1 << 31) - 1
 
 
 def from_plaintexts(values: list[bytes | None], field: pa.Field) -> pa.Array:

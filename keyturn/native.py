@@ -6,12 +6,18 @@ out, with AES-256-GCM from one vetted Rust crate, the GIL released, and
 large columns split across cores. The pure-Python cell path stays the
 reference: both give byte-identical cells, and each opens the other's.
 
+`keyturn.scope.DekScope` seals and `keyturn.arrow_codec.decrypt_batch`
+opens through it whenever `native_available()` says so (the Avro reader
+keeps the Python path).
+
 `native_available()` says whether callers should use it: the extension
 imported, matches this keyturn, and the environment variable
 ``KEYTURN_NATIVE`` does not turn it off (``0``, ``false``, ``no``, ``off``;
 ``1``, ``true``, ``yes``, ``on`` require it, so a worker image without it fails
 instead of running slower). At debug level it logs, once per verdict, which
-path runs. Without the extension everything behaves as before.
+path runs. ``KEYTURN_NATIVE`` is read on every call, so setting it in the
+environment switches the path for the next call (the tests run both paths
+this way). Without the extension everything behaves as before.
 
 Keys: each call takes the 32-byte cell key (bytes, bytearray or any buffer)
 for the call only. The kernel keys AES from the caller's buffer without
@@ -27,9 +33,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 
 from keyturn.format import DEK_ID_BYTES, FORMAT_VERSION
 
@@ -42,14 +48,21 @@ __all__ = [
     "open_cells",
     "OpenedCells",
     "cells_to_seal",
+    "OPENED",
+    "NULL",
+    "FAILED",
 ]
 
 ENV_VAR = "KEYTURN_NATIVE"
 _OFF = {"0", "false", "no", "off"}
 _ON = {"1", "true", "yes", "on"}
 _API_VERSION = 1  # the call contract of keyturn._native this module speaks
+OPENED, NULL, FAILED = 0, 1, 2  # `OpenedCells.status` per row: opened, null cell, failed cell
 
 _log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def _load() -> tuple[ModuleType | None, str]:
@@ -106,15 +119,17 @@ def _kernel() -> ModuleType:
     return _KERNEL
 
 
-_WIDTH = {pa.binary(): 4, pa.string(): 4, pa.large_binary(): 8, pa.large_string(): 8}
-
-
 def _column(values: pa.Array | Sequence[bytes | None]) -> tuple | list:
     """`values` as the kernel takes them: a list of bytes/None, or an Arrow array's buffers (read in place)."""
+    if isinstance(values, list):
+        return values
+    import pyarrow as pa  # here, not at import: the Avro codec imports keyturn.scope (and so this module) without pyarrow
+
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if isinstance(values, pa.Array):
-        width = _WIDTH.get(values.type)
+        t = values.type
+        width = 4 if t in (pa.binary(), pa.string()) else 8 if t in (pa.large_binary(), pa.large_string()) else None
         if width is None:
             raise TypeError(f"the kernel reads binary, string, large_binary or large_string arrays, not {values.type}")
         validity, offsets, data = values.buffers()
@@ -123,8 +138,6 @@ def _column(values: pa.Array | Sequence[bytes | None]) -> tuple | list:
         if validity is None or values.null_count == 0:
             validity = None
         return (data, offsets, width, values.offset, len(values), validity)
-    if isinstance(values, list):
-        return values
     return list(values)
 
 
@@ -135,12 +148,16 @@ def _aad(aad: bytes | Sequence[bytes | None]) -> bytes | list:
 
 
 def _array(nrows: int, validity: bytes | None, offsets: bytes, data: bytes, large: bool) -> pa.Array:
+    import pyarrow as pa
+
     buffers = [None if validity is None else pa.py_buffer(validity), pa.py_buffer(offsets), pa.py_buffer(data)]
     return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), nrows, buffers)
 
 
 def cells_to_seal(values: pa.Array | Sequence[bytes | None]) -> int:
     """How many nonces sealing `values` takes: its non-null values."""
+    import pyarrow as pa
+
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         return len(values) - values.null_count
     return sum(v is not None for v in values)

@@ -10,6 +10,11 @@ plaintext, row by row, and reports rows that fail to authenticate instead of
 raising, so callers can quarantine them. The Arrow codec checks cells with
 Arrow kernels and decrypts them in bulk with `OpenedDek.open_many`, under the
 same rules.
+
+An opened DEK keeps its cell cipher and, where the native kernel is loaded,
+its 32-byte cell key in a `SecretKey` for `keyturn.arrow_codec` to hand the
+kernel; `DekReader.close()` wipes the cell key of every DEK it opened and
+forgets them.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from keyturn.format import (
     parse_cell_header,
     parse_envelope,
 )
+from keyturn import native
 from keyturn.kms.base import KmsBackend
 from keyturn.scope import Location, check_types
+from keyturn.secret import SecretKey
 
 __all__ = ["DekReader", "OpenedDek", "open_rows", "OpenedRows", "envelope_dek_id", "entry_matches", "cell_aad_bytes"]
 
@@ -51,11 +58,32 @@ _MAX_CELL = CELL_OVERHEAD + MAX_CELL_PLAINTEXT
 class OpenedDek:
     """An unwrapped, commitment-checked DEK that can only decrypt cells."""
 
-    __slots__ = ("envelope", "_aead")
+    __slots__ = ("envelope", "_aead", "_cell_key")
 
-    def __init__(self, envelope: Envelope, aead: AESGCM) -> None:
+    def __init__(self, envelope: Envelope, aead: AESGCM, cell_key: SecretKey | None = None) -> None:
         self.envelope = envelope
         self._aead = aead
+        self._cell_key = cell_key
+
+    def kernel_key(self) -> memoryview:
+        """The cell key for one native kernel call, as a read-only view (no copy); wiped when the reader closes.
+
+        `ScopeClosedError` once closed; `RuntimeError` if it was opened without the kernel loaded.
+        """
+        if self._cell_key is None:
+            raise RuntimeError("this DEK was opened without the native kernel")
+        if self._cell_key.wiped:
+            raise ScopeClosedError("this reader is closed")
+        return self._cell_key.view()
+
+    def close(self) -> None:
+        """Wipe the cell key kept for the native kernel (`kernel_key` then refuses). Idempotent.
+
+        The cipher object stays, as it always has: the reader only forgets
+        it, and code that still holds this `OpenedDek` may open cells in Python.
+        """
+        if self._cell_key is not None:
+            self._cell_key.wipe()
 
     def open_cell(self, cell: bytes, aad: bytes) -> bytes:
         """Decrypt one cell; `DecryptionError` if it is not exactly what this DEK sealed with `aad`."""
@@ -189,7 +217,9 @@ class DekReader:
         self.close()
 
     def close(self) -> None:
-        """Forget every opened DEK and directory entry. Idempotent."""
+        """Wipe and forget every opened DEK, and forget every directory entry. Idempotent."""
+        for opened in self._opened.values():
+            opened.close()
         self._opened.clear()
         self._failed.clear()
         self._entries.clear()
@@ -242,11 +272,14 @@ class DekReader:
             material = unwrapped.plaintext.material
             if not commitment_matches(material, envelope):
                 raise DecryptionError()
-            aead = AESGCM(derive_cell_key(material, envelope.dek_id))
+            derived = derive_cell_key(material, envelope.dek_id)
+            aead = AESGCM(derived)
+            cell_key = SecretKey(derived, label="cell key") if native.kernel_loaded() else None
+            del derived
         finally:
             unwrapped.plaintext.wipe()
         del material
-        return OpenedDek(envelope, aead)
+        return OpenedDek(envelope, aead, cell_key)
 
 
     def _current(self, birth: Envelope, location: Location) -> Envelope:

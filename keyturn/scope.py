@@ -15,8 +15,15 @@ registered, with its envelope, before the first cell is sealed under it; a
 registration failure stops the scope before any ciphertext exists.
 
 The plaintext DEK is used once to derive the cell key and the commitment,
-then wiped; the scope keeps only an `AESGCM` object, and drops it on
-`close()`. A scope refuses pickling and its repr shows no key material.
+then wiped; the scope keeps an `AESGCM` object and, where the native kernel
+is loaded (`keyturn.native`), the 32-byte cell key in a `SecretKey` for the
+kernel to read in place. `close()` wipes those keys and drops the ciphers.
+A scope refuses pickling and its repr shows no key material.
+
+Where `keyturn.native.native_available()` says so when sealing starts, the
+kernel seals each field's run of rows under one DEK in one call; otherwise
+the pure-Python path below does. Both give the same bytes, reserve each
+run's nonces before sealing it and check the same caps.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import repeat
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from keyturn import native
 from keyturn.context import MAX_VALUE_BYTES, encode_context
 from keyturn.directory import DekDirectory, new_entry
 from keyturn.errors import ScopeClosedError
@@ -47,6 +55,10 @@ from keyturn.format import (
     kms_context,
 )
 from keyturn.kms.base import KmsBackend
+from keyturn.secret import SecretKey
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "KekRef",
@@ -65,6 +77,7 @@ __all__ = [
 _MAX_NONCE = (1 << (8 * NONCE_BYTES)) - 1
 _VERSION_BYTE = bytes([FORMAT_VERSION])
 _CHUNK = 1 << 14  # rows sealed per part: bounds the temporary Python objects and keeps them in cache
+_NATIVE_CHUNK = 1 << 20  # rows per native kernel call: large enough for its worker threads, bounds its output
 _LOW = 1 << 64  # nonce_block writes the counter as a big-endian u32 (high) and u64 (low)
 _NONCE_DTYPE = np.dtype([("high", ">u4"), ("low", ">u8")])  # 12 bytes, packed
 
@@ -141,25 +154,39 @@ class ScopeLimits:
 
 @dataclass(frozen=True, slots=True)
 class SealedPart:
-    """What one DEK sealed of one field: `bodies[k]` (AES-GCM ciphertext and tag) belongs to row `rows[k]`
-    and was sealed with nonce `nonces[k]` (a row of a `nonce_block`).
+    """What one DEK sealed of one field, in one of two shapes.
 
-    A cell is `header` + nonce + body (docs/FORMAT.md section 4): `cells()`
-    frames them in Python; a codec may frame them in bulk from the same parts.
+    Python path: `bodies[k]` (AES-GCM ciphertext and tag) belongs to row
+    `rows[k]` and was sealed with nonce `nonces[k]` (a row of a
+    `nonce_block`); a cell is `header` + nonce + body (docs/FORMAT.md
+    section 4), which `cells()` frames in Python and a codec may frame in
+    bulk. Native path: `framed` is a binary array of the framed cells of
+    every row of `rows` (a range), null where the value was null; `nonces`
+    is empty and `bodies` is empty.
     """
 
     dek_id: bytes
     nonces: np.ndarray = field(repr=False)
     rows: range | list[int] = field(repr=False)
     bodies: list[bytes] = field(repr=False)
+    framed: pa.Array | None = field(default=None, repr=False)
 
     @property
     def header(self) -> bytes:
         """The bytes every cell of the part starts with: the format version byte and the dek_id."""
         return _VERSION_BYTE + self.dek_id
 
-    def cells(self) -> list[bytes]:
-        """The framed cell ciphertexts, in order."""
+    @property
+    def count(self) -> int:
+        """How many cells the part sealed (nonces it used)."""
+        if self.framed is not None:
+            return len(self.framed) - self.framed.null_count
+        return len(self.bodies)
+
+    def cells(self) -> list[bytes | None]:
+        """The framed cell ciphertexts, one per row of `rows`, in order (None only in a native part's null rows)."""
+        if self.framed is not None:
+            return self.framed.to_pylist()
         header = self.header
         return [header + nonce + body for nonce, body in zip(_nonce_list(self.nonces), self.bodies)]
 
@@ -235,14 +262,15 @@ class Sealing:
 
 
 class _ActiveDek:
-    """A DEK in use: its envelope, cipher, and usage counters. Never leaves the scope."""
+    """A DEK in use: its envelope, cipher (and cell key for the native kernel), and usage counters. Never leaves the scope."""
 
-    __slots__ = ("envelope", "dek_id", "aead", "next_nonce", "cells", "bytes")
+    __slots__ = ("envelope", "dek_id", "aead", "cell_key", "next_nonce", "cells", "bytes")
 
-    def __init__(self, envelope: bytes, dek_id: bytes, aead: AESGCM) -> None:
+    def __init__(self, envelope: bytes, dek_id: bytes, aead: AESGCM, cell_key: SecretKey | None) -> None:
         self.envelope = envelope
         self.dek_id = dek_id
         self.aead = aead
+        self.cell_key = cell_key
         self.next_nonce = 0
         self.cells = 0
         self.bytes = 0
@@ -289,6 +317,7 @@ class DekScope:
         self._contract_revision = contract_revision
         self._clock = clock
         self._dek: _ActiveDek | None = None
+        self._cell_keys: list[SecretKey] = []  # every DEK's cell key kept for the kernel, wiped on close
         self._closed = False
         self.stats = ScopeStats()
 
@@ -300,9 +329,12 @@ class DekScope:
         self.close()
 
     def close(self) -> None:
-        """Drop the cipher; the scope can no longer seal. Idempotent."""
+        """Wipe the cell keys and drop the ciphers; the scope can no longer seal. Idempotent."""
         self._dek = None
         self._closed = True
+        for key in self._cell_keys:
+            key.wipe()
+        self._cell_keys.clear()
 
     @property
     def closed(self) -> bool:
@@ -327,13 +359,18 @@ class DekScope:
             dataset=self.location.dataset, partition=self.location.partition, dek_id=dek_id, key_version=self.kek.version
         )
         generated = self._kms.generate_data_key(self.kek.kek_id, context)
+        cell_key = None
         try:
             material = generated.plaintext.material
-            aead = AESGCM(derive_cell_key(material, dek_id))
+            derived = derive_cell_key(material, dek_id)
+            aead = AESGCM(derived)
+            if native.kernel_loaded():
+                cell_key = SecretKey(derived, label="cell key")
+                self._cell_keys.append(cell_key)
             commitment = derive_commitment(material, dek_id)
         finally:
             generated.plaintext.wipe()
-        del material
+        del material, derived
         envelope = Envelope(dek_id, self.kek.version, self.kek.kek_id, commitment, generated.wrapped).to_bytes()
         if self._directory is not None:  # registered before any cell is sealed under it
             self._directory.register_deks(
@@ -351,7 +388,7 @@ class DekScope:
             self.stats.deks_registered += 1
         self.stats.deks_generated += 1
         self.stats.kms_request_ids.append(generated.request_id)
-        return _ActiveDek(envelope, dek_id, aead)
+        return _ActiveDek(envelope, dek_id, aead, cell_key)
 
     def _dek_for(self, cells: int, nbytes: int) -> _ActiveDek:
         """The DEK to seal a row of `cells` cells and `nbytes` bytes, rotating at a cap."""
@@ -408,6 +445,7 @@ class DekScope:
         if len(fields) != len(columns):
             raise ValueError("fields and columns must have the same length")
         types = check_types(fields, types)
+        use_native = native.native_available()  # before any KMS call: KEYTURN_NATIVE=1 without the kernel fails here
         plain = [col if isinstance(col, PlainColumn) else _ListColumn(col) for col in columns]
         nrows = len(plain[0]) if plain else (len(bindings) if bindings is not None else 0)
         if any(len(col) != nrows for col in plain):
@@ -425,7 +463,7 @@ class DekScope:
                 envelopes.append(dek.envelope)
             segments.append((len(envelopes) - 1, start, stop))
         self.stats.rows += nrows
-        return Sealing(nrows, segments, envelopes, self._parts(plan, fields, types, plain, sizes, bindings))
+        return Sealing(nrows, segments, envelopes, self._parts(plan, fields, types, plain, sizes, bindings, use_native))
 
     def _parts(
         self,
@@ -435,16 +473,25 @@ class DekScope:
         columns: Sequence[PlainColumn],
         sizes: Sequence[ColumnSizes],
         bindings: Sequence[Mapping[str, bytes]] | None,
+        use_native: bool,
     ) -> Iterator[tuple[int, SealedPart]]:
-        """Seal the planned runs: per DEK, field by field, `_CHUNK` rows at a time; (field index, part)."""
+        """Seal the planned runs: per DEK, field by field, a chunk of rows at a time; (field index, part).
+
+        With `use_native`, a column that gives Arrow arrays (`PlainColumn.arrow`)
+        is sealed one kernel call per `_NATIVE_CHUNK` rows; other columns
+        (plain sequences, as the Avro codec passes) and every column without
+        `use_native` go through `_seal_part`, `_CHUNK` rows at a time.
+        """
         for dek, start, stop in plan:
             for j, (name, value_type, col, size) in enumerate(zip(fields, types, columns, sizes)):
+                kernel = use_native and col.arrow_backed and dek.cell_key is not None
+                chunk, seal = (_NATIVE_CHUNK, self._seal_native) if kernel else (_CHUNK, self._seal_part)
                 sealed = 0
-                for lo in range(start, stop, _CHUNK):
+                for lo in range(start, stop, chunk):
                     if self._closed:
                         raise ScopeClosedError("this DEK scope is closed")
-                    part = self._seal_part(dek, name, value_type, col, lo, min(stop, lo + _CHUNK), bindings, nulls=size.nulls)
-                    sealed += len(part.bodies)
+                    part = seal(dek, name, value_type, col, lo, min(stop, lo + chunk), bindings, nulls=size.nulls)
+                    sealed += part.count
                     yield j, part
                 if len(plan) == 1 and sealed != size.cells:  # the column's sizes were wrong, so the caps were
                     if self._dek is dek:
@@ -523,23 +570,60 @@ class DekScope:
         first = dek.next_nonce
         nonces = nonce_block(first, count)  # OverflowError past 2**96 - 1: unreachable with validated limits
         dek.next_nonce = first + count
-        loc = self.location
-
-        def aad(row_bindings: Mapping[str, bytes] | None) -> bytes:
-            return encode_context(
-                cell_aad(
-                    dataset=loc.dataset,
-                    partition=loc.partition,
-                    field=name,
-                    dek_id=dek.dek_id,
-                    value_type=value_type,
-                    bindings=None if row_bindings is None else dict(row_bindings),
-                )
-            )
-
-        aads = repeat(aad(None)) if bindings is None else [aad(bindings[i]) for i in rows]
+        aads = repeat(self._aad(dek, name, value_type, None)) if bindings is None else [
+            self._aad(dek, name, value_type, bindings[i]) for i in rows
+        ]
         bodies = list(map(dek.aead.encrypt, _nonce_list(nonces), values, aads))
         return SealedPart(dek.dek_id, nonces, rows, bodies)
+
+    def _seal_native(
+        self,
+        dek: _ActiveDek,
+        name: str,
+        value_type: str,
+        col: PlainColumn,
+        start: int,
+        stop: int,
+        bindings: Sequence[Mapping[str, bytes]] | None,
+        *,
+        nulls: bool,
+    ) -> SealedPart:
+        """`_seal_part` in one native kernel call: the same nonces, the same bytes, nulls kept in place.
+
+        The run's nonces are reserved before the call, so a failure part way
+        never lets a later call take them again.
+        """
+        values = col.arrow(start, stop)
+        count = native.cells_to_seal(values)
+        first = dek.next_nonce
+        if first + count - 1 > _MAX_NONCE:  # as nonce_block: unreachable with validated limits
+            raise OverflowError("nonce space exhausted")
+        dek.next_nonce = first + count
+        aad: bytes | list[bytes] = (
+            self._aad(dek, name, value_type, None)
+            if bindings is None
+            else [self._aad(dek, name, value_type, bindings[i]) for i in range(start, stop)]
+        )
+        assert dek.cell_key is not None
+        framed = native.seal_cells(dek.cell_key.view(), dek.dek_id, first, values, aad)
+        return SealedPart(dek.dek_id, _NO_NONCES, range(start, stop), [], framed)
+
+    def _aad(self, dek: _ActiveDek, name: str, value_type: str, row_bindings: Mapping[str, bytes] | None) -> bytes:
+        """The encoded associated data of a cell of field `name` under `dek` (with its row's bindings, if any)."""
+        loc = self.location
+        return encode_context(
+            cell_aad(
+                dataset=loc.dataset,
+                partition=loc.partition,
+                field=name,
+                dek_id=dek.dek_id,
+                value_type=value_type,
+                bindings=None if row_bindings is None else dict(row_bindings),
+            )
+        )
+
+
+_NO_NONCES = np.empty((0, NONCE_BYTES), dtype=np.uint8)
 
 
 def check_types(fields: Sequence[str], types: Sequence[str]) -> list[str]:
@@ -586,6 +670,16 @@ class PlainColumn(ABC):
     @abstractmethod
     def values(self, start: int, stop: int) -> Sequence[bytes | None]:
         """The plaintexts of rows start..stop-1, None for a null."""
+
+    arrow_backed = False  # whether `arrow` gives the values as an Arrow array (the native kernel seals only those)
+
+    def arrow(self, start: int, stop: int) -> pa.Array:
+        """The plaintexts of rows start..stop-1 as a binary-like Arrow array, for the native kernel.
+
+        Only for a column that sets `arrow_backed`: exactly the bytes
+        `values` gives, null where a value is None.
+        """
+        raise NotImplementedError(f"{type(self).__name__} gives no Arrow arrays")
 
 
 class _ListColumn(PlainColumn):

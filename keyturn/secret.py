@@ -32,6 +32,16 @@ class SecretKey:
             raise ValueError(f"{self._label} has been wiped")
         return bytes(self._buf)
 
+    def view(self) -> memoryview:
+        """A read-only view of the key bytes, no copy (for a native call that reads them in place).
+
+        The view sees the wipe: once `wipe()` has run it reads zeros.
+        `ValueError` once wiped.
+        """
+        if self._buf is None:
+            raise ValueError(f"{self._label} has been wiped")
+        return memoryview(self._buf).toreadonly()
+
     @property
     def wiped(self) -> bool:
         return self._buf is None

@@ -2,16 +2,28 @@
 
 Fixtures that other test modules define under the same name (for example a
 module-level ``kms``) take precedence over these, so nothing here is autouse.
+
+Cell paths: every test in the modules of `BOTH_PATHS` runs twice, once on
+the pure-Python cell path (``[python]``, ``KEYTURN_NATIVE=0``) and once on
+the native kernel (``[native]``, ``KEYTURN_NATIVE=1``), through the
+`cell_path` fixture (`keyturn.native` reads the variable on every call).
+The native run is skipped, saying why, only where there is no cargo to
+build the kernel; where cargo is present, a kernel that is not loaded fails
+it. A test in any module may also request `cell_path` itself. The tests of
+`PYTHON_PATH_ONLY` count the Python path's AES-GCM calls, so they run on it
+alone.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from keyturn import native
 from keyturn.kms.base import CountingKms
 from keyturn.kms.local import LocalKms
 from keyturn.policy import KeyPolicy
@@ -110,3 +122,40 @@ def make_scope(kms, location) -> Callable[..., DekScope]:
         )
 
     return make
+
+
+# -- cell paths ---------------------------------------------------------------------
+
+BOTH_PATHS = ("test_arrow_codec", "test_vectors", "test_tampering", "test_key_leaks", "test_scope", "test_type_binding")
+BOTH_PATHS_PREFIXES = ("test_cell_path_",)
+CELL_PATHS = ("python", "native")
+# Tests that count the Python path's AES-GCM calls (by wrapping `AESGCM` in keyturn.scope/keyturn.reader): on the
+# native kernel there are none to count, so they run on the Python path only.
+PYTHON_PATH_ONLY = ("test_lake_speed_reencrypt", "test_benchmarks_smoke.test_lake_structure")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rpartition(".")[2]
+    python_only = module in PYTHON_PATH_ONLY or f"{module}.{metafunc.function.__name__}" in PYTHON_PATH_ONLY
+    wanted = module in BOTH_PATHS or module.startswith(BOTH_PATHS_PREFIXES) or "cell_path" in metafunc.fixturenames
+    if wanted or python_only:
+        if "cell_path" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("cell_path")
+        metafunc.parametrize("cell_path", ("python",) if python_only else CELL_PATHS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def cell_path(request: pytest.FixtureRequest) -> Iterable[str]:
+    """The cell path this test runs on, "python" or "native", set through ``KEYTURN_NATIVE`` for the test's module."""
+    path = request.param
+    if path == "native" and not native.kernel_loaded():
+        if shutil.which("cargo") is None:
+            pytest.skip("no cargo on this machine, so no native kernel: the native cell path is not tested here")
+        pytest.fail(
+            "cargo is on this machine but the native kernel is not loaded; build it with "
+            "`sh native/build-dev.sh .venv/bin/python` (make does it)",
+            pytrace=False,
+        )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(native.ENV_VAR, "1" if path == "native" else "0")
+        yield path

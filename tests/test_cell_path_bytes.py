@@ -107,6 +107,7 @@ def envelope_indices(enc: pa.RecordBatch) -> tuple[list[bytes], list[int]]:
 def small_chunks(monkeypatch):
     """Parts of 1000 rows, so a few thousand rows cross many part boundaries."""
     monkeypatch.setattr(scope_module, "_CHUNK", 1000)
+    monkeypatch.setattr(scope_module, "_NATIVE_CHUNK", 1000)
 
 
 @pytest.mark.parametrize("bind", [[], ["id"]], ids=["unbound", "bound"])

@@ -126,20 +126,20 @@ def _occurrences(needles: list[bytes]) -> list[int]:
             if not fields[1].startswith("rw") or (len(fields) > 5 and fields[5].startswith("[v")):
                 continue
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if lo < own + len(buf) and own < hi:
-                continue
-            for at in range(lo, hi, _STEP):
-                size = min(_STEP + 15, hi - at)
-                try:
-                    mem.seek(at)
-                    got = mem.readinto(view[:size])
-                except OSError:
-                    break
-                for k, needle in enumerate(needles):
-                    pos = buf.find(needle, 0, got)
-                    while pos >= 0:
-                        counts[k] += 1
-                        pos = buf.find(needle, pos + 1, got)
+            # skip the scan buffer's own bytes only: the kernel merges neighbouring anonymous maps into one region
+            for start, stop in ((lo, min(hi, own)), (max(lo, own + len(buf)), hi)):
+                for at in range(start, stop, _STEP):
+                    size = min(_STEP + 15, stop - at)
+                    try:
+                        mem.seek(at)
+                        got = mem.readinto(view[:size])
+                    except OSError:
+                        break
+                    for k, needle in enumerate(needles):
+                        pos = buf.find(needle, 0, got)
+                        while pos >= 0:
+                            counts[k] += 1
+                            pos = buf.find(needle, pos + 1, got)
     view.release()
     return counts
 
