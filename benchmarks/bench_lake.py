@@ -20,7 +20,10 @@ same partitions, same number of files, same rows per file. Then, round by
 round, each subject on fresh state:
 
 - keyturn encrypt: `keyturn.pipelines.encrypt.run` (source -> encrypted lake,
-  partitioned by region, the in-process Beam runner), on its own key home;
+  partitioned by region), on its own key home, with no Beam options (what
+  the CLI does: a worker process per core from 2,000,000 rows, see
+  `keyturn.pipelines.runner.lake_job_args`), and again with
+  ``--direct_num_workers=1`` (in process, one core): the scaling baseline;
 - keyturn `rotate --rewrap`: `home-v1` restored (untimed), then timed
   `keyturn.rotation.rotate` (provisions the version-2 KEK) followed by
   `keyturn.rotation.rewrap` on the home's registry and KMS, as
@@ -58,10 +61,17 @@ envelope unwrapped as it is). One reader per file (as one read bundle), the
 file's row groups read before timing; in each round the two run on each
 file back to back, in alternating order; the outputs are compared.
 
-Untimed extra runs count the payload bytes given to AES-GCM decrypt
-(keyturn's cell decryptions, verification included) by wrapping the
-AES-GCM objects keyturn's `DekReader` makes, for `rotate --rewrap` and for
-reencrypt; and a cProfile of one `rotate --rewrap`.
+Untimed extra runs count the payload bytes given to AES-GCM decrypt and the
+decrypt and encrypt calls (keyturn's cell operations, verification
+included) by wrapping the AES-GCM objects keyturn's `DekReader` and
+`DekScope` make, on the Python cell path (``KEYTURN_NATIVE=0``), for
+`rotate --rewrap` and for reencrypt (per cell of the lake: the target is
+2 decrypts, one of them verifying, and 1 encrypt). Storage: the bytes per
+encrypted cell beyond its raw plaintext, from the Parquet metadata of the
+keyturn lake, of the same lake rewritten with pyarrow's defaults, and of
+the PME output. Profiles: a cProfile of one `rotate --rewrap`, and of one
+encrypt (one core) and one reencrypt with every thread profiled
+(`benchmarks.common.profile_threads`).
 
 **memory** (`run_memory`): peak RSS of a `reencrypt` job (mode
 "reencrypt", on a copy of a lake whose home was rotated without rewrap, so
@@ -69,7 +79,9 @@ every file is rewritten) in a child process
 (`python -m benchmarks.bench_lake --child ...`), sampled every 5 ms with psutil
 (not `ru_maxrss`: a forked child keeps the parent's peak across exec), on a lake of `rows` and of
 `scale * rows` rows; plus the peak RSS of a child that only imports the same
-modules (the interpreter and library floor).
+modules (the interpreter and library floor). Both lakes are encrypted on
+one core, so each has one file per partition and the 4x lake's files are
+4x larger.
 """
 
 from __future__ import annotations
@@ -91,6 +103,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from benchmarks.common import Ratio, Timing, rate, random_strings, time_once
+from keyturn.pipelines.runner import available_cores, lake_job_args
 
 __all__ = ["run_lake", "run_memory", "build_source", "REWRAP_TARGET", "PME_ROTATE_TARGET", "READ_PATH_TARGET", "MEMORY_TARGET"]
 
@@ -101,6 +114,9 @@ REWRAP_TARGET = 100.0  # reencrypt time over `rotate --rewrap` time: at least
 PME_ROTATE_TARGET = 3.0  # `rotate --rewrap` time over PME rotate_master_keys time: at most
 READ_PATH_TARGET = 0.95  # decrypt throughput with the directory over without it: at least
 MEMORY_TARGET = 1.3  # peak RSS of the 4x lake over the 1x lake
+PME_WRITE_TARGET = 4.0  # lake encrypt time over the PME write time of the same data
+SCALING_TARGET = 1.7  # lake encrypt on one core over the default (a worker process per core)
+STORAGE_TARGET = 18.0  # stored bytes per encrypted cell beyond its raw plaintext
 DEFAULT_OUT = os.path.join("bench-out", "lake")
 
 
@@ -224,10 +240,59 @@ def _open_home(path: str) -> Any:
     return KeyHome.open(path)
 
 
-def _encrypt(home: Any, source: str, lake: str) -> dict[str, Any]:
+def _encrypt(home: Any, source: str, lake: str, beam_args: list[str] | None = None) -> dict[str, Any]:
+    """`keyturn encrypt` as the CLI runs it: `beam_args` None is a user who passed no Beam option."""
     from keyturn.pipelines import encrypt
 
-    return encrypt.run(home=home, source=source, lake=lake, columns=list(SENSITIVE), partition_by="region", actor="bench", reason="bench")
+    return encrypt.run(
+        home=home, source=source, lake=lake, columns=list(SENSITIVE), partition_by="region", actor="bench", reason="bench",
+        beam_args=beam_args,
+    )
+
+
+ONE_CORE = ["--direct_num_workers=1"]  # the in-process runner: Python DoFns on one core
+
+
+def _pme_decryption() -> Any:
+    """Decryption properties for the PME write output (`_pme_write`)."""
+    import pyarrow.parquet.encryption as pe
+
+    factory = pe.CryptoFactory(lambda config: _InMemoryKms(config).client)
+    return factory.file_decryption_properties(pe.KmsConnectionConfig(custom_kms_conf=_PME_KEYS), pe.DecryptionConfiguration())
+
+
+def _stored_overhead(lake: str, source: str, *, pme: bool = False) -> dict[str, Any]:
+    """Bytes per encrypted cell beyond its raw plaintext, as stored: the sensitive columns' compressed
+    column chunks (every file of `lake`) minus the plaintext bytes of the same cells in `source`.
+    `pme`: the files are PME output (their footers are decrypted to read the metadata)."""
+    stored = dict.fromkeys(SENSITIVE, 0)
+    encodings: dict[str, set[str]] = {name: set() for name in SENSITIVE}
+    for path in _parquet_files(lake):
+        md = pq.ParquetFile(path, decryption_properties=_pme_decryption() if pme else None).metadata
+        for g in range(md.num_row_groups):
+            for i in range(md.num_columns):
+                col = md.row_group(g).column(i)
+                if col.path_in_schema in stored:
+                    stored[col.path_in_schema] += col.total_compressed_size
+                    encodings[col.path_in_schema].update(col.encodings)
+    plain = dict.fromkeys(SENSITIVE, 0)
+    cells = dict.fromkeys(SENSITIVE, 0)
+    for path in _parquet_files(source):
+        table = pq.read_table(path, columns=list(SENSITIVE))
+        for name in SENSITIVE:
+            column = table.column(name)
+            plain[name] += pc.sum(pc.binary_length(column)).as_py() or 0
+            cells[name] += len(column) - column.null_count
+    per_column = {name: (stored[name] - plain[name]) / cells[name] for name in SENSITIVE if cells[name]}
+    total_cells = sum(cells.values())
+    return {
+        "bytes_per_cell_beyond_plaintext": (sum(stored.values()) - sum(plain.values())) / total_cells if total_cells else 0.0,
+        "per_column": {k: round(v, 2) for k, v in per_column.items()},
+        "stored_bytes": stored,
+        "plaintext_bytes": plain,
+        "cells": total_cells,
+        "encodings": {k: sorted(v) for k, v in encodings.items()},
+    }
 
 
 def _rotate(home: Any) -> int:
@@ -271,9 +336,9 @@ def _reencrypt(home_path: str, lake: str, mode: str) -> dict[str, Any]:
 
 
 class _CountingAead:
-    """AES-GCM that tallies the ciphertext bytes it decrypts (tag excluded)."""
+    """AES-GCM that tallies the payload bytes it decrypts (tag excluded), its decrypt calls and its encrypt calls."""
 
-    tally = [0, 0]  # bytes, calls
+    tally = [0, 0, 0]  # bytes decrypted, decrypt calls, encrypt calls
     lock = threading.Lock()
 
     def __init__(self, inner: Any) -> None:
@@ -287,21 +352,32 @@ class _CountingAead:
         return out
 
     def encrypt(self, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
+        with self.lock:
+            self.tally[2] += 1
         return self._inner.encrypt(nonce, data, aad)
 
 
-def _count_payload(fn: Any) -> tuple[Any, int, int]:
-    """Run `fn()` with keyturn's reader AES-GCM wrapped; return (its result, payload bytes, cells) decrypted."""
+def _count_payload(fn: Any) -> tuple[Any, int, int, int]:
+    """Run `fn()` on the Python cell path (``KEYTURN_NATIVE=0``) with the AES-GCM objects keyturn's `DekReader`
+    and `DekScope` make wrapped; return (its result, payload bytes decrypted, decrypt calls, encrypt calls)."""
     import keyturn.reader as reader
+    import keyturn.scope as scope
 
-    original = reader.AESGCM
-    _CountingAead.tally[:] = [0, 0]
-    reader.AESGCM = lambda key: _CountingAead(original(key))  # type: ignore[assignment]
+    originals = (reader.AESGCM, scope.AESGCM)
+    native = os.environ.get("KEYTURN_NATIVE")
+    _CountingAead.tally[:] = [0, 0, 0]
+    os.environ["KEYTURN_NATIVE"] = "0"
+    reader.AESGCM = lambda key: _CountingAead(originals[0](key))  # type: ignore[assignment]
+    scope.AESGCM = lambda key: _CountingAead(originals[1](key))  # type: ignore[assignment]
     try:
         result = fn()
     finally:
-        reader.AESGCM = original  # type: ignore[assignment]
-    return result, _CountingAead.tally[0], _CountingAead.tally[1]
+        reader.AESGCM, scope.AESGCM = originals  # type: ignore[assignment]
+        if native is None:
+            os.environ.pop("KEYTURN_NATIVE", None)
+        else:
+            os.environ["KEYTURN_NATIVE"] = native
+    return result, _CountingAead.tally[0], _CountingAead.tally[1], _CountingAead.tally[2]
 
 
 # --------------------------------------------------------------------------- read path
@@ -677,6 +753,9 @@ def run_lake(
     def enc_run(target: str) -> Any:
         return _encrypt(enc_home, src, target)
 
+    def enc1_run(target: str) -> Any:
+        return _encrypt(enc_home, src, target, ONE_CORE)
+
     def enc_check(_: Any, r: dict[str, Any]) -> int:
         reports["encrypt"].append({k: r.get(k) for k in ("rows_written", "files_written", "bytes_written", "kms_calls")})
         return r["rows_written"]
@@ -742,6 +821,7 @@ def run_lake(
 
     subjects: dict[str, tuple[Any, Any, Any]] = {
         "encrypt": (enc_setup, enc_run, enc_check),
+        "encrypt_1_core": (enc_setup, enc1_run, lambda _s, r: r["rows_written"]),
         "rotate_rewrap": (rot_setup, lambda s: _rotate_rewrap(s["home"]), rot_check),
         "pme_rotate": (pme_rot_setup, lambda _s: _pme_rotate(pme_ext, pme_kms), pme_rot_check),
         "reencrypt": (re_setup, lambda h: _reencrypt(h, work, "reencrypt"), re_check),
@@ -759,6 +839,13 @@ def run_lake(
             timings[name].runs.append(elapsed)
     _pme_check(os.path.join(out, "pme"), rows)
     pme_bytes = _tree_bytes(os.path.join(out, "pme"))
+    # bytes per encrypted cell beyond its plaintext, as stored: the keyturn lake as written, the same lake
+    # rewritten with pyarrow's default encodings (the plain rewrite), and PME (encrypts after compression)
+    storage = {
+        "keyturn": _stored_overhead(pristine, src),
+        "keyturn_lake_pyarrow_default_encodings": _stored_overhead(os.path.join(out, "plain"), src),
+        "pme": _stored_overhead(os.path.join(out, "pme"), src, pme=True),
+    }
     _pme_external_check(pme_ext, pme_kms, rows)
     for d in ("work", "enc", "plain", "pme", "pme-external"):
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
@@ -769,43 +856,72 @@ def run_lake(
     # payload bytes decrypted (untimed runs, AES-GCM wrapped)
     payload: dict[str, Any] = {}
     h = _open_home(_restore(home_v1, rot_home_path))
-    report, nbytes, cells = _count_payload(lambda: _rotate_rewrap(h))
+    report, nbytes, cells, _ = _count_payload(lambda: _rotate_rewrap(h))
     payload["rotate_rewrap"] = {"payload_bytes_decrypted": nbytes, "cells_decrypted": cells, "kms_calls": report["kms_calls_counted"], "deks_moved": report["deks_moved"]}
     h = _open_home(_restore(home_v1, re_home_path))
     _rotate(h)
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(pristine, work)
-    report, nbytes, cells = _count_payload(lambda: _reencrypt(h.path, work, "reencrypt"))
+    lake_cells = storage["keyturn"]["cells"]
+    report, nbytes, cells, sealed = _count_payload(lambda: _reencrypt(h.path, work, "reencrypt"))
     payload["reencrypt"] = {
         "bytes_rewritten": report["bytes_rewritten"],
         "files_rewritten": report["files_rewritten"],
         "payload_bytes_decrypted": nbytes,
         "cells_decrypted": cells,
+        "cells_encrypted": sealed,
+        "lake_cells": lake_cells,
+        "decrypts_per_cell": cells / lake_cells if lake_cells else None,
+        "encrypts_per_cell": sealed / lake_cells if lake_cells else None,
         "kms_calls": report["kms_calls"],
+        "how": "KEYTURN_NATIVE=0 (the Python cell path), the AES-GCM objects of DekReader and DekScope wrapped",
     }
     shutil.rmtree(work, ignore_errors=True)
 
     profiles: dict[str, Any] = {}
     if profile:
-        from benchmarks.common import profile_top
+        from benchmarks.common import profile_threads, profile_top
 
         h = _open_home(_restore(home_v1, rot_home_path))
         prof = profile_top(lambda: _rotate_rewrap(h), repeat=1, top=12)
         profiles["rotate_rewrap"] = {"total_s": prof["total_s"], "top": prof["top"]}
+        # the lake jobs on the in-process runner, every thread profiled (the runner's workers and the
+        # reencrypt thread pool do the work; the calling thread waits for them)
+        profiles["encrypt"] = profile_threads(lambda: _encrypt(enc_home, src, fresh(os.path.join(out, "enc")), ONE_CORE), top=12)
+        h = _open_home(_restore(home_v1, re_home_path))
+        _rotate(h)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(pristine, work)
+        profiles["reencrypt"] = profile_threads(lambda: _reencrypt(h.path, work, "reencrypt"), top=12)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(os.path.join(out, "enc"), ignore_errors=True)
 
     rot_reports, pme_reports = reports["rotate_rewrap"], reports["pme_rotate"]
     kms_equal = all(r["kms_calls"] == r["deks_on_old_version"] == r["deks_moved"] for r in rot_reports)
     zero_bytes = all(r["lake_bytes_written"] == 0 and r["lake_files_written"] == 0 for r in rot_reports)
     vs_pme = Ratio([k / p for k, p in zip(timings["rotate_rewrap"].runs, timings["pme_rotate"].runs)])
     speed = Ratio([re / rw for rw, re in zip(timings["rotate_rewrap"].runs, timings["reencrypt"].runs)])
+    vs_pme_write = Ratio([a / b for a, b in zip(timings["encrypt"].runs, timings["pme_write"].runs)])
+    scaling = Ratio([a / b for a, b in zip(timings["encrypt_1_core"].runs, timings["encrypt"].runs)])
+    reen = payload["reencrypt"]
+    per_cell_ok = reen["decrypts_per_cell"] is not None and abs(reen["decrypts_per_cell"] - 2) < 1e-9 and abs(reen["encrypts_per_cell"] - 1) < 1e-9
+    overhead = storage["keyturn"]["bytes_per_cell_beyond_plaintext"]
     targets = {
+        "encrypt_over_pme_write_time": {"target": f"<= {PME_WRITE_TARGET:g}", "measured": vs_pme_write.median, "met": vs_pme_write.median <= PME_WRITE_TARGET},
+        "encrypt_1_core_over_default_time": {"target": f">= {SCALING_TARGET:g}", "measured": scaling.median, "met": scaling.median >= SCALING_TARGET},
+        "reencrypt_cell_operations": {
+            "target": "1 + 1 + 1 verifying decrypt",
+            "measured": f"{reen['decrypts_per_cell']:.3f} decrypts + {reen['encrypts_per_cell']:.3f} encrypts per cell",
+            "met": per_cell_ok,
+        },
+        "stored_bytes_per_cell_beyond_plaintext": {"target": f"<= {STORAGE_TARGET:g}", "measured": overhead, "met": overhead <= STORAGE_TARGET},
         "reencrypt_over_rotate_rewrap_time": {"target": f">= {REWRAP_TARGET:g}", "measured": speed.median, "met": speed.median >= REWRAP_TARGET},
         "rotate_rewrap_over_pme_rotate_time": {"target": f"<= {PME_ROTATE_TARGET:g}", "measured": vs_pme.median, "met": vs_pme.median <= PME_ROTATE_TARGET},
         "rewrap_kms_calls_equal_deks": {"target": "= DEKs", "measured": [r["kms_calls"] for r in rot_reports], "met": kms_equal},
         "rotate_rewrap_lake_bytes_written": {"target": "0", "measured": max(r["lake_bytes_written"] for r in rot_reports), "met": zero_bytes},
         "decrypt_directory_over_no_directory_throughput": {"target": f">= {READ_PATH_TARGET:g}", "measured": read["throughput_ratio"]["median"], "met": read["met"]},
     }
-    data_subjects = ("encrypt", "reencrypt", "plain_rewrite", "pme_write")
+    data_subjects = ("encrypt", "encrypt_1_core", "reencrypt", "plain_rewrite", "pme_write")
     result: dict[str, Any] = {
         "name": "lake",
         "params": {
@@ -831,6 +947,9 @@ def run_lake(
             "rewrap_rate_limit": "lifecycle.max_kms_requests_per_second (default 50, burst 50) applies to `keyturn rotate --rewrap`; "
             "not applied here, so the time is keyturn's own",
             "first_encrypt": {k: enc_report.get(k) for k in ("rows_written", "files_written", "bytes_written", "kms_calls")},
+            "encrypt_default_args": lake_job_args(None, rows=rows, items=source["files"]),
+            "encrypt_1_core_args": ONE_CORE,
+            "cores": available_cores(),
         },
         "timings": {name: t.to_dict() for name, t in timings.items()},
         "rows_per_s": {name: rate(rows, timings[name]) for name in data_subjects},
@@ -839,8 +958,10 @@ def run_lake(
             "rotate_rewrap_over_pme_rotate_time": vs_pme.to_dict(),
             "reencrypt_over_rotate_rewrap_time": speed.to_dict(),
             "reencrypt_over_plain_time": Ratio([a / b for a, b in zip(timings["reencrypt"].runs, timings["plain_rewrite"].runs)]).to_dict(),
-            "encrypt_over_pme_time": Ratio([a / b for a, b in zip(timings["encrypt"].runs, timings["pme_write"].runs)]).to_dict(),
+            "encrypt_over_pme_time": vs_pme_write.to_dict(),
+            "encrypt_1_core_over_default_time": scaling.to_dict(),
         },
+        "storage": storage,
         "rotation": {
             "rotate_rewrap": {**payload["rotate_rewrap"], "rounds": rot_reports},
             "pme_rotate": {"rounds": pme_reports},
@@ -902,7 +1023,7 @@ def run_memory(*, rows: int = 250_000, scale: int = 4, partitions: int = 10, run
         src = os.path.join(out, f"source-{label}")
         build_source(src, n, partitions, seed)
         lake = os.path.join(out, f"pristine-{label}")
-        _encrypt(home, src, lake)
+        _encrypt(home, src, lake, ONE_CORE)  # one file per partition at both sizes: files grow with the lake
         shutil.rmtree(src)
         lakes[label] = {"rows": n, "pristine": lake, "bytes": _tree_bytes(lake), "files": len(_parquet_files(lake))}
     _rotate(home)  # without --rewrap: the lakes' DEKs stay on version 1 (stale), so each reencrypt run rewrites every file

@@ -23,6 +23,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = [
+    "profile_threads",
     "Timing",
     "Ratio",
     "time_once",
@@ -227,6 +229,91 @@ def profile_top(fn: Callable[[], Any], *, top: int = 12, repeat: int = 3) -> dic
         )
     rows.sort(key=lambda r: r["tottime_s"], reverse=True)
     return {"total_s": round(total, 4), "top": rows[:top], "all": rows}
+
+
+def _is_wait(label: str) -> bool:
+    """Whether a profile row is a thread blocking (a lock, a queue, a socket), not work."""
+    return any(w in label for w in ("acquire' of '_thread.lock", "_thread.lock", "select.", "time.sleep", "'poll'"))
+
+
+def _stats_rows(stats: pstats.Stats) -> tuple[float, list[dict[str, Any]]]:
+    total = stats.total_tt  # type: ignore[attr-defined]
+    rows = [
+        {
+            "function": _label(func),
+            "ncalls": nc,
+            "tottime_s": round(tt, 4),
+            "cumtime_s": round(ct, 4),
+            "share": round(tt / total, 4) if total else 0.0,
+        }
+        for func, (cc, nc, tt, ct, _callers) in stats.stats.items()  # type: ignore[attr-defined]
+    ]
+    rows.sort(key=lambda r: r["tottime_s"], reverse=True)
+    return total, rows
+
+
+def profile_threads(fn: Callable[[], Any], *, top: int = 12) -> dict[str, Any]:
+    """cProfile one call of `fn` in the calling thread AND in every thread started while it runs.
+
+    A pipeline on Beam's in-process runner does its work on the runner's
+    worker threads (and a thread pool inside a DoFn on its own threads): a
+    profile of the calling thread alone sees it wait (``lock.acquire``).
+    Each new thread gets its own profiler from the first event it makes
+    (`threading.setprofile`); the worker threads' profiles are merged.
+    Returns ``main`` and ``workers`` (``total_s`` of own time, ``wait_share``,
+    the time spent blocked, ``work_top``: the `top` rows that are not waits,
+    ``top``) and ``threads`` (own seconds per thread name).
+    """
+    started: list[tuple[str, cProfile.Profile]] = []
+    lock = threading.Lock()
+
+    def start(frame: Any, event: str, arg: Any) -> None:
+        profiler = cProfile.Profile()
+        with lock:
+            started.append((threading.current_thread().name, profiler))
+        profiler.enable()  # replaces this hook in this thread
+
+    main = cProfile.Profile()
+    gc.collect()
+    wall0 = time.perf_counter()
+    threading.setprofile(start)
+    main.enable()
+    try:
+        fn()
+    finally:
+        main.disable()
+        threading.setprofile(None)  # type: ignore[arg-type]
+    wall = time.perf_counter() - wall0
+
+    def summary(stats: pstats.Stats | None) -> dict[str, Any]:
+        if stats is None:
+            return {"total_s": 0.0, "wait_share": 0.0, "top": [], "work_top": []}
+        total, rows = _stats_rows(stats)
+        wait = sum(r["tottime_s"] for r in rows if _is_wait(r["function"]))
+        return {
+            "total_s": round(total, 3),
+            "wait_share": round(wait / total, 4) if total else 0.0,
+            "top": rows[:top],
+            "work_top": [r for r in rows if not _is_wait(r["function"])][:top],
+        }
+
+    per_thread: dict[str, float] = {}
+    merged: pstats.Stats | None = None
+    with lock:
+        threads = list(started)
+    for name, profiler in threads:
+        stats = pstats.Stats(profiler)
+        per_thread[name] = round(per_thread.get(name, 0.0) + stats.total_tt, 3)  # type: ignore[attr-defined]
+        if merged is None:
+            merged = stats
+        else:
+            merged.add(stats)
+    return {
+        "wall_s": round(wall, 3),
+        "main": summary(pstats.Stats(main)),
+        "workers": summary(merged),
+        "threads": dict(sorted(per_thread.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def profile_share(profile: Mapping[str, Any], predicate: Callable[[str], bool]) -> float:

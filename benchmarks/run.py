@@ -441,13 +441,16 @@ def render_lake(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
         return f"{lo:,}" if lo == hi else f"{lo:,} – {hi:,}"
 
     labels = {
-        "encrypt": "keyturn encrypt (`keyturn.pipelines.encrypt.run`)",
+        "encrypt": f"keyturn encrypt (`keyturn.pipelines.encrypt.run`), no Beam options (`{' '.join(p.get('encrypt_default_args') or []) or 'in process'}`)",
+        "encrypt_1_core": f"keyturn encrypt, `{' '.join(p.get('encrypt_1_core_args') or [])}` (in process, one core)",
         "reencrypt": "reencrypt rotation (`keyturn.pipelines.reencrypt.run`, mode reencrypt, home rotated without rewrap)",
         "plain_rewrite": "plain pyarrow read-and-rewrite of the encrypted lake",
         "pme_write": "pyarrow Parquet Modular Encryption write of the source",
     }
     rows = []
     for name, label in labels.items():
+        if name not in t:
+            continue
         rate_m, _ = _rate_cells(result["rows_per_s"][name], "rows/s")
         med, spread = _secs(t[name])
         rows.append([label, med, spread, rate_m, f"{result['mb_per_s'][name]['median']:.1f} MB/s"])
@@ -474,6 +477,8 @@ def render_lake(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
         ["keyturn `rotate --rewrap`", "0", "0.0 MB", f"{rot['rotate_rewrap']['payload_bytes_decrypted'] / 1e6:,.1f} MB", f"{rot['rotate_rewrap']['cells_decrypted']:,}", f"{rot['rotate_rewrap']['kms_calls']}"],
         ["reencrypt", f"{reen['files_rewritten']}", f"{reen['bytes_rewritten'] / 1e6:,.1f} MB", f"{reen['payload_bytes_decrypted'] / 1e6:,.1f} MB", f"{reen['cells_decrypted']:,}", f"{reen['kms_calls']}"],
     ]
+    if "cells_encrypted" in reen:
+        payload_rows[1][4] += f" ({reen['decrypts_per_cell']:.3f} per cell); {reen['cells_encrypted']:,} encrypted ({reen['encrypts_per_cell']:.3f} per cell) of {reen['lake_cells']:,} cells"
     rd = read["timings"]
     cps = read["cells_per_s"]
     read_rows = [
@@ -488,15 +493,25 @@ def render_lake(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
         value = _ratio(ratio) if ratio is not None else str(tg["measured"])
         return [label, value, tg["target"], _met(tg["met"])]
 
-    ratio_rows = [
+    ratio_rows = []
+    if "encrypt_over_pme_write_time" in targets:
+        ratio_rows += [
+            target_row("keyturn encrypt time ÷ PME write time (same data)", "encrypt_over_pme_write_time", r["encrypt_over_pme_time"]),
+            target_row("keyturn encrypt on one core ÷ with no Beam options (a worker process per core)", "encrypt_1_core_over_default_time", r["encrypt_1_core_over_default_time"]),
+            ["reencrypt cell operations (untimed counting run)", targets["reencrypt_cell_operations"]["measured"], targets["reencrypt_cell_operations"]["target"], _met(targets["reencrypt_cell_operations"]["met"])],
+            ["stored bytes per encrypted cell beyond its raw plaintext", f"{targets['stored_bytes_per_cell_beyond_plaintext']['measured']:.2f}",
+             targets["stored_bytes_per_cell_beyond_plaintext"]["target"], _met(targets["stored_bytes_per_cell_beyond_plaintext"]["met"])],
+        ]
+    ratio_rows += [
         target_row("keyturn `rotate --rewrap` time ÷ PME `rotate_master_keys` time", "rotate_rewrap_over_pme_rotate_time", r["rotate_rewrap_over_pme_rotate_time"]),
         target_row("reencrypt time ÷ `rotate --rewrap` time", "reencrypt_over_rotate_rewrap_time", r["reencrypt_over_rotate_rewrap_time"]),
         ["KMS calls of the rewrap, per round (DEKs in the directory: " + f"{p['deks']:,})", ", ".join(str(x) for x in targets["rewrap_kms_calls_equal_deks"]["measured"]), "= DEKs", _met(targets["rewrap_kms_calls_equal_deks"]["met"])],
         ["lake bytes written by `rotate --rewrap` (max over rounds)", f"{targets['rotate_rewrap_lake_bytes_written']['measured']:,}", "0", _met(targets["rotate_rewrap_lake_bytes_written"]["met"])],
         target_row("decrypt throughput with the directory ÷ without", "decrypt_directory_over_no_directory_throughput", read["throughput_ratio"]),
         ["reencrypt time ÷ plain pyarrow rewrite time", _ratio(r["reencrypt_over_plain_time"]), "(for reference)", ""],
-        ["keyturn encrypt time ÷ PME write time", _ratio(r["encrypt_over_pme_time"]), "(for reference)", ""],
     ]
+    if "encrypt_over_pme_write_time" not in targets:
+        ratio_rows.append(["keyturn encrypt time ÷ PME write time", _ratio(r["encrypt_over_pme_time"]), "(for reference)", ""])
     ext = p["pme_external"]
     parts = [
         _run_line(meta, result),
@@ -524,9 +539,40 @@ def render_lake(result: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
         "",
         _table(["Ratio / count", "Median (min – max of rounds)", "Target", "Met"], ratio_rows),
     ]
+    storage = result.get("storage")
+    if storage:
+        names = {
+            "keyturn": "keyturn lake as written (ciphertext columns DELTA_BYTE_ARRAY, no dictionary)",
+            "keyturn_lake_pyarrow_default_encodings": "the same lake rewritten with pyarrow's defaults (dictionary, falling back to PLAIN)",
+            "pme": "PME write (encrypts pages after compression)",
+        }
+        srows = [
+            [label, f"{storage[k]['bytes_per_cell_beyond_plaintext']:.2f}",
+             ", ".join(f"{c} {v:.2f}" for c, v in storage[k]["per_column"].items()), ", ".join(sorted(set().union(*map(set, storage[k]["encodings"].values()))))]
+            for k, label in names.items() if k in storage
+        ]
+        parts += ["", f"Storage: the sensitive columns' compressed column chunks (Parquet metadata, every file) minus the raw plaintext bytes of the "
+                  f"same {storage['keyturn']['cells']:,} cells in the source, per cell (snappy in every case):", "",
+                  _table(["Files", "Bytes per cell beyond plaintext", "Per column", "Encodings seen"], srows)]
     prof = result.get("profile", {}).get("rotate_rewrap")
     if prof:
         parts += ["", f"cProfile of one `rotate --rewrap` ({prof['total_s']:.3f} s under the profiler):", "", _profile_table(prof, top=8)]
+    for job in ("encrypt", "reencrypt"):
+        tp = result.get("profile", {}).get(job)
+        if tp:
+            threads = ", ".join(f"{n} {v:.2f} s" for n, v in list(tp["threads"].items())[:6])
+            parts += [
+                "",
+                f"cProfile of one `{job}` run on the in-process runner, every thread ({tp['wall_s']:.2f} s wall under the profiler): "
+                f"the calling thread {tp['main']['total_s']:.2f} s of own time, {100 * tp['main']['wait_share']:.0f} % of it blocked; "
+                f"the {len(tp['threads'])} threads it started {tp['workers']['total_s']:.2f} s, "
+                f"{100 * tp['workers']['wait_share']:.0f} % blocked ({threads}). Top functions by own time, waits left out, "
+                "calling thread then started threads:",
+                "",
+                _profile_table({"top": tp["main"]["work_top"]}, top=8),
+                "",
+                _profile_table({"top": tp["workers"]["work_top"]}, top=8),
+            ]
     return "\n".join(parts)
 
 
@@ -643,6 +689,16 @@ def summary(results: Mapping[str, Any]) -> str:
         calls = t["rewrap_kms_calls_equal_deks"]["measured"]
         lines.append(f"{'lake':<16} {'rewrap KMS calls (DEKs: ' + format(r['params']['deks'], ',') + ')':<46} {max(calls) if calls else 0:>14,} {'= DEKs':>10}  {t['rewrap_kms_calls_equal_deks']['met']}")
         lines.append(f"{'lake':<16} {'rotate --rewrap lake bytes written':<46} {t['rotate_rewrap_lake_bytes_written']['measured']:>14,} {'0':>10}  {t['rotate_rewrap_lake_bytes_written']['met']}")
+        for key, label in (
+            ("encrypt_over_pme_write_time", "encrypt time / PME write time"),
+            ("encrypt_1_core_over_default_time", "encrypt 1 core / default (cores) time"),
+            ("stored_bytes_per_cell_beyond_plaintext", "stored bytes per cell beyond plaintext"),
+        ):
+            if key in t:
+                lines.append(f"{'lake':<16} {label:<46} {t[key]['measured']:>14.2f} {t[key]['target']:>10}  {t[key]['met']}")
+        if "reencrypt_cell_operations" in t:
+            c = t["reencrypt_cell_operations"]
+            lines.append(f"{'lake':<16} {'reencrypt per cell':<46} {c['measured']:>14} {'2+1':>10}  {c['met']}")
         lines.append(f"{'lake':<16} {'lake MB':<46} {r['params']['lake_bytes'] / 1e6:>14,.0f} {'':>10}")
     if "memory" in b:
         r = b["memory"]

@@ -26,11 +26,20 @@ The pipeline:
    values URI-encoded as pyarrow writes them, null as
    `__HIVE_DEFAULT_PARTITION__`, the literal string as
    `NULL_LITERAL_SEGMENT`) and drop the partition columns from the
-   data -> `PartitionBatches` (one file's worth, `file_rows`, per element)
-   -> `EncryptBatches` (one DEK per partition scope, caps from the config,
+   data -> gather each partition's pieces into batches of `file_rows` rows
+   (on `DirectBatchRunner` in the read step itself: the files of one bundle
+   share lake files, the rest of each partition leaves at the bundle's end;
+   on other runners, whose bundles may be single files, `PartitionBatches`) ->
+   `EncryptBatches` (one DEK per partition scope, caps from the config,
    the row-key `bind` columns) -> one Parquet file per element with the
-   "keyturn" footer. Audit events (one per scope) go to
-   `<lake>/_keyturn/audit/<run-id>.avro`. Each file's rows read are counted.
+   "keyturn" footer (at most `file_rows` rows each). On `DirectBatchRunner`
+   read, encrypt and write are one fused Beam stage: batches never leave the
+   process that read them (no coder round trip), and the files in flight
+   bound memory. Audit events
+   (one per scope) go to `<lake>/_keyturn/audit/<run-id>.avro`. Each
+   file's rows read are counted. With no runner options, a large source
+   runs on worker processes, one per core
+   (`keyturn.pipelines.runner.lake_job_args`).
 4. Commit: files are written under `<lake>/_keyturn/staging/<run-id>/` as
    ``part-<uuid>.parquet.staged``, invisible to readers (also to DuckDB's
    ``**/*.parquet`` globs, which do not skip hidden directories). When the
@@ -66,6 +75,8 @@ from typing import Any, Dict, Tuple
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from keyturn.audit.events import build_quarantine, utc_now
 from keyturn.contract import settle_arrow_contract
@@ -81,12 +92,12 @@ from keyturn.lake.ledger import record_sources
 from keyturn.lake.sideoutputs import read_side_outputs
 from keyturn.reports import EncryptReport, ProgressFn, ProgressRelay, say
 from keyturn.lake.staging import (
-    COMMIT_MARKER,
     FAILED_FILE,
     READ_FILE,
     SKIPPED_FILE,
     STAGED_SUFFIX,
     begin_run,
+    commit_run_marker,
     encrypted_partitions,
     publish,
     read_json,
@@ -97,9 +108,9 @@ from keyturn.scope import ScopeLimits
 from keyturn.sources import DEFAULT_BATCH_ROWS, SourceFile, read_batches, resolve
 from keyturn.transforms.arrow import EncryptBatches
 from keyturn.transforms.lakefiles import MAX_QUARANTINE_BYTES, WriteLakeFiles, WriteSideOutput
-from keyturn.transforms.partition import PartitionBatches
+from keyturn.transforms.partition import PartitionBatches, concat_batches
 from keyturn.transforms.tags import QUARANTINE
-from keyturn.pipelines.runner import pipeline_options
+from keyturn.pipelines.runner import lake_job_args, pipeline_options, runs_in_process_engine
 
 __all__ = ["run", "encrypt_files", "quarantine_source", "resolve_bind"]
 
@@ -125,7 +136,13 @@ _READ_ERRORS = (OSError, pa.ArrowException, ValueError, TypeError, KeyError, EOF
 
 
 class _ReadSplit(beam.DoFn):
-    """A source file -> `(partition, batch)` pieces; pieces of already-encrypted partitions -> `skipped`.
+    """Source files -> `(partition, batch)` of at most `file_rows` rows; pieces of already-encrypted partitions -> `skipped`.
+
+    With `gather`, a partition's pieces gather across the files of a bundle
+    into batches of `file_rows` rows; what is left of each partition is
+    emitted when the bundle finishes (so memory holds at most `file_rows`
+    pending rows per partition, besides the file being read). Without it,
+    pieces go out as they are read (for `PartitionBatches` to group).
 
     With `whole_file`, a file is read completely before any piece is emitted,
     and a file that cannot be read goes to `failed` (its path) and to
@@ -140,13 +157,15 @@ class _ReadSplit(beam.DoFn):
 
     def __init__(
         self, plan: EncryptPlan, skip: frozenset[str], batch_rows: int, *, whole_file: bool = False, dataset: str = "",
-        relay: ProgressRelay | None = None,
+        relay: ProgressRelay | None = None, file_rows: int = DEFAULT_FILE_ROWS, gather: bool = True,
     ) -> None:
         self.schema = plan.data_schema
         self.split_columns = plan.split_columns
         self.drop = plan.drop
         self.skip = skip
         self.batch_rows = batch_rows
+        self.file_rows = file_rows
+        self.gather = gather
         self.whole_file = whole_file
         self.dataset = dataset
         self.relay = relay or ProgressRelay(None, "")
@@ -161,6 +180,24 @@ class _ReadSplit(beam.DoFn):
         except _READ_ERRORS as exc:  # name the file; the run fails and nothing is committed
             raise InputError(f"source file {source.path!r} cannot be read: {' '.join(str(exc).split())[:300]}") from None
 
+    def start_bundle(self) -> None:
+        self._pending: dict[str, list[pa.RecordBatch]] = {}
+        self._rows: dict[str, int] = {}
+
+    def _gather(self, partition: str, piece: pa.RecordBatch) -> Iterator[Keyed]:
+        """Add `piece` to its partition's pending rows; yield each full batch of `file_rows` rows."""
+        self._pending.setdefault(partition, []).append(piece)
+        self._rows[partition] = self._rows.get(partition, 0) + piece.num_rows
+        if self._rows[partition] < self.file_rows:
+            return
+        full = list(concat_batches(self._pending.pop(partition), self.file_rows))
+        self._rows.pop(partition)
+        if full and full[-1].num_rows < self.file_rows:  # the remainder waits for more rows
+            rest = full.pop()
+            self._pending[partition], self._rows[partition] = [rest], rest.num_rows
+        for batch in full:
+            yield partition, batch
+
     def process(self, source: SourceFile) -> Iterator[Any]:
         read = [0]  # rows read from the file, before any split: what the accounting checks against
         pieces: Any = self._pieces(source, read)
@@ -174,10 +211,20 @@ class _ReadSplit(beam.DoFn):
         for partition, piece in pieces:
             if partition in self.skip:
                 yield beam.pvalue.TaggedOutput(self.SKIPPED, (partition, piece.num_rows))
+            elif self.gather:
+                yield from self._gather(partition, piece)
             else:
                 yield partition, piece
         self.relay.add(files=1, rows=read[0])
         yield beam.pvalue.TaggedOutput(self.READ, (source.path, read[0]))
+
+    def finish_bundle(self) -> Iterator[Any]:
+        """The bundle's remaining rows, per partition (the files of a bundle share lake files)."""
+        pending, self._pending, self._rows = self._pending, {}, {}
+        window = GlobalWindow()
+        for partition, pieces in pending.items():
+            for batch in concat_batches(pieces, self.file_rows):
+                yield WindowedValue((partition, batch), window.max_timestamp(), [window])
 
 
 def _staged_name(partition: str, batch: pa.RecordBatch) -> str:
@@ -227,20 +274,34 @@ def build_pipeline(
     whole_file: bool = False,
     bind: Sequence[str] = (),
     relay: ProgressRelay | None = None,
+    gather_in_bundle: bool = True,
 ) -> None:
-    """Add the encrypt steps to `p` (files -> staged lake files, audit, skipped, failed and read lists)."""
+    """Add the encrypt steps to `p` (files -> staged lake files, audit, skipped, failed and read lists).
+
+    `gather_in_bundle`: gather each partition's rows into lake files within a
+    bundle (`DirectBatchRunner`: one fused stage, no coder round trip);
+    otherwise `PartitionBatches` groups them across bundles (other runners).
+    """
     pieces = (
         p
         | "Files" >> beam.Create(plan.files)
         | "Spread" >> beam.Reshuffle()
         | "ReadSplit"
-        >> beam.ParDo(_ReadSplit(plan, skip, batch_rows, whole_file=whole_file, dataset=dataset, relay=relay))
+        >> beam.ParDo(
+            _ReadSplit(
+                plan, skip, batch_rows, whole_file=whole_file, dataset=dataset, relay=relay, file_rows=file_rows,
+                gather=gather_in_bundle,
+            )
+        )
         .with_output_types(Keyed, skipped=Tuple[str, int], failed=str, quarantine=Dict[str, Any], read=Tuple[str, int])
         .with_outputs(_ReadSplit.SKIPPED, _ReadSplit.FAILED, QUARANTINE, _ReadSplit.READ, main="main")
     )
+    batches = pieces.main
+    if not gather_in_bundle:  # a runner with small bundles: group each partition's pieces across bundles
+        batches = batches | "Batch" >> PartitionBatches(max_rows=file_rows, max_batches=16, max_buffering_secs=None)
+    # gathered in the bundle, read -> encrypt -> write fuse into one stage: batches never leave the process
     enc = (
-        pieces.main
-        | "Batch" >> PartitionBatches(max_rows=file_rows, max_batches=16, max_buffering_secs=None)
+        batches
         | "Encrypt"
         >> EncryptBatches(keys, dataset, columns, bind_columns=list(bind), limits=limits, actor=actor, reason=reason)
     )
@@ -259,8 +320,9 @@ def build_pipeline(
 
 
 def _run_pipeline(beam_args: Sequence[str] | None, **steps: Any) -> None:
-    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-        build_pipeline(p, **steps)
+    options = pipeline_options(beam_args)
+    with beam.Pipeline(options=options) as p:
+        build_pipeline(p, gather_in_bundle=runs_in_process_engine(options), **steps)
 
 
 def encrypt_files(
@@ -302,8 +364,9 @@ def encrypt_files(
     dek = home.config.dek
     try:
         with ProgressRelay(progress, "encrypting", files_total=len(the_plan.files)) as relay:
+            rows = sum(n or 0 for n in the_plan.source_rows.values())
             _run_pipeline(
-                beam_args,
+                lake_job_args(beam_args, rows=rows, items=len(the_plan.files)),
                 plan=the_plan,
                 skip=skip,
                 keys=home.key_source(),
@@ -344,7 +407,8 @@ def encrypt_files(
     ledger = sources(failed) if sources else {}
     say(progress, "committing", files_done=len(staged), files_total=len(staged))
     crashpoint("encrypt:before-commit")
-    write_json_atomically(lake, posixpath.join(staging_uri, COMMIT_MARKER), {"run_id": run_id, "files": len(staged), "sources": ledger})
+    verified = [path[len(staging_uri.rstrip("/")) + 1 :] for path, _ in staged]  # exactly these are published
+    commit_run_marker(lake, staging_uri, run_id, verified, ledger)
     publish(lake, staging_uri)
     crashpoint("encrypt:before-record")
     record_sources(lake, ledger)

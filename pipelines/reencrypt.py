@@ -34,13 +34,16 @@ Concurrency: each partition element rewrites its files in a thread pool of
 ``lifecycle.max_concurrent_reencryption_workers`` threads (override with
 ``workers=``). Partitions are processed one after another on the default
 DirectRunner, so that is the bound on files in flight and on concurrent KMS
-users. On a distributed runner each worker processing a partition uses its
+users. (Unlike encrypt, a large reencrypt stays in process by default: a
+worker process per core would multiply the files in flight, the memory
+they hold and the concurrent KMS users; pass ``--direct_num_workers`` and
+``--direct_running_mode=multi_processing`` to choose that.) On a distributed runner each worker processing a partition uses its
 own pool: the bound is per worker, so size the runner's worker count (e.g.
 ``--max_num_workers``) with the KMS request budget in mind. A thread pool
 inside the DoFn (rather than runner parallelism) keeps the bound identical
 on every runner and needs no runner-specific options. KMS calls are also
-held under ``lifecycle.max_kms_requests_per_second`` per worker
-(`keyturn.lake.throttle.RateLimitedKms`).
+held under ``lifecycle.max_kms_requests_per_second`` per process, by the
+key source's one token bucket (`keyturn.kms.decorators`).
 """
 
 from __future__ import annotations

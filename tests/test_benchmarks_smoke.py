@@ -133,7 +133,7 @@ def test_beam_workers_structure() -> None:
 def test_lake_structure(tmp_path) -> None:
     result = bench_lake.run_lake(rows=2_000, partitions=2, runs=1, out=str(tmp_path / "lake"), profile=False)
     assert result["name"] == "lake"
-    assert set(result["timings"]) == {"encrypt", "rotate_rewrap", "pme_rotate", "reencrypt", "plain_rewrite", "pme_write"}
+    assert set(result["timings"]) == {"encrypt", "encrypt_1_core", "rotate_rewrap", "pme_rotate", "reencrypt", "plain_rewrite", "pme_write"}
     for t in result["timings"].values():
         _timing_shape(t)
     for r in result["ratios"].values():
@@ -158,7 +158,18 @@ def test_lake_structure(tmp_path) -> None:
     _ratio_shape(read["throughput_ratio"])
     assert read["stats"]["decrypt_directory"]["directory_lookups"][0] >= 1
     assert read["stats"]["decrypt_no_directory"]["directory_lookups"][0] == 0
+    # counted, not timed: one decrypt and one encrypt per cell, plus one verifying decrypt
+    reen = rot["reencrypt"]
+    assert reen["cells_decrypted"] == 2 * reen["lake_cells"] and reen["cells_encrypted"] == reen["lake_cells"] > 0
+    assert result["targets"]["reencrypt_cell_operations"]["met"]
+    storage = result["storage"]["keyturn"]
+    assert storage["cells"] == reen["lake_cells"]
+    assert all("DELTA_BYTE_ARRAY" in e for e in storage["encodings"].values())
     assert set(result["targets"]) == {
+        "encrypt_over_pme_write_time",
+        "encrypt_1_core_over_default_time",
+        "reencrypt_cell_operations",
+        "stored_bytes_per_cell_beyond_plaintext",
         "reencrypt_over_rotate_rewrap_time",
         "rotate_rewrap_over_pme_rotate_time",
         "rewrap_kms_calls_equal_deks",

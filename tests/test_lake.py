@@ -374,18 +374,17 @@ def test_failed_verification_keeps_the_original(lake, home, monkeypatch):
     rotate(home)
     import keyturn.lake.rewrite as rw
 
-    real = rw.reencrypt_batch
+    real = rw._reseal
 
-    def tampering(batch, reader, scope, policy, location, **kwargs):
-        result = real(batch, reader, scope, policy, location, **kwargs)
-        ssn = result.batch.column("ssn").to_pylist()
+    def tampering(*args, **kwargs):
+        sealed, changed = real(*args, **kwargs)
+        ssn = sealed.column("ssn").to_pylist()
         i = next(k for k, v in enumerate(ssn) if v is not None)
         ssn[i] = ssn[i][:-1] + bytes([ssn[i][-1] ^ 1])  # a flipped payload bit must never reach the lake
-        result.batch = result.batch.set_column(result.batch.schema.get_field_index("ssn"),
-                                               result.batch.schema.field("ssn"), pa.array(ssn, pa.binary()))
-        return result
+        sealed = sealed.set_column(sealed.schema.get_field_index("ssn"), sealed.schema.field("ssn"), pa.array(ssn, pa.binary()))
+        return sealed, changed
 
-    monkeypatch.setattr(rw, "reencrypt_batch", tampering)
+    monkeypatch.setattr(rw, "_reseal", tampering)
     f = lake.data_files()[0]
     before = open(f.path, "rb").read()
     with home.kms() as kms:

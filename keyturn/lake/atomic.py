@@ -22,23 +22,72 @@ docs/AWS.md, "Atomic replacement on S3".
 The ``keyturn`` footer (`keyturn.lake.footer`) is added to the file's
 key-value metadata when the file is finished, so a writer that streams row
 groups can count versions as it goes.
+
+Ciphertext columns (binary fields with ``keyturn.format`` metadata) are
+written with Parquet's ``DELTA_BYTE_ARRAY`` encoding and no dictionary:
+neighbouring cells share their version byte and dek_id, which that
+encoding stores once per run of cells (random nonces and tags do not
+compress, and a dictionary of unique cells only costs). Every other column
+keeps pyarrow's defaults (dictionary encoding). Any Parquet reader reads
+the encoding (pyarrow, DuckDB, Spark); callers that pass ``use_dictionary``
+or ``column_encoding`` themselves get exactly what they ask for.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
+from functools import lru_cache
 from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from keyturn.arrow_codec import META_FORMAT
 from keyturn.fsutil import fsync_dir as local_fsync_dir, write_file_atomically
 from keyturn.lake.footer import FOOTER_KEY, Footer, strip_footer
 from keyturn.lake.layout import Lake, temp_name_for
 
-__all__ = ["AtomicParquetWriter", "write_parquet_atomically", "write_bytes_atomically", "write_json_atomically", "fsync_dir"]
+__all__ = [
+    "AtomicParquetWriter",
+    "write_parquet_atomically",
+    "write_bytes_atomically",
+    "write_json_atomically",
+    "fsync_dir",
+    "ciphertext_columns",
+    "encoding_options",
+]
+
+CIPHERTEXT_ENCODING = "DELTA_BYTE_ARRAY"
+
+
+def ciphertext_columns(schema: pa.Schema) -> list[str]:
+    """Top-level binary columns holding keyturn cells (any ``keyturn.format``), in schema order."""
+    return [
+        f.name
+        for f in schema
+        if f.metadata and META_FORMAT in f.metadata and (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))
+    ]
+
+
+@lru_cache(maxsize=64)
+def _leaf_paths(schema: pa.Schema) -> tuple[str, ...]:
+    """The Parquet leaf column paths of `schema` (``a.list.element`` for a list column, and so on)."""
+    sink = io.BytesIO()
+    pq.write_table(schema.empty_table(), sink)
+    parquet_schema = pq.ParquetFile(io.BytesIO(sink.getvalue())).schema
+    return tuple(parquet_schema.column(i).path for i in range(len(parquet_schema)))
+
+
+def encoding_options(schema: pa.Schema) -> dict[str, Any]:
+    """Writer options for `schema`: ciphertext columns `CIPHERTEXT_ENCODING` without a dictionary, the rest as pyarrow's default."""
+    cipher = ciphertext_columns(schema)
+    if not cipher:
+        return {}
+    dictionary = [path for path in _leaf_paths(schema) if path not in cipher]
+    return {"use_dictionary": dictionary or False, "column_encoding": {name: CIPHERTEXT_ENCODING for name in cipher}}
 
 
 def fsync_dir(lake: Lake, directory: str) -> None:
@@ -70,7 +119,9 @@ class AtomicParquetWriter:
             sink: Any = self._file
         else:
             self._stream = sink = lake.fs.open_output_stream(self.temp_path)
-        options = {"compression": "snappy", "write_statistics": True}
+        options: dict[str, Any] = {"compression": "snappy", "write_statistics": True}
+        if "use_dictionary" not in writer_options and "column_encoding" not in writer_options:
+            options.update(encoding_options(self.schema))
         options.update(writer_options)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(sink, self.schema, **options)
         self.rows = 0

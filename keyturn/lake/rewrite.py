@@ -11,17 +11,23 @@ data whose DEK is still under a stale version:
    the file is stale or older than ``dek_max_age``; if not, leave it;
 2. check the file against the dataset contract: a contract column that is
    missing or not ciphertext leaves the file untouched and reported;
-3. read one row group at a time (memory stays bounded by a row group) and
-   pass each through `keyturn.arrow_codec.reencrypt_batch`: readable rows
+3. read `REWRITE_BATCH_ROWS` rows at a time and decrypt them once: readable rows are
    sealed again under one fresh DEK scope per file (each DEK registered in
    the directory before use); retired, unknown, missing and corrupt rows
    stay byte for byte, in place, with the envelope their cells name;
-   corrupt rows are also copied to the quarantine side output;
+   corrupt rows are also copied to the quarantine side output. Row groups
+   wait unsealed until one holds a readable row under a due DEK, so a file
+   whose due rows are all unreadable makes no DEK and is left as it is;
 4. write every row group to a temp file next to the original (hidden name,
    see `keyturn.lake.layout`) with a new ``keyturn`` footer, and verify it as
-   read back from storage: same row count and row groups, every
-   non-sensitive column identical, decrypted plaintext equal to the
-   original's, unreadable rows identical;
+   read back from storage against what step 3 kept (SHA-256 digests of the
+   decrypted plaintext, every column, of the readable rows, of their
+   positions and of the unreadable rows as they were): same row count, one
+   row group per batch of step 3, the new file decrypted once, its readable
+   rows the same rows on the active version with the same plaintext,
+   unreadable rows identical. Per cell: one decrypt, one encrypt, one
+   verifying decrypt. Memory is bounded by `REWRITE_BATCH_ROWS` per file in
+   flight, not by the file or the lake;
 5. rename the temp file over the original path (same name), so a crash
    before the rename leaves the old file and a crash after it the new one:
    every row exactly once.
@@ -34,23 +40,30 @@ with a quarantine record; KMS outages raise (`KmsError`), so the job stops.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from keyturn.arrow_codec import (
+    META_BIND,
+    DecryptResult,
     conform,
     contract_schema,
     contract_violations,
     decrypt_batch,
     legacy_plain_columns,
+    encrypt_batch,
     encrypted_columns,
-    reencrypt_batch,
 )
 from keyturn.contract import DatasetContract
 from keyturn.directory import DekDirectory
@@ -225,88 +238,78 @@ def rewrite_file(
                     "contract); the file is left as it is; re-encrypt it from its plain source"
                 )
                 return outcome
-        try:
-            movable, stuck = _movable_due_rows(pf, groups, due, reader, policy, location, contract)
-        except KmsError:
-            raise
-        except (OSError, pa.ArrowException, ValueError, DecryptionError) as exc:
-            return fail("unparseable", f"row group unreadable: {_one_line(exc)}")
-        if not movable:  # rewriting would only re-encrypt rows already current, again and again
-            outcome.status_rows = stuck
-            outcome.reason = "nothing_movable"
-            outcome.detail = (
-                f"the rows under a stale or over-age DEK cannot be read ({_kept_text(stuck)}); "
-                "they stay as they are, and so does the file"
-            )
-            outcome.kms_calls = counting.calls.total
-            outcome.kms_request_ids = list(counting.calls.request_ids)
-            return outcome
         target_schema = contract_schema(schema, contract) if contract is not None else schema
-        crashpoint("rewrite:before-write")
-
         digest = hashlib.sha256(data_file.relpath.encode() + b"\0" + str(sorted(before.items())).encode())
         after: dict[int, int] = {}
         deks_after: dict[bytes, int] = {}
+        held: list[_Held] = []  # what verification checks the new file against: no second decrypt of the original
+        # Row groups are decrypted once each, in order. Until one holds a readable row under a due DEK,
+        # they wait here unsealed, so a file whose due rows are all unreadable makes no DEK at all.
+        pending: list[tuple[int, pa.RecordBatch, DecryptResult]] = []
+        movable = False
+        due_set = pa.array(due, pa.binary())
         with DekScope(
             counting, policy.active, location, limits=limits, directory=directory, actor=actor,
             contract_revision=contract.revision if contract is not None else 0, clock=clock,
-        ) as scope:
-            with AtomicParquetWriter(lake, data_file.path, target_schema) as writer:
-                try:
-                    for n, g in enumerate(groups):
-                        batch = _row_group_batch(pf, g)
-                        digest.update(str(batch.num_rows).encode())
-                        result = reencrypt_batch(batch, reader, scope, policy, location, contract=contract)
-                        status = result.status
-                        for k, v in result.counts().items():
-                            statuses[k] += v
-                        if result.changed:
-                            outcome.rows_moved += sum(1 for st in status if st.readable)
-                        corrupt = [i for i, st in enumerate(status) if st is ReadStatus.CORRUPT]
-                        if corrupt:
-                            rows = batch.take(pa.array(corrupt, pa.int64()))
-                            corrupt_records.append(
-                                build_quarantine(
-                                    "corrupt",
-                                    dataset=dataset,
-                                    partition=data_file.partition,
-                                    detail=f"{data_file.relpath} row group {g}: rows failed to parse or authenticate; kept in place",
-                                    payload=batch_to_ipc(rows),
-                                    payload_format="arrow_ipc",
-                                    rows=len(corrupt),
-                                    clock=clock,
-                                ).to_dict()
-                            )
-                        out = conform(result.batch, target_schema)
+        ) as scope, ExitStack() as stack:
+            writer: AtomicParquetWriter | None = None  # opened once a due row turns out readable; removed unless committed
+            try:
+                for g, batch in _slices(pf, groups):
+                    decrypted = decrypt_batch(batch, reader, policy, location, contract=contract)
+                    pending.append((g, batch, decrypted))
+                    if not movable:
+                        movable = _due_row_readable(batch, decrypted.status, due_set)
+                        if not movable:
+                            continue
+                        crashpoint("rewrite:before-write")
+                        writer = stack.enter_context(AtomicParquetWriter(lake, data_file.path, target_schema))
+                    for g_, batch_, decrypted_ in pending:
+                        digest.update(str(batch_.num_rows).encode())
+                        out = _rewrite_group(
+                            g_, batch_, decrypted_, scope, contract, target_schema, statuses, outcome,
+                            corrupt_records, held, dataset=dataset, data_file=data_file, clock=clock,
+                        )
                         writer.write(out)
                         merge_counts(after, count_versions(out.column(VERSION_FIELD))[0])
                         merge_counts(deks_after, dek_counts(out))
-                        if n == 0:
+                        if len(held) == 1:  # test hook: a crash with part of the file written
                             writer.flush()
                             crashpoint("rewrite:mid-write")
-                except KmsError:
-                    raise
-                except (OSError, pa.ArrowException, ValueError, DecryptionError) as exc:
-                    return fail("unparseable", f"row group unreadable: {_one_line(exc)}")
-                outcome.status_rows = statuses
-                outcome.versions_after = after
-                if outcome.rows_moved == 0:  # every row turned out unreadable: nothing to gain
-                    outcome.quarantine = corrupt_records
-                    outcome.reason, outcome.detail = "nothing_moved", "no row could be moved onto a fresh DEK"
-                    outcome.kms_calls = counting.calls.total
-                    return outcome
-                footer = footer_for(dataset, data_file.partition, after, outcome.rows, sensitive, deks_after)
-                temp = writer.finish(footer)
-                try:
-                    _verify(lake, pf, temp, sensitive, reader, policy, location, contract)
-                except KmsError:
-                    raise
-                except (_VerifyError, OSError, pa.ArrowException, ValueError, DecryptionError) as exc:
-                    return fail("verify_failed", f"the rewritten file did not verify ({_one_line(exc)})")
-                crashpoint("rewrite:before-swap")
-                source.close()
-                writer.commit()
-                outcome.bytes_after = lake.fs.get_file_info(data_file.path).size or 0
+                    pending.clear()
+            except KmsError:
+                raise
+            except (OSError, pa.ArrowException, ValueError, DecryptionError) as exc:
+                return fail("unparseable", f"row group unreadable: {_one_line(exc)}")
+            if writer is None:  # rewriting would only re-encrypt rows already current, again and again
+                outcome.status_rows = _due_statuses(pending, due_set)
+                outcome.reason = "nothing_movable"
+                outcome.detail = (
+                    f"the rows under a stale or over-age DEK cannot be read ({_kept_text(outcome.status_rows)}); "
+                    "they stay as they are, and so does the file"
+                )
+                outcome.kms_calls = counting.calls.total
+                outcome.kms_request_ids = list(counting.calls.request_ids)
+                return outcome
+            outcome.status_rows = statuses
+            outcome.versions_after = after
+            if outcome.rows_moved == 0:  # every row turned out unreadable: nothing to gain
+                outcome.quarantine = corrupt_records
+                outcome.reason, outcome.detail = "nothing_moved", "no row could be moved onto a fresh DEK"
+                outcome.kms_calls = counting.calls.total
+                return outcome
+            footer = footer_for(dataset, data_file.partition, after, outcome.rows, sensitive, deks_after)
+            temp = writer.finish(footer)
+            try:
+                _verify(lake, temp, held, outcome.rows, reader, policy, location, contract)
+            except KmsError:
+                raise
+            except (_VerifyError, OSError, pa.ArrowException, ValueError, DecryptionError) as exc:
+                return fail("verify_failed", f"the rewritten file did not verify ({_one_line(exc)})")
+            held.clear()
+            crashpoint("rewrite:before-swap")
+            source.close()
+            writer.commit()
+            outcome.bytes_after = lake.fs.get_file_info(data_file.path).size or 0
         crashpoint("rewrite:after-swap")
         outcome.result = "rewritten"
         kept = {k: v for k, v in statuses.items() if k not in ("current", "stale") and v}
@@ -353,41 +356,194 @@ def _kept_text(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{n} {_KEPT_WHY.get(k, k)}" for k, n in counts.items() if n and k not in ("current", "stale"))
 
 
-def _movable_due_rows(
-    pf: pq.ParquetFile,
-    groups: list[int],
-    due: list[bytes],
-    reader: DekReader,
-    policy: KeyPolicy,
-    location: Location,
-    contract: DatasetContract | None,
-) -> tuple[bool, dict[str, int]]:
-    """(whether some row under a `due` envelope can be read, so a rewrite moves it; statuses of the due rows seen).
+REWRITE_BATCH_ROWS = 32_768
+"""Rows decrypted, sealed and written at a time (each becomes a row group of the new file): with the
+threads' files in flight, what bounds a rewrite's memory, however large the files are."""
+
+
+def _slices(pf: pq.ParquetFile, groups: list[int]) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(row group, batch) of the file's rows, `REWRITE_BATCH_ROWS` at most, in file order."""
+    schema = pf.schema_arrow
+    for g in groups:
+        for batch in pf.iter_batches(batch_size=REWRITE_BATCH_ROWS, row_groups=[g], use_threads=False):
+            if batch.num_rows:
+                yield g, pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+
+
+def _digest(batch: pa.RecordBatch | None) -> bytes:
+    """SHA-256 of `batch`'s column names and values (dictionary columns decoded, metadata ignored)."""
+    if batch is None:
+        return b""
+    columns = [_decoded(c) for c in batch.columns]
+    bare = pa.RecordBatch.from_arrays(
+        columns, schema=pa.schema([pa.field(n, c.type) for n, c in zip(batch.schema.names, columns)])
+    )
+    return hashlib.sha256(batch_to_ipc(bare)).digest()
+
+
+@dataclass
+class _Held:
+    """What one rewritten batch must read back as, in digests (so memory does not grow with the file):
+    the decrypted readable rows of the original (every column), their positions (empty: every row),
+    and the kept original rows (unreadable, byte for byte)."""
+
+    rows: int
+    plain: bytes
+    readable: bytes
+    kept: bytes
+
+
+def _positions_digest(readable: np.ndarray | None) -> bytes:
+    return b"" if readable is None else hashlib.sha256(np.ascontiguousarray(readable, dtype=np.int64).tobytes()).digest()
+
+
+def _readable_positions(status: list[ReadStatus], tally: Mapping[ReadStatus, int]) -> np.ndarray | None:
+    """Positions of the readable rows; None when every row is readable (no per-row work for a uniform group)."""
+    if all(st.readable for st in tally):
+        return None
+    if not any(st.readable for st in tally):
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero(np.fromiter(map(_READABLE.__getitem__, status), dtype=bool, count=len(status)))
+
+
+_READABLE = {st: st.readable for st in ReadStatus}
+
+
+def _under(batch: pa.RecordBatch, envelopes: pa.Array) -> pa.Array:
+    """Per row, whether its ``_keyturn_dek`` is one of `envelopes` (False for a null)."""
+    dek = _decoded(batch.column(DEK_FIELD))
+    return pc.fill_null(pc.is_in(dek, value_set=envelopes.cast(dek.type)), False)
+
+
+def _due_row_readable(batch: pa.RecordBatch, status: list[ReadStatus], due: pa.Array) -> bool:
+    """Whether some row of `batch` under a `due` envelope was read (so a rewrite moves it).
 
     A row with no key version is never read (missing), whatever its DEK, and
     a row whose cells fail to authenticate is corrupt: once such rows are the
     only ones left under a due DEK, rewriting the file would move nothing
     they hold, and a file kept "due" by them would be rewritten on every run.
-    Stops at the first readable due row (one row group decrypted twice in
-    the usual case); rows of no due DEK are not decrypted here.
     """
+    tally = Counter(status)
+    readable = _readable_positions(status, tally)
+    if readable is not None and not len(readable):
+        return False
+    under = _under(batch, due)
+    if readable is None:
+        return bool(pc.any(under).as_py())
+    return bool(under.to_numpy(zero_copy_only=False)[readable].any())
+
+
+def _due_statuses(groups: list[tuple[int, pa.RecordBatch, DecryptResult]], due: pa.Array) -> dict[str, int]:
+    """Rows per status of the rows under a `due` envelope (the file is left as it is; a rare path)."""
     counts = count_statuses([])
-    for g in groups:
-        keys = pf.read_row_group(g, columns=[VERSION_FIELD, DEK_FIELD])
-        dek = _decoded(keys.column(DEK_FIELD).combine_chunks())
-        under_due = pc.fill_null(pc.is_in(dek, value_set=pa.array(due, dek.type)), False)
-        versioned = pc.is_valid(keys.column(VERSION_FIELD).combine_chunks())
-        counts["missing"] += pc.sum(pc.and_(under_due, pc.invert(versioned))).as_py() or 0
-        candidates = pc.and_(under_due, versioned)
-        if not pc.any(candidates).as_py():
-            continue
-        batch = _row_group_batch(pf, g).filter(candidates)
-        result = decrypt_batch(batch, reader, policy, location, contract=contract)
-        if any(st.readable for st in result.status):
-            return True, counts
-        for k, v in result.counts().items():
+    for _, batch, decrypted in groups:
+        under = _under(batch, due).to_numpy(zero_copy_only=False)
+        for k, v in count_statuses([st for st, u in zip(decrypted.status, under) if u]).items():
             counts[k] += v
-    return False, counts
+    return counts
+
+
+def _rewrite_group(
+    g: int,
+    batch: pa.RecordBatch,
+    decrypted: DecryptResult,
+    scope: DekScope,
+    contract: DatasetContract | None,
+    target_schema: pa.Schema,
+    statuses: dict[str, int],
+    outcome: RewriteOutcome,
+    corrupt_records: list[dict[str, Any]],
+    held: list[_Held],
+    *,
+    dataset: str,
+    data_file: DataFile,
+    clock: Callable[[], datetime],
+) -> pa.RecordBatch:
+    """One row group, decrypted once, sealed again (`_reseal`); counts its rows, quarantines its corrupt
+    rows, and keeps what verification needs in `held`. Returns the batch to write."""
+    status = decrypted.status
+    tally = Counter(status)
+    for st, n in tally.items():
+        statuses[st.value] += n
+    readable = _readable_positions(status, tally)
+    sealed, changed = _reseal(batch, decrypted, readable, scope, contract)
+    if changed:
+        outcome.rows_moved += batch.num_rows if readable is None else len(readable)
+    if tally.get(ReadStatus.CORRUPT):
+        corrupt = [i for i, st in enumerate(status) if st is ReadStatus.CORRUPT]
+        rows = batch.take(pa.array(corrupt, pa.int64()))
+        corrupt_records.append(
+            build_quarantine(
+                "corrupt",
+                dataset=dataset,
+                partition=data_file.partition,
+                detail=f"{data_file.relpath} row group {g}: rows failed to parse or authenticate; kept in place",
+                payload=batch_to_ipc(rows),
+                payload_format="arrow_ipc",
+                rows=len(corrupt),
+                clock=clock,
+            ).to_dict()
+        )
+    kept = None
+    if readable is not None:
+        unread = np.setdiff1d(np.arange(batch.num_rows), readable, assume_unique=True)
+        kept = batch.take(pa.array(unread, pa.int64()))
+    held.append(_Held(batch.num_rows, _digest(decrypted.plain), _positions_digest(readable), _digest(kept)))
+    return conform(sealed, target_schema)
+
+
+def _reseal(
+    batch: pa.RecordBatch,
+    decrypted: DecryptResult,
+    readable: np.ndarray | None,
+    scope: DekScope,
+    contract: DatasetContract | None,
+) -> tuple[pa.RecordBatch, bool]:
+    """`reencrypt_batch` from an already decrypted batch: (the batch with its readable rows sealed under
+    `scope`, whether anything changed). Unreadable rows stay byte for byte, in place; row order is kept.
+
+    The same rules as `keyturn.arrow_codec.reencrypt_batch`, which decrypts
+    the batch itself: a contract column held in clear, or absent while some
+    rows are unreadable (they could not share one schema), leaves the batch
+    unchanged.
+    """
+    n = batch.num_rows
+    if readable is not None and not len(readable):
+        return batch, False
+    if contract is not None:
+        absent = [c for c in contract.names if c not in batch.schema.names]
+        if legacy_plain_columns(batch.schema, contract) or (absent and readable is not None):
+            return batch, False
+        sensitive, binds = contract.names, list(contract.bind)
+        out_schema = contract_schema(batch.schema, contract)
+    else:
+        sensitive = encrypted_columns(batch.schema)
+        binds = sorted({b for name in sensitive for b in json.loads(batch.schema.field(name).metadata.get(META_BIND, b"[]"))})
+    sealed = encrypt_batch(decrypted.plain, sensitive, scope, bind_columns=binds)
+    take = None if readable is None else pa.array(readable, pa.int64())
+    if contract is None:
+        out_schema = pa.schema(
+            [sealed.schema.field(f.name) if f.name in sealed.schema.names else f for f in batch.schema],
+            metadata=batch.schema.metadata,
+        )
+    # columns left out of `plain` (another keyturn format) are all null in readable rows: keep them as they are
+    sealed = pa.RecordBatch.from_arrays(
+        [
+            sealed.column(f.name) if f.name in sealed.schema.names
+            else batch.column(f.name) if take is None else batch.column(f.name).take(take)
+            for f in out_schema
+        ],
+        schema=out_schema,
+    )
+    if readable is None:
+        return sealed, True
+    others = np.setdiff1d(np.arange(n), readable, assume_unique=True)
+    kept = conform(batch.take(pa.array(others, pa.int64())), out_schema)
+    combined = pa.Table.from_batches([sealed, kept]).combine_chunks()
+    position = np.empty(n, dtype=np.int64)
+    position[np.concatenate([readable, others])] = np.arange(n)
+    out = combined.take(pa.array(position)).combine_chunks().to_batches()
+    return (out[0] if out else sealed.slice(0, 0)), True
 
 
 def _newest_revision(envelopes: list[bytes], reader: DekReader) -> int | None:
@@ -426,48 +582,43 @@ def _decoded(array: pa.Array) -> pa.Array:
     return array
 
 
-def _same(a: pa.Array | pa.RecordBatch, b: pa.Array | pa.RecordBatch) -> bool:
-    """Equal values, ignoring how dictionary-encoded columns happen to be encoded."""
-    if isinstance(a, pa.RecordBatch):
-        return a.schema.names == b.schema.names and all(_same(x, y) for x, y in zip(a.columns, b.columns))
-    return _decoded(a).equals(_decoded(b))
-
-
 def _verify(
     lake: Lake,
-    original: pq.ParquetFile,
     temp_path: str,
-    sensitive: list[str],
+    held: list[_Held],
+    rows: int,
     reader: DekReader,
     policy: KeyPolicy,
     location: Location,
     contract: DatasetContract | None,
 ) -> None:
-    """Read the temp file back and check it against the original; `_VerifyError` if anything differs."""
+    """Read the temp file back and check it against what the rewrite held (`held`); `_VerifyError` if anything differs.
+
+    Each new row group is decrypted once (the only decrypt here; the
+    original is never decrypted again): its readable rows must be exactly
+    the original's readable rows, all on the active version, with the same
+    plaintext in every column; its other rows byte for byte the original's.
+    """
     with lake.fs.open_input_file(temp_path) as f:
         new = pq.ParquetFile(f)
-        if new.metadata.num_rows != original.metadata.num_rows:
-            raise _VerifyError(f"row count {new.metadata.num_rows} != {original.metadata.num_rows}")
-        old_groups = [g for g in range(original.num_row_groups) if original.metadata.row_group(g).num_rows > 0]
-        if new.num_row_groups != len(old_groups):
+        if new.metadata.num_rows != rows:
+            raise _VerifyError(f"row count {new.metadata.num_rows} != {rows}")
+        if new.num_row_groups != len(held):
             raise _VerifyError("row groups differ")
-        plain_columns = [n for n in original.schema_arrow.names if n not in sensitive and n not in (VERSION_FIELD, DEK_FIELD)]
-        for g_new, g_old in enumerate(old_groups):
-            old = _row_group_batch(original, g_old)
-            fresh = _row_group_batch(new, g_new)
-            if fresh.num_rows != old.num_rows:
-                raise _VerifyError(f"row group {g_old}: {fresh.num_rows} rows, expected {old.num_rows}")
-            for name in plain_columns:
-                if not _same(fresh.column(name), old.column(name)):
-                    raise _VerifyError(f"column {name!r} changed")
-            old_read = decrypt_batch(old, reader, policy, location, contract=contract)
+        for g, want in enumerate(held):
+            fresh = _row_group_batch(new, g)
+            if fresh.num_rows != want.rows:
+                raise _VerifyError(f"row group {g}: {fresh.num_rows} rows, expected {want.rows}")
             new_read = decrypt_batch(fresh, reader, policy, location, contract=contract)
-            if not new_read.plain.equals(old_read.plain):
-                raise _VerifyError("decrypted plaintext differs")
-            if any(s.readable and t is not ReadStatus.CURRENT for s, t in zip(old_read.status, new_read.status)):
+            if set(Counter(new_read.plain_status)) - {ReadStatus.CURRENT}:
                 raise _VerifyError("a readable row is not on the active version")
-            unread = [i for i, s in enumerate(old_read.status) if not s.readable]
-            if unread:
-                take = pa.array(unread, pa.int64())
-                if not _same(fresh.take(take), old.take(take)):
-                    raise _VerifyError("an unreadable row changed")
+            readable = _readable_positions(new_read.status, Counter(new_read.status))
+            if _positions_digest(readable) != want.readable:
+                raise _VerifyError("the readable rows differ")
+            if _digest(new_read.plain) != want.plain:
+                raise _VerifyError("decrypted plaintext differs")
+            kept = None
+            if readable is not None:
+                kept = fresh.take(pa.array(np.setdiff1d(np.arange(want.rows), readable, assume_unique=True), pa.int64()))
+            if _digest(kept) != want.kept:
+                raise _VerifyError("an unreadable row changed")
