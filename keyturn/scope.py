@@ -566,13 +566,10 @@ class DekScope:
         if nulls:
             rows = [i for i, v in zip(rows, values) if v is not None]
             values = [v for v in values if v is not None]
-        count = len(values)
-        first = dek.next_nonce
-        nonces = nonce_block(first, count)  # OverflowError past 2**96 - 1: unreachable with validated limits
-        dek.next_nonce = first + count
-        aads = repeat(self._aad(dek, name, value_type, None)) if bindings is None else [
-            self._aad(dek, name, value_type, bindings[i]) for i in rows
-        ]
+        first = self._reserve(dek, len(values))
+        nonces = nonce_block(first, len(values))
+        aad = self._aads(dek, name, value_type, bindings, rows)
+        aads = repeat(aad) if isinstance(aad, bytes) else aad
         bodies = list(map(dek.aead.encrypt, _nonce_list(nonces), values, aads))
         return SealedPart(dek.dek_id, nonces, rows, bodies)
 
@@ -594,19 +591,38 @@ class DekScope:
         never lets a later call take them again.
         """
         values = col.arrow(start, stop)
-        count = native.cells_to_seal(values)
-        first = dek.next_nonce
-        if first + count - 1 > _MAX_NONCE:  # as nonce_block: unreachable with validated limits
-            raise OverflowError("nonce space exhausted")
-        dek.next_nonce = first + count
-        aad: bytes | list[bytes] = (
-            self._aad(dek, name, value_type, None)
-            if bindings is None
-            else [self._aad(dek, name, value_type, bindings[i]) for i in range(start, stop)]
-        )
+        first = self._reserve(dek, native.cells_to_seal(values))
+        aad = self._aads(dek, name, value_type, bindings, range(start, stop))
         assert dek.cell_key is not None
         framed = native.seal_cells(dek.cell_key.view(), dek.dek_id, first, values, aad)
         return SealedPart(dek.dek_id, _NO_NONCES, range(start, stop), [], framed)
+
+    @staticmethod
+    def _reserve(dek: _ActiveDek, count: int) -> int:
+        """Take the next `count` nonces of `dek` before any is used; returns the first.
+
+        `OverflowError` past 2**96 - 1 (unreachable with validated limits).
+        Reserved before sealing, so a failure part way never lets a later
+        call take them again.
+        """
+        first = dek.next_nonce
+        if first + count - 1 > _MAX_NONCE:
+            raise OverflowError("nonce space exhausted")
+        dek.next_nonce = first + count
+        return first
+
+    def _aads(
+        self,
+        dek: _ActiveDek,
+        name: str,
+        value_type: str,
+        bindings: Sequence[Mapping[str, bytes]] | None,
+        rows: Sequence[int],
+    ) -> bytes | list[bytes]:
+        """One associated data for every cell (no bindings), or one per row of `rows`."""
+        if bindings is None:
+            return self._aad(dek, name, value_type, None)
+        return [self._aad(dek, name, value_type, bindings[i]) for i in rows]
 
     def _aad(self, dek: _ActiveDek, name: str, value_type: str, row_bindings: Mapping[str, bytes] | None) -> bytes:
         """The encoded associated data of a cell of field `name` under `dek` (with its row's bindings, if any)."""
