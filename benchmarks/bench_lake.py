@@ -22,8 +22,11 @@ round, each subject on fresh state:
 - keyturn encrypt: `keyturn.pipelines.encrypt.run` (source -> encrypted lake,
   partitioned by region), on its own key home, with no Beam options (what
   the CLI does: a worker process per core from 2,000,000 rows, see
-  `keyturn.pipelines.runner.lake_job_args`), and again with
-  ``--direct_num_workers=1`` (in process, one core): the scaling baseline;
+  `keyturn.pipelines.runner.lake_job_args`), and again pinned to one CPU
+  (the scaling baseline: every thread of the job, Beam's, pyarrow's and the
+  native kernel's, shares that CPU, and the job runs in process). Both run
+  in a child process (`python -m benchmarks.bench_lake --child encrypt`)
+  and report the job's own time, start-up and imports excluded;
 - keyturn `rotate --rewrap`: `home-v1` restored (untimed), then timed
   `keyturn.rotation.rotate` (provisions the version-2 KEK) followed by
   `keyturn.rotation.rewrap` on the home's registry and KMS, as
@@ -89,6 +92,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -251,6 +255,28 @@ def _encrypt(home: Any, source: str, lake: str, beam_args: list[str] | None = No
 
 
 ONE_CORE = ["--direct_num_workers=1"]  # the in-process runner: Python DoFns on one core
+
+
+def _encrypt_in_child(home_path: str, source: str, lake: str, *, one_cpu: bool) -> dict[str, Any]:
+    """`_encrypt` with no Beam options in a child process; with `one_cpu`, the child may run on one CPU only.
+
+    Pinned (`sched_setaffinity` before exec), every thread of the job shares
+    that CPU: Beam's, pyarrow's and the native kernel's, and the job sees
+    one core, so it runs in process. The report carries ``seconds``, the
+    job's own time inside the child (start-up and imports excluded, the
+    same for both variants).
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    cpu = min(os.sched_getaffinity(0))
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if one_cpu else None
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_lake", "--child", "encrypt", home_path, source, lake],
+        env=env, capture_output=True, text=True, preexec_fn=pin, check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"encrypt child failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _pme_decryption() -> Any:
@@ -751,10 +777,10 @@ def run_lake(
         return fresh(os.path.join(out, "enc"))
 
     def enc_run(target: str) -> Any:
-        return _encrypt(enc_home, src, target)
+        return _encrypt_in_child(enc_home.path, src, target, one_cpu=False)
 
     def enc1_run(target: str) -> Any:
-        return _encrypt(enc_home, src, target, ONE_CORE)
+        return _encrypt_in_child(enc_home.path, src, target, one_cpu=True)
 
     def enc_check(_: Any, r: dict[str, Any]) -> int:
         reports["encrypt"].append({k: r.get(k) for k in ("rows_written", "files_written", "bytes_written", "kms_calls")})
@@ -833,6 +859,8 @@ def run_lake(
         for name, (setup, fn, check) in subjects.items():
             state = setup()
             elapsed, result = time_once(lambda: fn(state))
+            if isinstance(result, dict) and "seconds" in result:  # a child's own time, without its start-up
+                elapsed = result["seconds"]
             n = check(state, result)
             if n != rows:
                 raise AssertionError(f"{name}: {n} rows, expected {rows}")
@@ -948,7 +976,7 @@ def run_lake(
             "not applied here, so the time is keyturn's own",
             "first_encrypt": {k: enc_report.get(k) for k in ("rows_written", "files_written", "bytes_written", "kms_calls")},
             "encrypt_default_args": lake_job_args(None, rows=rows, items=source["files"]),
-            "encrypt_1_core_args": ONE_CORE,
+            "encrypt_1_core_args": "no Beam options, the child process pinned to one CPU (sched_setaffinity): in process",
             "cores": available_cores(),
         },
         "timings": {name: t.to_dict() for name, t in timings.items()},
@@ -1070,6 +1098,12 @@ def run_memory(*, rows: int = 250_000, scale: int = 4, partitions: int = 10, run
 def _child(argv: list[str]) -> int:
     if argv[0] == "imports":
         exec(_CHILD_IMPORTS)  # noqa: S102 - a fixed string
+        return 0
+    if argv[0] == "encrypt":  # encrypt HOME SOURCE LAKE: one JSON line, the report's counts and the job's seconds
+        home = _open_home(argv[1])
+        elapsed, report = time_once(lambda: _encrypt(home, argv[2], argv[3]))
+        keys = ("rows_written", "files_written", "bytes_written", "kms_calls")
+        print(json.dumps({**{k: report.get(k) for k in keys}, "seconds": elapsed, "cores": available_cores()}))
         return 0
     if argv[0] == "reencrypt":  # reencrypt HOME LAKE FILES: every one of the lake's FILES files must be rewritten
         report = _reencrypt(argv[1], argv[2], "reencrypt")

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from keyturn.errors import DecryptionError
 
-__all__ = ["batch_to_ipc", "batch_from_ipc"]
+__all__ = ["batch_ipc_buffer", "batch_to_ipc", "batch_from_ipc"]
 
 
 def _compact(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -24,17 +24,23 @@ def _compact(batch: pa.RecordBatch) -> pa.RecordBatch:
     return batch.take(pa.array(np.arange(batch.num_rows, dtype=np.int64)))
 
 
-def batch_to_ipc(batch: pa.RecordBatch) -> bytes:
-    """Serialize `batch` (schema included) as an Arrow IPC stream.
+def batch_ipc_buffer(batch: pa.RecordBatch) -> pa.Buffer:
+    """`batch` (schema included) as an Arrow IPC stream, in an Arrow buffer (no copy into Python bytes).
 
     Equal batches give equal bytes, however they were built (fresh, sliced,
-    copied); a slice never carries bytes of the rows around it.
+    copied); a slice never carries bytes of the rows around it. Hash it or
+    write it as it is; `batch_to_ipc` gives the same bytes as `bytes`.
     """
     batch = _compact(batch)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
+
+
+def batch_to_ipc(batch: pa.RecordBatch) -> bytes:
+    """`batch_ipc_buffer(batch)` as Python bytes."""
+    return batch_ipc_buffer(batch).to_pybytes()
 
 
 def batch_from_ipc(data: bytes) -> pa.RecordBatch:

@@ -45,6 +45,11 @@ def _check_layout(path: str) -> None:
         assert not enc[name] & {"RLE_DICTIONARY", "PLAIN_DICTIONARY"}, (name, enc[name])
     assert "RLE_DICTIONARY" in enc["_keyturn_dek"]  # one envelope per DEK: a dictionary of a few values
     assert CIPHERTEXT_ENCODING not in enc["id"]
+    md = pq.ParquetFile(path).metadata
+    for g in range(md.num_row_groups):
+        stats = {md.row_group(g).column(i).path_in_schema: md.row_group(g).column(i).is_stats_set for i in range(md.num_columns)}
+        assert not any(stats[name] for name in SENSITIVE), stats  # min/max of ciphertext prune nothing
+        assert stats["_keyturn_version"] and stats["id"], stats  # status counts versions from these
 
 
 def test_lake_files_and_rewrites_encode_ciphertext_columns_by_shared_prefix(home, source, tmp_path):
@@ -93,4 +98,7 @@ def test_only_keyturn_ciphertext_columns_change_encoding():
     assert options["column_encoding"] == {"c": CIPHERTEXT_ENCODING}
     assert "c" not in options["use_dictionary"] and {"s", "b"} <= set(options["use_dictionary"])
     assert any(p.startswith("l.") for p in options["use_dictionary"])  # nested leaves by their Parquet path
+    assert options["write_statistics"] == options["use_dictionary"]  # every column but the ciphertext
+    sink = io.BytesIO()
+    pq.write_table(schema.empty_table(), sink, **options)  # pyarrow takes the nested leaf paths
     assert encoding_options(pa.schema([pa.field("x", pa.int64())])) == {}

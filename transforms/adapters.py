@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from keyturn import arrow_codec
 from keyturn.contract import DatasetContract, arrow_contract, avro_contract
-from keyturn.ipc import batch_to_ipc
+from keyturn.ipc import batch_ipc_buffer, batch_to_ipc
 from keyturn.policy import KeyPolicy, ReadStatus
 from keyturn.reader import DekReader
 from keyturn.scope import DekScope, Location
@@ -84,7 +84,7 @@ class PayloadAdapter(Protocol):
     def empty(self, payload: Any) -> bool: ...
 
 
-def _digest(*parts: bytes) -> bytes:
+def _digest(*parts: bytes | pa.Buffer) -> bytes:
     h = hashlib.sha256()
     for part in parts:
         h.update(len(part).to_bytes(8, "big"))
@@ -164,10 +164,10 @@ class ArrowAdapter:
     def fingerprint(self, payload: pa.RecordBatch, *, encrypted: bool) -> bytes:
         """A digest of what is stored in clear, so audit ids never hash plaintext secrets."""
         if encrypted:
-            return _digest(batch_to_ipc(payload))
+            return _digest(batch_ipc_buffer(payload))
         public = payload.drop_columns([c for c in self.columns if c in payload.schema.names])
         nulls = b"".join(payload.column(c).null_count.to_bytes(8, "big") for c in self.columns if c in payload.schema.names)
-        return _digest(batch_to_ipc(public), payload.num_rows.to_bytes(8, "big"), nulls)
+        return _digest(batch_ipc_buffer(public), payload.num_rows.to_bytes(8, "big"), nulls)
 
 
 class AvroAdapter:

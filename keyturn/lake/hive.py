@@ -12,6 +12,7 @@ from datetime import date, datetime
 from typing import Any, Tuple
 from urllib.parse import quote, unquote
 
+import numpy as np
 import pyarrow as pa
 
 from keyturn.errors import InputError
@@ -127,14 +128,18 @@ def split_by_partition(
     for c in split_columns:
         if c in batch.schema.names:
             check_partition_type(c, batch.schema.field(c).type)
-    table = pa.Table.from_batches([batch])
-    table = table.append_column("__keyturn_row", pa.array(range(batch.num_rows), pa.int64()))
-    groups = table.group_by(list(split_columns), use_threads=False).aggregate([("__keyturn_row", "list")])
-    for group in groups.to_pylist():
+    keys = pa.Table.from_batches([batch]).select(list(split_columns))
+    keys = keys.append_column(_ROW, pa.array(np.arange(batch.num_rows, dtype=np.int64)))
+    groups = keys.group_by(list(split_columns), use_threads=False).aggregate([(_ROW, "list")])
+    rows_of = groups.column(f"{_ROW}_list").combine_chunks()  # row numbers stay Arrow arrays, never Python lists
+    for i, group in enumerate(groups.select(list(split_columns)).to_pylist()):
         segment = hive_path([(c, group[c]) for c in split_columns])
         partition = f"{base}/{segment}" if base else segment
-        rows = pa.array(group["__keyturn_row_list"], pa.int64())
-        yield partition, conform(batch.take(rows), schema, drop)
+        rows = rows_of[i].values
+        yield partition, conform(batch if len(rows) == batch.num_rows else batch.take(rows), schema, drop)
+
+
+_ROW = "__keyturn_row"
 
 
 def conform(batch: pa.RecordBatch, schema: pa.Schema, drop: Sequence[str]) -> pa.RecordBatch:

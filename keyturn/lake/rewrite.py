@@ -70,7 +70,7 @@ from keyturn.directory import DekDirectory
 from keyturn.audit.events import AuditAction, build_event, build_quarantine, utc_now
 from keyturn.errors import DecryptionError, KmsError
 from keyturn.format import DEK_FIELD, VERSION_FIELD, parse_envelope
-from keyturn.ipc import batch_to_ipc
+from keyturn.ipc import batch_ipc_buffer, batch_to_ipc
 from keyturn.kms.base import CountingKms, KmsBackend
 from keyturn.lake.atomic import AtomicParquetWriter
 from keyturn.crash import crashpoint
@@ -378,7 +378,7 @@ def _digest(batch: pa.RecordBatch | None) -> bytes:
     bare = pa.RecordBatch.from_arrays(
         columns, schema=pa.schema([pa.field(n, c.type) for n, c in zip(batch.schema.names, columns)])
     )
-    return hashlib.sha256(batch_to_ipc(bare)).digest()
+    return hashlib.sha256(batch_ipc_buffer(bare)).digest()
 
 
 @dataclass
