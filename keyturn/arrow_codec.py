@@ -56,7 +56,7 @@ from keyturn.format import (
     VERSION_FIELD,
 )
 from keyturn.kms.base import KmsBackend
-from keyturn.policy import KeyPolicy, PairKeys, ReadStatus, classify_pair, classify_rows, count_statuses
+from keyturn.policy import KeyPolicy, PairKeys, ReadStatus, StatusCounts, classify_pair, classify_rows
 from keyturn.reader import DekReader, OpenedDek, cell_aad_bytes
 from keyturn.rewrap import rewrap_rows
 from keyturn.scope import ColumnSizes, DekScope, Location, SealedPart, Sealing
@@ -637,7 +637,7 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 
 
 @dataclass
-class DecryptResult:
+class DecryptResult(StatusCounts):
     """Decrypted readable rows, and a status for every input row."""
 
     plain: pa.RecordBatch
@@ -650,10 +650,6 @@ class DecryptResult:
         """The original (still encrypted) input rows having any of `statuses`."""
         wanted = set(statuses)
         return self.source.take(pa.array([i for i, s in enumerate(self.status) if s in wanted], pa.int64()))
-
-    def counts(self) -> dict[str, int]:
-        """Rows per status, every status present (zeros included)."""
-        return count_statuses(self.status)
 
 
 def decrypt_batch(
@@ -973,17 +969,13 @@ def _concat_binary(arrays: list[pa.Array]) -> pa.Array:
 
 
 @dataclass
-class RewrapResult:
+class RewrapResult(StatusCounts):
     """The batch with stale envelopes re-wrapped under the active version."""
 
     batch: pa.RecordBatch
     status: list[ReadStatus]
     deks_rewrapped: int
     kms_request_ids: list[str]
-
-    def counts(self) -> dict[str, int]:
-        """Rows per status, every status present (zeros included)."""
-        return count_statuses(self.status)
 
 
 def rewrap_batch(batch: pa.RecordBatch, kms: KmsBackend, policy: KeyPolicy, location: Location) -> RewrapResult:
@@ -1018,16 +1010,12 @@ def rewrap_batch(batch: pa.RecordBatch, kms: KmsBackend, policy: KeyPolicy, loca
 
 
 @dataclass
-class ReencryptResult:
+class ReencryptResult(StatusCounts):
     """The batch with readable rows sealed under fresh DEKs, others untouched."""
 
     batch: pa.RecordBatch
     status: list[ReadStatus]
     changed: bool = True
-
-    def counts(self) -> dict[str, int]:
-        """Rows per status, every status present (zeros included)."""
-        return count_statuses(self.status)
 
 
 def reencrypt_batch(

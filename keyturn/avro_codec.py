@@ -86,7 +86,7 @@ from keyturn.contract import DatasetContract, check_avro_write
 from keyturn.errors import ContractError, DecryptionError
 from keyturn.format import DEK_FIELD, VERSION_FIELD
 from keyturn.kms.base import KmsBackend
-from keyturn.policy import KeyPolicy, ReadStatus, classify_keys, count_statuses
+from keyturn.policy import KeyPolicy, ReadStatus, StatusCounts, classify_keys
 from keyturn.reader import DekReader, open_rows
 from keyturn.rewrap import rewrap_rows
 from keyturn.scope import DekScope, Location
@@ -712,7 +712,7 @@ def _classify(
 
 
 @dataclass
-class AvroDecryptResult:
+class AvroDecryptResult(StatusCounts):
     """Decrypted readable records, and a status for every input record."""
 
     plain: list[dict[str, Any]] = field(repr=False)
@@ -726,10 +726,6 @@ class AvroDecryptResult:
         """The original (still encrypted) input records having any of `statuses`."""
         wanted = set(statuses)
         return [self.source[i] for i, s in enumerate(self.status) if s in wanted]
-
-    def counts(self) -> dict[str, int]:
-        """Records per status, every status present (zeros included)."""
-        return count_statuses(self.status)
 
 
 def decrypt_records(
@@ -857,17 +853,13 @@ def decrypt_records(
 
 
 @dataclass
-class AvroRewrapResult:
+class AvroRewrapResult(StatusCounts):
     """The records with stale envelopes re-wrapped under the active version."""
 
     records: list[Mapping[str, Any]] = field(repr=False)
     status: list[ReadStatus]
     deks_rewrapped: int
     kms_request_ids: list[str]
-
-    def counts(self) -> dict[str, int]:
-        """Records per status, every status present (zeros included)."""
-        return count_statuses(self.status)
 
 
 def rewrap_records(
@@ -900,15 +892,11 @@ def rewrap_records(
 
 
 @dataclass
-class AvroReencryptResult:
+class AvroReencryptResult(StatusCounts):
     """The records with readable ones sealed under fresh DEKs, the others untouched."""
 
     records: list[Mapping[str, Any]] = field(repr=False)
     status: list[ReadStatus]
-
-    def counts(self) -> dict[str, int]:
-        """Records per status, every status present (zeros included)."""
-        return count_statuses(self.status)
 
 
 def reencrypt_records(

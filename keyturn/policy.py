@@ -35,6 +35,7 @@ __all__ = [
     "classify_keys",
     "classify_pair",
     "count_statuses",
+    "StatusCounts",
 ]
 
 
@@ -214,6 +215,16 @@ def count_statuses(status: Sequence[ReadStatus]) -> dict[str, int]:
     for value, rows in Counter(status).items():
         out[ReadStatus(value).value] += rows
     return out
+
+
+class StatusCounts:
+    """For results that carry one `ReadStatus` per row (or record) in `status`: `counts()`."""
+
+    status: list[ReadStatus]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per status, every status present (zeros included)."""
+        return count_statuses(self.status)
 
 
 _RULES = ("quarantine", "reject")

@@ -484,13 +484,14 @@ class DekScope:
         """
         for dek, start, stop in plan:
             for j, (name, value_type, col, size) in enumerate(zip(fields, types, columns, sizes)):
+                column = _SealColumn(name, value_type, col, bindings, size.nulls)
                 kernel = use_native and col.arrow_backed and dek.cell_key is not None
                 chunk, seal = (_NATIVE_CHUNK, self._seal_native) if kernel else (_CHUNK, self._seal_part)
                 sealed = 0
                 for lo in range(start, stop, chunk):
                     if self._closed:
                         raise ScopeClosedError("this DEK scope is closed")
-                    part = seal(dek, name, value_type, col, lo, min(stop, lo + chunk), bindings, nulls=size.nulls)
+                    part = seal(dek, column, lo, min(stop, lo + chunk))
                     sealed += part.count
                     yield j, part
                 if len(plan) == 1 and sealed != size.cells:  # the column's sizes were wrong, so the caps were
@@ -543,56 +544,33 @@ class DekScope:
         self.stats.cells += cells
         self.stats.bytes += nbytes
 
-    def _seal_part(
-        self,
-        dek: _ActiveDek,
-        name: str,
-        value_type: str,
-        col: PlainColumn,
-        start: int,
-        stop: int,
-        bindings: Sequence[Mapping[str, bytes]] | None,
-        *,
-        nulls: bool,
-    ) -> SealedPart:
-        """Seal the non-null values of rows start..stop-1 of `col` under `dek`, taking its next nonces in row order.
+    def _seal_part(self, dek: _ActiveDek, column: _SealColumn, start: int, stop: int) -> SealedPart:
+        """Seal the non-null values of rows start..stop-1 of `column` under `dek`, taking its next nonces in row order.
 
-        `nulls` says whether `col` holds any None. The nonces are reserved
-        before the first cell is sealed, so a failure part way never lets a
-        later call take them again.
+        The nonces are reserved before the first cell is sealed, so a
+        failure part way never lets a later call take them again.
         """
         rows: range | list[int] = range(start, stop)
-        values = col.values(start, stop)
-        if nulls:
+        values = column.plain.values(start, stop)
+        if column.nulls:
             rows = [i for i, v in zip(rows, values) if v is not None]
             values = [v for v in values if v is not None]
         first = self._reserve(dek, len(values))
         nonces = nonce_block(first, len(values))
-        aad = self._aads(dek, name, value_type, bindings, rows)
+        aad = self._aads(dek, column, rows)
         aads = repeat(aad) if isinstance(aad, bytes) else aad
         bodies = list(map(dek.aead.encrypt, _nonce_list(nonces), values, aads))
         return SealedPart(dek.dek_id, nonces, rows, bodies)
 
-    def _seal_native(
-        self,
-        dek: _ActiveDek,
-        name: str,
-        value_type: str,
-        col: PlainColumn,
-        start: int,
-        stop: int,
-        bindings: Sequence[Mapping[str, bytes]] | None,
-        *,
-        nulls: bool,
-    ) -> SealedPart:
+    def _seal_native(self, dek: _ActiveDek, column: _SealColumn, start: int, stop: int) -> SealedPart:
         """`_seal_part` in one native kernel call: the same nonces, the same bytes, nulls kept in place.
 
         The run's nonces are reserved before the call, so a failure part way
         never lets a later call take them again.
         """
-        values = col.arrow(start, stop)
+        values = column.plain.arrow(start, stop)
         first = self._reserve(dek, native.cells_to_seal(values))
-        aad = self._aads(dek, name, value_type, bindings, range(start, stop))
+        aad = self._aads(dek, column, range(start, stop))
         assert dek.cell_key is not None
         framed = native.seal_cells(dek.cell_key.view(), dek.dek_id, first, values, aad)
         return SealedPart(dek.dek_id, _NO_NONCES, range(start, stop), [], framed)
@@ -611,18 +589,11 @@ class DekScope:
         dek.next_nonce = first + count
         return first
 
-    def _aads(
-        self,
-        dek: _ActiveDek,
-        name: str,
-        value_type: str,
-        bindings: Sequence[Mapping[str, bytes]] | None,
-        rows: Sequence[int],
-    ) -> bytes | list[bytes]:
-        """One associated data for every cell (no bindings), or one per row of `rows`."""
-        if bindings is None:
-            return self._aad(dek, name, value_type, None)
-        return [self._aad(dek, name, value_type, bindings[i]) for i in rows]
+    def _aads(self, dek: _ActiveDek, column: _SealColumn, rows: Sequence[int]) -> bytes | list[bytes]:
+        """One associated data for every cell of `column` (no bindings), or one per row of `rows`."""
+        if column.bindings is None:
+            return self._aad(dek, column.name, column.value_type, None)
+        return [self._aad(dek, column.name, column.value_type, column.bindings[i]) for i in rows]
 
     def _aad(self, dek: _ActiveDek, name: str, value_type: str, row_bindings: Mapping[str, bytes] | None) -> bytes:
         """The encoded associated data of a cell of field `name` under `dek` (with its row's bindings, if any)."""
@@ -640,6 +611,18 @@ class DekScope:
 
 
 _NO_NONCES = np.empty((0, NONCE_BYTES), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class _SealColumn:
+    """One column of a seal: its field name and type descriptor (both in the cell AAD), its plain values,
+    the rows' bindings (None: unbound) and whether it holds any null."""
+
+    name: str
+    value_type: str
+    plain: PlainColumn
+    bindings: Sequence[Mapping[str, bytes]] | None
+    nulls: bool
 
 
 def check_types(fields: Sequence[str], types: Sequence[str]) -> list[str]:
