@@ -15,13 +15,13 @@ environment variables (useful for a local stack).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-__all__ = ["ClientSettings", "make_client", "error_code", "http_status", "request_id"]
+__all__ = ["ClientSettings", "ClientOwner", "make_client", "error_code", "http_status", "request_id"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +65,32 @@ def make_client(service: str, settings: ClientSettings) -> Any:
         endpoint_url=settings.endpoint_url,
         config=settings.config(),
     )
+
+
+class ClientOwner:
+    """``with`` support for an object holding a boto3 client in `_client`, built by it if `_owns_client`.
+
+    The subclass defines `close()` and calls `_close_client()` from it.
+    """
+
+    _client: Any
+    _owns_client: bool
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _close_client(self) -> None:
+        """Close the client if this object built it; an injected client stays open (it is the caller's)."""
+        if self._owns_client:
+            close = getattr(self._client, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def error_code(exc: ClientError) -> str:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from botocore.exceptions import BotoCoreError, ClientError
 
 from keyturn.audit.events import AuditEvent
-from keyturn.aws.clients import ClientSettings, error_code, make_client
+from keyturn.aws.clients import ClientOwner, ClientSettings, error_code, make_client
 from keyturn.errors import AuditSinkError, ConfigError
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def event_message(event: AuditEvent) -> str:
     return json.dumps(event.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-class CloudWatchAuditSink:
+class CloudWatchAuditSink(ClientOwner):
     """Buffers `AuditEvent`s and writes them to one CloudWatch Logs stream in batches."""
 
     def __init__(
@@ -176,16 +176,7 @@ class CloudWatchAuditSink:
                 return
             self._flush_locked()
             self._closed = True
-        if self._owns_client:
-            close = getattr(self._client, "close", None)
-            if close is not None:
-                close()
-
-    def __enter__(self) -> CloudWatchAuditSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._close_client()
 
     def __repr__(self) -> str:
         return f"CloudWatchAuditSink(group={self.log_group!r}, stream={self.log_stream!r}, pending={len(self._buffer)})"

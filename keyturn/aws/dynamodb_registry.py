@@ -121,7 +121,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
@@ -138,19 +138,20 @@ from keyturn.errors import (
     UnknownVersionError,
 )
 from keyturn.registry.base import (
-    ALLOWED_TRANSITIONS,
-    Inventory,
     KeyState,
     KeyVersion,
-    check_anchor_move,
-    check_invariants,
     LifecycleMethods,
+    Transition,
+    check_anchor_move,
+    check_history,
+    check_invariants,
     check_rotation,
     find_version,
-    plan_transition,
     require_text,
     require_version,
+    utc_now,
 )
+from keyturn.registry.base import from_text as _from_text, stored_state as _state, to_text as _to_text
 
 __all__ = ["DynamoDbKeyRegistry", "create_table", "SCHEMA_VERSION", "HEAD_SK"]
 
@@ -169,38 +170,6 @@ _ANCHOR_SK = "a#anchor"  # the audit anchor, in partition <name>#audit
 _TRANSACT_MAX = 100  # DynamoDB's cap on actions per TransactWriteItems
 _BATCH_GET_TRIES = 8  # BatchGetItem attempts while keys come back unprocessed
 _READABLE = (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)
-
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC (the default clock)."""
-    return datetime.now(timezone.utc)
-
-
-def _to_text(dt: datetime) -> str:
-    if dt.tzinfo is None or dt.utcoffset() is None:
-        raise ValueError(f"timestamps must be timezone-aware, got naive {dt!r}")
-    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _from_text(text: object, what: str) -> datetime:
-    try:
-        dt = datetime.fromisoformat(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as e:
-        raise RegistryInvariantError(f"stored {what} {text!r} is not an ISO-8601 timestamp") from e
-    if dt.tzinfo is None:
-        raise RegistryInvariantError(f"stored {what} {text!r} has no timezone")
-    return dt.astimezone(timezone.utc)
-
-
-def _state(text: object, what: str) -> KeyState:
-    try:
-        return KeyState(text)
-    except ValueError as e:
-        raise RegistryInvariantError(f"stored {what} {text!r} is not a key state") from e
-
-
-def _name(state: KeyState | None) -> str:
-    return "(new)" if state is None else state.value
-
 
 def _version_sk(version: int) -> str:
     return f"{_VERSION_PREFIX}{version:010d}"
@@ -236,12 +205,18 @@ def _n(item: dict[str, Any], key: str, what: str) -> int:
         raise RegistryInvariantError(f"stored {what} has a non-integer {key!r}") from e
 
 
-def _item_to_version(item: dict[str, Any]) -> KeyVersion:
+def _numbered(item: dict[str, Any], key: str, sk_of: Callable[[int], str], holds: str) -> tuple[int, str]:
+    """(number `key`, the item's name for messages) of an item whose sk must be `sk_of(number)`."""
     sk = item["sk"]["S"]
     what = f"item {sk!r}"
-    version = _n(item, "version", what)
-    if sk != _version_sk(version):
-        raise RegistryInvariantError(f"stored {what} holds version {version}")
+    number = _n(item, key, what)
+    if sk != sk_of(number):
+        raise RegistryInvariantError(f"stored {what} holds {holds} {number}")
+    return number, what
+
+
+def _item_to_version(item: dict[str, Any]) -> KeyVersion:
+    version, what = _numbered(item, "version", _version_sk, "version")
     where = f"version {version}"
     delete_after = _s(item, "delete_after", what, optional=True)
     return KeyVersion(
@@ -274,11 +249,7 @@ def _version_to_item(pk: str, v: KeyVersion) -> dict[str, Any]:
 
 
 def _item_to_history(item: dict[str, Any]) -> dict[str, Any]:
-    sk = item["sk"]["S"]
-    what = f"item {sk!r}"
-    entry_id = _n(item, "id", what)
-    if sk != _history_sk(entry_id):
-        raise RegistryInvariantError(f"stored {what} holds history id {entry_id}")
+    entry_id, what = _numbered(item, "id", _history_sk, "history id")
     where = f"history row {entry_id}"
     from_state = _s(item, "from_state", what, optional=True)
     return {
@@ -442,26 +413,7 @@ def _validate(head: _Head | None, versions: list[KeyVersion], history: list[dict
     ids = [h["id"] for h in history]
     if ids != list(range(1, len(ids) + 1)):
         raise RegistryInvariantError(f"history ids must be 1..n without gaps, found {ids}")
-    replayed: dict[int, KeyState] = {}
-    for h in history:
-        v, src, dst = h["version"], h["from_state"], h["to_state"]
-        if replayed.get(v) != src:
-            raise RegistryInvariantError(
-                f"history row {h['id']} moves version {v} from {_name(src)}, "
-                f"but its recorded state was {_name(replayed.get(v))}"
-            )
-        legal = dst is KeyState.ACTIVE if src is None else (src, dst) in ALLOWED_TRANSITIONS
-        if not legal:
-            raise RegistryInvariantError(f"history row {h['id']} records a forbidden transition {_name(src)} -> {_name(dst)}")
-        replayed[v] = dst
-    stored = {v.version: v.state for v in versions}
-    if replayed != stored:
-        diff = sorted(
-            f"v{n}: stored {_name(stored.get(n))}, history {_name(replayed.get(n))}"
-            for n in set(stored) | set(replayed)
-            if stored.get(n) != replayed.get(n)
-        )
-        raise RegistryInvariantError("stored states disagree with history: " + "; ".join(diff))
+    check_history(versions, history)
 
 
 class _Conflict(Exception):
@@ -734,31 +686,21 @@ class DynamoDbKeyRegistry(LifecycleMethods):
     def _empty_error(self) -> RegistryError:
         return RegistryError(f"key registry {self._pk!r} in table {self._table!r} is empty; call initialize() first")
 
-    def _transition(
-        self,
-        op: str,
-        version: int,
-        actor: str,
-        reason: str,
-        inventory: Inventory | None = None,
-        pending_days: int | None = None,
-    ) -> KeyVersion:
-        guarded = op in ("retire", "schedule_deletion")
+    def _transition(self, change: Transition) -> KeyVersion:
+        version = change.version
 
         def apply(versions: list[KeyVersion], now: datetime) -> _Plan:
             # The counter is read here and the commit is conditional on it still being 0,
             # so no registration or rewrap onto the version can slip in between.
-            refs = self._dek_refs(version) if guarded and 1 <= version <= len(versions) else 0
-            current, dst, delete_after = plan_transition(
-                versions, version, op, inventory=inventory, now=now, pending_days=pending_days, directory_refs=refs
-            )
+            refs = self._dek_refs(version) if change.guarded and 1 <= version <= len(versions) else 0
+            current, dst, delete_after = change.plan(versions, now, directory_refs=refs)
             src = current.state
             changed = replace(current, state=dst, state_changed_at=now, delete_after=delete_after)
             return _Plan(
                 result=version,
                 changed=[(changed, src)],
-                history=[self._history_row(version, src, dst, now, actor, reason)],
-                conditions=[self._no_entries_check(version)] if guarded else [],
+                history=[self._history_row(version, src, dst, now, change.actor, change.reason)],
+                conditions=[self._no_entries_check(version)] if change.guarded else [],
             )
 
         return self._write(apply)

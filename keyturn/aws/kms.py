@@ -59,7 +59,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from keyturn.aws.clients import ClientSettings, error_code, http_status, make_client, request_id
+from keyturn.aws.clients import ClientOwner, ClientSettings, error_code, http_status, make_client, request_id
 from keyturn.context import encode_context
 from keyturn.errors import (
     DecryptionError,
@@ -71,7 +71,7 @@ from keyturn.errors import (
     KmsUnavailableError,
 )
 from keyturn.format import DEK_BYTES
-from keyturn.kms.base import GeneratedDataKey, RewrappedDataKey, UnwrappedDataKey
+from keyturn.kms.base import BoundKek, GeneratedDataKey, KmsBackend, RewrappedDataKey, UnwrappedDataKey, check_context
 from keyturn.kms.decorators import TokenBucket
 from keyturn.secret import SecretKey
 
@@ -123,11 +123,7 @@ def bind_context(context: Mapping[str, str]) -> dict[str, str]:
 
     `TypeError` unless `context` maps str to str; `ValueError` if it uses the reserved key.
     """
-    if not isinstance(context, Mapping):
-        raise TypeError(f"context must be a mapping of str to str, not {type(context).__name__}")
-    for key, value in context.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"context must map str to str, got {type(key).__name__} -> {type(value).__name__}")
+    check_context(context)
     if BINDING_KEY in context:
         raise ValueError(f"context key {BINDING_KEY!r} is reserved for keyturn's context binding")
     digest = hashlib.sha256(encode_context(context)).hexdigest()
@@ -143,7 +139,7 @@ def _check_wrapped(wrapped: object) -> bytes:
     return data
 
 
-class AwsKms:
+class AwsKms(ClientOwner, KmsBackend):
     """`KmsBackend` over AWS KMS; see the module docstring for contracts and error mapping."""
 
     def __init__(
@@ -256,30 +252,23 @@ class AwsKms:
         del plaintext
         return UnwrappedDataKey(plaintext=dek, request_id=request_id(response, "aws-kms"))
 
-    def rewrap(
-        self,
-        wrapped: bytes,
-        *,
-        source_kek_id: str,
-        source_context: Mapping[str, str],
-        destination_kek_id: str,
-        destination_context: Mapping[str, str],
-    ) -> RewrappedDataKey:
-        """ReEncrypt inside KMS from `source_kek_id` to `destination_kek_id`; the DEK never leaves KMS."""
+    def _rewrap(self, wrapped: bytes, source: BoundKek, destination: BoundKek) -> RewrappedDataKey:
+        """ReEncrypt inside KMS from the source KEK to the destination KEK; the DEK never leaves KMS."""
+        (source_kek_id, source_context), (destination_kek_id, destination_context) = source, destination
         _check_kek_id(source_kek_id)
         _check_kek_id(destination_kek_id)
-        source = bind_context(source_context)
-        destination = bind_context(destination_context)
+        source_bound = bind_context(source_context)
+        destination_bound = bind_context(destination_context)
         data = _check_wrapped(wrapped)
         response = self._call(
             "re_encrypt",
             source_kek_id,
             CiphertextBlob=data,
             SourceKeyId=source_kek_id,
-            SourceEncryptionContext=source,
+            SourceEncryptionContext=source_bound,
             SourceEncryptionAlgorithm=_ALGORITHM,
             DestinationKeyId=destination_kek_id,
-            DestinationEncryptionContext=destination,
+            DestinationEncryptionContext=destination_bound,
             DestinationEncryptionAlgorithm=_ALGORITHM,
         )
         new = response.get("CiphertextBlob")
@@ -338,16 +327,7 @@ class AwsKms:
         self._closed = True
         if self._limiter is not None:
             self._client.meta.events.unregister("before-send.kms", unique_id=self._hook_id)
-        if self._owns_client:
-            close = getattr(self._client, "close", None)
-            if close is not None:
-                close()
-
-    def __enter__(self) -> AwsKms:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._close_client()
 
     def __repr__(self) -> str:
         if self._settings is None:

@@ -25,7 +25,19 @@ from typing import Protocol, runtime_checkable
 
 from keyturn.secret import SecretKey
 
-__all__ = ["KmsBackend", "GeneratedDataKey", "UnwrappedDataKey", "RewrappedDataKey", "KmsCallLog", "CountingKms"]
+__all__ = [
+    "KmsBackend",
+    "BoundKek",
+    "check_context",
+    "GeneratedDataKey",
+    "UnwrappedDataKey",
+    "RewrappedDataKey",
+    "KmsCallLog",
+    "CountingKms",
+]
+
+#: (kek_id, context): a KEK and the encryption context a DEK is bound to under it.
+BoundKek = tuple[str, Mapping[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +67,23 @@ class RewrappedDataKey:
     request_id: str
 
 
+def check_context(context: object) -> Mapping[str, str]:
+    """`context` if it is a mapping of str to str; `TypeError` otherwise."""
+    if not isinstance(context, Mapping):
+        raise TypeError(f"context must be a mapping of str to str, not {type(context).__name__}")
+    for key, value in context.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"context must map str to str, got {type(key).__name__} -> {type(value).__name__}")
+    return context
+
+
 @runtime_checkable
 class KmsBackend(Protocol):
-    """Generate, unwrap and rewrap data keys under KEKs."""
+    """Generate, unwrap and rewrap data keys under KEKs.
+
+    A backend that subclasses it explicitly inherits `rewrap` and
+    implements `_rewrap(wrapped, source, destination)` (each a `BoundKek`).
+    """
 
     def generate_data_key(self, kek_id: str, context: Mapping[str, str]) -> GeneratedDataKey:
         """Make a new random 32-byte DEK wrapped under `kek_id`, bound to `context`."""
@@ -77,7 +103,8 @@ class KmsBackend(Protocol):
         destination_context: Mapping[str, str],
     ) -> RewrappedDataKey:
         """Re-wrap a DEK under `destination_kek_id` (AWS ReEncrypt)."""
-        ...
+        source, destination = (source_kek_id, source_context), (destination_kek_id, destination_context)
+        return self._rewrap(wrapped, source, destination)  # type: ignore[attr-defined]
 
 
 # Moved to keyturn.kms.decorators (the one module of KMS wrappers); importable from here as before.

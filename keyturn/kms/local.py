@@ -72,7 +72,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from keyturn.fsutil import write_file_atomically
 from keyturn.context import encode_context
 from keyturn.errors import DecryptionError, KeystoreError, KmsAccessDeniedError, KmsClosedError, KmsKeyNotFoundError
-from keyturn.kms.base import GeneratedDataKey, RewrappedDataKey, UnwrappedDataKey
+from keyturn.kms.base import BoundKek, GeneratedDataKey, KmsBackend, RewrappedDataKey, UnwrappedDataKey, check_context
 from keyturn.secret import SecretKey
 
 __all__ = [
@@ -135,13 +135,7 @@ def _check_kek_id(kek_id: object) -> str:
 
 def _wrap_aad(kek_id: str, context: Mapping[str, str]) -> bytes:
     """Associated data of a wrapped DEK; `TypeError` unless `context` maps str to str."""
-    if not isinstance(context, Mapping):
-        raise TypeError(f"context must be a mapping of str to str, not {type(context).__name__}")
-    for key, value in context.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(
-                f"context must map str to str, got {type(key).__name__} -> {type(value).__name__}"
-            )
+    check_context(context)
     if RESERVED_CONTEXT_KEY in context:
         raise ValueError(f"context key {RESERVED_CONTEXT_KEY!r} is reserved for the KEK id")
     return encode_context({RESERVED_CONTEXT_KEY: kek_id, **context})
@@ -361,7 +355,7 @@ def _serialize(doc: _Doc) -> bytes:
 # --------------------------------------------------------------------------- LocalKms
 
 
-class LocalKms:
+class LocalKms(KmsBackend):
     """Embedded SINGLE-NODE KMS implementing `KmsBackend`; see the module docstring.
 
     Build with `LocalKms.create`, `LocalKms.open` (same as the constructor)
@@ -712,26 +706,19 @@ class LocalKms:
         aead = self._usable(kek_id)
         return UnwrappedDataKey(plaintext=self._unwrap(aead, data, aad), request_id=self._request_id())
 
-    def rewrap(
-        self,
-        wrapped: bytes,
-        *,
-        source_kek_id: str,
-        source_context: Mapping[str, str],
-        destination_kek_id: str,
-        destination_context: Mapping[str, str],
-    ) -> RewrappedDataKey:
+    def _rewrap(self, wrapped: bytes, source: BoundKek, destination: BoundKek) -> RewrappedDataKey:
         """Unwrap under the source and re-wrap under the destination, inside the KMS."""
+        (source_kek_id, source_context), (destination_kek_id, destination_context) = source, destination
         _check_kek_id(source_kek_id)
         _check_kek_id(destination_kek_id)
         data = self._check_wrapped(wrapped)
         source_aad = _wrap_aad(source_kek_id, source_context)
         destination_aad = _wrap_aad(destination_kek_id, destination_context)
-        source = self._usable(source_kek_id)
-        destination = self._usable(destination_kek_id)
-        dek = self._unwrap(source, data, source_aad)
+        source_aead = self._usable(source_kek_id)
+        destination_aead = self._usable(destination_kek_id)
+        dek = self._unwrap(source_aead, data, source_aad)
         try:
-            new = self._wrap(destination, dek.material, destination_aad)
+            new = self._wrap(destination_aead, dek.material, destination_aad)
         finally:
             dek.wipe()
         return RewrappedDataKey(wrapped=new, kek_id=destination_kek_id, request_id=self._request_id())

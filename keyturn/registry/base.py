@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import enum
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from keyturn.errors import (
     ConcurrentModificationError,
@@ -49,7 +49,14 @@ __all__ = [
     "require_text",
     "require_version",
     "LifecycleMethods",
+    "Transition",
     "check_anchor_move",
+    "check_history",
+    "utc_now",
+    "to_text",
+    "from_text",
+    "stored_state",
+    "state_name",
 ]
 
 
@@ -172,6 +179,42 @@ def check_anchor_move(seq: object, digest: object, expected: tuple[int, str] | N
     return seq, digest
 
 
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC (the backends' default clock)."""
+    return datetime.now(timezone.utc)
+
+
+def to_text(dt: datetime) -> str:
+    """Fixed-width ISO-8601 UTC, so stored strings also sort by time (how every backend stores timestamps)."""
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"timestamps must be timezone-aware, got naive {dt!r}")
+    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def from_text(text: object, what: str) -> datetime:
+    """A stored timestamp as aware UTC; `RegistryInvariantError` naming `what` if it is not one."""
+    try:
+        dt = datetime.fromisoformat(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise RegistryInvariantError(f"stored {what} {text!r} is not an ISO-8601 timestamp") from e
+    if dt.tzinfo is None:
+        raise RegistryInvariantError(f"stored {what} {text!r} has no timezone")
+    return dt.astimezone(timezone.utc)
+
+
+def stored_state(text: object, what: str) -> KeyState:
+    """A stored state; `RegistryInvariantError` naming `what` if it is not a `KeyState` value."""
+    try:
+        return KeyState(text)
+    except ValueError as e:
+        raise RegistryInvariantError(f"stored {what} {text!r} is not a key state") from e
+
+
+def state_name(state: KeyState | None) -> str:
+    """`state` for messages; "(new)" for None (a version's creation in history)."""
+    return "(new)" if state is None else state.value
+
+
 def check_invariants(versions: Sequence[KeyVersion]) -> None:
     """Raise `RegistryInvariantError` unless `versions` is a valid registry state.
 
@@ -193,12 +236,46 @@ def check_invariants(versions: Sequence[KeyVersion]) -> None:
             raise RegistryInvariantError(f"version {v.version} is pending deletion without delete_after")
 
 
+def check_history(versions: Sequence[KeyVersion], history: Iterable[Mapping[str, Any]]) -> None:
+    """Raise `RegistryInvariantError` unless replaying `history` (oldest first) reproduces every version's state.
+
+    Rows have the keys of a backend's ``history()``; each must move its
+    version from the state the rows before left it in, by an allowed
+    transition (or create it as active).
+    """
+    replayed: dict[int, KeyState] = {}
+    for h in history:
+        v, src, dst = h["version"], h["from_state"], h["to_state"]
+        if replayed.get(v) != src:
+            raise RegistryInvariantError(
+                f"history row {h['id']} moves version {v} from {state_name(src)}, "
+                f"but its recorded state was {state_name(replayed.get(v))}"
+            )
+        legal = dst is KeyState.ACTIVE if src is None else (src, dst) in ALLOWED_TRANSITIONS
+        if not legal:
+            raise RegistryInvariantError(
+                f"history row {h['id']} records a forbidden transition {state_name(src)} -> {state_name(dst)}"
+            )
+        replayed[v] = dst
+    stored = {v.version: v.state for v in versions}
+    if replayed != stored:
+        diff = sorted(
+            f"v{n}: stored {state_name(stored.get(n))}, history {state_name(replayed.get(n))}"
+            for n in set(stored) | set(replayed)
+            if stored.get(n) != replayed.get(n)
+        )
+        raise RegistryInvariantError("stored states disagree with history: " + "; ".join(diff))
+
+
 # Which states each lifecycle operation starts from, and where it leads.
 TRANSITIONS_BY_OPERATION: dict[str, tuple[frozenset[KeyState], KeyState]] = {
     "retire": (frozenset({KeyState.DECRYPT_ONLY}), KeyState.RETIRED),
     "schedule_deletion": (frozenset({KeyState.RETIRED}), KeyState.PENDING_DELETION),
     "reinstate": (frozenset({KeyState.RETIRED, KeyState.PENDING_DELETION}), KeyState.DECRYPT_ONLY),
 }
+
+# The operations refused while DEK directory entries are wrapped under the version.
+_GUARDED_OPERATIONS = frozenset({"retire", "schedule_deletion"})
 
 
 def find_version(versions: Sequence[KeyVersion], version: int) -> KeyVersion:
@@ -240,7 +317,7 @@ def plan_transition(
         raise InvalidTransitionError(
             f"cannot {op} version {version}: transition {src.value} -> {dst.value} is not allowed ({hint})"
         )
-    if op in ("retire", "schedule_deletion") and directory_refs > 0:
+    if op in _GUARDED_OPERATIONS and directory_refs > 0:
         raise VersionInUseError(
             f"cannot {op} version {version}: the DEK directory holds {directory_refs} DEK(s) wrapped under it; "
             "run `keyturn rewrap` to move them onto the active version first"
@@ -289,13 +366,43 @@ def require_version(version: object) -> int:
     return version
 
 
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One lifecycle change, its arguments checked: `op` (a key of `TRANSITIONS_BY_OPERATION`) on `version`."""
+
+    op: str
+    version: int
+    actor: str
+    reason: str
+    inventory: Inventory | None = None
+    pending_days: int | None = None
+
+    @property
+    def guarded(self) -> bool:
+        """Is it refused while DEK directory entries are wrapped under the version?"""
+        return self.op in _GUARDED_OPERATIONS
+
+    def plan(
+        self, versions: Sequence[KeyVersion], now: datetime, directory_refs: int = 0
+    ) -> tuple[KeyVersion, KeyState, datetime | None]:
+        """`plan_transition` for this change: (current, new state, delete_after)."""
+        return plan_transition(
+            versions,
+            self.version,
+            self.op,
+            inventory=self.inventory,
+            now=now,
+            pending_days=self.pending_days,
+            directory_refs=directory_refs,
+        )
+
+
 class LifecycleMethods:
     """retire / schedule_deletion / reinstate / due_for_deletion for any backend.
 
     A backend sets `self._clock`, implements `check()` (validated versions)
-    and `_transition(op, version, actor, reason, inventory=, pending_days=)`
-    as one atomic write that calls `plan_transition`; the argument checks and
-    the clock check live here, once.
+    and `_transition(change)` as one atomic write that calls `change.plan`;
+    the argument checks and the clock check live here, once.
     """
 
     _clock: Callable[[], datetime]
@@ -324,15 +431,7 @@ class LifecycleMethods:
             if v.state is KeyState.PENDING_DELETION and v.delete_after is not None and v.delete_after <= when
         ]
 
-    def _transition(
-        self,
-        op: str,
-        version: int,
-        actor: str,
-        reason: str,
-        inventory: Inventory | None = None,
-        pending_days: int | None = None,
-    ) -> KeyVersion:
+    def _transition(self, change: Transition) -> KeyVersion:
         raise NotImplementedError
 
     def retire(self, version: int, *, actor: str, reason: str, inventory: Inventory | None = None) -> KeyVersion:
@@ -343,7 +442,7 @@ class LifecycleMethods:
         require_version(version)
         require_text("actor", actor)
         require_text("reason", reason)
-        return self._transition("retire", version, actor, reason, inventory=inventory)
+        return self._transition(Transition("retire", version, actor, reason, inventory=inventory))
 
     def schedule_deletion(
         self, version: int, *, actor: str, reason: str, inventory: Inventory | None = None, pending_days: int
@@ -361,7 +460,7 @@ class LifecycleMethods:
         if pending_days < 0:
             raise ValueError(f"pending_days must be >= 0, got {pending_days}")
         return self._transition(
-            "schedule_deletion", version, actor, reason, inventory=inventory, pending_days=pending_days
+            Transition("schedule_deletion", version, actor, reason, inventory=inventory, pending_days=pending_days)
         )
 
     def reinstate(self, version: int, *, actor: str, reason: str) -> KeyVersion:
@@ -369,4 +468,4 @@ class LifecycleMethods:
         require_version(version)
         require_text("actor", actor)
         require_text("reason", reason)
-        return self._transition("reinstate", version, actor, reason)
+        return self._transition(Transition("reinstate", version, actor, reason))

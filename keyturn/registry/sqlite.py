@@ -48,33 +48,27 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, TypeVar
 
 from keyturn.contract import DatasetContract
 from keyturn.directory import LOOKUP_BATCH, DekEntry, check_contract_revisions, check_new_entries, check_rewrap
-from keyturn.errors import (
-    ConcurrentModificationError,
-    ContractError,
-    DirectoryError,
-    RegistryError,
-    RegistryInvariantError,
-    UnknownVersionError,
-)
+from keyturn.errors import ConcurrentModificationError, ContractError, DirectoryError, RegistryError, UnknownVersionError
 from keyturn.registry.base import (
-    ALLOWED_TRANSITIONS,
-    Inventory,
     KeyState,
     KeyVersion,
-    check_anchor_move,
-    check_invariants,
     LifecycleMethods,
-    find_version,
+    Transition,
+    check_anchor_move,
+    check_history,
+    check_invariants,
     check_rotation,
-    plan_transition,
+    find_version,
     require_text,
     require_version,
+    utc_now,
 )
+from keyturn.registry.base import from_text as _from_text, stored_state as _state, to_text as _to_text
 
 __all__ = ["SqliteKeyRegistry", "SCHEMA_VERSION"]
 
@@ -86,6 +80,20 @@ SCHEMA_VERSION = 2
 _T = TypeVar("_T")
 
 _STATES_SQL = ", ".join(f"'{s.value}'" for s in KeyState)
+
+def _refuse(trigger: str, event: str, table: str, message: str, when: str = "") -> str:
+    """A trigger that aborts every `event` (UPDATE or DELETE) on `table` (optionally only `when`) with `message`."""
+    condition = f"WHEN {when}\n" if when else ""
+    return f"""CREATE TRIGGER IF NOT EXISTS {trigger} BEFORE {event} ON {table}
+{condition}BEGIN
+    SELECT RAISE(ABORT, '{message}');
+END;"""
+
+
+def _append_only(table: str, message: str) -> str:
+    """Triggers refusing UPDATE and DELETE on `table`."""
+    return "\n".join(_refuse(f"{table}_no_{event.lower()}", event, table, message) for event in ("UPDATE", "DELETE"))
+
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS versions (
@@ -108,18 +116,8 @@ CREATE TABLE IF NOT EXISTS history (
     reason     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS history_by_version ON history (version, id);
-CREATE TRIGGER IF NOT EXISTS versions_never_deleted BEFORE DELETE ON versions
-BEGIN
-    SELECT RAISE(ABORT, 'key versions are never deleted; they stay for audit');
-END;
-CREATE TRIGGER IF NOT EXISTS history_no_update BEFORE UPDATE ON history
-BEGIN
-    SELECT RAISE(ABORT, 'history is append-only');
-END;
-CREATE TRIGGER IF NOT EXISTS history_no_delete BEFORE DELETE ON history
-BEGIN
-    SELECT RAISE(ABORT, 'history is append-only');
-END;
+{_refuse("versions_never_deleted", "DELETE", "versions", "key versions are never deleted; they stay for audit")}
+{_append_only("history", "history is append-only")}
 CREATE TABLE IF NOT EXISTS deks (
     dek_id            BLOB PRIMARY KEY CHECK (length(dek_id) = 16),
     dataset           TEXT NOT NULL,
@@ -134,10 +132,7 @@ CREATE TABLE IF NOT EXISTS deks (
     updated_at        TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deks_by_version ON deks (key_version, dek_id);
-CREATE TRIGGER IF NOT EXISTS deks_never_deleted BEFORE DELETE ON deks
-BEGIN
-    SELECT RAISE(ABORT, 'DEK directory entries are never deleted');
-END;
+{_refuse("deks_never_deleted", "DELETE", "deks", "DEK directory entries are never deleted")}
 CREATE TABLE IF NOT EXISTS contracts (
     dataset    TEXT PRIMARY KEY,
     revision   INTEGER NOT NULL CHECK (revision >= 1),
@@ -153,29 +148,15 @@ CREATE TABLE IF NOT EXISTS contract_history (
     actor    TEXT NOT NULL,
     reason   TEXT NOT NULL
 );
-CREATE TRIGGER IF NOT EXISTS contract_history_no_update BEFORE UPDATE ON contract_history
-BEGIN
-    SELECT RAISE(ABORT, 'contract history is append-only');
-END;
-CREATE TRIGGER IF NOT EXISTS contract_history_no_delete BEFORE DELETE ON contract_history
-BEGIN
-    SELECT RAISE(ABORT, 'contract history is append-only');
-END;
+{_append_only("contract_history", "contract history is append-only")}
 CREATE TABLE IF NOT EXISTS audit_anchor (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
     seq        INTEGER NOT NULL CHECK (seq >= 0),
     hash       TEXT NOT NULL CHECK (length(hash) = 64),
     updated_at TEXT NOT NULL
 );
-CREATE TRIGGER IF NOT EXISTS audit_anchor_forward_only BEFORE UPDATE ON audit_anchor
-WHEN NEW.seq <= OLD.seq
-BEGIN
-    SELECT RAISE(ABORT, 'the audit anchor only moves forward');
-END;
-CREATE TRIGGER IF NOT EXISTS audit_anchor_never_deleted BEFORE DELETE ON audit_anchor
-BEGIN
-    SELECT RAISE(ABORT, 'the audit anchor is never deleted');
-END;
+{_refuse("audit_anchor_forward_only", "UPDATE", "audit_anchor", "the audit anchor only moves forward", when="NEW.seq <= OLD.seq")}
+{_refuse("audit_anchor_never_deleted", "DELETE", "audit_anchor", "the audit anchor is never deleted")}
 """
 
 _DEK_COLUMNS = (
@@ -183,37 +164,6 @@ _DEK_COLUMNS = (
 )
 
 _VERSION_COLUMNS = "version, kek_id, state, created_at, actor, reason, state_changed_at, delete_after"
-
-# Which source states each public operation accepts. ALLOWED_TRANSITIONS is
-# checked as well; the active -> decrypt_only edge is reachable only by rotate.
-def utc_now() -> datetime:
-    """The current time, timezone-aware UTC (the default clock)."""
-    return datetime.now(timezone.utc)
-
-
-def _to_text(dt: datetime) -> str:
-    """Fixed-width ISO-8601 UTC, so stored strings also sort by time."""
-    if dt.tzinfo is None or dt.utcoffset() is None:
-        raise ValueError(f"timestamps must be timezone-aware, got naive {dt!r}")
-    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _from_text(text: str, what: str) -> datetime:
-    try:
-        dt = datetime.fromisoformat(text)
-    except (TypeError, ValueError) as e:
-        raise RegistryInvariantError(f"stored {what} {text!r} is not an ISO-8601 timestamp") from e
-    if dt.tzinfo is None:
-        raise RegistryInvariantError(f"stored {what} {text!r} has no timezone")
-    return dt.astimezone(timezone.utc)
-
-
-def _state(text: str | None, what: str) -> KeyState:
-    try:
-        return KeyState(text)
-    except ValueError as e:
-        raise RegistryInvariantError(f"stored {what} {text!r} is not a key state") from e
-
 
 def _row_to_version(row: Sequence[Any]) -> KeyVersion:
     version, kek_id, state, created_at, actor, reason, changed_at, delete_after = row
@@ -328,28 +278,7 @@ class SqliteKeyRegistry(LifecycleMethods):
     def _validate(cls, conn: sqlite3.Connection, versions: list[KeyVersion]) -> None:
         """`check_invariants`, plus: replaying `history` reproduces every version's state."""
         check_invariants(versions)
-        replayed: dict[int, KeyState] = {}
-        for h in cls._load_history(conn):
-            v, src, dst = h["version"], h["from_state"], h["to_state"]
-            if replayed.get(v) != src:
-                raise RegistryInvariantError(
-                    f"history row {h['id']} moves version {v} from {_name(src)}, "
-                    f"but its recorded state was {_name(replayed.get(v))}"
-                )
-            legal = dst is KeyState.ACTIVE if src is None else (src, dst) in ALLOWED_TRANSITIONS
-            if not legal:
-                raise RegistryInvariantError(
-                    f"history row {h['id']} records a forbidden transition {_name(src)} -> {_name(dst)}"
-                )
-            replayed[v] = dst
-        stored = {v.version: v.state for v in versions}
-        if replayed != stored:
-            diff = sorted(
-                f"v{n}: stored {_name(stored.get(n))}, history {_name(replayed.get(n))}"
-                for n in set(stored) | set(replayed)
-                if stored.get(n) != replayed.get(n)
-            )
-            raise RegistryInvariantError("stored states disagree with history: " + "; ".join(diff))
+        check_history(versions, cls._load_history(conn))
 
     def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run `fn` in one read transaction (one consistent snapshot)."""
@@ -419,22 +348,12 @@ class SqliteKeyRegistry(LifecycleMethods):
         )
         SqliteKeyRegistry._set_state(conn, version, None, KeyState.ACTIVE, now, actor, reason)
 
-    def _transition(
-        self,
-        op: str,
-        version: int,
-        actor: str,
-        reason: str,
-        inventory: Inventory | None = None,
-        pending_days: int | None = None,
-    ) -> KeyVersion:
+    def _transition(self, change: Transition) -> KeyVersion:
         def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> KeyVersion:
-            refs = conn.execute("SELECT COUNT(*) FROM deks WHERE key_version = ?", (version,)).fetchone()[0]
-            current, dst, delete_after = plan_transition(
-                versions, version, op, inventory=inventory, now=now, pending_days=pending_days, directory_refs=refs
-            )
-            self._set_state(conn, version, current.state, dst, now, actor, reason, delete_after)
-            return self._find(self._load(conn), version)
+            refs = conn.execute("SELECT COUNT(*) FROM deks WHERE key_version = ?", (change.version,)).fetchone()[0]
+            current, dst, delete_after = change.plan(versions, now, directory_refs=refs)
+            self._set_state(conn, change.version, current.state, dst, now, change.actor, change.reason, delete_after)
+            return self._find(self._load(conn), change.version)
 
         return self._write(apply)
 
@@ -747,10 +666,6 @@ def _row_to_entry(row: Sequence[Any]) -> DekEntry:
         actor=actor,
         contract_revision=int(revision),
     )
-
-
-def _name(state: KeyState | None) -> str:
-    return "(new)" if state is None else state.value
 
 
 def _anchor_name(anchor: tuple[int, str] | None) -> str:
