@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Tuple
 
@@ -203,6 +203,27 @@ def _batch_options() -> PipelineOptions:
     return PipelineOptions(flags=[], runner="DirectRunner", direct_num_workers=1, direct_running_mode="in_memory")
 
 
+def _core_loop(
+    kms: KmsBackend, policy: KeyPolicy, batches: Iterable[tuple[str, pa.RecordBatch]], deks: list[int] | None = None
+) -> int:
+    """The work without Beam: `encrypt_batch` per batch, one `DekScope` per partition (all closed at
+    the end; their DEKs generated appended to `deks` when given). Returns the rows encrypted."""
+    scopes: dict[str, DekScope] = {}
+    n = 0
+    try:
+        for partition, batch in batches:
+            scope = scopes.get(partition)
+            if scope is None:
+                scope = scopes[partition] = DekScope(kms, policy.active, Location(DATASET, partition))
+            n += encrypt_batch(batch, COLUMNS, scope).num_rows
+    finally:
+        if deks is not None:
+            deks.append(sum(s.stats.deks_generated for s in scopes.values()))
+        for s in scopes.values():
+            s.close()
+    return n
+
+
 # --------------------------------------------------------------------------- overhead
 
 
@@ -231,19 +252,7 @@ def run_overhead(
             core_calls: list[int] = []
 
             def core() -> int:
-                scopes: dict[str, DekScope] = {}
-                n = 0
-                try:
-                    for partition, batch in batches:
-                        scope = scopes.get(partition)
-                        if scope is None:
-                            scope = scopes[partition] = DekScope(kms, policy.active, Location(DATASET, partition))
-                        n += encrypt_batch(batch, COLUMNS, scope).num_rows
-                finally:
-                    core_calls.append(sum(s.stats.deks_generated for s in scopes.values()))
-                    for s in scopes.values():
-                        s.close()
-                return n
+                return _core_loop(kms, policy, batches, core_calls)
 
             pipeline_metrics: list[dict[str, int]] = []
 
@@ -511,19 +520,7 @@ def run_workers(
         policy = KeyPolicy.from_registry(keys.open_registry())
 
         def core() -> int:
-            scopes: dict[str, DekScope] = {}
-            n = 0
-            try:
-                for i in range(n_batches):
-                    partition, batch = maker(i)
-                    scope = scopes.get(partition)
-                    if scope is None:
-                        scope = scopes[partition] = DekScope(kms, policy.active, Location(DATASET, partition))
-                    n += encrypt_batch(batch, COLUMNS, scope).num_rows
-            finally:
-                for s in scopes.values():
-                    s.close()
-            return n
+            return _core_loop(kms, policy, (maker(i) for i in range(n_batches)))
 
         def check(name: str, n: int) -> None:
             if n != rows:

@@ -29,13 +29,14 @@ Subjects, all on the same values, interleaved round by round:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from benchmarks.bench_cells import COLUMN, KEK_ID, SEED, _policy, make_batch
-from benchmarks.common import Ratio, measure_rounds, profile_top, rate
+from benchmarks.common import Ratio, Timing, measure_rounds, profile_top, rate
 from keyturn.arrow_codec import decrypt_batch, encrypt_batch
 from keyturn.kms.base import CountingKms
 from keyturn.kms.local import LocalKms
@@ -145,18 +146,11 @@ def run(
         if n != sizes[name]:
             raise AssertionError(f"{name} encrypt returned {n} values, expected {sizes[name]}")
 
-    enc = measure_rounds(
-        {
-            "keyturn": keyturn_encrypt,
-            "bare_aesgcm": bare_encrypt,
-            "tink": tink_encrypt,
-            "esdk": esdk_encrypt,
-            "esdk_cached": esdk_cached_encrypt,
-        },
-        runs=runs,
-        warmup=warmup,
-        check=check_encrypt,
-    )
+    def measure(fns: tuple[Callable[[], Any], ...], check: Callable[[str, Any], None]) -> dict[str, Timing]:
+        # one callable per peer, in the order of `sizes`
+        return measure_rounds(dict(zip(sizes, fns)), runs=runs, warmup=warmup, check=check)
+
+    enc = measure((keyturn_encrypt, bare_encrypt, tink_encrypt, esdk_encrypt, esdk_cached_encrypt), check_encrypt)
 
     # -- decrypt: each side opens its own ciphertexts -------------------------
     encrypted = keyturn_encrypt()
@@ -192,18 +186,7 @@ def run(
         elif result != (subset if name.startswith("esdk") else values):
             raise AssertionError(f"{name} decrypt did not return the original values")
 
-    dec = measure_rounds(
-        {
-            "keyturn": keyturn_decrypt,
-            "bare_aesgcm": bare_decrypt,
-            "tink": tink_decrypt,
-            "esdk": esdk_decrypt,
-            "esdk_cached": esdk_cached_decrypt,
-        },
-        runs=runs,
-        warmup=warmup,
-        check=check_decrypt,
-    )
+    dec = measure((keyturn_decrypt, bare_decrypt, tink_decrypt, esdk_decrypt, esdk_cached_decrypt), check_decrypt)
 
     def side(timings: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}

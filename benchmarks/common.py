@@ -144,20 +144,16 @@ def measure_rounds(
     """
     if runs < 1:
         raise ValueError("runs must be >= 1")
-    for _ in range(warmup):
-        for name, fn in fns.items():
-            _, result = time_once(fn)
-            if check is not None:
-                check(name, result)
-            del result
+    warmup = max(warmup, 0)
     timings = {name: Timing() for name in fns}
-    for _ in range(runs):
+    for round_ in range(warmup + runs):
         for name, fn in fns.items():
             elapsed, result = time_once(fn)
             if check is not None:
                 check(name, result)
             del result
-            timings[name].runs.append(elapsed)
+            if round_ >= warmup:  # warm-up rounds are run and checked, not kept
+                timings[name].runs.append(elapsed)
     return timings
 
 

@@ -14,6 +14,7 @@ to skip); the prose around the markers is written by hand.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -58,40 +59,30 @@ DEFAULT_MD = "BENCHMARKS.md"
 # --------------------------------------------------------------------------- running
 
 
+# Each benchmark's module and entry point, and which of (runs, warmup) it takes: "timed" both,
+# "capped" runs only (at most 5), "sized" neither.
+_ENTRY_POINTS: dict[str, tuple[str, str, str]] = {
+    "cells": ("bench_cells", "run", "timed"),
+    "beam_overhead": ("bench_beam", "run_overhead", "timed"),
+    "beam_streaming": ("bench_beam", "run_streaming", "sized"),
+    "beam_workers": ("bench_beam", "run_workers", "timed"),
+    "peers": ("bench_peers", "run", "timed"),
+    "kms": ("bench_kms", "run", "sized"),
+    "lake": ("bench_lake", "run_lake", "capped"),
+    "memory": ("bench_lake", "run_memory", "capped"),
+}
+
+
 def _run_one(name: str, size: Mapping[str, int], runs: int, warmup: int) -> dict[str, Any]:
-    if name == "cells":
-        from benchmarks import bench_cells
-
-        return bench_cells.run(runs=runs, warmup=warmup, **size)
-    if name == "beam_overhead":
-        from benchmarks import bench_beam
-
-        return bench_beam.run_overhead(runs=runs, warmup=warmup, **size)
-    if name == "beam_streaming":
-        from benchmarks import bench_beam
-
-        return bench_beam.run_streaming(**size)
-    if name == "beam_workers":
-        from benchmarks import bench_beam
-
-        return bench_beam.run_workers(runs=runs, warmup=warmup, **size)
-    if name == "peers":
-        from benchmarks import bench_peers
-
-        return bench_peers.run(runs=runs, warmup=warmup, **size)
-    if name == "kms":
-        from benchmarks import bench_kms
-
-        return bench_kms.run(**size)
-    if name == "lake":
-        from benchmarks import bench_lake
-
-        return bench_lake.run_lake(runs=min(runs, 5) if runs >= 5 else runs, **size)
-    if name == "memory":
-        from benchmarks import bench_lake
-
-        return bench_lake.run_memory(runs=min(runs, 5) if runs >= 5 else runs, **size)
-    raise ValueError(f"unknown benchmark {name!r}")
+    if name not in _ENTRY_POINTS:
+        raise ValueError(f"unknown benchmark {name!r}")
+    module, function, takes = _ENTRY_POINTS[name]
+    entry = getattr(importlib.import_module(f"benchmarks.{module}"), function)
+    if takes == "timed":
+        return entry(runs=runs, warmup=warmup, **size)
+    if takes == "capped":
+        return entry(runs=min(runs, 5), **size)
+    return entry(**size)
 
 
 def _select(only: Sequence[str] | None) -> list[str]:
@@ -642,41 +633,56 @@ def update_markdown(text: str, sections: Mapping[str, str]) -> str:
     return text
 
 
+_NO_MET = object()
+
+
+def _summary_line(bench: str, label: str, value: Any, spec: str = "", target: str = "", met: Any = _NO_MET) -> str:
+    """One line of `summary`: `value` formatted with `spec`; the met column only where `met` is given."""
+    line = f"{bench:<16} {label:<46} {value:>14{spec}} {target:>10}"
+    return line if met is _NO_MET else f"{line}  {met}"
+
+
 def summary(results: Mapping[str, Any]) -> str:
     """A short plain-text table for the terminal: one line per target."""
     lines = [f"{'benchmark':<16} {'measurement':<46} {'value':>14} {'target':>10}  met"]
     b = results["benchmarks"]
     if "cells" in b:
         r = b["cells"]
-        lines.append(f"{'cells':<16} {'encrypt_batch / bare AES-GCM (cells/s)':<46} {r['encrypt']['ratio']['median']:>14.3f} {'>= ' + str(r['encrypt']['target']):>10}  {r['encrypt']['met']}")
-        lines.append(f"{'cells':<16} {'encrypt_batch cells/s':<46} {r['encrypt']['keyturn_cells_per_s']['median']:>14,.0f} {'':>10}")
-        lines.append(f"{'cells':<16} {'decrypt_batch / bare AES-GCM (cells/s)':<46} {r['decrypt']['ratio']['median']:>14.3f} {'-':>10}  -")
-        lines.append(f"{'cells':<16} {'decrypt_batch cells/s':<46} {r['decrypt']['keyturn_cells_per_s']['median']:>14,.0f} {'':>10}")
-        lines.append(f"{'cells':<16} {'KMS calls per 1M cells':<46} {r['kms']['calls_per_1m_cells']:>14g} {'1':>10}  {r['kms']['met']}")
+        lines += [
+            _summary_line("cells", "encrypt_batch / bare AES-GCM (cells/s)", r["encrypt"]["ratio"]["median"], ".3f", ">= " + str(r["encrypt"]["target"]), r["encrypt"]["met"]),
+            _summary_line("cells", "encrypt_batch cells/s", r["encrypt"]["keyturn_cells_per_s"]["median"], ",.0f"),
+            _summary_line("cells", "decrypt_batch / bare AES-GCM (cells/s)", r["decrypt"]["ratio"]["median"], ".3f", "-", "-"),
+            _summary_line("cells", "decrypt_batch cells/s", r["decrypt"]["keyturn_cells_per_s"]["median"], ",.0f"),
+            _summary_line("cells", "KMS calls per 1M cells", r["kms"]["calls_per_1m_cells"], "g", "1", r["kms"]["met"]),
+        ]
     if "beam_overhead" in b:
         r = b["beam_overhead"]
-        lines.append(f"{'beam_overhead':<16} {'pipeline / core loop (rows/s)':<46} {r['ratio']['median']:>14.3f} {'>= ' + str(r['target']):>10}  {r['met']}")
-        lines.append(f"{'beam_overhead':<16} {'same, without Beam fixed cost':<46} {r['ratio_without_fixed_cost']['median']:>14.3f} {'':>10}")
-        lines.append(f"{'beam_overhead':<16} {'pipeline rows/s':<46} {r['pipeline_rows_per_s']['median']:>14,.0f} {'':>10}")
+        lines += [
+            _summary_line("beam_overhead", "pipeline / core loop (rows/s)", r["ratio"]["median"], ".3f", ">= " + str(r["target"]), r["met"]),
+            _summary_line("beam_overhead", "same, without Beam fixed cost", r["ratio_without_fixed_cost"]["median"], ".3f"),
+            _summary_line("beam_overhead", "pipeline rows/s", r["pipeline_rows_per_s"]["median"], ",.0f"),
+        ]
     if "beam_streaming" in b:
         r = b["beam_streaming"]
         g = r["with_partition_batches"]
-        lines.append(f"{'beam_streaming':<16} {'KMS calls per partition (max)':<46} {g['kms_calls_per_partition_max']:>14} {'<= ' + str(r['target_per_partition']):>10}  {r['met']}")
+        lines.append(_summary_line("beam_streaming", "KMS calls per partition (max)", g["kms_calls_per_partition_max"], "", "<= " + str(r["target_per_partition"]), r["met"]))
         if r.get("without_partition_batches"):
-            lines.append(f"{'beam_streaming':<16} {'same without PartitionBatches (baseline)':<46} {r['without_partition_batches']['kms_calls_per_partition_max']:>14} {'':>10}")
+            lines.append(_summary_line("beam_streaming", "same without PartitionBatches (baseline)", r["without_partition_batches"]["kms_calls_per_partition_max"]))
     if "peers" in b:
         r = b["peers"]
         for peer, label in (("bare_aesgcm", "keyturn / bare AES-GCM (encrypt cells/s)"), ("tink", "keyturn / Tink per record"), ("esdk", "keyturn / AWS ESDK per record"), ("esdk_cached", "keyturn / AWS ESDK + caching CMM")):
             t = r["targets"][peer]
-            lines.append(f"{'peers':<16} {label:<46} {t['measured']:>14.2f} {('>= ' + format(t['target'], 'g')) if t['target'] else '-':>10}  {t['met']}")
+            lines.append(_summary_line("peers", label, t["measured"], ".2f", (">= " + format(t["target"], "g")) if t["target"] else "-", t["met"]))
     if "kms" in b:
         r = b["kms"]
-        lines.append(f"{'kms':<16} {'keyturn KMS calls per 1M records':<46} {r['keyturn']['calls_per_1m_records']:>14,.0f} {'':>10}")
-        lines.append(f"{'kms':<16} {'per-record KMS calls per 1M records':<46} {r['per_record']['calls_per_1m_records']:>14,.0f} {'':>10}")
-        lines.append(f"{'kms':<16} {'keyturn / per-record':<46} {r['fraction']:>14.2e} {'<= 1e-04':>10}  {r['met']}")
+        lines += [
+            _summary_line("kms", "keyturn KMS calls per 1M records", r["keyturn"]["calls_per_1m_records"], ",.0f"),
+            _summary_line("kms", "per-record KMS calls per 1M records", r["per_record"]["calls_per_1m_records"], ",.0f"),
+            _summary_line("kms", "keyturn / per-record", r["fraction"], ".2e", "<= 1e-04", r["met"]),
+        ]
     if "beam_workers" in b:
         r = b["beam_workers"]
-        lines.append(f"{'beam_workers':<16} {'2 workers / 1 worker (rows/s)':<46} {r['speedup']['median']:>14.2f} {'>= ' + format(r['target'], 'g'):>10}  {r['met']}")
+        lines.append(_summary_line("beam_workers", "2 workers / 1 worker (rows/s)", r["speedup"]["median"], ".2f", ">= " + format(r["target"], "g"), r["met"]))
     if "lake" in b:
         r = b["lake"]
         t = r["targets"]
@@ -685,24 +691,24 @@ def summary(results: Mapping[str, Any]) -> str:
             ("reencrypt_over_rotate_rewrap_time", "reencrypt time / rotate --rewrap time"),
             ("decrypt_directory_over_no_directory_throughput", "decrypt with directory / without (throughput)"),
         ):
-            lines.append(f"{'lake':<16} {label:<46} {t[key]['measured']:>14.2f} {t[key]['target']:>10}  {t[key]['met']}")
+            lines.append(_summary_line("lake", label, t[key]["measured"], ".2f", t[key]["target"], t[key]["met"]))
         calls = t["rewrap_kms_calls_equal_deks"]["measured"]
-        lines.append(f"{'lake':<16} {'rewrap KMS calls (DEKs: ' + format(r['params']['deks'], ',') + ')':<46} {max(calls) if calls else 0:>14,} {'= DEKs':>10}  {t['rewrap_kms_calls_equal_deks']['met']}")
-        lines.append(f"{'lake':<16} {'rotate --rewrap lake bytes written':<46} {t['rotate_rewrap_lake_bytes_written']['measured']:>14,} {'0':>10}  {t['rotate_rewrap_lake_bytes_written']['met']}")
+        lines.append(_summary_line("lake", "rewrap KMS calls (DEKs: " + format(r["params"]["deks"], ",") + ")", max(calls) if calls else 0, ",", "= DEKs", t["rewrap_kms_calls_equal_deks"]["met"]))
+        lines.append(_summary_line("lake", "rotate --rewrap lake bytes written", t["rotate_rewrap_lake_bytes_written"]["measured"], ",", "0", t["rotate_rewrap_lake_bytes_written"]["met"]))
         for key, label in (
             ("encrypt_over_pme_write_time", "encrypt time / PME write time"),
             ("encrypt_1_core_over_default_time", "encrypt 1 core / default (cores) time"),
             ("stored_bytes_per_cell_beyond_plaintext", "stored bytes per cell beyond plaintext"),
         ):
             if key in t:
-                lines.append(f"{'lake':<16} {label:<46} {t[key]['measured']:>14.2f} {t[key]['target']:>10}  {t[key]['met']}")
+                lines.append(_summary_line("lake", label, t[key]["measured"], ".2f", t[key]["target"], t[key]["met"]))
         if "reencrypt_cell_operations" in t:
             c = t["reencrypt_cell_operations"]
-            lines.append(f"{'lake':<16} {'reencrypt per cell':<46} {c['measured']:>14} {'2+1':>10}  {c['met']}")
-        lines.append(f"{'lake':<16} {'lake MB':<46} {r['params']['lake_bytes'] / 1e6:>14,.0f} {'':>10}")
+            lines.append(_summary_line("lake", "reencrypt per cell", c["measured"], "", "2+1", c["met"]))
+        lines.append(_summary_line("lake", "lake MB", r["params"]["lake_bytes"] / 1e6, ",.0f"))
     if "memory" in b:
         r = b["memory"]
-        lines.append(f"{'memory':<16} {'peak RSS 4x lake / 1x lake':<46} {r['ratio']['median']:>14.2f} {'<= ' + format(r['target'], 'g'):>10}  {r['met']}")
+        lines.append(_summary_line("memory", "peak RSS 4x lake / 1x lake", r["ratio"]["median"], ".2f", "<= " + format(r["target"], "g"), r["met"]))
     return "\n".join(lines)
 
 

@@ -542,14 +542,17 @@ def negatives(basic: Dek, binary: Dek, bound: Dek, rotation: Dek, typed_dek: Dek
         b[index] ^= bit
         return bytes(b)
 
-    def neg(id_: str, description: str, **overrides) -> None:
-        v = basic.vector(0, 0, id=id_, description=description + " Base: string-utf8-basic.")
+    def add(v: dict, overrides: dict) -> None:
+        """Append `v` as a negative: no plaintext, DEK or nonce; `overrides` applied (bytes as hex)."""
         for key in ("plaintext", "dek", "nonce"):
             v.pop(key)
         for key, value in overrides.items():
             v[key] = value.hex() if isinstance(value, bytes) else value
         v["error"] = "DecryptionError"
         out.append(v)
+
+    def neg(id_: str, description: str, **overrides) -> None:
+        add(basic.vector(0, 0, id=id_, description=description + " Base: string-utf8-basic."), overrides)
 
     # cell structure
     neg("neg-cell-format-byte-0x02", "Cell format byte 0x02 (unknown version).", cell=b"\x02" + cell[1:])
@@ -590,13 +593,7 @@ def negatives(basic: Dek, binary: Dek, bound: Dek, rotation: Dek, typed_dek: Dek
     b0 = bound.vector(0, 0)
 
     def neg_bound(id_: str, description: str, **overrides) -> None:
-        v = dict(b0, id=id_, description=description + " Base: bindings-two-columns.")
-        for key in ("plaintext", "dek", "nonce"):
-            v.pop(key)
-        for key, value in overrides.items():
-            v[key] = value.hex() if isinstance(value, bytes) else value
-        v["error"] = "DecryptionError"
-        out.append(v)
+        add(dict(b0, id=id_, description=description + " Base: bindings-two-columns."), overrides)
 
     neg_bound("neg-bindings-value-changed", "order_id 1001 replaced by 1002.",
               bindings={"customer_id": i64(77).hex(), "order_id": i64(1002).hex()})

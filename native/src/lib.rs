@@ -240,6 +240,51 @@ fn bitmap<'py>(py: Python<'py>, rows: usize, valid: impl Fn(usize) -> bool) -> P
     Ok(Some(out))
 }
 
+/// Run `call`, then overwrite the stack it used (`kernel::scrub_stack`). `call` runs in a frame
+/// of its own below this one, so the scrub reaches whatever its AES code left on the stack.
+fn scrubbed<T>(call: impl FnOnce() -> T) -> T {
+    let out = in_own_frame(call);
+    kernel::scrub_stack();
+    out
+}
+
+#[inline(never)]
+fn in_own_frame<T>(call: impl FnOnce() -> T) -> T {
+    call()
+}
+
+/// Parse a column argument and its associated data (in that order) and pass their views to `f`.
+fn with_rows<R>(
+    column: &Bound<'_, PyAny>,
+    what: &str,
+    aad: &Bound<'_, PyAny>,
+    f: impl FnOnce(&[Option<&[u8]>], &Aad<'_>) -> PyResult<R>,
+) -> PyResult<R> {
+    let holder = Holder::get(column, what)?;
+    let rows = holder.slices(what)?;
+    let aad_holder = AadHolder::get(aad)?;
+    let aad = aad_holder.view(&rows)?;
+    f(&rows, &aad)
+}
+
+/// Key the cipher from `key` and let `fill(cipher, offsets, out)` write the data buffer that
+/// `lengths` frame; the cipher is dropped, wiping its key schedule, before the offsets are built.
+/// Returns `(data, offsets, large)` as `offsets_bytes` gives them.
+fn keyed_fill<'py>(
+    py: Python<'py>,
+    key: &Bound<'py, PyAny>,
+    lengths: &[usize],
+    fill: impl FnOnce(&Aes256Gcm, &[usize], &mut [u8]) -> PyResult<()>,
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, bool)> {
+    let offsets = kernel::offsets_of(lengths);
+    let cipher = cipher(key)?;
+    let total = *offsets.last().unwrap_or(&0);
+    let data = PyBytes::new_with(py, total, |out| fill(&cipher, &offsets, out))?;
+    drop(cipher);
+    let (offsets_out, large) = offsets_bytes(py, &offsets)?;
+    Ok((data, offsets_out, large))
+}
+
 /// Seal every non-null value of a column under one cell key; nulls stay null and take no nonce.
 ///
 /// The k-th non-null value takes nonce `first_nonce + k` (96-bit big-endian), exactly as
@@ -260,55 +305,35 @@ fn seal_cells<'py>(
     aad: &Bound<'py, PyAny>,
     parallel: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let out = seal_inner(py, key, dek_id, first_nonce, values, aad, parallel);
-    kernel::scrub_stack();
-    out
-}
-
-#[inline(never)]
-fn seal_inner<'py>(
-    py: Python<'py>,
-    key: &Bound<'py, PyAny>,
-    dek_id: &Bound<'py, PyAny>,
-    first_nonce: &Bound<'py, PyAny>,
-    values: &Bound<'py, PyAny>,
-    aad: &Bound<'py, PyAny>,
-    parallel: bool,
-) -> PyResult<Bound<'py, PyTuple>> {
-    let first: u128 = first_nonce.extract().map_err(|_| PyOverflowError::new_err("nonce space exhausted"))?;
-    let dek_id = dek_id_of(dek_id)?;
-    let holder = Holder::get(values, "values")?;
-    let rows = holder.slices("values")?;
-    let aad_holder = AadHolder::get(aad)?;
-    let aad = aad_holder.view(&rows)?;
-    let mut lengths = Vec::with_capacity(rows.len());
-    let mut sealed: usize = 0;
-    for v in &rows {
-        match v {
-            Some(v) if v.len() > MAX_CELL_PLAINTEXT => {
-                return Err(PyValueError::new_err(format!("a cell value exceeds {MAX_CELL_PLAINTEXT} bytes")));
+    scrubbed(|| {
+        let first: u128 = first_nonce.extract().map_err(|_| PyOverflowError::new_err("nonce space exhausted"))?;
+        let dek_id = dek_id_of(dek_id)?;
+        with_rows(values, "values", aad, |rows, aad| {
+            let mut lengths = Vec::with_capacity(rows.len());
+            let mut sealed: usize = 0;
+            for v in rows {
+                match v {
+                    Some(v) if v.len() > MAX_CELL_PLAINTEXT => {
+                        return Err(PyValueError::new_err(format!("a cell value exceeds {MAX_CELL_PLAINTEXT} bytes")));
+                    }
+                    Some(v) => {
+                        lengths.push(CELL_OVERHEAD + v.len());
+                        sealed += 1;
+                    }
+                    None => lengths.push(0),
+                }
             }
-            Some(v) => {
-                lengths.push(CELL_OVERHEAD + v.len());
-                sealed += 1;
+            if !kernel::nonce_range_fits(first, sealed as u128) {
+                return Err(PyOverflowError::new_err("nonce space exhausted"));
             }
-            None => lengths.push(0),
-        }
-    }
-    if !kernel::nonce_range_fits(first, sealed as u128) {
-        return Err(PyOverflowError::new_err("nonce space exhausted"));
-    }
-    let offsets = kernel::offsets_of(&lengths);
-    let cipher = cipher(key)?;
-    let total = *offsets.last().unwrap_or(&0);
-    let data = PyBytes::new_with(py, total, |out| {
-        py.detach(|| kernel::seal(&cipher, &dek_id, first, &rows, &aad, &offsets, out, parallel))
-            .map_err(|_| PyRuntimeError::new_err("AES-GCM refused to seal a cell"))
-    })?;
-    drop(cipher);
-    let (offsets_out, large) = offsets_bytes(py, &offsets)?;
-    let validity = bitmap(py, rows.len(), |i| rows[i].is_some())?;
-    (validity, offsets_out, data, large, sealed).into_pyobject(py)
+            let (data, offsets_out, large) = keyed_fill(py, key, &lengths, |cipher, offsets, out| {
+                py.detach(|| kernel::seal(cipher, &dek_id, first, rows, aad, offsets, out, parallel))
+                    .map_err(|_| PyRuntimeError::new_err("AES-GCM refused to seal a cell"))
+            })?;
+            let validity = bitmap(py, rows.len(), |i| rows[i].is_some())?;
+            (validity, offsets_out, data, large, sealed).into_pyobject(py)
+        })
+    })
 }
 
 /// Open a column of cells sealed under one cell key and `dek_id`.
@@ -329,46 +354,27 @@ fn open_cells<'py>(
     aad: &Bound<'py, PyAny>,
     parallel: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let out = open_inner(py, key, dek_id, cells, aad, parallel);
-    kernel::scrub_stack();
-    out
-}
-
-#[inline(never)]
-fn open_inner<'py>(
-    py: Python<'py>,
-    key: &Bound<'py, PyAny>,
-    dek_id: &Bound<'py, PyAny>,
-    cells: &Bound<'py, PyAny>,
-    aad: &Bound<'py, PyAny>,
-    parallel: bool,
-) -> PyResult<Bound<'py, PyTuple>> {
-    let dek_id = dek_id_of(dek_id)?;
-    let holder = Holder::get(cells, "cells")?;
-    let rows = holder.slices("cells")?;
-    let aad_holder = AadHolder::get(aad)?;
-    let aad = aad_holder.view(&rows)?;
-    let lengths: Vec<usize> = rows
-        .iter()
-        .map(|c| match c {
-            Some(c) if kernel::well_formed(c, &dek_id) => c.len() - CELL_OVERHEAD,
-            _ => 0,
+    scrubbed(|| {
+        let dek_id = dek_id_of(dek_id)?;
+        with_rows(cells, "cells", aad, |rows, aad| {
+            let lengths: Vec<usize> = rows
+                .iter()
+                .map(|c| match c {
+                    Some(c) if kernel::well_formed(c, &dek_id) => c.len() - CELL_OVERHEAD,
+                    _ => 0,
+                })
+                .collect();
+            let mut status = vec![FAILED; rows.len()];
+            let (data, offsets_out, large) = keyed_fill(py, key, &lengths, |cipher, offsets, out| {
+                py.detach(|| kernel::open(cipher, &dek_id, rows, aad, offsets, out, &mut status, parallel));
+                Ok(())
+            })?;
+            let failed = status.iter().filter(|&&s| s == FAILED).count();
+            let validity = bitmap(py, rows.len(), |i| status[i] == OPENED)?;
+            let status = PyBytes::new(py, &status);
+            (validity, offsets_out, data, large, status, failed).into_pyobject(py)
         })
-        .collect();
-    let offsets = kernel::offsets_of(&lengths);
-    let cipher = cipher(key)?;
-    let total = *offsets.last().unwrap_or(&0);
-    let mut status = vec![FAILED; rows.len()];
-    let data = PyBytes::new_with(py, total, |out| {
-        py.detach(|| kernel::open(&cipher, &dek_id, &rows, &aad, &offsets, out, &mut status, parallel));
-        Ok(())
-    })?;
-    drop(cipher);
-    let failed = status.iter().filter(|&&s| s == FAILED).count();
-    let (offsets_out, large) = offsets_bytes(py, &offsets)?;
-    let validity = bitmap(py, rows.len(), |i| status[i] == OPENED)?;
-    let status = PyBytes::new(py, &status);
-    (validity, offsets_out, data, large, status, failed).into_pyobject(py)
+    })
 }
 
 /// Whether this build runs AES with hardware instructions (AES-NI and CLMUL on x86-64).
