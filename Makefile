@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench fuzz venv clean
 
 venv: $(STAMP)
 
@@ -29,5 +29,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
+# A coverage-guided fuzz run of the native kernel's open path (native/fuzz, libFuzzer). Needs a nightly
+# toolchain and cargo-fuzz (`rustup toolchain install nightly`, `cargo install cargo-fuzz`); not part of
+# `make test`. FUZZ_SECONDS=N sets its length.
+FUZZ_SECONDS ?= 120
+fuzz:
+	cd native/fuzz && cargo +nightly fuzz run open_cells -- -max_total_time=$(FUZZ_SECONDS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis demo-out bench-out native/target keyturn/_native*.so
+	rm -rf $(VENV) .pytest_cache .hypothesis demo-out bench-out native/target native/fuzz/target keyturn/_native*.so

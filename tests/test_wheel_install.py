@@ -28,7 +28,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 _IGNORED = shutil.ignore_patterns(
     ".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "bench-out", "demo-out", ".pytest_cache", ".hypothesis",
-    "target",
+    "target", "corpus", "artifacts",
 )
 
 pytestmark = pytest.mark.slow
