@@ -57,11 +57,11 @@ import os
 import re
 import unicodedata
 import warnings
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from keyturn.errors import ConfigError
@@ -82,6 +82,7 @@ __all__ = [
     "dump_config",
     "default_config",
     "resolve_paths",
+    "map_paths",
     "MAX_CONFIG_BYTES",
     "FILE_FIELD",
     "ROOT_FIELD",
@@ -147,6 +148,40 @@ def _clean_text(value: str, *, max_len: int = 4096) -> str:
     return value
 
 
+def _optional_path(value: str | None) -> str | None:
+    return None if value is None else _clean_text(value)
+
+
+def _checked(ok: Callable[[str], Any], message: str, *, max_len: int | None = None) -> AfterValidator:
+    """A validator for optional text: None passes, else `ok(value)` must hold (after `_clean_text` if `max_len`)."""
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None
+        if max_len is not None:
+            _clean_text(value, max_len=max_len)
+        if not ok(value):
+            raise _problem(message)
+        return value
+
+    return AfterValidator(check)
+
+
+_Path = Annotated[str, AfterValidator(_clean_text)]
+_OptionalPath = Annotated[str | None, AfterValidator(_optional_path)]
+_HttpUrl = Annotated[
+    str | None,
+    _checked(
+        lambda v: v.startswith(("http://", "https://")) and not any(ch.isspace() for ch in v),
+        "must be an http:// or https:// URL without spaces",
+        max_len=2048,
+    ),
+]
+_AwsRegion = Annotated[
+    str | None, _checked(lambda v: len(v) <= 64 and _REGION.fullmatch(v), "must be an AWS region name such as us-east-1")
+]
+
+
 def _none_means_defaults(value: Any) -> Any:
     """A YAML section with nothing under it loads as None; treat it as `{}`."""
     return {} if value is None else value
@@ -208,18 +243,16 @@ class CmkConfig(BaseModel):
 
     provider: Literal["local", "aws_kms"] = "local"
     # provider: local
-    keystore: str = "keystore.json"
-    root_key_file: str | None = None
+    keystore: _Path = "keystore.json"
+    root_key_file: _OptionalPath = None
     passphrase_env: str = "KEYTURN_PASSPHRASE"
     # provider: aws_kms
-    key_id: str | None = None
-    region: str | None = None
-    endpoint_url: str | None = None
-
-    @field_validator("keystore", "root_key_file")
-    @classmethod
-    def _path(cls, value: str | None) -> str | None:
-        return None if value is None else _clean_text(value)
+    key_id: Annotated[
+        str | None,
+        _checked(lambda v: not any(ch.isspace() for ch in v), "must be a KMS key ARN, key id or alias, without spaces", max_len=2048),
+    ] = None
+    region: _AwsRegion = None
+    endpoint_url: _HttpUrl = None
 
     @field_validator("passphrase_env")
     @classmethod
@@ -229,33 +262,6 @@ class CmkConfig(BaseModel):
                 "must be the name of an environment variable (letters, digits and '_', "
                 "not starting with a digit), not the passphrase itself"
             )
-        return value
-
-    @field_validator("key_id")
-    @classmethod
-    def _key_id(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _clean_text(value, max_len=2048)
-        if any(ch.isspace() for ch in value):
-            raise _problem("must be a KMS key ARN, key id or alias, without spaces")
-        return value
-
-    @field_validator("region")
-    @classmethod
-    def _region(cls, value: str | None) -> str | None:
-        if value is not None and not (len(value) <= 64 and _REGION.fullmatch(value)):
-            raise _problem("must be an AWS region name such as us-east-1")
-        return value
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _clean_text(value, max_len=2048)
-        if not value.startswith(("http://", "https://")) or any(ch.isspace() for ch in value):
-            raise _problem("must be an http:// or https:// URL without spaces")
         return value
 
     @model_validator(mode="after")
@@ -372,22 +378,10 @@ class VersionTrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     storage: Literal["sqlite", "dynamodb"] = "sqlite"
-    path: str = "registry.sqlite"
-    table: str | None = None
+    path: _Path = "registry.sqlite"
+    table: Annotated[str | None, _checked(_DYNAMODB_TABLE.fullmatch, "must be a DynamoDB table name: 3..255 of A-Z a-z 0-9 _ . -")] = None
     on_missing_version: Literal["quarantine", "reject"] = "quarantine"
     on_unknown_version: Literal["quarantine", "reject"] = "quarantine"
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        return _clean_text(value)
-
-    @field_validator("table")
-    @classmethod
-    def _table(cls, value: str | None) -> str | None:
-        if value is not None and not _DYNAMODB_TABLE.fullmatch(value):
-            raise _problem("must be a DynamoDB table name: 3..255 of A-Z a-z 0-9 _ . -")
-        return value
 
     @model_validator(mode="after")
     def _storage_fields(self) -> VersionTrackingConfig:
@@ -404,34 +398,17 @@ class AuditConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     sink: Literal["file", "cloudwatch", "none"] = "file"
-    path: str = "audit.log"
-    log_group: str | None = None
-    log_stream: str | None = None
+    path: _Path = "audit.log"
+    log_group: Annotated[
+        str | None, _checked(_LOG_GROUP.fullmatch, "must be a CloudWatch log group name: 1..512 of A-Z a-z 0-9 _ . - / #")
+    ] = None
+    log_stream: Annotated[
+        str | None,
+        _checked(lambda v: ":" not in v and "*" not in v, "must not contain ':' or '*' (CloudWatch log stream rules)", max_len=512),
+    ] = None
     log_decrypt: bool = True
     log_encrypt: bool = True
     include_kms_request_ids: bool = True
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        return _clean_text(value)
-
-    @field_validator("log_group")
-    @classmethod
-    def _log_group(cls, value: str | None) -> str | None:
-        if value is not None and not _LOG_GROUP.fullmatch(value):
-            raise _problem("must be a CloudWatch log group name: 1..512 of A-Z a-z 0-9 _ . - / #")
-        return value
-
-    @field_validator("log_stream")
-    @classmethod
-    def _log_stream(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _clean_text(value, max_len=512)
-        if ":" in value or "*" in value:
-            raise _problem("must not contain ':' or '*' (CloudWatch log stream rules)")
-        return value
 
     @model_validator(mode="after")
     def _sink_fields(self) -> AuditConfig:
@@ -449,28 +426,15 @@ class LakeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    s3_endpoint_url: str | None = None
-    s3_region: str | None = None
+    s3_endpoint_url: Annotated[
+        _HttpUrl,
+        _checked(
+            lambda v: "/" not in v.split("://", 1)[1].rstrip("/") and "?" not in v,
+            "must be a scheme and host[:port] only, without a path",
+        ),
+    ] = None
+    s3_region: _AwsRegion = None
     lock_lease_seconds: float = Field(120.0, ge=3, le=3600, allow_inf_nan=False)
-
-    @field_validator("s3_endpoint_url")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _clean_text(value, max_len=2048)
-        if not value.startswith(("http://", "https://")) or any(ch.isspace() for ch in value):
-            raise _problem("must be an http:// or https:// URL without spaces")
-        if "/" in value.split("://", 1)[1].rstrip("/") or "?" in value:
-            raise _problem("must be a scheme and host[:port] only, without a path")
-        return value
-
-    @field_validator("s3_region")
-    @classmethod
-    def _region(cls, value: str | None) -> str | None:
-        if value is not None and not (len(value) <= 64 and _REGION.fullmatch(value)):
-            raise _problem("must be an AWS region name such as us-east-1")
-        return value
 
 
 class KeyturnConfig(BaseModel):
@@ -558,19 +522,18 @@ def load_config(path: str | os.PathLike[str]) -> KeyturnConfig:
 def resolve_paths(cfg: KeyturnConfig, base_dir: str | os.PathLike[str]) -> KeyturnConfig:
     """Return `cfg` with every relative file path joined onto `base_dir`; absolute paths stay."""
     base = os.fspath(base_dir)
+    return map_paths(cfg, lambda p: p if p is None or os.path.isabs(p) else os.path.join(base, p))
 
-    def join(p: str | None) -> str | None:
-        if p is None or os.path.isabs(p):
-            return p
-        return os.path.join(base, p)
 
+def map_paths(cfg: KeyturnConfig, change: Callable[[str | None], str | None]) -> KeyturnConfig:
+    """Return `cfg` with each file path that `load_config` resolves replaced by `change(path)`."""
     kh = cfg.key_hierarchy
-    cmk = kh.cmk.model_copy(update={"keystore": join(kh.cmk.keystore), "root_key_file": join(kh.cmk.root_key_file)})
+    cmk = kh.cmk.model_copy(update={"keystore": change(kh.cmk.keystore), "root_key_file": change(kh.cmk.root_key_file)})
     return cfg.model_copy(
         update={
             "key_hierarchy": kh.model_copy(update={"cmk": cmk}),
-            "version_tracking": cfg.version_tracking.model_copy(update={"path": join(cfg.version_tracking.path)}),
-            "audit": cfg.audit.model_copy(update={"path": join(cfg.audit.path)}),
+            "version_tracking": cfg.version_tracking.model_copy(update={"path": change(cfg.version_tracking.path)}),
+            "audit": cfg.audit.model_copy(update={"path": change(cfg.audit.path)}),
         }
     )
 

@@ -57,7 +57,7 @@ from typing import Any
 from keyturn.fsutil import write_file_atomically
 from keyturn.audit.chain import AuditChain
 from keyturn.audit.events import AuditAction, build_event, utc_now
-from keyturn.config import KeyturnConfig, dump_config, load_config, parse_config, resolve_paths
+from keyturn.config import KeyturnConfig, dump_config, load_config, map_paths, parse_config, resolve_paths
 from keyturn.errors import (
     AuditSinkError,
     ConcurrentModificationError,
@@ -494,15 +494,7 @@ def _relative(config: KeyturnConfig, home: str) -> KeyturnConfig:
         r = os.path.relpath(p, home)
         return p if r.startswith("..") else r
 
-    kh = config.key_hierarchy
-    cmk = kh.cmk.model_copy(update={"keystore": rel(kh.cmk.keystore), "root_key_file": rel(kh.cmk.root_key_file)})
-    return config.model_copy(
-        update={
-            "key_hierarchy": kh.model_copy(update={"cmk": cmk}),
-            "version_tracking": config.version_tracking.model_copy(update={"path": rel(config.version_tracking.path)}),
-            "audit": config.audit.model_copy(update={"path": rel(config.audit.path)}),
-        }
-    )
+    return map_paths(config, rel)
 
 
 def lake_of(lake: str | os.PathLike[str] | Lake, home: Any = None) -> Lake:

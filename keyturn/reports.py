@@ -5,7 +5,8 @@ the CLI returns one of the dataclasses below. A report has one JSON form,
 `Report.to_json()`: a JSON-able dict whose keys are the dataclass fields
 (nested reports become their JSON form, datetimes ISO-8601 strings), minus
 fields marked ``omit_if_none`` that are None and fields marked
-``json=False`` (kept only for the text rendering). How a report is shown,
+``json=False`` (kept only for the text rendering); fields marked ``last``
+come after the others, in field order. How a report is shown,
 as text or JSON, is decided in one place: `keyturn.pipelines.output`.
 
 `Progress` is the structured event a job passes to its ``progress``
@@ -138,9 +139,14 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _omit() -> Any:
+def _omit(*, last: bool = False) -> Any:
     """A field left out of the JSON form while it is None (a key only some runs have)."""
-    return field(default=None, metadata={"omit_if_none": True})
+    return field(default=None, metadata={"omit_if_none": True, "last": last})
+
+
+def _last(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A field that comes after the others in the JSON form."""
+    return field(default=default, default_factory=factory, metadata={"last": True})
 
 
 def _text_only(default: Any = None) -> Any:
@@ -170,12 +176,17 @@ class Report(Mapping[str, Any]):
     def to_json(self) -> dict[str, Any]:
         """The one JSON form: field name -> JSON-able value (see the module docstring)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
+        for f in self._fields():
             value = getattr(self, f.name)
             if f.metadata.get("json", True) is False or (value is None and f.metadata.get("omit_if_none")):
                 continue
             out[f.name] = jsonable(value)
         return out
+
+    @classmethod
+    def _fields(cls) -> list[dataclasses.Field[Any]]:
+        """The fields in JSON-form order: those marked ``last`` after the others."""
+        return sorted(dataclasses.fields(cls), key=lambda f: f.metadata.get("last", False))
 
     @cached_property
     def _json(self) -> dict[str, Any]:
@@ -198,7 +209,27 @@ class Report(Mapping[str, Any]):
 
 
 @dataclass(frozen=True, eq=False)
-class EncryptReport(Report):
+class _JobReport(Report):
+    """A lake job's report: `command` first; `seconds` and `problems` last in the JSON form."""
+
+    command: str = ""
+    seconds: float = _last(0.0)
+    problems: list[dict[str, Any]] = _last(factory=list)
+
+    def __repr__(self) -> str:
+        # the dataclass repr, in the JSON form's order (subclasses are declared with repr=False)
+        return f"{type(self).__qualname__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in self._fields())})"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class _ForwardingJobReport(_JobReport):
+    """A lake job whose audit events may be forwarded too: their count ends the JSON form, when known."""
+
+    audit_events_forwarded: int | None = _omit(last=True)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class EncryptReport(_ForwardingJobReport):
     """`keyturn encrypt`: what was written, skipped, and at what KMS cost."""
 
     command: str = "encrypt"
@@ -221,13 +252,10 @@ class EncryptReport(Report):
     audit_events: int = 0
     audit_file: str | None = None
     recovered: dict[str, int] = _dict()
-    seconds: float = 0.0
-    problems: list[dict[str, Any]] = _list()
-    audit_events_forwarded: int | None = _omit()
 
 
-@dataclass(frozen=True, eq=False)
-class DecryptReport(Report):
+@dataclass(frozen=True, eq=False, repr=False)
+class DecryptReport(_ForwardingJobReport):
     """`keyturn decrypt`: every row of the lake, written or counted by status, and the side outputs."""
 
     command: str = "decrypt"
@@ -255,13 +283,10 @@ class DecryptReport(Report):
     kms_calls: int | None = 0
     reencryption_strategy: str = ""
     deks_rewrapped: int | None = 0
-    seconds: float = 0.0
-    problems: list[dict[str, Any]] = _list()
-    audit_events_forwarded: int | None = _omit()
 
 
-@dataclass(frozen=True, eq=False)
-class IngestReport(Report):
+@dataclass(frozen=True, eq=False, repr=False)
+class IngestReport(_JobReport):
     """`keyturn ingest`: the batches committed, files ingested or quarantined, and why it stopped."""
 
     command: str = "ingest"
@@ -284,8 +309,6 @@ class IngestReport(Report):
     lock_waits: int = 0
     run_ids: list[str] = _list()
     recovered: dict[str, int] = _dict()
-    seconds: float = 0.0
-    problems: list[dict[str, Any]] = _list()
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,8 +374,8 @@ class StatusReport(Report):
     report: str | None = None
 
 
-@dataclass(frozen=True, eq=False)
-class DemoReport(Report):
+@dataclass(frozen=True, eq=False, repr=False)
+class DemoReport(_JobReport):
     """`keyturn demo`: each step's numbers, the demo's own checks, and `summary` (its account in plain words)."""
 
     command: str = "demo"
@@ -366,9 +389,7 @@ class DemoReport(Report):
     rewrap: dict[str, Any] = _dict()
     sample: dict[str, Any] = _dict()
     status_report: str | None = None
-    seconds: float = 0.0
-    problems: list[dict[str, Any]] = _list()
-    summary: str = ""
+    summary: str = _last("")
 
 
 # ------------------------------------------------------------------ control plane

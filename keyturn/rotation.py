@@ -220,6 +220,27 @@ def check_transition_window(
     return found
 
 
+def _audited_change(
+    chain: AuditChain,
+    action: AuditAction,
+    version: int,
+    change: Callable[[], KeyVersion],
+    counts: dict[str, int],
+    *,
+    actor: str,
+    reason: str,
+    dataset: str,
+    clock: Callable[[], datetime],
+) -> KeyVersion:
+    """Run `change` (a registry state transition of key `version`) on a usable `chain`, then audit it as `action`."""
+    _check_chain(chain)
+    changed = change()
+    _audit(
+        chain, action, actor=actor, reason=reason, dataset=dataset, version_from=version, version_to=None, counts=counts, clock=clock
+    )
+    return changed
+
+
 def retire(
     registry: KeyRegistry,
     version: int,
@@ -237,22 +258,13 @@ def retire(
     (`InvalidTransitionError`) while the version left the active state less than
     `transition_window_days` ago by `clock`."""
     _check_days("transition_window_days", transition_window_days, minimum=0)
-    _check_chain(chain)
-    if transition_window_days:
-        check_transition_window(registry, version, transition_window_days, clock())
-    retired = registry.retire(version, actor=actor, reason=reason, inventory=inventory)
-    _audit(
-        chain,
-        AuditAction.RETIRE,
-        actor=actor,
-        reason=reason,
-        dataset=dataset,
-        version_from=version,
-        version_to=None,
-        counts={},
-        clock=clock,
-    )
-    return retired
+
+    def change() -> KeyVersion:
+        if transition_window_days:
+            check_transition_window(registry, version, transition_window_days, clock())
+        return registry.retire(version, actor=actor, reason=reason, inventory=inventory)
+
+    return _audited_change(chain, AuditAction.RETIRE, version, change, {}, actor=actor, reason=reason, dataset=dataset, clock=clock)
 
 
 def schedule_deletion(
@@ -269,22 +281,17 @@ def schedule_deletion(
 ) -> KeyVersion:
     """retired -> pending_deletion after `pending_days`, refused while `inventory` finds data; audited."""
     _check_days("pending_days", pending_days, minimum=0)
-    _check_chain(chain)
-    scheduled = registry.schedule_deletion(
-        version, actor=actor, reason=reason, inventory=inventory, pending_days=pending_days
-    )
-    _audit(
+    return _audited_change(
         chain,
         AuditAction.SCHEDULE_DELETION,
+        version,
+        lambda: registry.schedule_deletion(version, actor=actor, reason=reason, inventory=inventory, pending_days=pending_days),
+        {"pending_days": pending_days},
         actor=actor,
         reason=reason,
         dataset=dataset,
-        version_from=version,
-        version_to=None,
-        counts={"pending_days": pending_days},
         clock=clock,
     )
-    return scheduled
 
 
 def rewrap(

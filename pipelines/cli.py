@@ -172,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub, top=False)
         return sub
 
+    def actions(name: str, help_text: str) -> Callable[[str, str], argparse.ArgumentParser]:
+        """A verb with ACTIONs under it (dest ``<name>_verb``); returns a function adding one action."""
+        group = verb(name, help_text).add_subparsers(dest=f"{name}_verb", metavar="ACTION", required=True)
+
+        def action(action_name: str, action_help: str) -> argparse.ArgumentParser:
+            sub = group.add_parser(action_name, help=action_help)
+            _common(sub, top=False)
+            return sub
+
+        return action
+
     p = verb("init", "create a key home: a KMS key registered as version 1 (active), registry, config file")
     p.add_argument("--dataset", default="default", help="dataset name bound into every ciphertext (default: default)")
     p.add_argument("--rotation-interval-days", type=_positive_int, default=None, metavar="N",
@@ -249,29 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--days", type=_nonneg_int, default=None, metavar="N",
                            help="pending period before deletion (default: key_hierarchy.pending_deletion_days)")
 
-    p = verb("directory", "the key registry's DEK directory")
-    dir_verbs = p.add_subparsers(dest="directory_verb", metavar="ACTION", required=True)
-    sub = dir_verbs.add_parser("show", help="DEKs per key version")
-    _common(sub, top=False)
-    sub = dir_verbs.add_parser("rebuild", help="recreate missing directory entries from a lake's birth envelopes")
-    _common(sub, top=False)
-    sub.add_argument("--lake", required=True, metavar="PATH")
+    directory = actions("directory", "the key registry's DEK directory")
+    directory("show", "DEKs per key version")
+    directory("rebuild", "recreate missing directory entries from a lake's birth envelopes").add_argument(
+        "--lake", required=True, metavar="PATH"
+    )
 
-    p = verb("dataset", "the dataset contract: which columns are ciphertext, as what")
-    ds_verbs = p.add_subparsers(dest="dataset_verb", metavar="ACTION", required=True)
-    sub = ds_verbs.add_parser("show", help="the dataset's contract and its revisions")
-    _common(sub, top=False)
-    sub = ds_verbs.add_parser("add-column", help="encrypt one more column from now on (audited)")
-    _common(sub, top=False)
+    dataset = actions("dataset", "the dataset contract: which columns are ciphertext, as what")
+    dataset("show", "the dataset's contract and its revisions")
+    sub = dataset("add-column", "encrypt one more column from now on (audited)")
     sub.add_argument("column", metavar="COLUMN")
     sub.add_argument("--source", required=True, metavar="PATH",
                      help="a plain Parquet or Avro file (or directory) to take the column's type from")
     sub.add_argument("--reason", default="keyturn dataset add-column", help="why (recorded in the registry and audit log)")
 
-    p = verb("audit", "control-plane audit log")
-    audit_verbs = p.add_subparsers(dest="audit_verb", metavar="ACTION", required=True)
-    sub = audit_verbs.add_parser("verify", help="verify the hash chain of the home's audit log")
-    _common(sub, top=False)
+    actions("audit", "control-plane audit log")("verify", "verify the hash chain of the home's audit log")
 
     p = verb("ingest", "watch a directory and encrypt new Avro/Parquet files into the lake")
     p.add_argument("--watch", required=True, metavar="DIR")

@@ -75,6 +75,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -156,7 +157,7 @@ class Watcher:
 
 
 class _Tally:
-    """The running totals of an ingest run, batch by batch."""
+    """The running totals of an ingest run, batch by batch; each attribute is an `IngestReport` field."""
 
     def __init__(self) -> None:
         self.batches = 0
@@ -169,7 +170,7 @@ class _Tally:
         self.partitions: dict[str, int] = {}
         self.quarantined: list[str] = []
         self.run_ids: list[str] = []
-        self.waits_for_lock = 0
+        self.lock_waits = 0
 
     def add(self, run_id: str, done: dict[str, Any], ingested: int) -> None:
         self.batches += 1
@@ -181,6 +182,23 @@ class _Tally:
             self.rows_written += counts["rows"]
             self.files_written += counts["files"]
             self.bytes_written += counts["bytes"]
+
+    def fields(self) -> dict[str, Any]:
+        """The totals as `IngestReport` keyword arguments (partitions sorted)."""
+        return {**vars(self), "partitions": dict(sorted(self.partitions.items()))}
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """What every micro-batch of one ingest run shares: the key home, the lake, the watcher, what to encrypt."""
+
+    home: Any
+    lake: Lake
+    watcher: Watcher
+    columns: list[str]
+    partition_by: list[str]
+    tally: _Tally
+    options: dict[str, Any]  # the keyword options of `encrypt_files`
 
 
 def run(
@@ -246,6 +264,10 @@ def run(
     report = _Tally()
     macs = SourceMacs(home, actor=actor)
     watcher = Watcher(watch_root, macs)
+    batches = _Batches(
+        home, the_lake, watcher, columns, partition_by, report,
+        dict(beam_args=beam_args, batch_rows=batch_rows, file_rows=file_rows, actor=actor, reason=reason, bind=bind),
+    )
     last_activity = time.monotonic()
     stopped = "stopped"
     try:
@@ -256,11 +278,7 @@ def run(
             if seen_new:
                 last_activity = time.monotonic()
             if stable:
-                committed = _ingest_batch(
-                    home, the_lake, watcher, stable[:max_batch_files], columns, partition_by, report, recovered,
-                    beam_args=beam_args, batch_rows=batch_rows, file_rows=file_rows, actor=actor, reason=reason,
-                    bind=bind,
-                )
+                committed = _ingest_batch(batches, stable[:max_batch_files], recovered)
                 say(progress, f"watching {watch}", files_done=report.files_ingested, rows_done=report.rows_written)
                 last_activity = time.monotonic()  # work done, or waiting for the lake lock: not idle
                 if committed:
@@ -278,18 +296,8 @@ def run(
         columns=columns,
         partition_by=partition_by,
         stopped=stopped,
-        batches=report.batches,
-        files_ingested=report.files_ingested,
-        files_quarantined=report.files_quarantined,
-        quarantined=report.quarantined,
-        rows_written=report.rows_written,
-        files_written=report.files_written,
-        bytes_written=report.bytes_written,
-        partitions=dict(sorted(report.partitions.items())),
-        kms_calls=report.kms_calls,
+        **report.fields(),
         ledger_key_kms_calls=macs.kms_calls,
-        lock_waits=report.waits_for_lock,
-        run_ids=report.run_ids,
         recovered=recovered,
         seconds=round(time.monotonic() - started, 3),
         problems=[
@@ -299,18 +307,9 @@ def run(
     )
 
 
-def _ingest_batch(
-    home: Any,
-    lake: Lake,
-    watcher: Watcher,
-    files: list[SourceFile],
-    columns: list[str],
-    partition_by: list[str],
-    report: _Tally,
-    recovered: dict[str, int],
-    **options: Any,
-) -> bool:
+def _ingest_batch(batches: _Batches, files: list[SourceFile], recovered: dict[str, int]) -> bool:
     """Check, encrypt and commit one micro-batch; False if the lake was locked (retry next poll)."""
+    lake, watcher = batches.lake, batches.watcher
     run_id = new_run_id()
     try:
         with lake.lock(exclusive=False, owner=f"ingest {run_id}"):
@@ -321,24 +320,16 @@ def _ingest_batch(
             done_already = read_ledger(lake)
             files = [f for f in files if not watcher.done(f, done_already)]
             if files:
-                _commit_batch(home, lake, watcher, files, columns, partition_by, report, run_id, **options)
+                _commit_batch(batches, files, run_id)
     except LakeLockedError:
-        report.waits_for_lock += 1
+        batches.tally.lock_waits += 1
         return False
     return True
 
 
-def _commit_batch(
-    home: Any,
-    lake: Lake,
-    watcher: Watcher,
-    files: list[SourceFile],
-    columns: list[str],
-    partition_by: list[str],
-    report: _Tally,
-    run_id: str,
-    **options: Any,
-) -> None:
+def _commit_batch(batches: _Batches, files: list[SourceFile], run_id: str) -> None:
+    home, lake, watcher = batches.home, batches.lake, batches.watcher
+    columns, partition_by, report = batches.columns, batches.partition_by, batches.tally
     accepted: list[tuple[SourceFile, pa.Schema]] = []
     rejected: list[tuple[SourceFile, InputError]] = []
     contract = home.registry().get_contract(home.dataset)
@@ -375,7 +366,7 @@ def _commit_batch(
             return {**rejected_entries, **done}
 
         the_plan = plan_files(group, columns, partition_by)
-        done = encrypt_files(home, lake, the_plan, columns, run_id=run_id, whole_file=True, sources=sources, **options)
+        done = encrypt_files(home, lake, the_plan, columns, run_id=run_id, whole_file=True, sources=sources, **batches.options)
     else:
         record_sources(lake, rejected_entries)
         done = {"written": {}, "kms_calls": 0}

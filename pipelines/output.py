@@ -90,17 +90,21 @@ def _problem_lines(problems: Any, limit: int = 20) -> list[str]:
     return lines
 
 
+def _job_text(headline: str, *details: str | None, problems: Any) -> str:
+    """A job's headline, its details that are not None, then its problems: one per line."""
+    return "\n".join([headline, *(d for d in details if d is not None), *_problem_lines(problems)])
+
+
 def _encrypt(r: reports.EncryptReport) -> str:
-    lines = [
+    skipped = f"  Skipped {len(r.partitions_skipped)} partitions already in the lake ({r.rows_skipped:,} source rows)."
+    return _job_text(
         f"Encrypted {r.rows_written:,} rows into {r.files_written:,} files in "
         f"{len(r.partitions_written)} partitions of {r.lake} (columns: {', '.join(r.columns)}), "
-        f"with {r.kms_calls:,} KMS calls."
-    ]
-    if r.partitions_skipped:
-        lines.append(f"  Skipped {len(r.partitions_skipped)} partitions already in the lake ({r.rows_skipped:,} source rows).")
-    if r.audit_file:
-        lines.append(f"  Audit events: {r.audit_file}")
-    return "\n".join(lines + _problem_lines(r.problems))
+        f"with {r.kms_calls:,} KMS calls.",
+        skipped if r.partitions_skipped else None,
+        f"  Audit events: {r.audit_file}" if r.audit_file else None,
+        problems=r.problems,
+    )
 
 
 def _decrypt(r: reports.DecryptReport) -> str:
@@ -125,15 +129,15 @@ def _decrypt(r: reports.DecryptReport) -> str:
 
 
 def _ingest(r: reports.IngestReport) -> str:
-    lines = [
+    quarantined = [f"  {r.files_quarantined:,} files were quarantined (unreadable or missing a column):"]
+    quarantined += [f"    {path}" for path in r.quarantined[:20]]
+    return _job_text(
         f"Ingested {r.files_ingested:,} files from {r.watch} in {r.batches:,} batches: "
         f"{r.rows_written:,} rows appended to {r.lake} as {r.files_written:,} files, "
-        f"with {r.kms_calls:,} KMS calls ({r.stopped or 'stopped'} after {r.seconds} s)."
-    ]
-    if r.files_quarantined:
-        lines.append(f"  {r.files_quarantined:,} files were quarantined (unreadable or missing a column):")
-        lines.extend(f"    {path}" for path in r.quarantined[:20])
-    return "\n".join(lines + _problem_lines(r.problems))
+        f"with {r.kms_calls:,} KMS calls ({r.stopped or 'stopped'} after {r.seconds} s).",
+        *(quarantined if r.files_quarantined else ()),
+        problems=r.problems,
+    )
 
 
 def _reencrypt(r: reports.ReencryptReport) -> str:

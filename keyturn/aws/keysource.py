@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from keyturn.aws.clients import ClientSettings
 from keyturn.aws.dynamodb_registry import DynamoDbKeyRegistry
@@ -70,29 +71,24 @@ class AwsKeySource:
         """Which KMS this is, for `process_bucket`: the region and endpoint (None: botocore's default)."""
         return f"aws-kms {self.region} {self.endpoint_url}"
 
+    def _client_options(self) -> dict[str, Any]:
+        """The botocore settings both clients share (each has its own endpoint)."""
+        return {name: getattr(self, name) for name in ("region", "max_attempts", "connect_timeout", "read_timeout")}
+
     def open_kms(self) -> AwsKms:
         """A new `AwsKms` on the process's shared rate limit (close it in ``teardown()``)."""
         rate = self.max_requests_per_second
         return AwsKms(
-            region=self.region,
             endpoint_url=self.endpoint_url,
-            max_attempts=self.max_attempts,
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
             rate_limiter=None if rate is None else process_bucket(self.kms_name, rate),
+            **self._client_options(),
         )
 
     def open_registry(self) -> KeyRegistry:
         """The key registry: DynamoDB when `registry_table` is set, else the SQLite file."""
         if self.registry_table is not None:
             return DynamoDbKeyRegistry(
-                self.registry_table,
-                name=self.registry_name,
-                region=self.region,
-                endpoint_url=self.registry_endpoint_url,
-                max_attempts=self.max_attempts,
-                connect_timeout=self.connect_timeout,
-                read_timeout=self.read_timeout,
+                self.registry_table, name=self.registry_name, endpoint_url=self.registry_endpoint_url, **self._client_options()
             )
         assert self.registry_path is not None
         return SqliteKeyRegistry(self.registry_path)
