@@ -21,7 +21,7 @@ round, each subject on fresh state:
 
 - keyturn encrypt: `keyturn.pipelines.encrypt.run` (source -> encrypted lake,
   partitioned by region), on its own key home, with no Beam options (what
-  the CLI does: a worker process per core from 2,000,000 rows, see
+  the CLI does: a worker thread per core from 2,000,000 rows, see
   `keyturn.pipelines.runner.lake_job_args`), and again pinned to one CPU
   (the scaling baseline: every thread of the job, Beam's, pyarrow's and the
   native kernel's, shares that CPU, and the job runs in process). Both run
@@ -119,7 +119,7 @@ PME_ROTATE_TARGET = 3.0  # `rotate --rewrap` time over PME rotate_master_keys ti
 READ_PATH_TARGET = 0.95  # decrypt throughput with the directory over without it: at least
 MEMORY_TARGET = 1.3  # peak RSS of the 4x lake over the 1x lake
 PME_WRITE_TARGET = 4.0  # lake encrypt time over the PME write time of the same data
-SCALING_TARGET = 1.7  # lake encrypt on one core over the default (a worker process per core)
+SCALING_TARGET = 1.7  # lake encrypt on one CPU over the default (a worker thread per core)
 STORAGE_TARGET = 18.0  # stored bytes per encrypted cell beyond its raw plaintext
 DEFAULT_OUT = os.path.join("bench-out", "lake")
 
@@ -260,19 +260,18 @@ ONE_CORE = ["--direct_num_workers=1"]  # the in-process runner: Python DoFns on 
 def _encrypt_in_child(home_path: str, source: str, lake: str, *, one_cpu: bool) -> dict[str, Any]:
     """`_encrypt` with no Beam options in a child process; with `one_cpu`, the child may run on one CPU only.
 
-    Pinned (`sched_setaffinity` before exec), every thread of the job shares
-    that CPU: Beam's, pyarrow's and the native kernel's, and the job sees
-    one core, so it runs in process. The report carries ``seconds``, the
+    Pinned (the child sets the affinity of each of its threads before the
+    job starts; threads started later inherit it), every thread of the job
+    shares that CPU: Beam's, pyarrow's and the native kernel's, and the job
+    sees one core, so it runs in process. The report carries ``seconds``, the
     job's own time inside the child (start-up and imports excluded, the
     same for both variants).
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-    cpu = min(os.sched_getaffinity(0))
-    pin = (lambda: os.sched_setaffinity(0, {cpu})) if one_cpu else None
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_lake", "--child", "encrypt", home_path, source, lake],
-        env=env, capture_output=True, text=True, preexec_fn=pin, check=False,
+        [sys.executable, "-m", "benchmarks.bench_lake", "--child", "encrypt", home_path, source, lake, "1" if one_cpu else "0"],
+        env=env, capture_output=True, text=True, check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"encrypt child failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -1099,7 +1098,11 @@ def _child(argv: list[str]) -> int:
     if argv[0] == "imports":
         exec(_CHILD_IMPORTS)  # noqa: S102 - a fixed string
         return 0
-    if argv[0] == "encrypt":  # encrypt HOME SOURCE LAKE: one JSON line, the report's counts and the job's seconds
+    if argv[0] == "encrypt":  # encrypt HOME SOURCE LAKE ONE_CPU: one JSON line, the report's counts and the job's seconds
+        if argv[4] == "1":
+            cpu = min(os.sched_getaffinity(0))
+            for tid in os.listdir("/proc/self/task"):  # every thread started so far; later ones inherit
+                os.sched_setaffinity(int(tid), {cpu})
         home = _open_home(argv[1])
         elapsed, report = time_once(lambda: _encrypt(home, argv[2], argv[3]))
         keys = ("rows_written", "files_written", "bytes_written", "kms_calls")

@@ -38,7 +38,7 @@ The pipeline:
    bound memory. Audit events
    (one per scope) go to `<lake>/_keyturn/audit/<run-id>.avro`. Each
    file's rows read are counted. With no runner options, a large source
-   runs on worker processes, one per core
+   runs on worker threads, one per core
    (`keyturn.pipelines.runner.lake_job_args`).
 4. Commit: files are written under `<lake>/_keyturn/staging/<run-id>/` as
    ``part-<uuid>.parquet.staged``, invisible to readers (also to DuckDB's

@@ -3,13 +3,17 @@
 - On the default runner, read -> encrypt -> write is one fused stage: no
   record batch is decoded from Arrow IPC between steps (counted at the one
   deserializer keyturn's coders and `PartitionBatches` use).
-- `lake_job_args`: with no Beam option, a large job gets one worker process
+- `lake_job_args`: with no Beam option, a large job gets one worker thread
   per core; any option the user gives (or a small job) leaves it alone.
-- The multi-process path keeps every guarantee: each row accounted for,
-  staged then committed, and the data decrypts back.
+- The worker threads really share the files, and that path keeps every
+  guarantee: each row accounted for, staged then committed, and the data
+  decrypts back.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 
@@ -23,15 +27,15 @@ from tests.pipeline_support import SENSITIVE, customers, data_files, make_home, 
 pytestmark = pytest.mark.beam
 
 
-def test_lake_job_args_adds_worker_processes_only_for_a_large_job_without_options():
+def test_lake_job_args_adds_worker_threads_only_for_a_large_job_without_options():
     big = PARALLEL_MIN_ROWS
     assert lake_job_args(None, rows=big, items=10, cores=2) == [
-        "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2", "--direct_running_mode=multi_threading",
     ]
     assert lake_job_args([], rows=big, items=3, cores=4) == [
-        "--direct_num_workers=3", "--direct_running_mode=multi_processing",
+        "--direct_num_workers=3", "--direct_running_mode=multi_threading",
     ]
-    assert lake_job_args(None, rows=big - 1, items=10, cores=2) == []  # small: workers would cost more than they save
+    assert lake_job_args(None, rows=big - 1, items=10, cores=2) == []  # small: the split would save little
     assert lake_job_args(None, rows=big, items=1, cores=2) == []  # one file: nothing to share
     assert lake_job_args(None, rows=big, items=10, cores=1) == []
     given = ["--direct_num_workers=1"]
@@ -63,15 +67,21 @@ def test_encrypt_decodes_no_batch_between_steps(tmp_path, monkeypatch):
     assert calls == []
 
 
-def test_a_large_job_runs_on_worker_processes_with_every_guarantee(tmp_path, monkeypatch):
-    seen = []
-    real = encrypt._run_pipeline
+def test_a_large_job_runs_on_worker_threads_with_every_guarantee(tmp_path, monkeypatch):
+    seen, readers = [], set()
+    real, real_read = encrypt._run_pipeline, encrypt.read_batches
 
     def spy(beam_args, **steps):
         seen.append(list(beam_args or []))
         return real(beam_args, **steps)
 
+    def reading(*args, **kwargs):
+        readers.add(threading.get_ident())
+        time.sleep(0.2)  # a file takes a moment to read: the other worker takes the next one meanwhile
+        return real_read(*args, **kwargs)
+
     monkeypatch.setattr(encrypt, "_run_pipeline", spy)
+    monkeypatch.setattr(encrypt, "read_batches", reading)
     monkeypatch.setattr(runner, "PARALLEL_MIN_ROWS", 1)  # this small source counts as large
     monkeypatch.setattr(runner, "available_cores", lambda: 2)
     home = make_home(tmp_path / "home")
@@ -79,7 +89,8 @@ def test_a_large_job_runs_on_worker_processes_with_every_guarantee(tmp_path, mon
     src = write_parquet_source(tmp_path / "src", table, files=4)
     lake = tmp_path / "lake"
     report = encrypt.run(home=home, source=src, lake=str(lake), columns=SENSITIVE, partition_by="region")
-    assert seen == [["--direct_num_workers=2", "--direct_running_mode=multi_processing"]]
+    assert seen == [["--direct_num_workers=2", "--direct_running_mode=multi_threading"]]
+    assert len(readers) == 2  # both worker threads read files
     assert (report.rows_source, report.rows_written, report.rows_skipped) == (1200, 1200, 0)
     assert 3 <= report.files_written <= 6 and len(data_files(lake)) == report.files_written
     assert not (lake / "_keyturn" / "staging").exists() or not list((lake / "_keyturn" / "staging").iterdir())

@@ -50,9 +50,10 @@ fn scrub_workers() {
     rayon::broadcast(|_| scrub_stack());
 }
 
-/// Below this many bytes of work a column is processed on the calling thread.
-const PARALLEL_MIN_BYTES: usize = 1 << 20;
-const PARALLEL_MIN_CELLS: usize = 4096;
+/// Below this many bytes of work a column is processed on the calling thread (the fuzz build,
+/// `--cfg fuzzing`, splits small inputs too, so the fuzzer reaches the parallel path).
+const PARALLEL_MIN_BYTES: usize = if cfg!(fuzzing) { 64 } else { 1 << 20 };
+const PARALLEL_MIN_CELLS: usize = if cfg!(fuzzing) { 2 } else { 4096 };
 
 /// The associated data: one for every cell, or one per row (None at a null row).
 pub enum Aad<'a> {

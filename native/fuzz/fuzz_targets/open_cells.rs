@@ -143,6 +143,9 @@ fuzz_target!(|data: &[u8]| {
         if let Some(j) = (0..count).find(|&j| originals[j].as_ref() == Some(cell) && aads[j] == aads[i]) {
             assert_eq!(status[i], OPENED, "row {i}: the cell sealed for row {j} must open");
             assert_eq!(Some(slot), plain[j].as_deref(), "row {i}: wrong plaintext");
+        } else if (0..count).any(|j| originals[j].as_ref() == Some(cell)) {
+            // a sealed cell moved to a row whose associated data differs (bound row keys): it must fail
+            assert_eq!(status[i], FAILED, "row {i}: a cell sealed for another row's associated data opened");
         }
         match status[i] {
             // soundness: what opened is exactly the plaintext this cell seals (its nonce, this row's AAD)
@@ -153,15 +156,23 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// The cell that sealing `plaintext` under the fuzz key with `cell`'s nonce and this row's AAD gives
-/// (`kernel::seal`, which tests/test_native_kernel.py holds byte-identical to the Python path).
+/// The cell that sealing `plaintext` under the fuzz key with `cell`'s nonce and this row's AAD gives,
+/// framed here from `aes_gcm` directly (not with `kernel::seal`, so a fault the kernel's seal and
+/// open share cannot hide): version byte, dek_id, nonce, ciphertext, tag.
 fn reseal(cipher: &Aes256Gcm, cell: &[u8], plaintext: &[u8], aad: &[u8], per_row: bool) -> Vec<u8> {
-    let mut counter = [0u8; 16];
-    counter[16 - kernel::NONCE_BYTES..].copy_from_slice(&cell[1 + kernel::DEK_ID_BYTES..kernel::HEADER_BYTES]);
-    let offsets = kernel::offsets_of(&[CELL_OVERHEAD + plaintext.len()]);
-    let mut out = vec![0u8; offsets[1]];
-    let aad = if per_row { Aad::PerRow(vec![Some(aad)]) } else { Aad::Shared(b"dataset|partition|field|type") };
-    kernel::seal(cipher, &DEK_ID, u128::from_be_bytes(counter), &[Some(plaintext)], &aad, &offsets, &mut out, false)
+    use aes_gcm::aead::inout::InOutBuf;
+    use aes_gcm::aead::AeadInOut;
+    let shared: &[u8] = b"dataset|partition|field|type";
+    let nonce_bytes = &cell[17..29];
+    let nonce = <&aes_gcm::Nonce<aes_gcm::aead::consts::U12>>::try_from(nonce_bytes).unwrap();
+    let mut body = plaintext.to_vec();
+    let tag = cipher
+        .encrypt_inout_detached(nonce, if per_row { aad } else { shared }, InOutBuf::from(&mut body[..]))
         .unwrap();
+    let mut out = vec![0x01u8];
+    out.extend_from_slice(&DEK_ID);
+    out.extend_from_slice(nonce_bytes);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&tag);
     out
 }
