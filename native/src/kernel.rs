@@ -188,6 +188,17 @@ pub fn well_formed(cell: &[u8], dek_id: &[u8; DEK_ID_BYTES]) -> bool {
         && cell[1..1 + DEK_ID_BYTES] == dek_id[..]
 }
 
+/// Each row's plaintext length for `open`'s output: a well-formed cell's length less the framing, 0 otherwise.
+pub fn open_lengths(cells: &[Option<&[u8]>], dek_id: &[u8; DEK_ID_BYTES]) -> Vec<usize> {
+    cells
+        .iter()
+        .map(|c| match c {
+            Some(c) if well_formed(c, dek_id) => c.len() - CELL_OVERHEAD,
+            _ => 0,
+        })
+        .collect()
+}
+
 /// Open every well-formed cell into `out[offsets[i]..offsets[i + 1]]` (its plaintext length; 0 for
 /// null or malformed cells) and set `status[i]`. A cell that fails authentication leaves its slot
 /// zeroed and `FAILED`: no unauthenticated byte is ever left in `out`.

@@ -357,13 +357,7 @@ fn open_cells<'py>(
     scrubbed(|| {
         let dek_id = dek_id_of(dek_id)?;
         with_rows(cells, "cells", aad, |rows, aad| {
-            let lengths: Vec<usize> = rows
-                .iter()
-                .map(|c| match c {
-                    Some(c) if kernel::well_formed(c, &dek_id) => c.len() - CELL_OVERHEAD,
-                    _ => 0,
-                })
-                .collect();
+            let lengths = kernel::open_lengths(rows, &dek_id);
             let mut status = vec![FAILED; rows.len()];
             let (data, offsets_out, large) = keyed_fill(py, key, &lengths, |cipher, offsets, out| {
                 py.detach(|| kernel::open(cipher, &dek_id, rows, aad, offsets, out, &mut status, parallel));

@@ -121,14 +121,7 @@ fuzz_target!(|data: &[u8]| {
     // open, and check every row
     let n = cells.len();
     let refs: Vec<Option<&[u8]>> = cells.iter().map(|c| c.as_deref()).collect();
-    let out_lengths: Vec<usize> = refs
-        .iter()
-        .map(|c| match c {
-            Some(c) if kernel::well_formed(c, &DEK_ID) => c.len() - CELL_OVERHEAD,
-            _ => 0,
-        })
-        .collect();
-    let out_offsets = kernel::offsets_of(&out_lengths);
+    let out_offsets = kernel::offsets_of(&kernel::open_lengths(&refs, &DEK_ID));
     let mut out = vec![0xEEu8; *out_offsets.last().unwrap()];
     let mut status = vec![0xFFu8; n];
     kernel::open(&cipher, &DEK_ID, &refs, &aad_for(n, &aads, per_row), &out_offsets, &mut out, &mut status, parallel);
