@@ -239,8 +239,14 @@ class _BinaryBuilder:
 
     def __init__(self, nbytes: int, count: int) -> None:
         self._large = nbytes > _MAX_BINARY
-        self._data = np.empty(nbytes, dtype=np.uint8)
-        self._offsets = np.zeros(count + 1, dtype=np.int64 if self._large else np.int32)
+        width = np.dtype(np.int64 if self._large else np.int32)
+        # Arrow's memory pool, not numpy's: the pool keeps freed pages for the next batch's column (fresh pages
+        # cost a fault each on first touch), and the column's bytes count in `pa.total_allocated_bytes()`.
+        self._data_buffer = pa.allocate_buffer(nbytes)
+        self._offset_buffer = pa.allocate_buffer(width.itemsize * (count + 1))
+        self._data = np.frombuffer(self._data_buffer, dtype=np.uint8)
+        self._offsets = np.frombuffer(self._offset_buffer, dtype=width)
+        self._offsets[0] = 0
         self.count = 0
 
     def add(self, piece: pa.Array) -> None:
@@ -255,16 +261,33 @@ class _BinaryBuilder:
         self._offsets[self.count + 1 : self.count + k + 1] = offsets[1:] - offsets[0] + base
         self.count += k
 
+    def add_joined(self, data: bytes, lengths: np.ndarray) -> None:
+        """Append values given as their concatenation `data` and their `lengths`; `ValueError` if they disagree
+        or past the capacity.
+
+        The bulk form of `add` for values that arrive as Python `bytes`: one
+        join and one copy, instead of an Arrow array built and copied again.
+        """
+        k, size, base = len(lengths), len(data), int(self._offsets[self.count])
+        ends = np.cumsum(lengths, dtype=np.int64)
+        if k and int(ends[-1]) != size:
+            raise ValueError("binary values do not have the lengths they were given")
+        if self.count + k >= len(self._offsets) or base + size > len(self._data):
+            raise ValueError("binary pieces outgrew the capacity they were given")
+        self._data[base : base + size] = np.frombuffer(data, dtype=np.uint8)
+        self._offsets[self.count + 1 : self.count + k + 1] = ends + base
+        self.count += k
+
     @property
     def full(self) -> bool:
         return self.count == len(self._offsets) - 1 and int(self._offsets[-1]) == len(self._data)
 
     def array(self) -> pa.Array:
         """What was appended, as one binary (large_binary past 2 GiB) array."""
-        offsets = self._offsets[: self.count + 1]
-        data = self._data[: int(offsets[-1])]
         kind = pa.large_binary() if self._large else pa.binary()
-        return pa.Array.from_buffers(kind, self.count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+        size = int(self._offsets[self.count])
+        offsets = self._offset_buffer.slice(0, self._offsets.itemsize * (self.count + 1))
+        return pa.Array.from_buffers(kind, self.count, [None, offsets, self._data_buffer.slice(0, size)])
 
 
 class _CellColumn:
@@ -885,19 +908,22 @@ def _open_group(
     if not well.all():
         group, rows = group.filter(pa.array(well)), rows[well]
     opened, failures = [], False
-    plaintexts = _BinaryBuilder(int(lengths[well].sum()) - CELL_OVERHEAD * len(rows), len(rows))  # at most this
+    plain_lengths = lengths[well] - CELL_OVERHEAD  # AES-GCM's plaintext is its body less the 16-byte tag
+    plaintexts = _BinaryBuilder(int(plain_lengths.sum()), len(rows))  # at most this
     shared = aad.for_rows(rows) if aad.bindings is None else None  # one associated data for every cell
     for lo in range(0, len(rows), _OPEN_CHUNK):
         chunk, chunk_rows = group.slice(lo, _OPEN_CHUNK), rows[lo : lo + _OPEN_CHUNK]
+        chunk_lengths = plain_lengths[lo : lo + _OPEN_CHUNK]
         bodies = pc.binary_slice(chunk, CELL_HEADER_BYTES, _MAX_CELL).to_pylist()
         values, failed = dek.open_many(_nonce_list(chunk), bodies, aad.for_rows(chunk_rows) if shared is None else shared)
         if failed:
             keep = np.ones(len(chunk_rows), dtype=bool)
             keep[failed] = False
             bad.append(chunk_rows[~keep])
-            chunk_rows, values, failures = chunk_rows[keep], [v for v in values if v is not None], True
+            chunk_rows, chunk_lengths, failures = chunk_rows[keep], chunk_lengths[keep], True
+            values = [v for v in values if v is not None]
         opened.append(chunk_rows)
-        plaintexts.add(_binary_values(values))  # type: ignore[arg-type]
+        plaintexts.add_joined(b"".join(values), chunk_lengths)  # type: ignore[arg-type]
     return np.concatenate(bad), _concat_rows(opened) if failures else rows, plaintexts.array()
 
 
@@ -946,12 +972,6 @@ def _plain_values(pieces: list[tuple[np.ndarray, pa.Array]], readable: np.ndarra
     where[_concat_rows([rows for rows, _ in pieces])] = np.arange(len(values))
     index = where[readable]
     return values.take(pa.array(index, mask=index < 0))
-
-
-def _binary_values(values: list[bytes]) -> pa.Array:
-    """`values` as one binary array (large_binary past 2 GiB)."""
-    array = pa.array(values, pa.binary())
-    return pa.array(values, pa.large_binary()) if isinstance(array, pa.ChunkedArray) else array
 
 
 def _concat_binary(arrays: list[pa.Array]) -> pa.Array:

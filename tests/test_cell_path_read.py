@@ -279,3 +279,21 @@ def test_from_plain_array_refuses_what_from_plaintexts_refuses(f, plaintexts):
         from_plaintexts(plaintexts, f)
     with pytest.raises(DecryptionError):
         from_plain_array(pa.array(plaintexts, pa.binary()), f)
+
+
+def test_binary_builder_add_joined_rebuilds_the_values_and_refuses_lengths_that_do_not_add_up():
+    parts = [[b"", b"abc", b"\x00" * 5], [b"x"], [], [b"", b""]]
+    values = [v for part in parts for v in part]
+    builder = arrow_codec._BinaryBuilder(sum(map(len, values)), len(values))
+    for part in parts:
+        builder.add_joined(b"".join(part), np.array([len(v) for v in part], dtype=np.int64))
+    assert builder.full
+    assert builder.array().to_pylist() == values
+    assert builder.array().type == pa.binary()
+
+    short = arrow_codec._BinaryBuilder(10, 3)
+    with pytest.raises(ValueError):  # the joined bytes and the lengths disagree: never guess the cut
+        short.add_joined(b"abcd", np.array([1, 2], dtype=np.int64))
+    with pytest.raises(ValueError):  # more values than the builder was sized for
+        short.add_joined(b"abcd", np.array([1, 1, 1, 1], dtype=np.int64))
+    assert short.count == 0 and short.array().to_pylist() == []
