@@ -24,7 +24,8 @@ Points used by the reencrypt job (see `keyturn.lake.rewrite` and
 
 And by `keyturn rewrap` (`keyturn.rewrap.rewrap_entries`):
 
-- ``rewrap:before-swap``: the KMS re-wrapped a DEK, its directory entry not yet swapped.
+- ``rewrap:before-swap``: the KMS re-wrapped a DEK; its directory entry, and
+  those of the batch it is swapped with (`DekDirectory.swap_batch`), not yet swapped.
 """
 
 from __future__ import annotations

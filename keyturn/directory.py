@@ -30,6 +30,11 @@ Contracts shared by every backend (SQLite and DynamoDB):
 - `replace_wrapping` is compare-and-set on the current envelope: it moves
   one entry only if nobody moved it first, so a crashed or concurrent
   rewrap never loses an entry or leaves it half-written;
+  `replace_wrappings` makes up to `swap_batch` such swaps in one write
+  (SQLite: one transaction, so a rewrap of many DEKs commits once per batch,
+  not once per DEK; DynamoDB: one conditional write per swap, `swap_batch`
+  1). Each swap of a batch still succeeds or loses its race on its own; in
+  one transaction, an error (`DirectoryError`, an outage) makes none of them;
 - a key version cannot be retired or scheduled for deletion while any entry
   is wrapped under it (`dek_count`, checked inside the registry's write);
 - `lookup_deks` answers many dek ids in one round trip.
@@ -56,6 +61,7 @@ __all__ = [
     "new_entry",
     "rewrapped_entry",
     "LOOKUP_BATCH",
+    "WrappingSwap",
 ]
 
 LOOKUP_BATCH = 100
@@ -167,6 +173,15 @@ def check_entry(entry: DekEntry, kek_ids: Mapping[int, str] | None = None) -> En
     return envelope
 
 
+@dataclass(frozen=True, slots=True)
+class WrappingSwap:
+    """One compare-and-set of a directory entry's envelope: `expected` (its current one) -> `new` (validated there)."""
+
+    dek_id: bytes
+    expected: bytes
+    new: bytes
+
+
 @runtime_checkable
 class DekDirectory(Protocol):
     """Registered DEKs and their current wrappings (see the module docstring for the contracts)."""
@@ -193,8 +208,19 @@ class DekDirectory(Protocol):
         """Entries per current key version."""
         ...
 
+    swap_batch: int
+    """How many swaps `replace_wrappings` makes in one write (1: each swap is its own write)."""
+
     def replace_wrapping(self, dek_id: bytes, *, expected_envelope: bytes, new_envelope: bytes) -> bool:
         """Compare-and-set the current envelope; False if the entry no longer holds `expected_envelope`."""
+        ...
+
+    def replace_wrappings(self, swaps: Sequence[WrappingSwap]) -> list[bool]:
+        """`replace_wrapping` for each swap; per swap, whether it moved its entry.
+
+        With `swap_batch` > 1 the swaps are one write, so an error makes none
+        of them; with 1, each is its own write and those before an error stay made.
+        """
         ...
 
 

@@ -8,10 +8,10 @@ the plaintext DEK never enters this process on this path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from keyturn.directory import DekDirectory, DekEntry
+from keyturn.directory import DekDirectory, DekEntry, WrappingSwap
 from keyturn.errors import DecryptionError, KmsError
 from keyturn.format import kms_context, parse_envelope
 from keyturn.kms.base import KmsBackend
@@ -99,19 +99,34 @@ def rewrap_entries(
     target: KekRef,
     *,
     result: DirectoryRewrap | None = None,
-    on_entry: Callable[[DekEntry], None] | None = None,
 ) -> DirectoryRewrap:
-    """Re-wrap each entry's current envelope onto `target` in the KMS and swap it in, one entry at a time.
+    """Re-wrap each entry's current envelope onto `target` in the KMS and swap it in, a batch at a time.
 
     One KMS call per entry (ReEncrypt on AWS: the DEK never enters this
-    process there). Each swap is a compare-and-set on the entry's envelope,
-    so a crash between the KMS call and the swap leaves the entry on its old
-    (still readable) wrapping and a rerun finishes it, and two concurrent
-    runs never overwrite each other. Entries already on `target` are skipped
-    without a KMS call. An envelope the KMS refuses (`DecryptionError`) is
-    listed in `failed` and left as it is; KMS outages raise.
+    process there). The new envelopes are swapped in `directory.swap_batch`
+    at a time (`replace_wrappings`: one SQLite transaction per batch, one
+    DynamoDB write per entry), each swap a compare-and-set on the entry's
+    envelope: a crash after the KMS calls and before the batch's swap
+    leaves those entries on their old (still readable) wrapping and a rerun
+    finishes them, and two concurrent runs never overwrite each other.
+    Entries already on `target` are skipped without a KMS call. An envelope
+    the KMS refuses (`DecryptionError`) is listed in `failed` and left as it
+    is. KMS outages raise, after the entries re-wrapped before the outage
+    are swapped in (their KMS work is not lost).
     """
     out = result if result is not None else DirectoryRewrap()
+    batch = max(1, int(getattr(directory, "swap_batch", 1)))
+    pending: list[WrappingSwap] = []
+
+    def swap() -> None:
+        swaps = pending[:]
+        pending.clear()
+        if not swaps:
+            return
+        moved = directory.replace_wrappings(swaps)
+        out.moved += sum(moved)
+        out.raced += len(moved) - sum(moved)
+
     for entry in entries:
         if entry.key_version == target.version:
             continue
@@ -121,12 +136,13 @@ def rewrap_entries(
         except DecryptionError:
             out.failed.append(entry.dek_id.hex())
             continue
+        except KmsError:  # an outage: keep what the KMS already did for this batch, then report the outage
+            swap()
+            raise
         out.kms_request_ids.append(request_id)
         crashpoint("rewrap:before-swap")
-        if directory.replace_wrapping(entry.dek_id, expected_envelope=entry.envelope, new_envelope=new):
-            out.moved += 1
-        else:
-            out.raced += 1
-        if on_entry is not None:
-            on_entry(entry)
+        pending.append(WrappingSwap(entry.dek_id, entry.envelope, new))
+        if len(pending) >= batch:
+            swap()
+    swap()
     return out

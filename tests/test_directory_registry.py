@@ -40,7 +40,7 @@ from botocore.awsrequest import AWSResponse
 
 from keyturn.aws.dynamodb_registry import DynamoDbKeyRegistry, create_table
 from keyturn.contract import ContractColumn, DatasetContract, add_column, arrow_contract
-from keyturn.directory import LOOKUP_BATCH, DekDirectory, DekEntry, new_entry
+from keyturn.directory import LOOKUP_BATCH, DekDirectory, DekEntry, WrappingSwap, new_entry
 from keyturn.errors import (
     ConcurrentModificationError,
     ContractError,
@@ -394,6 +394,36 @@ def test_replace_wrapping_is_compare_and_set(reg, keys) -> None:
         reg.replace_wrapping(os.urandom(16), expected_envelope=first, new_envelope=first)
     assert reg.lookup_deks([e.dek_id])[e.dek_id] == stored
     assert reg.deks_by_version() == {1: 1, 2: 1}
+
+
+def test_replace_wrappings_swaps_each_entry_on_its_own_compare_and_set(reg, keys) -> None:
+    with_versions(reg, 1)
+    a, b, c = keys.entries(1, 3)
+    reg.register_deks([a, b, c])
+    reg.rotate("kek-2", **WHO)
+    ahead = keys.rewrap(b, 2)
+    assert reg.replace_wrapping(b.dek_id, expected_envelope=b.envelope, new_envelope=ahead)  # another rewrapper, first
+    onto = {e.dek_id: keys.rewrap(e, 2) for e in (a, b, c)}
+    moved = reg.replace_wrappings([WrappingSwap(e.dek_id, e.envelope, onto[e.dek_id]) for e in (a, b, c)])
+    assert moved == [True, False, True]  # b lost its race and keeps the envelope that won it
+    stored = reg.lookup_deks([a.dek_id, b.dek_id, c.dek_id])
+    assert [stored[e.dek_id].envelope for e in (a, b, c)] == [onto[a.dek_id], ahead, onto[c.dek_id]]
+    assert reg.deks_by_version() == {2: 3}
+    assert reg.replace_wrappings([]) == []
+
+
+def test_an_error_in_a_batch_of_swaps_makes_none_of_them_where_the_batch_is_one_write(reg, keys) -> None:
+    with_versions(reg, 1)
+    a, b = keys.entries(1, 2)
+    reg.register_deks([a, b])
+    reg.rotate("kek-2", **WHO)
+    swaps = [WrappingSwap(a.dek_id, a.envelope, keys.rewrap(a, 2)), WrappingSwap(os.urandom(16), b.envelope, keys.rewrap(b, 2))]
+    with pytest.raises(DirectoryError, match="not in the directory"):
+        reg.replace_wrappings(swaps)
+    # one transaction (SQLite): the good swap before the bad one was rolled back with it; one write per
+    # swap (DynamoDB, swap_batch 1): it stays made, as a lone replace_wrapping would
+    assert reg.deks_by_version() == ({1: 2} if reg.swap_batch > 1 else {1: 1, 2: 1})
+    assert reg.swap_batch == (256 if isinstance(reg, SqliteKeyRegistry) else 1)
 
 
 def test_rewrap_onto_a_version_that_is_not_readable_is_refused(reg, keys) -> None:

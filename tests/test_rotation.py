@@ -302,3 +302,63 @@ def test_append_failure_after_the_change_says_so(registry, chain, monkeypatch):
     with pytest.raises(AuditChainError, match="made in the registry but its audit event was not logged"):
         rotate(registry, provisioner([]), chain, actor="a", reason="r")
     assert registry.active().version == 2
+
+
+class _SwapLog:
+    """A directory that forwards to the registry and records each `replace_wrappings` batch, with its own batch size."""
+
+    def __init__(self, registry, swap_batch: int) -> None:
+        self._registry, self.swap_batch, self.batches = registry, swap_batch, []
+
+    def replace_wrappings(self, swaps):
+        self.batches.append(len(swaps))
+        return self._registry.replace_wrappings(swaps)
+
+    def __getattr__(self, name):
+        return getattr(self._registry, name)
+
+
+def _stale_entries(registry):
+    return registry.list_deks(key_version=1)
+
+
+def test_rewrap_entries_swaps_a_batch_per_write_and_counts_each_swap(registry, chain, kms, clock):
+    from keyturn.rewrap import rewrap_entries
+    from keyturn.scope import KekRef
+
+    register_deks(registry, kms, 5)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    target = KekRef(2, kek_id_for(2))
+    log = _SwapLog(registry, swap_batch=2)
+    done = rewrap_entries(log, kms, _stale_entries(registry), target)
+    assert log.batches == [2, 2, 1]  # five DEKs, two per write
+    assert (done.moved, done.raced, done.kms_calls, done.failed) == (5, 0, 5, [])
+    assert registry.deks_by_version() == {2: 5}
+    assert rewrap_entries(log, kms, registry.list_deks(), target).kms_calls == 0  # nothing left: no KMS call, no write
+    assert log.batches == [2, 2, 1]
+
+
+def test_a_kms_outage_in_the_middle_of_a_batch_keeps_what_the_kms_already_rewrapped(registry, chain, kms, clock):
+    from keyturn.errors import KmsUnavailableError
+    from keyturn.rewrap import DirectoryRewrap, rewrap_entries
+    from keyturn.scope import KekRef
+
+    class FailingOnThird:
+        def __init__(self, inner) -> None:
+            self._inner, self.calls = inner, 0
+
+        def rewrap(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 3:
+                raise KmsUnavailableError("the KMS is down")
+            return self._inner.rewrap(*args, **kwargs)
+
+    register_deks(registry, kms, 5)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    log, result = _SwapLog(registry, swap_batch=256), DirectoryRewrap()
+    with pytest.raises(KmsUnavailableError):
+        rewrap_entries(log, FailingOnThird(kms), _stale_entries(registry), KekRef(2, kek_id_for(2)), result=result)
+    assert log.batches == [2] and result.moved == 2  # the two DEKs re-wrapped before the outage are swapped in
+    assert registry.deks_by_version() == {1: 3, 2: 2}
+    report = rewrap(registry, kms, chain, actor="ops", reason="after the outage", clock=clock)
+    assert (report["deks_moved"], report["kms_calls"], report["complete"]) == (3, 3, True)

@@ -128,7 +128,9 @@ from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
 
 from keyturn.aws.clients import ClientSettings, error_code, make_client
 from keyturn.contract import DatasetContract
-from keyturn.directory import LOOKUP_BATCH, DekEntry, check_contract_revisions, check_new_entries, check_rewrap
+from keyturn.directory import (
+    LOOKUP_BATCH, DekEntry, WrappingSwap, check_contract_revisions, check_new_entries, check_rewrap,
+)
 from keyturn.errors import (
     ConcurrentModificationError,
     ContractError,
@@ -1062,6 +1064,13 @@ class DynamoDbKeyRegistry(LifecycleMethods):
             if count:
                 out[version] = count
         return dict(sorted(out.items()))
+
+    swap_batch = 1
+    """Each swap is its own conditional write (a transaction across items would fail whole on one lost race)."""
+
+    def replace_wrappings(self, swaps: Sequence[WrappingSwap]) -> list[bool]:
+        """`replace_wrapping` for each swap, one conditional write each (`swap_batch` is 1)."""
+        return [self.replace_wrapping(s.dek_id, expected_envelope=s.expected, new_envelope=s.new) for s in swaps]
 
     def replace_wrapping(self, dek_id: bytes, *, expected_envelope: bytes, new_envelope: bytes) -> bool:
         """Compare-and-set one entry's envelope (a validated rewrap of the same DEK onto a readable version).

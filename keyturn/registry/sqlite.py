@@ -52,7 +52,9 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from keyturn.contract import DatasetContract
-from keyturn.directory import LOOKUP_BATCH, DekEntry, check_contract_revisions, check_new_entries, check_rewrap
+from keyturn.directory import (
+    LOOKUP_BATCH, DekEntry, WrappingSwap, check_contract_revisions, check_new_entries, check_rewrap,
+)
 from keyturn.errors import ConcurrentModificationError, ContractError, DirectoryError, RegistryError, UnknownVersionError
 from keyturn.registry.base import (
     KeyState,
@@ -524,25 +526,48 @@ class SqliteKeyRegistry(LifecycleMethods):
         )
         return {int(v): int(n) for v, n in rows}
 
+    swap_batch = 256
+    """Swaps `replace_wrappings` commits in one transaction (one commit, not one per DEK)."""
+
     def replace_wrapping(self, dek_id: bytes, *, expected_envelope: bytes, new_envelope: bytes) -> bool:
         """Compare-and-set one entry's envelope (a validated rewrap of the same DEK onto a readable version)."""
-        dek_id = bytes(dek_id)
+        return self.replace_wrappings([WrappingSwap(bytes(dek_id), bytes(expected_envelope), bytes(new_envelope))])[0]
 
-        def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> bool:
-            row = conn.execute(f"SELECT {_DEK_COLUMNS} FROM deks WHERE dek_id = ?", (dek_id,)).fetchone()
-            if row is None:
-                raise DirectoryError(f"DEK {dek_id.hex()} is not in the directory")
-            entry = _row_to_entry(row)
-            if entry.envelope != bytes(expected_envelope):
-                return False
-            moved = check_rewrap(entry, new_envelope, {v.version: v.kek_id for v in versions})
-            if not find_version(versions, moved.key_version).state.readable:
-                raise DirectoryError(f"cannot rewrap DEK {dek_id.hex()} onto version {moved.key_version}: it is not readable")
-            cur = conn.execute(
-                "UPDATE deks SET envelope = ?, key_version = ?, updated_at = ? WHERE dek_id = ? AND envelope = ?",
-                (moved.envelope, moved.key_version, _to_text(now), dek_id, entry.envelope),
-            )
-            return cur.rowcount == 1
+    def replace_wrappings(self, swaps: Sequence[WrappingSwap]) -> list[bool]:
+        """`replace_wrapping` for each swap, in one transaction: all of them are made, or (on an error) none.
+
+        Per swap, False if its entry no longer holds the expected envelope
+        (another rewrap moved it first). `DirectoryError` if a DEK is not
+        registered, a new envelope is not the same DEK under the registry's
+        KEK, or its version is not readable.
+        """
+        swaps = list(swaps)
+        if not swaps:
+            return []
+
+        def apply(conn: sqlite3.Connection, versions: list[KeyVersion], now: datetime) -> list[bool]:
+            kek_ids, stamp = {v.version: v.kek_id for v in versions}, _to_text(now)
+            out = []
+            for swap in swaps:
+                dek_id = bytes(swap.dek_id)
+                row = conn.execute(f"SELECT {_DEK_COLUMNS} FROM deks WHERE dek_id = ?", (dek_id,)).fetchone()
+                if row is None:
+                    raise DirectoryError(f"DEK {dek_id.hex()} is not in the directory")
+                entry = _row_to_entry(row)
+                if entry.envelope != bytes(swap.expected):
+                    out.append(False)
+                    continue
+                moved = check_rewrap(entry, swap.new, kek_ids)
+                if not find_version(versions, moved.key_version).state.readable:
+                    raise DirectoryError(
+                        f"cannot rewrap DEK {dek_id.hex()} onto version {moved.key_version}: it is not readable"
+                    )
+                cur = conn.execute(
+                    "UPDATE deks SET envelope = ?, key_version = ?, updated_at = ? WHERE dek_id = ? AND envelope = ?",
+                    (moved.envelope, moved.key_version, stamp, dek_id, entry.envelope),
+                )
+                out.append(cur.rowcount == 1)
+            return out
 
         return self._write(apply, validate_after=False)
 
