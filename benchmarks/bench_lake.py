@@ -27,6 +27,12 @@ round, each subject on fresh state:
   native kernel's, shares that CPU, and the job runs in process). Both run
   in a child process (`python -m benchmarks.bench_lake --child encrypt`)
   and report the job's own time, start-up and imports excluded;
+- the machine's scaling ceiling for that job: one child per CPU, started
+  together, each pinned to its own CPU and encrypting its share of the
+  source files (hard links in a directory of its own) into its own lake
+  with its own key home; the slowest child's job time. They share nothing
+  but the machine, so the one-CPU time over this one bounds what any split
+  of the job across the same CPUs can reach here;
 - keyturn `rotate --rewrap`: `home-v1` restored (untimed), then timed
   `keyturn.rotation.rotate` (provisions the version-2 KEK) followed by
   `keyturn.rotation.rewrap` on the home's registry and KMS, as
@@ -99,6 +105,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -257,25 +264,70 @@ def _encrypt(home: Any, source: str, lake: str, beam_args: list[str] | None = No
 ONE_CORE = ["--direct_num_workers=1"]  # the in-process runner: Python DoFns on one core
 
 
-def _encrypt_in_child(home_path: str, source: str, lake: str, *, one_cpu: bool) -> dict[str, Any]:
-    """`_encrypt` with no Beam options in a child process; with `one_cpu`, the child may run on one CPU only.
+def _start_encrypt_child(home_path: str, source: str, lake: str, *, cpu: int | None) -> subprocess.Popen[str]:
+    """`_encrypt` with no Beam options in a child process, started; with `cpu`, the child runs on that CPU only.
 
     Pinned (the child sets the affinity of each of its threads before the
     job starts; threads started later inherit it), every thread of the job
     shares that CPU: Beam's, pyarrow's and the native kernel's, and the job
-    sees one core, so it runs in process. The report carries ``seconds``, the
-    job's own time inside the child (start-up and imports excluded, the
-    same for both variants).
+    sees one core, so it runs in process. Its report (`_child_report`)
+    carries ``seconds``, the job's own time inside the child (start-up and
+    imports excluded, the same for every variant).
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_lake", "--child", "encrypt", home_path, source, lake, "1" if one_cpu else "0"],
-        env=env, capture_output=True, text=True, check=False,
+    pin = "-" if cpu is None else str(cpu)
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bench_lake", "--child", "encrypt", home_path, source, lake, pin],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"encrypt child failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child_report(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"encrypt child failed ({proc.returncode}): {err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _encrypt_in_child(home_path: str, source: str, lake: str, *, cpu: int | None) -> dict[str, Any]:
+    """`_start_encrypt_child`, waited for: its report."""
+    return _child_report(_start_encrypt_child(home_path, source, lake, cpu=cpu))
+
+
+def _encrypt_shares_in_children(homes: Sequence[str], sources: Sequence[str], lakes: Sequence[str], cpus: Sequence[int]) -> dict[str, Any]:
+    """The machine's own scaling ceiling for this job: one child per CPU, each pinned to its CPU and encrypting
+    its share of the source files into its own lake with its own key home, all started together.
+
+    Nothing is shared but the machine (no GIL, no runner, no registry), so
+    the one-CPU job's time over this one's bounds what any split of the job
+    across the same CPUs can reach here. ``seconds``: the slowest child's job time.
+    """
+    procs = [_start_encrypt_child(h, s, lk, cpu=c) for h, s, lk, c in zip(homes, sources, lakes, cpus)]
+    reports = [_child_report(p) for p in procs]
+    return {
+        "rows_written": sum(r["rows_written"] for r in reports),
+        "seconds": max(r["seconds"] for r in reports),
+        "children_s": [round(r["seconds"], 3) for r in reports],
+    }
+
+
+def _source_shares(source: str, directory: str, shares: int) -> list[str]:
+    """`shares` directories under `directory`, each holding every `shares`-th file of `source` (hard links)."""
+    files = _parquet_files(source)
+    out = []
+    for i in range(shares):
+        share = os.path.join(directory, f"source-share-{i}")
+        shutil.rmtree(share, ignore_errors=True)
+        os.makedirs(share)
+        for f in files[i::shares]:
+            target = os.path.join(share, os.path.relpath(f, source).replace(os.sep, "_"))
+            try:
+                os.link(f, target)
+            except OSError:  # another file system, or no hard links: a copy reads the same
+                shutil.copyfile(f, target)
+        out.append(share)
+    return out
 
 
 def _pme_decryption() -> Any:
@@ -775,11 +827,28 @@ def run_lake(
     def enc_setup() -> Any:
         return fresh(os.path.join(out, "enc"))
 
+    cpus = sorted(os.sched_getaffinity(0))
+    shares = min(len(cpus), source["files"])
+    share_sources = _source_shares(src, out, shares)
+    share_homes = [_restore(home_v1, os.path.join(out, f"home-share-{i}")) for i in range(shares)]
+
     def enc_run(target: str) -> Any:
-        return _encrypt_in_child(enc_home.path, src, target, one_cpu=False)
+        return _encrypt_in_child(enc_home.path, src, target, cpu=None)
 
     def enc1_run(target: str) -> Any:
-        return _encrypt_in_child(enc_home.path, src, target, one_cpu=True)
+        return _encrypt_in_child(enc_home.path, src, target, cpu=cpus[0])
+
+    def shares_setup() -> list[str]:
+        return [fresh(os.path.join(out, f"enc-share-{i}")) for i in range(shares)]
+
+    def shares_run(lakes: list[str]) -> Any:
+        return _encrypt_shares_in_children(share_homes, share_sources, lakes, cpus[:shares])
+
+    share_children: list[list[float]] = []
+
+    def shares_check(_: Any, r: dict[str, Any]) -> int:
+        share_children.append(r["children_s"])
+        return r["rows_written"]
 
     def enc_check(_: Any, r: dict[str, Any]) -> int:
         reports["encrypt"].append({k: r.get(k) for k in ("rows_written", "files_written", "bytes_written", "kms_calls")})
@@ -847,6 +916,7 @@ def run_lake(
     subjects: dict[str, tuple[Any, Any, Any]] = {
         "encrypt": (enc_setup, enc_run, enc_check),
         "encrypt_1_core": (enc_setup, enc1_run, lambda _s, r: r["rows_written"]),
+        "encrypt_shares": (shares_setup, shares_run, shares_check),
         "rotate_rewrap": (rot_setup, lambda s: _rotate_rewrap(s["home"]), rot_check),
         "pme_rotate": (pme_rot_setup, lambda _s: _pme_rotate(pme_ext, pme_kms), pme_rot_check),
         "reencrypt": (re_setup, lambda h: _reencrypt(h, work, "reencrypt"), re_check),
@@ -874,7 +944,7 @@ def run_lake(
         "pme": _stored_overhead(os.path.join(out, "pme"), src, pme=True),
     }
     _pme_external_check(pme_ext, pme_kms, rows)
-    for d in ("work", "enc", "plain", "pme", "pme-external"):
+    for d in ("work", "enc", "plain", "pme", "pme-external", *(f"{kind}-share-{i}" for kind in ("enc", "source", "home") for i in range(shares))):
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
     # the read path, on the home the last rotate --rewrap round left (directory on the new version)
@@ -930,6 +1000,7 @@ def run_lake(
     speed = Ratio([re / rw for rw, re in zip(timings["rotate_rewrap"].runs, timings["reencrypt"].runs)])
     vs_pme_write = Ratio([a / b for a, b in zip(timings["encrypt"].runs, timings["pme_write"].runs)])
     scaling = Ratio([a / b for a, b in zip(timings["encrypt_1_core"].runs, timings["encrypt"].runs)])
+    ceiling = Ratio([a / b for a, b in zip(timings["encrypt_1_core"].runs, timings["encrypt_shares"].runs)])
     reen = payload["reencrypt"]
     per_cell_ok = reen["decrypts_per_cell"] is not None and abs(reen["decrypts_per_cell"] - 2) < 1e-9 and abs(reen["encrypts_per_cell"] - 1) < 1e-9
     overhead = storage["keyturn"]["bytes_per_cell_beyond_plaintext"]
@@ -948,7 +1019,7 @@ def run_lake(
         "rotate_rewrap_lake_bytes_written": {"target": "0", "measured": max(r["lake_bytes_written"] for r in rot_reports), "met": zero_bytes},
         "decrypt_directory_over_no_directory_throughput": {"target": f">= {READ_PATH_TARGET:g}", "measured": read["throughput_ratio"]["median"], "met": read["met"]},
     }
-    data_subjects = ("encrypt", "encrypt_1_core", "reencrypt", "plain_rewrite", "pme_write")
+    data_subjects = ("encrypt", "encrypt_1_core", "encrypt_shares", "reencrypt", "plain_rewrite", "pme_write")
     result: dict[str, Any] = {
         "name": "lake",
         "params": {
@@ -976,6 +1047,8 @@ def run_lake(
             "first_encrypt": {k: enc_report.get(k) for k in ("rows_written", "files_written", "bytes_written", "kms_calls")},
             "encrypt_default_args": lake_job_args(None, rows=rows, items=source["files"]),
             "encrypt_1_core_args": "no Beam options, the child process pinned to one CPU (sched_setaffinity): in process",
+            "encrypt_shares": f"{shares} child processes started together, each pinned to its own CPU, each encrypting "
+            f"1/{shares} of the source files into its own lake with its own key home (the slowest child's time)",
             "cores": available_cores(),
         },
         "timings": {name: t.to_dict() for name, t in timings.items()},
@@ -987,7 +1060,9 @@ def run_lake(
             "reencrypt_over_plain_time": Ratio([a / b for a, b in zip(timings["reencrypt"].runs, timings["plain_rewrite"].runs)]).to_dict(),
             "encrypt_over_pme_time": vs_pme_write.to_dict(),
             "encrypt_1_core_over_default_time": scaling.to_dict(),
+            "encrypt_1_core_over_shares_time": ceiling.to_dict(),
         },
+        "encrypt_shares_children_s": share_children,
         "storage": storage,
         "rotation": {
             "rotate_rewrap": {**payload["rotate_rewrap"], "rounds": rot_reports},
@@ -1098,11 +1173,10 @@ def _child(argv: list[str]) -> int:
     if argv[0] == "imports":
         exec(_CHILD_IMPORTS)  # noqa: S102 - a fixed string
         return 0
-    if argv[0] == "encrypt":  # encrypt HOME SOURCE LAKE ONE_CPU: one JSON line, the report's counts and the job's seconds
-        if argv[4] == "1":
-            cpu = min(os.sched_getaffinity(0))
+    if argv[0] == "encrypt":  # encrypt HOME SOURCE LAKE CPU (- for none): one JSON line, the report's counts and the job's seconds
+        if argv[4] != "-":
             for tid in os.listdir("/proc/self/task"):  # every thread started so far; later ones inherit
-                os.sched_setaffinity(int(tid), {cpu})
+                os.sched_setaffinity(int(tid), {int(argv[4])})
         home = _open_home(argv[1])
         elapsed, report = time_once(lambda: _encrypt(home, argv[2], argv[3]))
         keys = ("rows_written", "files_written", "bytes_written", "kms_calls")
