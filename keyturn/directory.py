@@ -208,20 +208,16 @@ class DekDirectory(Protocol):
         """Entries per current key version."""
         ...
 
-    swap_batch: int
-    """How many swaps `replace_wrappings` makes in one write (1: each swap is its own write)."""
-
     def replace_wrapping(self, dek_id: bytes, *, expected_envelope: bytes, new_envelope: bytes) -> bool:
         """Compare-and-set the current envelope; False if the entry no longer holds `expected_envelope`."""
         ...
 
-    def replace_wrappings(self, swaps: Sequence[WrappingSwap]) -> list[bool]:
-        """`replace_wrapping` for each swap; per swap, whether it moved its entry.
 
-        With `swap_batch` > 1 the swaps are one write, so an error makes none
-        of them; with 1, each is its own write and those before an error stay made.
-        """
-        ...
+# Optional, beside the protocol (a directory written without them still is one, and rewraps one swap at a
+# time): ``replace_wrappings(swaps: Sequence[WrappingSwap]) -> list[bool]``, `replace_wrapping` for each
+# swap, per swap whether it moved its entry; and ``swap_batch: int``, how many swaps it makes in one write.
+# With `swap_batch` > 1 the swaps are one write, so an error makes none of them; with 1 each is its own
+# write, and those before an error stay made. Both keyturn registries have them.
 
 
 def check_new_entries(entries: Sequence[DekEntry], kek_ids: Mapping[int, str], readable: Iterable[int]) -> None:

@@ -8,7 +8,7 @@ the plaintext DEK never enters this process on this path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from keyturn.directory import DekDirectory, DekEntry, WrappingSwap
@@ -99,33 +99,45 @@ def rewrap_entries(
     target: KekRef,
     *,
     result: DirectoryRewrap | None = None,
+    on_entry: Callable[[DekEntry], None] | None = None,
 ) -> DirectoryRewrap:
     """Re-wrap each entry's current envelope onto `target` in the KMS and swap it in, a batch at a time.
 
     One KMS call per entry (ReEncrypt on AWS: the DEK never enters this
-    process there). The new envelopes are swapped in `directory.swap_batch`
-    at a time (`replace_wrappings`: one SQLite transaction per batch, one
-    DynamoDB write per entry), each swap a compare-and-set on the entry's
-    envelope: a crash after the KMS calls and before the batch's swap
-    leaves those entries on their old (still readable) wrapping and a rerun
-    finishes them, and two concurrent runs never overwrite each other.
+    process there). The new envelopes are swapped in `swap_batch` at a time
+    where the directory offers `replace_wrappings` (one SQLite transaction
+    per batch, one DynamoDB write per entry), else one by one; each swap is
+    a compare-and-set on the entry's envelope: a crash after the KMS calls
+    and before the batch's swap leaves those entries on their old (still
+    readable) wrapping and a rerun finishes them, and two concurrent runs
+    never overwrite each other. `result.moved` counts only swaps that were
+    written; `result.kms_request_ids` every KMS call made, swapped or not.
     Entries already on `target` are skipped without a KMS call. An envelope
     the KMS refuses (`DecryptionError`) is listed in `failed` and left as it
     is. KMS outages raise, after the entries re-wrapped before the outage
-    are swapped in (their KMS work is not lost).
+    are swapped in (their KMS work is not lost). `on_entry` is called with
+    each entry once its swap was written (moved or lost to another run).
     """
     out = result if result is not None else DirectoryRewrap()
-    batch = max(1, int(getattr(directory, "swap_batch", 1)))
-    pending: list[WrappingSwap] = []
+    many = getattr(directory, "replace_wrappings", None)
+    batch = max(1, int(getattr(directory, "swap_batch", 1))) if many is not None else 1
+    pending: list[tuple[DekEntry, WrappingSwap]] = []
 
     def swap() -> None:
-        swaps = pending[:]
+        done = pending[:]
         pending.clear()
-        if not swaps:
+        if not done:
             return
-        moved = directory.replace_wrappings(swaps)
+        swaps = [s for _, s in done]
+        if many is not None:
+            moved = many(swaps)
+        else:  # a directory with the one-entry call only
+            moved = [directory.replace_wrapping(s.dek_id, expected_envelope=s.expected, new_envelope=s.new) for s in swaps]
         out.moved += sum(moved)
         out.raced += len(moved) - sum(moved)
+        if on_entry is not None:
+            for entry, _ in done:
+                on_entry(entry)
 
     for entry in entries:
         if entry.key_version == target.version:
@@ -136,12 +148,15 @@ def rewrap_entries(
         except DecryptionError:
             out.failed.append(entry.dek_id.hex())
             continue
-        except KmsError:  # an outage: keep what the KMS already did for this batch, then report the outage
-            swap()
+        except KmsError as outage:  # keep what the KMS already did for this batch, then report the outage itself
+            try:
+                swap()
+            except Exception as lost:  # the batch stays on its old wrapping: nothing is lost but KMS work
+                outage.add_note(f"the entries re-wrapped before it were not swapped in either ({type(lost).__name__}: {lost})")
             raise
         out.kms_request_ids.append(request_id)
         crashpoint("rewrap:before-swap")
-        pending.append(WrappingSwap(entry.dek_id, entry.envelope, new))
+        pending.append((entry, WrappingSwap(entry.dek_id, entry.envelope, new)))
         if len(pending) >= batch:
             swap()
     swap()

@@ -334,8 +334,8 @@ def rewrap(
                 if budget is not None:
                     budget -= len(entries)
                 after = entries[-1].dek_id
-    except Exception:  # a KMS or registry outage mid-run: what already moved is audited, then the error goes on
-        if result.moved or result.failed:
+    except Exception:  # a KMS or registry outage mid-run: what already moved, and every KMS call made, is audited
+        if result.moved or result.failed or result.kms_calls:
             _rewrap_event(chain, result, sources, target.version, actor=actor, reason=reason, clock=clock,
                           dataset=dataset, interrupted=True)
         raise
@@ -351,7 +351,7 @@ def rewrap(
         "complete": not any(remaining.values()),
         "lake_bytes_written": 0,
     }
-    if result.moved or result.failed:
+    if result.moved or result.failed or result.kms_calls:
         event = _rewrap_event(chain, result, sources, target.version, actor=actor, reason=reason, clock=clock,
                               dataset=dataset, interrupted=False)
         report["audit_event"] = event.event_id

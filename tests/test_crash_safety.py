@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,33 @@ def test_sigkill_in_the_middle_of_a_directory_rewrap_loses_nothing(setup, point,
 
     again = run_cli("--home", home.path, "--json", "rewrap").json()
     assert (again["deks_moved"], again["kms_calls"], again["complete"]) == (0, 0, True)
+
+
+# The CLI's rewrap in a child whose SQLite registry commits 2 swaps per transaction instead of 256, so a
+# crash can come after committed batches with this small lake's DEKS entries.
+_SMALL_BATCHES = (
+    "import sys\n"
+    "from keyturn.registry.sqlite import SqliteKeyRegistry\n"
+    "SqliteKeyRegistry.swap_batch = 2\n"
+    "from keyturn.pipelines.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_sigkill_after_committed_batches_keeps_them_and_the_rerun_redoes_only_the_batch_in_flight(setup):
+    home, lake, source = setup
+    lake_before = snapshot(lake.uri)
+    env = {**os.environ, "KEYTURN_CRASHPOINT": "rewrap:before-swap", "KEYTURN_CRASHPOINT_SKIP": "4"}
+    proc = subprocess.run([sys.executable, "-c", _SMALL_BATCHES, "--home", home.path, "rewrap"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    # 5 ReEncrypts made: two batches of 2 committed, the fifth entry's batch in flight and lost
+    assert home.registry().deks_by_version() == {1: DEKS - 4, 2: 4}
+    assert snapshot(lake.uri) == lake_before
+    assert plain_equal(home, lake.uri, source)
+    rerun = run_cli("--home", home.path, "--json", "rewrap")
+    assert rerun.code == 0, rerun.err
+    r = rerun.json()
+    assert (r["deks_moved"], r["kms_calls"], r["complete"]) == (DEKS - 4, DEKS - 4, True)
+    assert home.registry().deks_by_version() == {2: DEKS}
+    assert plain_equal(home, lake.uri, source)

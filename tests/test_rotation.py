@@ -362,3 +362,92 @@ def test_a_kms_outage_in_the_middle_of_a_batch_keeps_what_the_kms_already_rewrap
     assert registry.deks_by_version() == {1: 3, 2: 2}
     report = rewrap(registry, kms, chain, actor="ops", reason="after the outage", clock=clock)
     assert (report["deks_moved"], report["kms_calls"], report["complete"]) == (3, 3, True)
+
+
+class _CommitFails(_SwapLog):
+    """Each batch's write fails as a locked SQLite file would, after the KMS calls were made."""
+
+    def replace_wrappings(self, swaps):
+        from keyturn.errors import RegistryError
+
+        self.batches.append(len(swaps))
+        raise RegistryError("sqlite key registry: database is locked")
+
+
+def test_a_batch_whose_write_fails_is_audited_with_every_kms_call_and_nothing_counted_as_moved(registry, chain, kms, clock):
+    from keyturn.errors import RegistryError
+
+    register_deks(registry, kms, 3)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    with pytest.raises(RegistryError, match="locked"):
+        rewrap(_CommitFails(registry, swap_batch=256), kms, chain, actor="ops", reason="r", clock=clock)
+    assert registry.deks_by_version() == {1: 3}  # rolled back: every entry on its old, readable wrapping
+    event = [e.event for e in chain.entries()][-1]
+    assert event.action.value == "rewrap"
+    assert (event.counts["deks_moved"], event.counts["kms_calls"], event.counts["interrupted"]) == (0, 3, 1)
+    assert len(event.kms_request_ids) == 3
+    assert verify_chain(chain.path) == 2
+    report = rewrap(registry, kms, chain, actor="ops", reason="again", clock=clock)
+    assert (report["deks_moved"], report["kms_calls"], report["complete"]) == (3, 3, True)
+
+
+def test_a_kms_outage_stays_the_error_when_the_swap_before_it_fails_too(registry, chain, kms, clock):
+    from keyturn.errors import KmsUnavailableError
+    from keyturn.rewrap import rewrap_entries
+    from keyturn.scope import KekRef
+
+    class DownAfterOne:
+        def __init__(self, inner) -> None:
+            self._inner, self.calls = inner, 0
+
+        def rewrap(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 2:
+                raise KmsUnavailableError("the KMS is down")
+            return self._inner.rewrap(*args, **kwargs)
+
+    register_deks(registry, kms, 3)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    with pytest.raises(KmsUnavailableError, match="down") as raised:
+        rewrap_entries(_CommitFails(registry, swap_batch=256), DownAfterOne(kms), _stale_entries(registry), KekRef(2, kek_id_for(2)))
+    assert any("not swapped in" in note and "locked" in note for note in raised.value.__notes__)
+    assert registry.deks_by_version() == {1: 3}
+
+
+def test_a_directory_with_only_the_one_entry_swap_still_rewraps_one_by_one(registry, chain, kms, clock):
+    from keyturn.directory import DekDirectory
+    from keyturn.rewrap import rewrap_entries
+    from keyturn.scope import KekRef
+
+    class OneByOne:  # a directory written to the protocol before `replace_wrappings` existed
+        def __init__(self, inner) -> None:
+            self._inner, self.swaps = inner, 0
+
+        def register_deks(self, entries):
+            return self._inner.register_deks(entries)
+
+        def lookup_deks(self, dek_ids):
+            return self._inner.lookup_deks(dek_ids)
+
+        def list_deks(self, **kwargs):
+            return self._inner.list_deks(**kwargs)
+
+        def dek_count(self, key_version=None):
+            return self._inner.dek_count(key_version)
+
+        def deks_by_version(self):
+            return self._inner.deks_by_version()
+
+        def replace_wrapping(self, dek_id, *, expected_envelope, new_envelope):
+            self.swaps += 1
+            return self._inner.replace_wrapping(dek_id, expected_envelope=expected_envelope, new_envelope=new_envelope)
+
+    register_deks(registry, kms, 3)
+    rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
+    old = OneByOne(registry)
+    assert isinstance(old, DekDirectory)
+    seen = []
+    done = rewrap_entries(old, kms, _stale_entries(registry), KekRef(2, kek_id_for(2)), on_entry=seen.append)
+    assert (done.moved, done.kms_calls, old.swaps) == (3, 3, 3)
+    assert [e.dek_id for e in seen] == [e.dek_id for e in registry.list_deks()]
+    assert registry.deks_by_version() == {2: 3}
