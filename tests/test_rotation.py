@@ -318,6 +318,21 @@ class _SwapLog:
         return getattr(self._registry, name)
 
 
+class _KmsDownAtCall:
+    """A KMS whose `down_at`-th rewrap call fails as an outage (the others go to `inner`)."""
+
+    def __init__(self, inner, down_at: int) -> None:
+        self._inner, self._down_at, self.calls = inner, down_at, 0
+
+    def rewrap(self, *args, **kwargs):
+        from keyturn.errors import KmsUnavailableError
+
+        self.calls += 1
+        if self.calls == self._down_at:
+            raise KmsUnavailableError("the KMS is down")
+        return self._inner.rewrap(*args, **kwargs)
+
+
 def _stale_entries(registry):
     return registry.list_deks(key_version=1)
 
@@ -343,21 +358,11 @@ def test_a_kms_outage_in_the_middle_of_a_batch_keeps_what_the_kms_already_rewrap
     from keyturn.rewrap import DirectoryRewrap, rewrap_entries
     from keyturn.scope import KekRef
 
-    class FailingOnThird:
-        def __init__(self, inner) -> None:
-            self._inner, self.calls = inner, 0
-
-        def rewrap(self, *args, **kwargs):
-            self.calls += 1
-            if self.calls == 3:
-                raise KmsUnavailableError("the KMS is down")
-            return self._inner.rewrap(*args, **kwargs)
-
     register_deks(registry, kms, 5)
     rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
     log, result = _SwapLog(registry, swap_batch=256), DirectoryRewrap()
     with pytest.raises(KmsUnavailableError):
-        rewrap_entries(log, FailingOnThird(kms), _stale_entries(registry), KekRef(2, kek_id_for(2)), result=result)
+        rewrap_entries(log, _KmsDownAtCall(kms, 3), _stale_entries(registry), KekRef(2, kek_id_for(2)), result=result)
     assert log.batches == [2] and result.moved == 2  # the two DEKs re-wrapped before the outage are swapped in
     assert registry.deks_by_version() == {1: 3, 2: 2}
     report = rewrap(registry, kms, chain, actor="ops", reason="after the outage", clock=clock)
@@ -396,20 +401,10 @@ def test_a_kms_outage_stays_the_error_when_the_swap_before_it_fails_too(registry
     from keyturn.rewrap import rewrap_entries
     from keyturn.scope import KekRef
 
-    class DownAfterOne:
-        def __init__(self, inner) -> None:
-            self._inner, self.calls = inner, 0
-
-        def rewrap(self, *args, **kwargs):
-            self.calls += 1
-            if self.calls == 2:
-                raise KmsUnavailableError("the KMS is down")
-            return self._inner.rewrap(*args, **kwargs)
-
     register_deks(registry, kms, 3)
     rotate(registry, provisioner([]), chain, actor="a", reason="r", clock=clock)
     with pytest.raises(KmsUnavailableError, match="down") as raised:
-        rewrap_entries(_CommitFails(registry, swap_batch=256), DownAfterOne(kms), _stale_entries(registry), KekRef(2, kek_id_for(2)))
+        rewrap_entries(_CommitFails(registry, swap_batch=256), _KmsDownAtCall(kms, 2), _stale_entries(registry), KekRef(2, kek_id_for(2)))
     assert any("not swapped in" in note and "locked" in note for note in raised.value.__notes__)
     assert registry.deks_by_version() == {1: 3}
 
