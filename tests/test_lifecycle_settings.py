@@ -178,8 +178,9 @@ def test_version_rules_core_quarantine_counts_and_reject_raises(tmp_path):
     assert exitcodes.exit_code_for(VersionMismatchError("x")) == exitcodes.DATA == 3
 
 
-def _decrypt_with_fn(elements, fn):
-    """Run `fn` (a DecryptFn) over `elements`; return (main row count, mismatch reasons) through counters."""
+def _decrypt_with_fn(elements, fn, *, keyturn_counters=False):
+    """Run `fn` (a DecryptFn) over `elements`; return (main row count, mismatch reasons) through counters,
+    and with `keyturn_counters` the DoFn's own counters too (as ``keyturn.<name>``)."""
     from apache_beam.metrics import Metrics
 
     class Count(beam.DoFn):
@@ -207,8 +208,10 @@ def _decrypt_with_fn(elements, fn):
     from apache_beam.metrics.metric import MetricsFilter
 
     got: dict[str, int] = {}
-    for c in result.metrics().query(MetricsFilter().with_namespace("test"))["counters"]:
-        got[c.key.metric.name] = got.get(c.key.metric.name, 0) + c.committed
+    for namespace, prefix in (("test", ""), ("keyturn", "keyturn.")) if keyturn_counters else (("test", ""),):
+        for c in result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]:
+            key = prefix + c.key.metric.name
+            got[key] = got.get(key, 0) + c.committed
     return got
 
 
@@ -334,6 +337,30 @@ def test_batch_lazy_moves_deks_only_in_bounded_explicit_jobs(tmp_path):
     bounded = run_cli("--home", home, "--json", "rewrap", "--max-deks", "1", env=at(T0))
     assert bounded.json()["deks_moved"] == 1
     assert _deks(home) == {1: 2, 2: 1}
+
+
+@pytest.mark.beam
+def test_a_kms_outage_in_the_lazy_rewrap_counts_only_the_deks_it_did_not_move(tmp_path, monkeypatch):
+    from beam_support import build_key_home
+
+    import keyturn.transforms.dofns as dofns
+    from keyturn.errors import KmsUnavailableError
+
+    real = dofns.rewrap_entries
+
+    def moves_then_fails(directory, kms, entries, target, *, result):
+        real(directory, kms, list(entries), target, result=result)  # the DEK moves, then the KMS goes down
+        raise KmsUnavailableError("the KMS is down")
+
+    source = build_key_home(tmp_path / "keys")
+    encrypted = encrypt_with_beam(source, keyed_batches(["eu"], 1, 5), tmp_path / "enc")
+    rotate(source)
+    monkeypatch.setattr(dofns, "rewrap_entries", moves_then_fails)
+    fn = DecryptFn(ArrowAdapter(), source, DATASET, stale_to_main=True, actor="t", reason="t", rewrap_stale=True)
+    got = _decrypt_with_fn(encrypted, fn, keyturn_counters=True)
+    assert got["main"] == 5  # the read never fails for the rewrap
+    assert dict(open_registry(source).deks_by_version()) == {2: 1}
+    assert (got.get("keyturn.deks_rewrapped", 0), got.get("keyturn.rewrap_errors", 0)) == (1, 0)  # the old code: (0, 1)
 
 
 @pytest.mark.beam

@@ -30,7 +30,7 @@ from keyturn.contract import DatasetContract
 from keyturn.errors import KmsError, RegistryError
 from keyturn.policy import KeyPolicy, ReadStatus, VersionRules, classify_keys
 from keyturn.reader import DekReader, envelope_dek_id
-from keyturn.rewrap import rewrap_entries
+from keyturn.rewrap import DirectoryRewrap, rewrap_entries
 from keyturn.scope import DekScope, Location, ScopeLimits
 from keyturn.transforms.adapters import PayloadAdapter, Rewritten
 from keyturn.transforms.tags import AUDIT, QUARANTINE, VERSION_MISMATCH
@@ -344,13 +344,14 @@ class DecryptFn(_KeyturnFn):
         if not stale:
             return
         self._rewrapped.update(stale)
+        done = DirectoryRewrap()
         try:
-            done = rewrap_entries(self._registry, self._kms, stale.values(), self._policy.active)
-        except (KmsError, RegistryError):  # the read succeeded; the next reader or `keyturn rewrap` moves them
-            ledger.add(rewrap_errors=len(stale))
-            self._count("rewrap_errors", len(stale))
-            return
-        ledger.kms_request_ids.extend(done.kms_request_ids)
+            rewrap_entries(self._registry, self._kms, stale.values(), self._policy.active, result=done)
+        except (KmsError, RegistryError):  # the read succeeded; the next reader or `keyturn rewrap` moves the rest
+            errors = len(stale) - done.moved - done.raced
+            ledger.add(rewrap_errors=errors)
+            self._count("rewrap_errors", errors)
+        ledger.kms_request_ids.extend(done.kms_request_ids)  # every KMS call made, swapped in or not
         ledger.add(rewrapped_deks=done.moved)
         self._count("deks_rewrapped", done.moved)
         self._count("kms_calls", done.kms_calls)
