@@ -133,7 +133,13 @@ def test_beam_workers_structure() -> None:
 def test_lake_structure(tmp_path) -> None:
     result = bench_lake.run_lake(rows=2_000, partitions=2, runs=1, out=str(tmp_path / "lake"), profile=False)
     assert result["name"] == "lake"
-    assert set(result["timings"]) == {"encrypt", "encrypt_1_core", "rotate_rewrap", "pme_rotate", "reencrypt", "plain_rewrite", "pme_write"}
+    assert set(result["timings"]) == {
+        "encrypt", "encrypt_1_core", "encrypt_shares", "rotate_rewrap", "pme_rotate", "reencrypt", "plain_rewrite", "pme_write",
+    }
+    # the ceiling: one pinned child per CPU (at most one per source file), every row written exactly once between them
+    shares = min(len(os.sched_getaffinity(0)), result["params"]["source_files"])
+    assert [len(c) for c in result["encrypt_shares_children_s"]] == [shares]
+    assert "encrypt_1_core_over_shares_time" in result["ratios"]
     for t in result["timings"].values():
         _timing_shape(t)
     for r in result["ratios"].values():
