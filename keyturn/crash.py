@@ -25,7 +25,7 @@ Points used by the reencrypt job (see `keyturn.lake.rewrite` and
 And by `keyturn rewrap` (`keyturn.rewrap.rewrap_entries`):
 
 - ``rewrap:before-swap``: the KMS re-wrapped a DEK; its directory entry, and
-  those of the batch it is swapped with (`DekDirectory.swap_batch`), not yet swapped.
+  those of the batch it is swapped with (the directory's `swap_batch`), not yet swapped.
 """
 
 from __future__ import annotations
