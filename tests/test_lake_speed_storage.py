@@ -102,3 +102,20 @@ def test_only_keyturn_ciphertext_columns_change_encoding():
     sink = io.BytesIO()
     pq.write_table(schema.empty_table(), sink, **options)  # pyarrow takes the nested leaf paths
     assert encoding_options(pa.schema([pa.field("x", pa.int64())])) == {}
+
+
+def test_a_ciphertext_name_that_is_also_a_struct_leaf_path_keeps_the_defaults_and_both_columns_read_back(tmp_path):
+    meta = {b"keyturn.format": b"1"}
+    schema = pa.schema([
+        pa.field("a.b", pa.binary(), metadata=meta),  # a dotted name: Parquet's path of this column is "a.b"
+        pa.field("a", pa.struct([pa.field("b", pa.int64())])),  # and so is the path of this struct's leaf
+        pa.field("c", pa.binary(), metadata=meta),
+    ])
+    options = encoding_options(schema)
+    assert options["column_encoding"] == {"c": CIPHERTEXT_ENCODING}  # nothing is named "a.b": it would mean both
+    assert "a.b" in options["use_dictionary"] and "a.b" in options["write_statistics"]
+    table = pa.table({"a.b": pa.array([b"x" * 45, None], pa.binary()), "a": pa.array([{"b": 1}, {"b": 2}]),
+                      "c": pa.array([b"y" * 45, b"z" * 45], pa.binary())}).cast(schema)
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(table, path, **options)  # with the old options the int64 leaf got DELTA_BYTE_ARRAY: refused
+    assert pq.read_table(path).equals(table)

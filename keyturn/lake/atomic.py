@@ -84,11 +84,18 @@ def _leaf_paths(schema: pa.Schema) -> tuple[str, ...]:
 
 
 def encoding_options(schema: pa.Schema) -> dict[str, Any]:
-    """Writer options for `schema`: ciphertext columns `CIPHERTEXT_ENCODING` without a dictionary or statistics, the rest as pyarrow's default."""
-    cipher = ciphertext_columns(schema)
+    """Writer options for `schema`: ciphertext columns `CIPHERTEXT_ENCODING` without a dictionary or statistics, the rest as pyarrow's default.
+
+    Parquet's writer options name columns by their dotted leaf path, so a
+    ciphertext column whose name is also another column's path (``a.b``
+    beside a struct ``a`` with a field ``b``) keeps pyarrow's defaults:
+    options given by that name would reach the other column too.
+    """
+    paths = _leaf_paths(schema)
+    cipher = [name for name in ciphertext_columns(schema) if paths.count(name) == 1]
     if not cipher:
         return {}
-    clear = [path for path in _leaf_paths(schema) if path not in cipher]
+    clear = [path for path in paths if path not in cipher]
     return {
         "use_dictionary": clear or False,
         "column_encoding": {name: CIPHERTEXT_ENCODING for name in cipher},
