@@ -62,6 +62,7 @@ __all__ = [
     "rewrapped_entry",
     "LOOKUP_BATCH",
     "WrappingSwap",
+    "replace_one_by_one",
 ]
 
 LOOKUP_BATCH = 100
@@ -211,6 +212,11 @@ class DekDirectory(Protocol):
     def replace_wrapping(self, dek_id: bytes, *, expected_envelope: bytes, new_envelope: bytes) -> bool:
         """Compare-and-set the current envelope; False if the entry no longer holds `expected_envelope`."""
         ...
+
+
+def replace_one_by_one(directory: DekDirectory, swaps: Sequence[WrappingSwap]) -> list[bool]:
+    """`replace_wrappings` as one `replace_wrapping` write per swap (the swaps before an error stay made)."""
+    return [directory.replace_wrapping(s.dek_id, expected_envelope=s.expected, new_envelope=s.new) for s in swaps]
 
 
 # Optional, beside the protocol (a directory written without them still is one, and rewraps one swap at a

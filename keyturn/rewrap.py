@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from keyturn.directory import DekDirectory, DekEntry, WrappingSwap
+from keyturn.directory import DekDirectory, DekEntry, WrappingSwap, replace_one_by_one
 from keyturn.errors import DecryptionError, KmsError
 from keyturn.format import kms_context, parse_envelope
 from keyturn.kms.base import KmsBackend
@@ -129,10 +129,7 @@ def rewrap_entries(
         if not done:
             return
         swaps = [s for _, s in done]
-        if many is not None:
-            moved = many(swaps)
-        else:  # a directory with the one-entry call only
-            moved = [directory.replace_wrapping(s.dek_id, expected_envelope=s.expected, new_envelope=s.new) for s in swaps]
+        moved = many(swaps) if many is not None else replace_one_by_one(directory, swaps)  # the one-entry call only
         out.moved += sum(moved)
         out.raced += len(moved) - sum(moved)
         if on_entry is not None:

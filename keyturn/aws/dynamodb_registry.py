@@ -129,7 +129,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
 from keyturn.aws.clients import ClientSettings, error_code, make_client
 from keyturn.contract import DatasetContract
 from keyturn.directory import (
-    LOOKUP_BATCH, DekEntry, WrappingSwap, check_contract_revisions, check_new_entries, check_rewrap,
+    LOOKUP_BATCH, DekEntry, WrappingSwap, check_contract_revisions, check_new_entries, check_rewrap, replace_one_by_one,
 )
 from keyturn.errors import (
     ConcurrentModificationError,
@@ -1070,7 +1070,7 @@ class DynamoDbKeyRegistry(LifecycleMethods):
 
     def replace_wrappings(self, swaps: Sequence[WrappingSwap]) -> list[bool]:
         """`replace_wrapping` for each swap, one conditional write each (`swap_batch` is 1)."""
-        return [self.replace_wrapping(s.dek_id, expected_envelope=s.expected, new_envelope=s.new) for s in swaps]
+        return replace_one_by_one(self, swaps)
 
     def replace_wrapping(self, dek_id: bytes, *, expected_envelope: bytes, new_envelope: bytes) -> bool:
         """Compare-and-set one entry's envelope (a validated rewrap of the same DEK onto a readable version).
